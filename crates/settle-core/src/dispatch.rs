@@ -1,0 +1,97 @@
+//! The dispatch stage: claim pending items into a run and enqueue one
+//! message per item. Resumable: progress is saved with the run after every
+//! page, so a dispatch cut off (a 15-minute Lambda, a killed process) picks
+//! up where it stopped. A resend after a cut-off can duplicate a message;
+//! the reducer counts each item once regardless.
+
+use crate::domain::{now_millis, RunConfig, RunId, RunRecord};
+use crate::message::WorkBody;
+use crate::ports::{Ledger, PortError, Queue, Source, MAX_QUEUE_BATCH};
+use futures::{StreamExt, TryStreamExt};
+use std::time::Instant;
+
+/// Items claimed per claim call.
+pub const CLAIM_CHUNK: usize = 1000;
+/// Items read and enqueued between two progress saves.
+const PAGE: usize = 1000;
+/// Send calls in flight at once.
+const SEND_CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("run {0} not found")]
+    UnknownRun(RunId),
+    #[error(transparent)]
+    Port(#[from] PortError),
+}
+
+/// Creates a new run (nothing claimed yet).
+pub async fn create_run(ledger: &dyn Ledger, config: RunConfig) -> Result<RunRecord, PortError> {
+    let now = now_millis();
+    let run = RunRecord::new(RunId::generate(now), config, now);
+    ledger.create_run(&run).await?;
+    Ok(run)
+}
+
+/// Whether dispatch finished, or stopped at the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatched {
+    Done { total: u64 },
+    Unfinished { enqueued: u64 },
+}
+
+/// Claims and enqueues until nothing is pending, or until `deadline`.
+pub async fn dispatch(
+    source: &dyn Source,
+    ledger: &dyn Ledger,
+    queue: &dyn Queue,
+    run_id: &RunId,
+    deadline: Option<Instant>,
+) -> Result<Dispatched, DispatchError> {
+    let run = ledger
+        .run(run_id)
+        .await?
+        .ok_or_else(|| DispatchError::UnknownRun(run_id.clone()))?;
+    let mut cursor = run.cursor.clone();
+    let mut enqueued = run.enqueued;
+    let mut dispatched = run.dispatched;
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Dispatched::Unfinished { enqueued });
+        }
+        let (items, next) = source.claimed(run_id, cursor.as_deref(), PAGE).await?;
+        if items.is_empty() {
+            if dispatched {
+                break;
+            }
+            if source.claim(run_id, CLAIM_CHUNK).await? == 0 {
+                dispatched = true;
+                ledger
+                    .record_dispatch(run_id, enqueued, cursor.as_deref(), true)
+                    .await?;
+            }
+            continue;
+        }
+        let n = items.len() as u64;
+        let bodies: Vec<String> = items
+            .into_iter()
+            .map(|item| WorkBody::new(run_id.clone(), item, run.config.max_receives).encode())
+            .collect();
+        futures::stream::iter(bodies.chunks(MAX_QUEUE_BATCH))
+            .map(|chunk| queue.send(chunk.to_vec()))
+            .buffer_unordered(SEND_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        enqueued += n;
+        cursor = next;
+        ledger
+            .record_dispatch(run_id, enqueued, cursor.as_deref(), dispatched)
+            .await?;
+    }
+    let run = ledger
+        .run(run_id)
+        .await?
+        .ok_or_else(|| DispatchError::UnknownRun(run_id.clone()))?;
+    tracing::info!(run = %run_id, total = run.total, "dispatched");
+    Ok(Dispatched::Done { total: run.total })
+}

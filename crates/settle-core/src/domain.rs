@@ -1,0 +1,603 @@
+//! The domain: items, runs, outcomes, the per-item ledger record and its
+//! transitions, and the run tally. Pure data and pure functions.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch; every timestamp Settle stores is one.
+pub type Millis = u64;
+
+/// The current wall-clock time in [`Millis`].
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// The longest item id accepted, in characters.
+pub const MAX_ITEM_ID_CHARS: usize = 256;
+
+/// Why a string is not a valid [`ItemId`] or [`RunId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("id is empty")]
+    Empty,
+    #[error("id is {0} characters long; at most {MAX_ITEM_ID_CHARS} are allowed")]
+    TooLong(usize),
+    #[error("run id {0:?} is not a Settle run id (expected e.g. r20261123T235300Z-0a1b2c)")]
+    BadRun(String),
+}
+
+/// An item's id: 1 to 256 characters, unique within a run. The same id comes
+/// back in later runs (tonight's renewals are last night's users).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ItemId(String);
+
+impl ItemId {
+    pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
+        let id = id.into();
+        let chars = id.chars().count();
+        if chars == 0 {
+            Err(IdError::Empty)
+        } else if chars > MAX_ITEM_ID_CHARS {
+            Err(IdError::TooLong(chars))
+        } else {
+            Ok(Self(id))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ItemId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        Self::new(s)
+    }
+}
+impl From<ItemId> for String {
+    fn from(id: ItemId) -> String {
+        id.0
+    }
+}
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A run's id: `r` + UTC creation time + random suffix, so ids sort by age
+/// and two dispatchers starting in the same second still differ.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn generate(now: Millis) -> Self {
+        let secs = now / 1000;
+        let (y, mo, d, h, mi, s) = civil(secs);
+        Self(format!(
+            "r{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z-{:06x}",
+            fastrand::u32(..0x0100_0000)
+        ))
+    }
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let ok = s.len() == 24
+            && s.starts_with('r')
+            && s.as_bytes()[9] == b'T'
+            && s.as_bytes()[16] == b'Z'
+            && s.as_bytes()[17] == b'-'
+            && s[1..9].bytes().all(|b| b.is_ascii_digit())
+            && s[10..16].bytes().all(|b| b.is_ascii_digit())
+            && s[18..].bytes().all(|b| b.is_ascii_hexdigit());
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::BadRun(s.to_owned()))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RunId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        Self::parse(&s)
+    }
+}
+impl From<RunId> for String {
+    fn from(id: RunId) -> String {
+        id.0
+    }
+}
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Days-from-civil inverse (Howard Hinnant's algorithm): UTC calendar fields
+/// without pulling in a date crate for one format string.
+fn civil(secs: u64) -> (u64, u64, u64, u64, u64, u64) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y as u64,
+        m as u64,
+        d as u64,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+    )
+}
+
+/// One unit of work: an id and an opaque JSON payload, kept as raw JSON so
+/// that Settle never re-encodes (or logs) what user code owns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Item {
+    pub id: ItemId,
+    pub payload: Box<RawValue>,
+}
+
+impl Item {
+    pub fn new(id: ItemId, payload: Box<RawValue>) -> Self {
+        Self { id, payload }
+    }
+}
+
+/// The JSON `null`, the payload of an item loaded without one.
+pub fn null_payload() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is valid JSON")
+}
+
+/// Whether a failed attempt may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// Transient (timeout, throttling, a panic): retried until max receives.
+    Retryable,
+    /// Will fail the same way every time (card declined, bad payload): never retried.
+    Permanent,
+}
+
+/// A processor's failure: its kind decides retry, its message is kept in the
+/// ledger as the item's last error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProcessError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProcessError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Retryable,
+            message: message.into(),
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where an item stands in its run's ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl ItemStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "succeeded" => Some(Self::Succeeded),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// What one attempt at an item came to, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    Succeeded,
+    Failed {
+        kind: ErrorKind,
+        error: String,
+        /// True when no further attempt will follow: the message was
+        /// dead-lettered and the item counts as failed.
+        terminal: bool,
+    },
+}
+
+/// One attempt, as reported by a worker and kept in the item's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Counted over the item's whole life in the run, across redeliveries and redrives.
+    pub attempt: u32,
+    /// The queue message that carried this attempt: with `attempt`, the
+    /// identity of a result, so a duplicate result is recognised.
+    pub message_id: String,
+    pub started_at: Millis,
+    pub duration_ms: u64,
+    #[serde(flatten)]
+    pub outcome: AttemptOutcome,
+}
+
+/// How a result changed a run's tally.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TallyDelta {
+    pub succeeded: i64,
+    pub failed: i64,
+}
+
+impl TallyDelta {
+    pub fn add(&mut self, other: TallyDelta) {
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+    }
+    pub fn is_zero(&self) -> bool {
+        self.succeeded == 0 && self.failed == 0
+    }
+}
+
+/// The ledger's row for one item of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub status: ItemStatus,
+    /// The highest attempt number reported.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Every attempt reported, in attempt order.
+    pub history: Vec<Attempt>,
+    pub updated_at: Millis,
+}
+
+impl Default for ItemRecord {
+    fn default() -> Self {
+        Self {
+            status: ItemStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            history: Vec::new(),
+            updated_at: 0,
+        }
+    }
+}
+
+impl ItemRecord {
+    /// Applies one attempt's result. Returns `None` when that result was
+    /// already applied (a duplicate delivery), else how the tally moves.
+    ///
+    /// The rules make the final status independent of arrival order: any
+    /// success wins (the side effect happened), else a terminal failure
+    /// fails the item, else it stays pending.
+    pub fn apply(&mut self, a: &Attempt, now: Millis) -> Option<TallyDelta> {
+        if self
+            .history
+            .iter()
+            .any(|h| h.attempt == a.attempt && h.message_id == a.message_id)
+        {
+            return None;
+        }
+        let pos = self.history.partition_point(|h| h.attempt <= a.attempt);
+        self.history.insert(pos, a.clone());
+        self.attempts = self.attempts.max(a.attempt);
+        self.updated_at = now;
+        let mut delta = TallyDelta::default();
+        match &a.outcome {
+            AttemptOutcome::Succeeded => match self.status {
+                ItemStatus::Succeeded => {}
+                ItemStatus::Failed => {
+                    delta.failed = -1;
+                    delta.succeeded = 1;
+                    self.status = ItemStatus::Succeeded;
+                }
+                ItemStatus::Pending => {
+                    delta.succeeded = 1;
+                    self.status = ItemStatus::Succeeded;
+                }
+            },
+            AttemptOutcome::Failed {
+                error, terminal, ..
+            } => {
+                self.last_error = Some(error.clone());
+                if *terminal && self.status == ItemStatus::Pending {
+                    delta.failed = 1;
+                    self.status = ItemStatus::Failed;
+                }
+            }
+        }
+        Some(delta)
+    }
+}
+
+/// Per-run settings, fixed when the run is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Receives of a message before its failure is terminal.
+    pub max_receives: u32,
+    /// The run is `partial` (not `failed`) while failures stay at or under this share of items.
+    pub tolerated_failure_percent: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            max_receives: 3,
+            tolerated_failure_percent: 100.0,
+        }
+    }
+}
+
+/// A run's status, derived from its tally (never stored, so never stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Items still pending, or the dispatcher has not finished claiming.
+    Running,
+    /// Every item succeeded.
+    Succeeded,
+    /// Some items failed, no more than the tolerated share, and some succeeded.
+    Partial,
+    /// Every item failed, or more than the tolerated share did.
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The ledger's row for one run: its dispatch progress and its tally.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub created_at: Millis,
+    pub config: RunConfig,
+    /// Items claimed into the run so far; the run's total once `dispatched`.
+    pub total: u64,
+    /// Items sent to the work queue so far.
+    pub enqueued: u64,
+    /// Where the dispatcher resumes reading the run's claimed items.
+    pub cursor: Option<String>,
+    /// Claiming is over: `total` is final.
+    pub dispatched: bool,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// When pending first reached 0 after dispatch.
+    pub settled_at: Option<Millis>,
+}
+
+impl RunRecord {
+    pub fn new(id: RunId, config: RunConfig, now: Millis) -> Self {
+        Self {
+            id,
+            created_at: now,
+            config,
+            total: 0,
+            enqueued: 0,
+            cursor: None,
+            dispatched: false,
+            succeeded: 0,
+            failed: 0,
+            settled_at: None,
+        }
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.total.saturating_sub(self.succeeded + self.failed)
+    }
+
+    /// Every item of a fully dispatched run has an outcome.
+    pub fn is_settled(&self) -> bool {
+        self.dispatched && self.pending() == 0
+    }
+
+    pub fn status(&self) -> RunStatus {
+        if !self.is_settled() {
+            return RunStatus::Running;
+        }
+        if self.failed == 0 {
+            return RunStatus::Succeeded;
+        }
+        let percent = self.failed as f64 * 100.0 / self.total as f64;
+        if self.succeeded == 0 || percent > self.config.tolerated_failure_percent {
+            RunStatus::Failed
+        } else {
+            RunStatus::Partial
+        }
+    }
+
+    /// The summary line, in the words operators look for.
+    pub fn summary(&self) -> String {
+        format!(
+            "Processed {} items with {} successes and {} errors",
+            self.succeeded + self.failed,
+            self.succeeded,
+            self.failed
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(n: u32, msg: &str, outcome: AttemptOutcome) -> Attempt {
+        Attempt {
+            attempt: n,
+            message_id: msg.into(),
+            started_at: 0,
+            duration_ms: 1,
+            outcome,
+        }
+    }
+    fn fail(terminal: bool) -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            kind: ErrorKind::Retryable,
+            error: "boom".into(),
+            terminal,
+        }
+    }
+
+    #[test]
+    fn item_ids_are_1_to_256_characters() {
+        assert_eq!(ItemId::new(""), Err(IdError::Empty));
+        assert!(ItemId::new("é".repeat(256)).is_ok(), "counts characters, not bytes");
+        assert_eq!(ItemId::new("x".repeat(257)), Err(IdError::TooLong(257)));
+        let err = serde_json::from_str::<ItemId>("\"\"").unwrap_err();
+        assert!(err.to_string().contains("id is empty"), "{err}");
+    }
+
+    #[test]
+    fn run_ids_sort_by_time_and_round_trip() {
+        let a = RunId::generate(1_763_942_400_000);
+        assert!(a.as_str().starts_with("r20251124T000000Z-"), "{a}");
+        assert_eq!(RunId::parse(a.as_str()), Ok(a.clone()));
+        let b = RunId::generate(1_763_942_401_000);
+        assert!(a < b);
+        assert!(RunId::parse("r1").is_err());
+        assert!(RunId::parse("x20251124T000000Z-00000g").is_err());
+    }
+
+    #[test]
+    fn duplicate_result_changes_nothing() {
+        let mut r = ItemRecord::default();
+        let a = attempt(1, "m1", AttemptOutcome::Succeeded);
+        assert_eq!(
+            r.apply(&a, 5),
+            Some(TallyDelta {
+                succeeded: 1,
+                failed: 0
+            })
+        );
+        let before = r.clone();
+        assert_eq!(r.apply(&a, 6), None);
+        assert_eq!(r, before);
+    }
+
+    #[test]
+    fn second_success_of_another_delivery_counts_once() {
+        let mut r = ItemRecord::default();
+        let mut total = TallyDelta::default();
+        total.add(r.apply(&attempt(1, "m1", AttemptOutcome::Succeeded), 1).unwrap());
+        total.add(r.apply(&attempt(1, "m2", AttemptOutcome::Succeeded), 1).unwrap());
+        assert_eq!(total, TallyDelta { succeeded: 1, failed: 0 });
+        assert_eq!(r.history.len(), 2, "both deliveries are in the history");
+    }
+
+    #[test]
+    fn non_terminal_failure_keeps_item_pending() {
+        let mut r = ItemRecord::default();
+        assert_eq!(r.apply(&attempt(1, "m", fail(false)), 1), Some(TallyDelta::default()));
+        assert_eq!(r.status, ItemStatus::Pending);
+        assert_eq!(r.last_error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn redrive_success_moves_failed_to_succeeded() {
+        let mut r = ItemRecord::default();
+        let d = r.apply(&attempt(3, "m", fail(true)), 1).unwrap();
+        assert_eq!(d, TallyDelta { succeeded: 0, failed: 1 });
+        assert_eq!(r.status, ItemStatus::Failed);
+        let d = r.apply(&attempt(4, "m2", AttemptOutcome::Succeeded), 2).unwrap();
+        assert_eq!(d, TallyDelta { succeeded: 1, failed: -1 });
+        assert_eq!(r.status, ItemStatus::Succeeded);
+        assert_eq!(r.attempts, 4);
+    }
+
+    #[test]
+    fn late_terminal_failure_never_undoes_a_success() {
+        // Order-independence: the same two results in either order end the same.
+        for flip in [false, true] {
+            let mut r = ItemRecord::default();
+            let ok = attempt(2, "a", AttemptOutcome::Succeeded);
+            let bad = attempt(3, "b", fail(true));
+            let mut total = TallyDelta::default();
+            let (x, y) = if flip { (&bad, &ok) } else { (&ok, &bad) };
+            total.add(r.apply(x, 1).unwrap());
+            total.add(r.apply(y, 2).unwrap());
+            assert_eq!(r.status, ItemStatus::Succeeded);
+            assert_eq!(total, TallyDelta { succeeded: 1, failed: 0 });
+            assert_eq!(
+                r.history.iter().map(|h| h.attempt).collect::<Vec<_>>(),
+                vec![2, 3],
+                "history stays in attempt order"
+            );
+        }
+    }
+
+    #[test]
+    fn run_status_follows_tolerance() {
+        let mut run = RunRecord::new(RunId::generate(0), RunConfig::default(), 0);
+        run.total = 10;
+        assert_eq!(run.status(), RunStatus::Running, "not dispatched yet");
+        run.dispatched = true;
+        run.succeeded = 9;
+        assert_eq!(run.status(), RunStatus::Running);
+        assert_eq!(run.pending(), 1);
+        run.failed = 1;
+        assert_eq!(run.status(), RunStatus::Partial);
+        run.config.tolerated_failure_percent = 5.0;
+        assert_eq!(run.status(), RunStatus::Failed);
+        run.config.tolerated_failure_percent = 10.0;
+        assert_eq!(run.status(), RunStatus::Partial, "at the threshold is tolerated");
+        run.succeeded = 0;
+        run.failed = 10;
+        run.config.tolerated_failure_percent = 100.0;
+        assert_eq!(run.status(), RunStatus::Failed, "nothing succeeded");
+        run.succeeded = 10;
+        run.failed = 0;
+        assert_eq!(run.status(), RunStatus::Succeeded);
+        assert_eq!(run.summary(), "Processed 10 items with 10 successes and 0 errors");
+        let empty = RunRecord {
+            dispatched: true,
+            ..RunRecord::new(RunId::generate(0), RunConfig::default(), 0)
+        };
+        assert_eq!(empty.status(), RunStatus::Succeeded);
+    }
+}

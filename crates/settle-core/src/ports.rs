@@ -1,0 +1,209 @@
+//! The ports: what the stages need from a backend, as small traits whose
+//! docs are the contract. Every backend passes the same conformance suite
+//! (crate `settle-conformance`) against these words.
+
+use crate::domain::{Item, ItemId, ItemRecord, RunId, RunRecord, TallyDelta};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// SQS's limit on entries per SendMessageBatch, DeleteMessageBatch and
+/// ReceiveMessage call. Every backend enforces it, so code that works
+/// locally works on AWS.
+pub const MAX_QUEUE_BATCH: usize = 10;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A port's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// An optimistic write lost a race: read again and retry.
+    #[error("conflict: the record changed since it was read")]
+    Conflict,
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request broke a limit of the port (batch size, body size).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The backend failed; `op` names the call.
+    #[error("{op} failed: {source}")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl PortError {
+    pub fn backend(op: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+/// One received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Stable across redeliveries of the same message.
+    pub message_id: String,
+    /// Names this receive; only the latest receive's handle deletes the message.
+    pub receipt: String,
+    pub body: String,
+    /// Receives of this message so far, this one included (SQS ApproximateReceiveCount).
+    pub receive_count: u32,
+}
+
+/// Approximate message counts, as SQS reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Ready to be received.
+    pub visible: u64,
+    /// Received and not yet deleted, or delayed by a visibility change.
+    pub in_flight: u64,
+}
+
+impl QueueDepth {
+    pub fn total(&self) -> u64 {
+        self.visible + self.in_flight
+    }
+}
+
+/// A queue with SQS's semantics.
+///
+/// - Delivery is at least once: a message may be received more than once,
+///   also while an earlier receive is still being processed.
+/// - A received message is invisible for the visibility timeout, then
+///   visible again unless deleted.
+/// - Each receive increments the message's receive count. If the queue has a
+///   dead-letter queue with a limit of `max_receives`, a message already
+///   received that many times moves there instead of being delivered again.
+/// - Send, receive and delete take at most [`MAX_QUEUE_BATCH`] entries.
+/// - A body is at most [`crate::message::MAX_BODY_BYTES`] bytes.
+/// - Deleting with a receipt that is not the latest one's may leave the
+///   message in place; deleting a deleted message is not an error.
+#[async_trait]
+pub trait Queue: Send + Sync + std::fmt::Debug {
+    /// A name for messages and logs.
+    fn name(&self) -> &str;
+    /// Sends the bodies; all are stored when this returns `Ok`.
+    async fn send(&self, bodies: Vec<String>) -> Result<(), PortError>;
+    /// Receives up to `max` visible messages and hides them for `visibility`.
+    /// May return fewer than are visible, or none.
+    async fn receive(&self, max: usize, visibility: Duration)
+        -> Result<Vec<Delivery>, PortError>;
+    async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError>;
+    /// Makes a received message visible again after `timeout` from now.
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError>;
+    async fn depth(&self) -> Result<QueueDepth, PortError>;
+}
+
+/// A line of an items file that could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct LineError {
+    pub line: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Line(#[from] LineError),
+    #[error(transparent)]
+    Port(#[from] PortError),
+}
+
+/// Items to load, each with its line number in the file, or that line's error.
+pub type LoadInput = Box<dyn Iterator<Item = Result<(u64, Item), LineError>> + Send>;
+
+/// The pending items, and their claim into runs.
+#[async_trait]
+pub trait Source: Send + Sync + std::fmt::Debug {
+    /// Adds the items to the pending set, all or none: on the first bad line
+    /// (a [`LineError`] from the input, or an id that is already pending
+    /// or repeated within the input) nothing is added and that line is named.
+    async fn load(&self, items: LoadInput) -> Result<u64, LoadError>;
+    /// How many items are pending (loaded and not yet claimed).
+    async fn pending(&self) -> Result<u64, PortError>;
+    /// Atomically claims up to `limit` pending items for `run` and adds their
+    /// number to the run's `total`. An item is claimed by exactly one run,
+    /// however many dispatchers claim at once. Returns how many were claimed:
+    /// 0 when nothing is pending.
+    async fn claim(&self, run: &RunId, limit: usize) -> Result<u64, PortError>;
+    /// The run's claimed items in claim order, after the opaque `cursor`
+    /// (from the start when `None`). Returns the items and the cursor after
+    /// the last of them.
+    async fn claimed(
+        &self,
+        run: &RunId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Item>, Option<String>), PortError>;
+}
+
+/// A ledger row with the version a conditional write must match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: u64,
+}
+
+/// A conditional write of one item row.
+#[derive(Debug, Clone)]
+pub struct ItemPut {
+    pub run: RunId,
+    pub item: ItemId,
+    /// The version read; `None` means the row must not exist yet.
+    pub expected: Option<u64>,
+    pub record: ItemRecord,
+}
+
+/// Item rows and the tally moves they cause, committed together.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerBatch {
+    pub puts: Vec<ItemPut>,
+    pub tallies: Vec<(RunId, TallyDelta)>,
+}
+
+/// The actions one atomic commit may hold (DynamoDB TransactWriteItems).
+pub const MAX_COMMIT_ACTIONS: usize = 100;
+
+/// Runs and their per-item rows.
+#[async_trait]
+pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// Creates the run row; `PortError::Invalid` if the id exists.
+    async fn create_run(&self, run: &RunRecord) -> Result<(), PortError>;
+    async fn run(&self, id: &RunId) -> Result<Option<RunRecord>, PortError>;
+    /// Newest first.
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, PortError>;
+    /// Saves dispatch progress: items enqueued so far, the source cursor, and
+    /// whether claiming has finished (which freezes `total`).
+    async fn record_dispatch(
+        &self,
+        id: &RunId,
+        enqueued: u64,
+        cursor: Option<&str>,
+        dispatched: bool,
+    ) -> Result<(), PortError>;
+    /// The item rows that exist among `keys`, with their versions.
+    async fn items(
+        &self,
+        keys: &[(RunId, ItemId)],
+    ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError>;
+    /// Writes every put and adds every tally delta, all or nothing: if any
+    /// put's `expected` version does not match, nothing is written and the
+    /// result is `PortError::Conflict`. At most [`MAX_COMMIT_ACTIONS`] puts
+    /// plus tally rows. Returns the touched runs as committed.
+    async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError>;
+    /// Sets `settled_at` if unset; true if this call set it.
+    async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError>;
+    /// The run's failed items in id order, after `after`.
+    async fn failures(
+        &self,
+        run: &RunId,
+        after: Option<&ItemId>,
+        limit: usize,
+    ) -> Result<Vec<(ItemId, ItemRecord)>, PortError>;
+}

@@ -1,0 +1,177 @@
+//! The processor: the user code that does one item's work, and the built-in
+//! `scripted` processor that the demo and the tests drive.
+
+use crate::domain::{Item, ProcessError, RunId};
+use async_trait::async_trait;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What a processor knows about the attempt it is making.
+#[derive(Debug, Clone)]
+pub struct AttemptContext {
+    pub run: RunId,
+    /// 1 for the first attempt; counts across redeliveries and redrives.
+    pub attempt: u32,
+    /// `(run id, item id)`: the key under which a side effect must be made
+    /// idempotent. A duplicate delivery in the same run carries the same
+    /// key; the same item in a later run carries a new one.
+    pub idempotency_key: String,
+}
+
+impl AttemptContext {
+    pub fn new(run: RunId, item: &Item, attempt: u32) -> Self {
+        // Run ids never contain ':', so the key splits back unambiguously.
+        let idempotency_key = format!("{}:{}", run, item.id);
+        Self {
+            run,
+            attempt,
+            idempotency_key,
+        }
+    }
+}
+
+/// Does one item's work. Return `Err` with a [`ProcessError`] whose kind says
+/// whether trying again can help; a panic is caught and counts as retryable.
+#[async_trait]
+pub trait Processor: Send + Sync + 'static {
+    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError>;
+}
+
+/// Follows each item's `payload.script`, for demos and tests:
+///
+/// | script          | behaviour                                                    |
+/// |-----------------|--------------------------------------------------------------|
+/// | absent, `"ok"`  | succeed                                                      |
+/// | `"permanent"`   | fail with a permanent error                                  |
+/// | `"retryable:N"` | fail with a retryable error on attempts 1..=N, then succeed  |
+/// | `"panic"`       | panic                                                        |
+/// | `"sleep:MS"`    | sleep MS milliseconds, then succeed                          |
+/// | anything else   | permanent error "unknown script"                             |
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scripted;
+
+#[derive(Deserialize)]
+struct ScriptPayload {
+    script: Option<String>,
+}
+
+/// A parsed script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    Ok,
+    Permanent,
+    Retryable(u32),
+    Panic,
+    Sleep(u64),
+    Unknown(String),
+}
+
+impl Script {
+    pub fn of(item: &Item) -> Script {
+        // Payloads that are not objects, or have no `script`, just succeed.
+        let script = serde_json::from_str::<ScriptPayload>(item.payload.get())
+            .ok()
+            .and_then(|p| p.script);
+        match script {
+            None => Script::Ok,
+            Some(s) => Script::parse(&s),
+        }
+    }
+
+    pub fn parse(s: &str) -> Script {
+        let num = |rest: &str| rest.parse::<u64>().ok();
+        match s {
+            "ok" => Script::Ok,
+            "permanent" => Script::Permanent,
+            "panic" => Script::Panic,
+            _ => {
+                if let Some(n) = s.strip_prefix("retryable:").and_then(num) {
+                    Script::Retryable(n.min(u64::from(u32::MAX)) as u32)
+                } else if let Some(ms) = s.strip_prefix("sleep:").and_then(num) {
+                    Script::Sleep(ms)
+                } else {
+                    Script::Unknown(s.to_owned())
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Processor for Scripted {
+    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError> {
+        match Script::of(item) {
+            Script::Ok => Ok(()),
+            Script::Permanent => Err(ProcessError::permanent("permanent failure (scripted)")),
+            Script::Retryable(n) if ctx.attempt <= n => Err(ProcessError::retryable(format!(
+                "retryable failure {} of {n} (scripted)",
+                ctx.attempt
+            ))),
+            Script::Retryable(_) => Ok(()),
+            Script::Panic => panic!("scripted panic for item {}", item.id),
+            Script::Sleep(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            }
+            Script::Unknown(s) => Err(ProcessError::permanent(format!("unknown script {s:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ErrorKind, ItemId};
+    use serde_json::value::RawValue;
+
+    fn item(payload: &str) -> Item {
+        Item::new(
+            ItemId::new("i").unwrap(),
+            RawValue::from_string(payload.into()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn scripts_parse() {
+        assert_eq!(Script::of(&item("null")), Script::Ok);
+        assert_eq!(Script::of(&item(r#"{"x":1}"#)), Script::Ok);
+        assert_eq!(Script::of(&item(r#"{"script":"ok"}"#)), Script::Ok);
+        assert_eq!(Script::of(&item(r#"{"script":"retryable:2"}"#)), Script::Retryable(2));
+        assert_eq!(Script::of(&item(r#"{"script":"sleep:5"}"#)), Script::Sleep(5));
+        assert_eq!(Script::of(&item(r#"{"script":"panic"}"#)), Script::Panic);
+        assert_eq!(
+            Script::of(&item(r#"{"script":"retryable:x"}"#)),
+            Script::Unknown("retryable:x".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn retryable_counts_lifetime_attempts() {
+        let it = item(r#"{"script":"retryable:2"}"#);
+        let run = RunId::generate(0);
+        for (attempt, ok) in [(1, false), (2, false), (3, true), (7, true)] {
+            let ctx = AttemptContext::new(run.clone(), &it, attempt);
+            let res = Scripted.process(&it, &ctx).await;
+            assert_eq!(res.is_ok(), ok, "attempt {attempt}");
+            if let Err(e) = res {
+                assert_eq!(e.kind, ErrorKind::Retryable);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_script_is_permanent() {
+        let it = item(r#"{"script":"explode"}"#);
+        let ctx = AttemptContext::new(RunId::generate(0), &it, 1);
+        let err = Scripted.process(&it, &ctx).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Permanent);
+        assert_eq!(err.message, "unknown script \"explode\"");
+    }
+
+    #[test]
+    fn idempotency_key_is_run_and_item() {
+        let run = RunId::generate(0);
+        let ctx = AttemptContext::new(run.clone(), &item("null"), 1);
+        assert_eq!(ctx.idempotency_key, format!("{run}:i"));
+    }
+}

@@ -1,0 +1,143 @@
+//! Redrive: move a run's dead-lettered messages (all, or named items) back
+//! to the work queue. Only messages of the named run are touched; a message
+//! that is in flight is invisible and so never duplicated.
+
+use crate::domain::{ItemId, ItemStatus, RunId};
+use crate::message::WorkBody;
+use crate::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// How long scanned DLQ messages stay hidden while one redrive pass runs.
+const SCAN_VISIBILITY: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error("run {0} not found")]
+    UnknownRun(RunId),
+    #[error("item {item:?} is not in run {run}")]
+    UnknownItem { run: RunId, item: ItemId },
+    #[error("item {item:?} of run {run} has not failed (it is {status}); only failed items are redriven")]
+    NotFailed {
+        run: RunId,
+        item: ItemId,
+        status: &'static str,
+    },
+    #[error(transparent)]
+    Port(#[from] PortError),
+}
+
+/// What a redrive moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Items whose messages were moved (or would be, on a dry run).
+    pub items: BTreeSet<ItemId>,
+    /// Messages moved (or that would be); can exceed `items` when the DLQ held duplicates.
+    pub messages: u64,
+    /// Named items with no message in the DLQ (e.g. already redriven).
+    pub missing: BTreeSet<ItemId>,
+}
+
+/// Moves the run's DLQ messages, or only those of `only`, to the work queue.
+/// Named items are checked first: an unknown or not-failed item is an error
+/// and nothing moves.
+pub async fn redrive(
+    ledger: &dyn Ledger,
+    dlq: &dyn Queue,
+    work: &dyn Queue,
+    run: &RunId,
+    only: Option<&BTreeSet<ItemId>>,
+    dry_run: bool,
+) -> Result<RedriveReport, RedriveError> {
+    if ledger.run(run).await?.is_none() {
+        return Err(RedriveError::UnknownRun(run.clone()));
+    }
+    if let Some(only) = only {
+        let keys: Vec<_> = only.iter().map(|i| (run.clone(), i.clone())).collect();
+        let rows = ledger.items(&keys).await?;
+        for (r, item) in keys {
+            match rows.get(&(r.clone(), item.clone())) {
+                None => return Err(RedriveError::UnknownItem { run: r, item }),
+                Some(v) if v.value.status != ItemStatus::Failed => {
+                    return Err(RedriveError::NotFailed {
+                        run: r,
+                        item,
+                        status: v.value.status.as_str(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let mut report = RedriveReport::default();
+    let mut hidden: Vec<String> = Vec::new();
+    let result = scan(dlq, work, run, only, dry_run, &mut report, &mut hidden).await;
+    // Whatever happened, give back what this pass hid and did not move.
+    for receipt in &hidden {
+        if let Err(e) = dlq.change_visibility(receipt, Duration::ZERO).await {
+            tracing::warn!(error = %e, "could not release a DLQ message; it reappears after its visibility timeout");
+        }
+    }
+    result?;
+    if let Some(only) = only {
+        report.missing = only.difference(&report.items).cloned().collect();
+    }
+    Ok(report)
+}
+
+async fn scan(
+    dlq: &dyn Queue,
+    work: &dyn Queue,
+    run: &RunId,
+    only: Option<&BTreeSet<ItemId>>,
+    dry_run: bool,
+    report: &mut RedriveReport,
+    hidden: &mut Vec<String>,
+) -> Result<(), PortError> {
+    loop {
+        let batch = dlq.receive(MAX_QUEUE_BATCH, SCAN_VISIBILITY).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
+        for d in &batch {
+            match WorkBody::decode(&d.body) {
+                Ok(b) if &b.run == run && only.is_none_or(|o| o.contains(&b.item)) => {
+                    moves.push((d, b))
+                }
+                // Other runs' messages, and bodies that belong to no run, stay.
+                _ => hidden.push(d.receipt.clone()),
+            }
+        }
+        for (d, b) in &moves {
+            report.items.insert(b.item.clone());
+            report.messages += 1;
+            if dry_run {
+                hidden.push(d.receipt.clone());
+            }
+        }
+        if dry_run || moves.is_empty() {
+            continue;
+        }
+        let bodies = moves
+            .iter()
+            .map(|(d, b)| {
+                // Attempts keep counting across the redrive.
+                let prior = match &b.dead {
+                    Some(dead) => dead.attempts,
+                    None => b.prior_attempts + d.receive_count.saturating_sub(1),
+                };
+                WorkBody {
+                    prior_attempts: prior,
+                    dead: None,
+                    ..b.clone()
+                }
+                .encode()
+            })
+            .collect();
+        // Send before delete: a crash between them leaves a duplicate, never a loss.
+        work.send(bodies).await?;
+        dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())
+            .await?;
+    }
+}

@@ -1,0 +1,193 @@
+//! The reduce stage: results in, an exact tally out. Exactness is this
+//! module's job, not the backend's: rows are read, each result is applied by
+//! [`ItemRecord::apply`] (which recognises duplicates), and the rows and the
+//! run tallies are committed together, conditional on the versions read.
+
+use crate::domain::{now_millis, ItemId, ItemRecord, RunId, RunRecord, TallyDelta};
+use crate::message::ResultBody;
+use crate::ports::{Delivery, ItemPut, Ledger, LedgerBatch, PortError, MAX_COMMIT_ACTIONS};
+use crate::work::BatchResponse;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Conflicts are retried this many times before the batch is given back to the queue.
+const MAX_CONFLICT_RETRIES: u32 = 16;
+/// Failed ids named in a run's summary log line.
+const SUMMARY_FAILED_IDS: usize = 20;
+
+/// What a reduce call did.
+#[derive(Debug, Default, Clone)]
+pub struct ReduceReport {
+    /// Messages to deliver again (undecodable, or their commit failed).
+    pub response: BatchResponse,
+    /// Results applied for the first time.
+    pub applied: usize,
+    /// Results that had been applied before (duplicate deliveries).
+    pub duplicates: usize,
+    /// Runs whose last pending item settled in this call.
+    pub settled: Vec<RunRecord>,
+}
+
+/// Applies a batch of results-queue messages to the ledger.
+pub async fn reduce(ledger: &dyn Ledger, batch: &[Delivery]) -> ReduceReport {
+    let mut report = ReduceReport::default();
+    let mut decoded: Vec<(String, ResultBody)> = Vec::with_capacity(batch.len());
+    for d in batch {
+        match ResultBody::decode(&d.body) {
+            Ok(r) => decoded.push((d.message_id.clone(), r)),
+            Err(e) => {
+                // Retried, then parked in the results DLQ by its redrive policy.
+                tracing::error!(message_id = %d.message_id, error = %e, "undecodable result");
+                report.response.failures.push(d.message_id.clone());
+            }
+        }
+    }
+    for chunk in chunks(&decoded) {
+        match commit_chunk(ledger, chunk).await {
+            Ok(done) => {
+                report.applied += done.applied;
+                report.duplicates += done.duplicates;
+                for run in done.runs {
+                    if run.is_settled() && run.settled_at.is_none() {
+                        match ledger.mark_settled(&run.id, now_millis()).await {
+                            Ok(true) => {
+                                log_summary(ledger, &run).await;
+                                report.settled.push(run);
+                            }
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(run = %run.id, error = %e, "could not mark the run settled"),
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, results = chunk.len(), "could not commit results; they will be retried");
+                report
+                    .response
+                    .failures
+                    .extend(chunk.iter().map(|(m, _)| m.clone()));
+            }
+        }
+    }
+    report
+}
+
+/// Splits results so that each commit's item rows plus run rows fit one transaction.
+fn chunks(results: &[(String, ResultBody)]) -> Vec<&[(String, ResultBody)]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut items = std::collections::HashSet::new();
+    let mut runs = std::collections::HashSet::new();
+    for (i, (_, r)) in results.iter().enumerate() {
+        let new_item = !items.contains(&(&r.run, &r.item));
+        let new_run = !runs.contains(&r.run);
+        if items.len() + runs.len() + usize::from(new_item) + usize::from(new_run)
+            > MAX_COMMIT_ACTIONS
+        {
+            out.push(&results[start..i]);
+            start = i;
+            items.clear();
+            runs.clear();
+        }
+        items.insert((&r.run, &r.item));
+        runs.insert(&r.run);
+    }
+    if start < results.len() {
+        out.push(&results[start..]);
+    }
+    out
+}
+
+struct Committed {
+    applied: usize,
+    duplicates: usize,
+    runs: Vec<RunRecord>,
+}
+
+async fn commit_chunk(
+    ledger: &dyn Ledger,
+    chunk: &[(String, ResultBody)],
+) -> Result<Committed, PortError> {
+    let mut tries = 0;
+    loop {
+        let keys: Vec<(RunId, ItemId)> = chunk
+            .iter()
+            .map(|(_, r)| (r.run.clone(), r.item.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let existing = ledger.items(&keys).await?;
+        let now = now_millis();
+        let mut rows: BTreeMap<(RunId, ItemId), (Option<u64>, ItemRecord)> = BTreeMap::new();
+        let mut tallies: HashMap<RunId, TallyDelta> = HashMap::new();
+        let (mut applied, mut duplicates) = (0, 0);
+        for (_, r) in chunk {
+            let key = (r.run.clone(), r.item.clone());
+            let (_, record) = rows.entry(key.clone()).or_insert_with(|| match existing.get(&key) {
+                Some(v) => (Some(v.version), v.value.clone()),
+                None => (None, ItemRecord::default()),
+            });
+            match record.apply(&r.attempt, now) {
+                Some(delta) => {
+                    applied += 1;
+                    if delta.failed < 0 {
+                        tracing::info!(run = %r.run, item = %r.item, attempt = r.attempt.attempt,
+                            "item moved from failed to succeeded");
+                    }
+                    tallies.entry(r.run.clone()).or_default().add(delta);
+                }
+                None => duplicates += 1,
+            }
+        }
+        if applied == 0 {
+            // Nothing new: no write at all, the cheapest duplicate.
+            return Ok(Committed {
+                applied,
+                duplicates,
+                runs: Vec::new(),
+            });
+        }
+        let batch = LedgerBatch {
+            puts: rows
+                .into_iter()
+                .filter(|(k, (expected, record))| {
+                    // Rows the chunk left as they were need no write.
+                    expected.is_none() || existing.get(k).map(|v| &v.value) != Some(record)
+                })
+                .map(|((run, item), (expected, record))| ItemPut {
+                    run,
+                    item,
+                    expected,
+                    record,
+                })
+                .collect(),
+            tallies: tallies.into_iter().collect(),
+        };
+        match ledger.commit(batch).await {
+            Ok(runs) => {
+                return Ok(Committed {
+                    applied,
+                    duplicates,
+                    runs,
+                })
+            }
+            Err(PortError::Conflict) if tries < MAX_CONFLICT_RETRIES => {
+                tries += 1;
+                // Another reducer wrote one of these rows: back off, re-read, re-apply.
+                let ms = fastrand::u64(1..=(5 << tries.min(6)));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn log_summary(ledger: &dyn Ledger, run: &RunRecord) {
+    let failed: Vec<String> = match ledger.failures(&run.id, None, SUMMARY_FAILED_IDS).await {
+        Ok(f) => f.into_iter().map(|(id, _)| id.to_string()).collect(),
+        Err(e) => vec![format!("(could not list: {e})")],
+    };
+    tracing::info!(run = %run.id, status = %run.status(), total = run.total,
+        succeeded = run.succeeded, failed = run.failed, failed_ids = ?failed,
+        "{}", run.summary());
+}

@@ -1,0 +1,188 @@
+//! The local runner: plays the Lambda event source mapping over any
+//! backend's queues. Pollers receive batches from the work queue and call
+//! the same [`Worker`] the Lambda worker calls, then delete what succeeded
+//! and leave reported failures for redelivery; reducer pollers do the same
+//! with the results queue and [`reduce`].
+
+use crate::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::reduce::reduce;
+use crate::work::{delete_done, Worker};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How the runner polls.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Worker batches processed at once (the event source's MaximumConcurrency).
+    pub concurrency: usize,
+    /// Messages per worker batch, 1 to 10.
+    pub batch_size: usize,
+    /// Visibility timeout of a received work message.
+    pub visibility: Duration,
+    /// Reducer pollers.
+    pub reducers: usize,
+    /// Results per reducer batch (filled by several receives of up to 10).
+    pub reducer_batch: usize,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            batch_size: MAX_QUEUE_BATCH,
+            visibility: Duration::from_secs(30),
+            reducers: 2,
+            reducer_batch: 90,
+        }
+    }
+}
+
+/// Counters the runner keeps, for progress and for tests.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    pub work_received: AtomicU64,
+    pub work_retried: AtomicU64,
+    pub results_applied: AtomicU64,
+    pub results_duplicate: AtomicU64,
+    pub poll_errors: AtomicU64,
+}
+
+/// The queues and code a runner drives.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    pub worker: Arc<Worker>,
+    pub work: Arc<dyn Queue>,
+    pub results: Arc<dyn Queue>,
+    pub ledger: Arc<dyn Ledger>,
+    pub config: RunnerConfig,
+    pub stats: Arc<RunnerStats>,
+}
+
+/// Why the runner stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("polling failed {0} times in a row; last error: {1}")]
+    Polling(u32, PortError),
+    #[error("a poller task failed: {0}")]
+    Task(String),
+}
+
+/// Consecutive poll errors after which the runner gives up.
+const MAX_POLL_ERRORS: u32 = 20;
+const IDLE_MIN: Duration = Duration::from_millis(2);
+const IDLE_MAX: Duration = Duration::from_millis(100);
+
+impl Runner {
+    /// Polls until `stop` turns true, then lets in-flight batches finish.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RunnerError> {
+        let mut tasks = JoinSet::new();
+        for _ in 0..self.config.concurrency.max(1) {
+            let me = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move { me.poll_work(stop).await });
+        }
+        for _ in 0..self.config.reducers.max(1) {
+            let me = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move { me.poll_results(stop).await });
+        }
+        let mut result = Ok(());
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => { result = result.and(Err(e)); let _ = stop.borrow_and_update(); tasks.abort_all(); }
+                    Some(Err(e)) if e.is_cancelled() => {}
+                    Some(Err(e)) => { result = result.and(Err(RunnerError::Task(e.to_string()))); tasks.abort_all(); }
+                },
+            }
+        }
+        result
+    }
+
+    async fn poll_work(&self, stop: watch::Receiver<bool>) -> Result<(), RunnerError> {
+        let size = self.config.batch_size.clamp(1, MAX_QUEUE_BATCH);
+        self.poll(stop, |me| async move {
+            let batch = me.work.receive(size, me.config.visibility).await?;
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            me.stats.work_received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let response = me.worker.handle(&batch, None).await;
+            me.stats.work_retried.fetch_add(response.failures.len() as u64, Ordering::Relaxed);
+            delete_done(me.work.as_ref(), &batch, &response).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn poll_results(&self, stop: watch::Receiver<bool>) -> Result<(), RunnerError> {
+        self.poll(stop, |me| async move {
+            let batch = me.fill_results_batch().await?;
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            let report = reduce(me.ledger.as_ref(), &batch).await;
+            me.stats.results_applied.fetch_add(report.applied as u64, Ordering::Relaxed);
+            me.stats.results_duplicate.fetch_add(report.duplicates as u64, Ordering::Relaxed);
+            delete_done(me.results.as_ref(), &batch, &report.response).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Receives up to `reducer_batch` results, as an event source with a
+    /// batch size above 10 does.
+    async fn fill_results_batch(&self) -> Result<Vec<Delivery>, PortError> {
+        let mut batch = Vec::new();
+        while batch.len() < self.config.reducer_batch {
+            let want = (self.config.reducer_batch - batch.len()).min(MAX_QUEUE_BATCH);
+            let got = self.results.receive(want, self.config.visibility).await?;
+            let short = got.len() < want;
+            batch.extend(got);
+            if short {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Runs `step` until `stop`; backs off while idle, gives up after many
+    /// consecutive errors.
+    async fn poll<F, Fut>(&self, mut stop: watch::Receiver<bool>, step: F) -> Result<(), RunnerError>
+    where
+        F: Fn(Runner) -> Fut,
+        Fut: std::future::Future<Output = Result<bool, PortError>>,
+    {
+        let mut idle = IDLE_MIN;
+        let mut errors = 0;
+        while !*stop.borrow_and_update() {
+            match step(self.clone()).await {
+                Ok(true) => {
+                    idle = IDLE_MIN;
+                    errors = 0;
+                    continue;
+                }
+                Ok(false) => errors = 0,
+                Err(e) => {
+                    errors += 1;
+                    self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, errors, "poll failed");
+                    if errors >= MAX_POLL_ERRORS {
+                        return Err(RunnerError::Polling(errors, e));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(idle) => {}
+                _ = stop.changed() => {}
+            }
+            idle = (idle * 2).min(IDLE_MAX);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! The work stage: one batch of work-queue messages in, a partial batch
+//! response out. Each message settles on its own: a processor error, a
+//! panic, a timeout or an undecodable body affects only that message.
+
+use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
+use crate::message::{DeadLetter, ResultBody, WorkBody};
+use crate::ports::{Delivery, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::processor::{AttemptContext, Processor};
+use futures::FutureExt;
+use std::cell::Cell;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Tuning of the worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Delay before the first retry of a retryable failure; doubles per receive.
+    pub retry_delay: Duration,
+    /// Cap on the retry delay.
+    pub max_retry_delay: Duration,
+    /// An attempt running longer than this fails as retryable ("timed out").
+    pub item_timeout: Option<Duration>,
+    /// Items are not started when less than this remains before the deadline.
+    pub deadline_margin: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            retry_delay: Duration::from_secs(1),
+            max_retry_delay: Duration::from_secs(60),
+            item_timeout: None,
+            deadline_margin: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Which messages of a batch must be delivered again (SQS partial batch
+/// response); every other message is done and may be deleted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchResponse {
+    pub failures: Vec<String>,
+}
+
+/// The worker: decodes, processes and reports each message of a batch.
+pub struct Worker {
+    processor: Arc<dyn Processor>,
+    work: Arc<dyn Queue>,
+    dlq: Arc<dyn Queue>,
+    results: Arc<dyn Queue>,
+    config: WorkerConfig,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("work", &self.work.name())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one message, before anything is sent.
+#[derive(Debug)]
+enum Plan {
+    /// Nothing to report (never started): deliver again.
+    Retry { delay: Duration },
+    /// Report the result; then retry after `retry` if set, else the message is done.
+    Report {
+        result: ResultBody,
+        dead_letter: Option<String>,
+        retry: Option<Duration>,
+    },
+    /// Undecodable: park the raw body in the DLQ so nothing is lost.
+    Malformed,
+}
+
+impl Worker {
+    pub fn new(
+        processor: Arc<dyn Processor>,
+        work: Arc<dyn Queue>,
+        dlq: Arc<dyn Queue>,
+        results: Arc<dyn Queue>,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            processor,
+            work,
+            dlq,
+            results,
+            config,
+        }
+    }
+
+    /// Handles a batch. Items run concurrently. `deadline` is when the
+    /// invocation ends (Lambda's remaining time); items not started by then
+    /// minus the margin are reported for retry untouched.
+    pub async fn handle(&self, batch: &[Delivery], deadline: Option<Instant>) -> BatchResponse {
+        let plans = futures::future::join_all(batch.iter().map(|d| self.plan(d, deadline))).await;
+        let mut failed = vec![false; batch.len()];
+
+        // Results first, so the tally learns of an outcome before the message
+        // can disappear; a message whose result was not stored is retried.
+        let reports: Vec<usize> = (0..batch.len())
+            .filter(|&i| matches!(plans[i], Plan::Report { .. }))
+            .collect();
+        for chunk in reports.chunks(MAX_QUEUE_BATCH) {
+            let bodies = chunk
+                .iter()
+                .map(|&i| match &plans[i] {
+                    Plan::Report { result, .. } => result.encode(),
+                    _ => unreachable!("filtered to reports"),
+                })
+                .collect();
+            if let Err(e) = self.results.send(bodies).await {
+                tracing::error!(error = %e, "could not send results; their messages will be retried");
+                chunk.iter().for_each(|&i| failed[i] = true);
+            }
+        }
+
+        let dead: Vec<(usize, String)> = (0..batch.len())
+            .filter(|&i| !failed[i])
+            .filter_map(|i| match &plans[i] {
+                Plan::Report {
+                    dead_letter: Some(body),
+                    ..
+                } => Some((i, body.clone())),
+                Plan::Malformed => Some((i, batch[i].body.clone())),
+                _ => None,
+            })
+            .collect();
+        for chunk in dead.chunks(MAX_QUEUE_BATCH) {
+            let bodies = chunk.iter().map(|(_, b)| b.clone()).collect();
+            if let Err(e) = self.dlq.send(bodies).await {
+                tracing::error!(error = %e, "could not dead-letter; the messages will be retried");
+                chunk.iter().for_each(|(i, _)| failed[*i] = true);
+            }
+        }
+
+        for (i, plan) in plans.iter().enumerate() {
+            let delay = match plan {
+                Plan::Retry { delay } => Some(*delay),
+                Plan::Report { retry, .. } => *retry,
+                Plan::Malformed => None,
+            };
+            if let Some(delay) = delay {
+                failed[i] = true;
+                // Best effort: without it the visibility timeout paces the retry.
+                if let Err(e) = self.work.change_visibility(&batch[i].receipt, delay).await {
+                    tracing::debug!(error = %e, message_id = %batch[i].message_id, "could not set retry delay");
+                }
+            }
+        }
+
+        BatchResponse {
+            failures: batch
+                .iter()
+                .zip(failed)
+                .filter(|(_, f)| *f)
+                .map(|(d, _)| d.message_id.clone())
+                .collect(),
+        }
+    }
+
+    async fn plan(&self, d: &Delivery, deadline: Option<Instant>) -> Plan {
+        let body = match WorkBody::decode(&d.body) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(message_id = %d.message_id, error = %e, "undecodable message; dead-lettering it");
+                return Plan::Malformed;
+            }
+        };
+        let attempt = body.prior_attempts + d.receive_count;
+        let span = tracing::info_span!("item", run = %body.run, item = %body.item,
+            message_id = %d.message_id, attempt);
+        async {
+            if let Some(deadline) = deadline {
+                if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin {
+                    tracing::info!("not started: the invocation is about to end");
+                    return Plan::Retry {
+                        delay: Duration::ZERO,
+                    };
+                }
+            }
+            let started_at = now_millis();
+            let clock = Instant::now();
+            // A receive past the limit means the last attempt never reported
+            // (a crash or a kill); record that as terminal rather than run again.
+            let outcome = if d.receive_count > body.max_receives {
+                Err(ProcessError::retryable(format!(
+                    "no outcome after {} receives (the worker crashed or timed out)",
+                    body.max_receives
+                )))
+            } else {
+                self.run_processor(&body, attempt).await
+            };
+            let duration_ms = clock.elapsed().as_millis() as u64;
+            let last = d.receive_count >= body.max_receives;
+            let (outcome, dead_letter, retry) = match outcome {
+                Ok(()) => {
+                    tracing::info!(duration_ms, "succeeded");
+                    (AttemptOutcome::Succeeded, None, None)
+                }
+                Err(e) => {
+                    let terminal = e.kind == ErrorKind::Permanent || last;
+                    if terminal {
+                        tracing::warn!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
+                    } else {
+                        tracing::info!(error = %e.message, "failed; will retry");
+                    }
+                    let dead_letter = terminal.then(|| {
+                        WorkBody {
+                            dead: Some(DeadLetter {
+                                error: e.message.clone(),
+                                attempts: attempt,
+                            }),
+                            ..body.clone()
+                        }
+                        .encode()
+                    });
+                    let retry = (!terminal).then(|| self.retry_delay(d.receive_count));
+                    let outcome = AttemptOutcome::Failed {
+                        kind: e.kind,
+                        error: e.message,
+                        terminal,
+                    };
+                    (outcome, dead_letter, retry)
+                }
+            };
+            Plan::Report {
+                result: ResultBody {
+                    run: body.run.clone(),
+                    item: body.item.clone(),
+                    attempt: Attempt {
+                        attempt,
+                        message_id: d.message_id.clone(),
+                        started_at,
+                        duration_ms,
+                        outcome,
+                    },
+                },
+                dead_letter,
+                retry,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_processor(&self, body: &WorkBody, attempt: u32) -> Result<(), ProcessError> {
+        let item = body.item();
+        let ctx = AttemptContext::new(body.run.clone(), &item, attempt);
+        let processor = self.processor.clone();
+        let fut = PanicScope(Box::pin(async move { processor.process(&item, &ctx).await }));
+        let caught = AssertUnwindSafe(fut).catch_unwind();
+        let res = match self.config.item_timeout {
+            Some(t) => match tokio::time::timeout(t, caught).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(ProcessError::retryable(format!(
+                        "timed out after {} ms",
+                        t.as_millis()
+                    )))
+                }
+            },
+            None => caught.await,
+        };
+        res.unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Err(ProcessError::retryable(format!("panic: {msg}")))
+        })
+    }
+
+    fn retry_delay(&self, receive_count: u32) -> Duration {
+        let exp = receive_count.saturating_sub(1).min(16);
+        let base = self.config.retry_delay.saturating_mul(1 << exp);
+        let capped = base.min(self.config.max_retry_delay);
+        // Up to 25% jitter, so a burst of failures does not retry in lockstep.
+        capped + capped.mul_f64(fastrand::f64() * 0.25)
+    }
+}
+
+thread_local! {
+    static IN_PROCESSOR: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while the current thread is polling user processor code; a panic
+/// hook uses it to keep contained panics out of the terminal.
+pub fn in_processor() -> bool {
+    IN_PROCESSOR.with(Cell::get)
+}
+
+struct PanicScope<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for PanicScope<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let was = IN_PROCESSOR.with(|f| f.replace(true));
+        let res = self.0.as_mut().poll(cx);
+        IN_PROCESSOR.with(|f| f.set(was));
+        res
+    }
+}
+
+/// Deletes the messages of `batch` not listed in `response`, as the Lambda
+/// event source mapping does after the handler returns.
+pub async fn delete_done(
+    queue: &dyn Queue,
+    batch: &[Delivery],
+    response: &BatchResponse,
+) -> Result<usize, PortError> {
+    let done: Vec<String> = batch
+        .iter()
+        .filter(|d| !response.failures.contains(&d.message_id))
+        .map(|d| d.receipt.clone())
+        .collect();
+    for chunk in done.chunks(MAX_QUEUE_BATCH) {
+        queue.delete(chunk.to_vec()).await?;
+    }
+    Ok(done.len())
+}
