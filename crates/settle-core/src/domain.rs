@@ -487,7 +487,10 @@ mod tests {
     #[test]
     fn item_ids_are_1_to_256_characters() {
         assert_eq!(ItemId::new(""), Err(IdError::Empty));
-        assert!(ItemId::new("é".repeat(256)).is_ok(), "counts characters, not bytes");
+        assert!(
+            ItemId::new("é".repeat(256)).is_ok(),
+            "counts characters, not bytes"
+        );
         assert_eq!(ItemId::new("x".repeat(257)), Err(IdError::TooLong(257)));
         let err = serde_json::from_str::<ItemId>("\"\"").unwrap_err();
         assert!(err.to_string().contains("id is empty"), "{err}");
@@ -524,16 +527,31 @@ mod tests {
     fn second_success_of_another_delivery_counts_once() {
         let mut r = ItemRecord::default();
         let mut total = TallyDelta::default();
-        total.add(r.apply(&attempt(1, "m1", AttemptOutcome::Succeeded), 1).unwrap());
-        total.add(r.apply(&attempt(1, "m2", AttemptOutcome::Succeeded), 1).unwrap());
-        assert_eq!(total, TallyDelta { succeeded: 1, failed: 0 });
+        total.add(
+            r.apply(&attempt(1, "m1", AttemptOutcome::Succeeded), 1)
+                .unwrap(),
+        );
+        total.add(
+            r.apply(&attempt(1, "m2", AttemptOutcome::Succeeded), 1)
+                .unwrap(),
+        );
+        assert_eq!(
+            total,
+            TallyDelta {
+                succeeded: 1,
+                failed: 0
+            }
+        );
         assert_eq!(r.history.len(), 2, "both deliveries are in the history");
     }
 
     #[test]
     fn non_terminal_failure_keeps_item_pending() {
         let mut r = ItemRecord::default();
-        assert_eq!(r.apply(&attempt(1, "m", fail(false)), 1), Some(TallyDelta::default()));
+        assert_eq!(
+            r.apply(&attempt(1, "m", fail(false)), 1),
+            Some(TallyDelta::default())
+        );
         assert_eq!(r.status, ItemStatus::Pending);
         assert_eq!(r.last_error.as_deref(), Some("boom"));
     }
@@ -542,10 +560,24 @@ mod tests {
     fn redrive_success_moves_failed_to_succeeded() {
         let mut r = ItemRecord::default();
         let d = r.apply(&attempt(3, "m", fail(true)), 1).unwrap();
-        assert_eq!(d, TallyDelta { succeeded: 0, failed: 1 });
+        assert_eq!(
+            d,
+            TallyDelta {
+                succeeded: 0,
+                failed: 1
+            }
+        );
         assert_eq!(r.status, ItemStatus::Failed);
-        let d = r.apply(&attempt(4, "m2", AttemptOutcome::Succeeded), 2).unwrap();
-        assert_eq!(d, TallyDelta { succeeded: 1, failed: -1 });
+        let d = r
+            .apply(&attempt(4, "m2", AttemptOutcome::Succeeded), 2)
+            .unwrap();
+        assert_eq!(
+            d,
+            TallyDelta {
+                succeeded: 1,
+                failed: -1
+            }
+        );
         assert_eq!(r.status, ItemStatus::Succeeded);
         assert_eq!(r.attempts, 4);
     }
@@ -562,7 +594,13 @@ mod tests {
             total.add(r.apply(x, 1).unwrap());
             total.add(r.apply(y, 2).unwrap());
             assert_eq!(r.status, ItemStatus::Succeeded);
-            assert_eq!(total, TallyDelta { succeeded: 1, failed: 0 });
+            assert_eq!(
+                total,
+                TallyDelta {
+                    succeeded: 1,
+                    failed: 0
+                }
+            );
             assert_eq!(
                 r.history.iter().map(|h| h.attempt).collect::<Vec<_>>(),
                 vec![2, 3],
@@ -585,7 +623,11 @@ mod tests {
         run.config.tolerated_failure_percent = 5.0;
         assert_eq!(run.status(), RunStatus::Failed);
         run.config.tolerated_failure_percent = 10.0;
-        assert_eq!(run.status(), RunStatus::Partial, "at the threshold is tolerated");
+        assert_eq!(
+            run.status(),
+            RunStatus::Partial,
+            "at the threshold is tolerated"
+        );
         run.succeeded = 0;
         run.failed = 10;
         run.config.tolerated_failure_percent = 100.0;
@@ -593,7 +635,10 @@ mod tests {
         run.succeeded = 10;
         run.failed = 0;
         assert_eq!(run.status(), RunStatus::Succeeded);
-        assert_eq!(run.summary(), "Processed 10 items with 10 successes and 0 errors");
+        assert_eq!(
+            run.summary(),
+            "Processed 10 items with 10 successes and 0 errors"
+        );
         let empty = RunRecord {
             dispatched: true,
             ..RunRecord::new(RunId::generate(0), RunConfig::default(), 0)

@@ -58,7 +58,10 @@ impl<R: BufRead> Iterator for JsonlItems<R> {
             self.line += 1;
             // Bounded read: a multi-gigabyte "line" must not be buffered whole.
             let limit = (MAX_BODY_BYTES + 2) as u64;
-            let n = match (&mut self.reader).take(limit).read_until(b'\n', &mut self.buf) {
+            let n = match (&mut self.reader)
+                .take(limit)
+                .read_until(b'\n', &mut self.buf)
+            {
                 Ok(n) => n,
                 Err(e) => return self.fail(format!("could not read: {e}")),
             };
@@ -205,19 +208,48 @@ mod tests {
     fn names_each_kind_of_bad_line() {
         let e = err(b"{\"id\":\"a\"}\n{\"id\":\"b\",}\n");
         assert_eq!(e.line, 2);
-        assert!(e.reason.starts_with("invalid JSON: trailing comma at column"), "{e}");
-        assert_eq!(err(b"[1]").reason, "expected a JSON object like {\"id\": \"a1\", \"payload\": {...}}");
+        assert!(
+            e.reason
+                .starts_with("invalid JSON: trailing comma at column"),
+            "{e}"
+        );
+        assert_eq!(
+            err(b"[1]").reason,
+            "expected a JSON object like {\"id\": \"a1\", \"payload\": {...}}"
+        );
         assert_eq!(err(b"{\"payload\":1}").reason, "missing \"id\"");
-        assert_eq!(err(b"{\"id\":7}").reason, "\"id\" must be a string, found a number");
+        assert_eq!(
+            err(b"{\"id\":7}").reason,
+            "\"id\" must be a string, found a number"
+        );
         assert_eq!(err(b"{\"id\":\"\"}").reason, "id is empty");
         let long = format!("{{\"id\":\"{}\"}}", "x".repeat(257));
         assert!(err(long.as_bytes()).reason.contains("257 characters"));
-        assert!(err(b"{\"id\":\"a\",\"paylod\":1}").reason.contains("unknown field `paylod`"));
-        assert!(err(b"{\"id\":\"\xff\"}").reason.starts_with("not valid UTF-8"));
-        let deep = format!("{{\"id\":\"a\",\"payload\":{}{}}}", "[".repeat(200), "]".repeat(200));
-        assert!(err(deep.as_bytes()).reason.contains("nested 200 levels"), "deep nesting is refused");
-        let ok = format!("{{\"id\":\"a\",\"payload\":{}\"[{{\"{}}}", "[".repeat(99), "]".repeat(99));
-        assert_eq!(read(ok.as_bytes()).len(), 1, "brackets in strings do not count");
+        assert!(err(b"{\"id\":\"a\",\"paylod\":1}")
+            .reason
+            .contains("unknown field `paylod`"));
+        assert!(err(b"{\"id\":\"\xff\"}")
+            .reason
+            .starts_with("not valid UTF-8"));
+        let deep = format!(
+            "{{\"id\":\"a\",\"payload\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            err(deep.as_bytes()).reason.contains("nested 200 levels"),
+            "deep nesting is refused"
+        );
+        let ok = format!(
+            "{{\"id\":\"a\",\"payload\":{}\"[{{\"{}}}",
+            "[".repeat(99),
+            "]".repeat(99)
+        );
+        assert_eq!(
+            read(ok.as_bytes()).len(),
+            1,
+            "brackets in strings do not count"
+        );
     }
 
     #[test]

@@ -99,7 +99,11 @@ mod tests {
     fn work_body_round_trips_payload_verbatim() {
         let run = RunId::generate(0);
         let payload = RawValue::from_string(r#"{"b":1, "a":[true]}"#.into()).unwrap();
-        let body = WorkBody::new(run.clone(), Item::new(ItemId::new("u1").unwrap(), payload), 3);
+        let body = WorkBody::new(
+            run.clone(),
+            Item::new(ItemId::new("u1").unwrap(), payload),
+            3,
+        );
         let text = body.encode();
         let back = WorkBody::decode(&text).unwrap();
         assert_eq!(back.run, run);
@@ -115,7 +119,10 @@ mod tests {
             .to_string();
         assert!(err.contains("not a Settle run id"), "{err}");
         let big = "x".repeat(MAX_BODY_BYTES + 1);
-        assert!(matches!(WorkBody::decode(&big), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            WorkBody::decode(&big),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -91,8 +91,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError>;
     /// Receives up to `max` visible messages and hides them for `visibility`.
     /// May return fewer than are visible, or none.
-    async fn receive(&self, max: usize, visibility: Duration)
-        -> Result<Vec<Delivery>, PortError>;
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError>;
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError>;
     /// Makes a received message visible again after `timeout` from now.
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError>;

@@ -136,8 +136,14 @@ mod tests {
         assert_eq!(Script::of(&item("null")), Script::Ok);
         assert_eq!(Script::of(&item(r#"{"x":1}"#)), Script::Ok);
         assert_eq!(Script::of(&item(r#"{"script":"ok"}"#)), Script::Ok);
-        assert_eq!(Script::of(&item(r#"{"script":"retryable:2"}"#)), Script::Retryable(2));
-        assert_eq!(Script::of(&item(r#"{"script":"sleep:5"}"#)), Script::Sleep(5));
+        assert_eq!(
+            Script::of(&item(r#"{"script":"retryable:2"}"#)),
+            Script::Retryable(2)
+        );
+        assert_eq!(
+            Script::of(&item(r#"{"script":"sleep:5"}"#)),
+            Script::Sleep(5)
+        );
         assert_eq!(Script::of(&item(r#"{"script":"panic"}"#)), Script::Panic);
         assert_eq!(
             Script::of(&item(r#"{"script":"retryable:x"}"#)),

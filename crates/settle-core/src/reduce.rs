@@ -55,7 +55,9 @@ pub async fn reduce(ledger: &dyn Ledger, batch: &[Delivery]) -> ReduceReport {
                                 report.settled.push(run);
                             }
                             Ok(false) => {}
-                            Err(e) => tracing::warn!(run = %run.id, error = %e, "could not mark the run settled"),
+                            Err(e) => {
+                                tracing::warn!(run = %run.id, error = %e, "could not mark the run settled")
+                            }
                         }
                     }
                 }
@@ -123,10 +125,12 @@ async fn commit_chunk(
         let (mut applied, mut duplicates) = (0, 0);
         for (_, r) in chunk {
             let key = (r.run.clone(), r.item.clone());
-            let (_, record) = rows.entry(key.clone()).or_insert_with(|| match existing.get(&key) {
-                Some(v) => (Some(v.version), v.value.clone()),
-                None => (None, ItemRecord::default()),
-            });
+            let (_, record) = rows
+                .entry(key.clone())
+                .or_insert_with(|| match existing.get(&key) {
+                    Some(v) => (Some(v.version), v.value.clone()),
+                    None => (None, ItemRecord::default()),
+                });
             match record.apply(&r.attempt, now) {
                 Some(delta) => {
                     applied += 1;

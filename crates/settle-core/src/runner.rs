@@ -111,9 +111,13 @@ impl Runner {
             if batch.is_empty() {
                 return Ok(false);
             }
-            me.stats.work_received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            me.stats
+                .work_received
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let response = me.worker.handle(&batch, None).await;
-            me.stats.work_retried.fetch_add(response.failures.len() as u64, Ordering::Relaxed);
+            me.stats
+                .work_retried
+                .fetch_add(response.failures.len() as u64, Ordering::Relaxed);
             delete_done(me.work.as_ref(), &batch, &response).await?;
             Ok(true)
         })
@@ -127,8 +131,12 @@ impl Runner {
                 return Ok(false);
             }
             let report = reduce(me.ledger.as_ref(), &batch).await;
-            me.stats.results_applied.fetch_add(report.applied as u64, Ordering::Relaxed);
-            me.stats.results_duplicate.fetch_add(report.duplicates as u64, Ordering::Relaxed);
+            me.stats
+                .results_applied
+                .fetch_add(report.applied as u64, Ordering::Relaxed);
+            me.stats
+                .results_duplicate
+                .fetch_add(report.duplicates as u64, Ordering::Relaxed);
             delete_done(me.results.as_ref(), &batch, &report.response).await?;
             Ok(true)
         })
@@ -153,7 +161,11 @@ impl Runner {
 
     /// Runs `step` until `stop`; backs off while idle, gives up after many
     /// consecutive errors.
-    async fn poll<F, Fut>(&self, mut stop: watch::Receiver<bool>, step: F) -> Result<(), RunnerError>
+    async fn poll<F, Fut>(
+        &self,
+        mut stop: watch::Receiver<bool>,
+        step: F,
+    ) -> Result<(), RunnerError>
     where
         F: Fn(Runner) -> Fut,
         Fut: std::future::Future<Output = Result<bool, PortError>>,

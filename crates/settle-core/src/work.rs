@@ -256,7 +256,9 @@ impl Worker {
         let item = body.item();
         let ctx = AttemptContext::new(body.run.clone(), &item, attempt);
         let processor = self.processor.clone();
-        let fut = PanicScope(Box::pin(async move { processor.process(&item, &ctx).await }));
+        let fut = PanicScope(Box::pin(
+            async move { processor.process(&item, &ctx).await },
+        ));
         let caught = AssertUnwindSafe(fut).catch_unwind();
         let res = match self.config.item_timeout {
             Some(t) => match tokio::time::timeout(t, caught).await {

@@ -1,0 +1,544 @@
+//! The conformance suite: one set of contract clauses that every backend
+//! runs, object_store style. Each clause is a plain async function over a
+//! [`Subject`]; [`conformance_tests!`] expands to one test per clause, so a
+//! backend cannot skip one silently. Where backends differ, the difference
+//! is a field of [`Subject`], not a skipped clause.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed clause.
+
+use serde_json::value::RawValue;
+use settle_core::domain::{
+    now_millis, Attempt, AttemptOutcome, ErrorKind, Item, ItemId, ItemRecord, ItemStatus,
+    RunConfig, TallyDelta,
+};
+use settle_core::message::{ResultBody, MAX_BODY_BYTES};
+use settle_core::ports::{
+    Delivery, ItemPut, Ledger, LedgerBatch, LoadError, PortError, Queue, Source,
+};
+use settle_core::{dispatch, reduce, RunId};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A backend under test, with fresh (empty) queues and store.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub work: Arc<dyn Queue>,
+    /// The work queue's dead-letter queue.
+    pub dlq: Arc<dyn Queue>,
+    pub results: Arc<dyn Queue>,
+    pub source: Arc<dyn Source>,
+    pub ledger: Arc<dyn Ledger>,
+    /// The work queue's redrive limit: receives before a message moves to `dlq`.
+    pub work_max_receives: u32,
+}
+
+/// The visibility timeout the clauses use: SQS counts whole seconds.
+pub const VIS: Duration = Duration::from_secs(1);
+/// Long enough for a message hidden for [`VIS`] to be visible again.
+const AFTER_VIS: Duration = Duration::from_millis(1300);
+
+fn item(id: &str, payload: &str) -> Item {
+    Item::new(
+        ItemId::new(id).unwrap(),
+        RawValue::from_string(payload.into()).unwrap(),
+    )
+}
+
+/// Receives until `want` messages arrived or a few empty polls in a row:
+/// SQS may answer a receive with fewer messages than are visible.
+pub async fn receive_n(q: &dyn Queue, want: usize, vis: Duration) -> Vec<Delivery> {
+    let mut got = Vec::new();
+    let mut empty = 0;
+    while got.len() < want && empty < 5 {
+        let batch = q.receive((want - got.len()).min(10), vis).await.unwrap();
+        if batch.is_empty() {
+            empty += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        got.extend(batch);
+    }
+    got
+}
+
+async fn delete_all(q: &dyn Queue, ds: &[Delivery]) {
+    for chunk in ds.chunks(10) {
+        q.delete(chunk.iter().map(|d| d.receipt.clone()).collect())
+            .await
+            .unwrap();
+    }
+}
+
+/// Sent messages arrive once each, hidden after receipt; deleted ones are gone.
+pub async fn queue_send_receive_delete(s: &Subject) {
+    let q = s.work.as_ref();
+    q.send(vec!["a".into(), "b".into(), "c".into()])
+        .await
+        .unwrap();
+    let got = receive_n(q, 3, VIS).await;
+    let bodies: BTreeSet<_> = got.iter().map(|d| d.body.as_str()).collect();
+    assert_eq!(bodies, BTreeSet::from(["a", "b", "c"]));
+    assert!(got.iter().all(|d| d.receive_count == 1));
+    let ids: BTreeSet<_> = got.iter().map(|d| &d.message_id).collect();
+    assert_eq!(ids.len(), 3, "message ids are distinct");
+    assert!(
+        q.receive(10, VIS).await.unwrap().is_empty(),
+        "received messages are hidden"
+    );
+    delete_all(q, &got).await;
+    tokio::time::sleep(AFTER_VIS).await;
+    assert!(
+        receive_n(q, 1, VIS).await.is_empty(),
+        "deleted messages never come back"
+    );
+    assert_eq!(q.depth().await.unwrap().total(), 0);
+}
+
+/// A message not deleted within its visibility timeout is delivered again,
+/// with the same id, a higher receive count and a new receipt.
+pub async fn queue_visibility_timeout_redelivers(s: &Subject) {
+    let q = s.work.as_ref();
+    q.send(vec!["x".into()]).await.unwrap();
+    let first = receive_n(q, 1, VIS).await.pop().unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (0, 1));
+    tokio::time::sleep(AFTER_VIS).await;
+    let second = receive_n(q, 1, VIS).await.pop().unwrap();
+    assert_eq!(second.message_id, first.message_id);
+    assert_eq!(second.receive_count, 2);
+    assert_ne!(second.receipt, first.receipt);
+    q.delete(vec![second.receipt]).await.unwrap();
+    tokio::time::sleep(AFTER_VIS).await;
+    assert!(receive_n(q, 1, VIS).await.is_empty());
+}
+
+/// Changing the visibility to zero makes a message receivable at once;
+/// a longer one keeps it hidden past the original timeout.
+pub async fn queue_change_visibility(s: &Subject) {
+    let q = s.work.as_ref();
+    q.send(vec!["x".into()]).await.unwrap();
+    let d = receive_n(q, 1, Duration::from_secs(30))
+        .await
+        .pop()
+        .unwrap();
+    q.change_visibility(&d.receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    let again = receive_n(q, 1, VIS)
+        .await
+        .pop()
+        .expect("visible again at once");
+    assert_eq!(again.message_id, d.message_id);
+    q.change_visibility(&again.receipt, Duration::from_secs(3))
+        .await
+        .unwrap();
+    tokio::time::sleep(AFTER_VIS).await;
+    assert!(
+        q.receive(10, VIS).await.unwrap().is_empty(),
+        "still hidden by the longer timeout"
+    );
+}
+
+/// Batches over 10 entries and bodies over 256 KiB are refused, and nothing is sent.
+pub async fn queue_limits(s: &Subject) {
+    let q = s.work.as_ref();
+    let eleven: Vec<String> = (0..11).map(|i| i.to_string()).collect();
+    assert!(q.send(eleven).await.is_err(), "11 entries are refused");
+    assert!(
+        q.receive(11, VIS).await.is_err(),
+        "receive of 11 is refused"
+    );
+    let big = "x".repeat(MAX_BODY_BYTES + 1);
+    assert!(
+        q.send(vec![big]).await.is_err(),
+        "an oversize body is refused"
+    );
+    assert_eq!(q.depth().await.unwrap().total(), 0, "nothing was sent");
+}
+
+/// After `work_max_receives` receives without a delete, the message moves to
+/// the dead-letter queue, body intact.
+pub async fn queue_redrive_to_dlq(s: &Subject) {
+    let q = s.work.as_ref();
+    q.send(vec!["poison".into()]).await.unwrap();
+    for n in 1..=s.work_max_receives {
+        let d = receive_n(q, 1, VIS)
+            .await
+            .pop()
+            .unwrap_or_else(|| panic!("receive {n}"));
+        assert_eq!(d.receive_count, n);
+        tokio::time::sleep(AFTER_VIS).await;
+    }
+    assert!(
+        receive_n(q, 1, VIS).await.is_empty(),
+        "not delivered past the limit"
+    );
+    let dead = receive_n(s.dlq.as_ref(), 1, VIS).await;
+    assert_eq!(dead.len(), 1, "moved to the DLQ");
+    assert_eq!(dead[0].body, "poison");
+}
+
+/// Loading is all or nothing, and an id repeated in the input names its line.
+pub async fn source_load_is_atomic(s: &Subject) {
+    let input = vec![
+        Ok((1, item("a", "1"))),
+        Ok((2, item("b", "2"))),
+        Ok((4, item("a", "3"))),
+    ];
+    match s.source.load(Box::new(input.into_iter())).await {
+        Err(LoadError::Line(e)) => {
+            assert_eq!(e.line, 4);
+            assert!(e.reason.contains("duplicate id \"a\""), "{}", e.reason);
+        }
+        other => panic!("expected a line error, got {other:?}"),
+    }
+    assert_eq!(s.source.pending().await.unwrap(), 0, "nothing loaded");
+    let n = s
+        .source
+        .load(Box::new(
+            vec![Ok((1, item("a", "1"))), Ok((2, item("b", "2")))].into_iter(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    match s
+        .source
+        .load(Box::new(vec![Ok((1, item("b", "9")))].into_iter()))
+        .await
+    {
+        Err(LoadError::Line(e)) => assert!(e.reason.contains("already pending"), "{}", e.reason),
+        other => panic!("a pending id loaded twice must be refused, got {other:?}"),
+    }
+    assert_eq!(s.source.pending().await.unwrap(), 2);
+}
+
+/// Concurrent claims never hand one item to two runs; the claimed pages,
+/// read with the cursor, return each item of a run exactly once.
+pub async fn source_claims_are_exclusive(s: &Subject) {
+    let items: Vec<_> = (0..250)
+        .map(|i| Ok((i + 1, item(&format!("i{i:03}"), "null"))))
+        .collect();
+    s.source.load(Box::new(items.into_iter())).await.unwrap();
+    let a = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    let b = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    let claim = |run: RunId| {
+        let src = s.source.clone();
+        async move {
+            let mut n = 0;
+            loop {
+                let got = src.claim(&run, 7).await.unwrap();
+                if got == 0 {
+                    return n;
+                }
+                n += got;
+            }
+        }
+    };
+    let (na, nb) = tokio::join!(claim(a.id.clone()), claim(b.id.clone()));
+    assert_eq!(na + nb, 250);
+    assert_eq!(s.source.pending().await.unwrap(), 0);
+    let mut seen = BTreeSet::new();
+    for (run, n) in [(&a.id, na), (&b.id, nb)] {
+        assert_eq!(
+            s.ledger.run(run).await.unwrap().unwrap().total,
+            n,
+            "total follows claims"
+        );
+        let mut cursor: Option<String> = None;
+        let mut count = 0;
+        loop {
+            let (page, next) = s.source.claimed(run, cursor.as_deref(), 16).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            count += page.len() as u64;
+            for it in page {
+                assert!(seen.insert(it.id.clone()), "{} claimed twice", it.id);
+            }
+            cursor = next;
+        }
+        assert_eq!(count, n);
+    }
+    assert_eq!(seen.len(), 250);
+}
+
+/// The same ids loaded again after a dispatch make new work, not a conflict.
+pub async fn source_ids_recur_across_runs(s: &Subject) {
+    let load = || {
+        s.source
+            .load(Box::new(vec![Ok((1, item("user-1", "null")))].into_iter()))
+    };
+    load().await.unwrap();
+    let r1 = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.source.claim(&r1.id, 10).await.unwrap(), 1);
+    load()
+        .await
+        .expect("an id claimed by an earlier run may be loaded again");
+    let r2 = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.source.claim(&r2.id, 10).await.unwrap(), 1);
+}
+
+async fn fresh_run(s: &Subject, total: u64) -> RunId {
+    let items: Vec<_> = (0..total)
+        .map(|i| Ok((i + 1, item(&format!("t{i}"), "null"))))
+        .collect();
+    if total > 0 {
+        s.source.load(Box::new(items.into_iter())).await.unwrap();
+    }
+    let run = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    while s.source.claim(&run.id, 1000).await.unwrap() > 0 {}
+    s.ledger
+        .record_dispatch(&run.id, total, None, true)
+        .await
+        .unwrap();
+    run.id
+}
+
+/// A commit whose expected version is stale writes nothing at all.
+pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
+    let run = fresh_run(s, 2).await;
+    let id = |n: &str| ItemId::new(n).unwrap();
+    let rec = |status| ItemRecord {
+        status,
+        ..ItemRecord::default()
+    };
+    let put = |item: &str, expected, status| ItemPut {
+        run: run.clone(),
+        item: id(item),
+        expected,
+        record: rec(status),
+    };
+    let ok = LedgerBatch {
+        puts: vec![put("t0", None, ItemStatus::Succeeded)],
+        tallies: vec![(
+            run.clone(),
+            TallyDelta {
+                succeeded: 1,
+                failed: 0,
+            },
+        )],
+    };
+    let runs = s.ledger.commit(ok.clone()).await.unwrap();
+    assert_eq!(runs[0].succeeded, 1);
+    // Same batch again: `expected: None` no longer holds.
+    assert!(matches!(
+        s.ledger.commit(ok).await,
+        Err(PortError::Conflict)
+    ));
+    let mixed = LedgerBatch {
+        puts: vec![
+            put("t1", None, ItemStatus::Failed),
+            put("t0", Some(99), ItemStatus::Failed),
+        ],
+        tallies: vec![(
+            run.clone(),
+            TallyDelta {
+                succeeded: -1,
+                failed: 2,
+            },
+        )],
+    };
+    assert!(matches!(
+        s.ledger.commit(mixed).await,
+        Err(PortError::Conflict)
+    ));
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!(
+        (r.succeeded, r.failed),
+        (1, 0),
+        "a refused commit moves no tally"
+    );
+    let rows = s
+        .ledger
+        .items(&[(run.clone(), id("t0")), (run.clone(), id("t1"))])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "and writes no row");
+    assert_eq!(
+        rows[&(run.clone(), id("t0"))].value.status,
+        ItemStatus::Succeeded
+    );
+    let v = rows[&(run.clone(), id("t0"))].version;
+    let next = LedgerBatch {
+        puts: vec![put("t0", Some(v), ItemStatus::Succeeded)],
+        tallies: vec![],
+    };
+    s.ledger.commit(next).await.unwrap();
+    let after = s.ledger.items(&[(run.clone(), id("t0"))]).await.unwrap();
+    assert_ne!(
+        after[&(run, id("t0"))].version,
+        v,
+        "a write moves the version"
+    );
+}
+
+fn result(run: &RunId, item: &str, attempt: u32, msg: &str, outcome: AttemptOutcome) -> Delivery {
+    let body = ResultBody {
+        run: run.clone(),
+        item: ItemId::new(item).unwrap(),
+        attempt: Attempt {
+            attempt,
+            message_id: msg.into(),
+            started_at: now_millis(),
+            duration_ms: 1,
+            outcome,
+        },
+    };
+    Delivery {
+        message_id: format!("res-{item}-{attempt}-{msg}"),
+        receipt: String::new(),
+        body: body.encode(),
+        receive_count: 1,
+    }
+}
+
+fn failed(terminal: bool) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        kind: ErrorKind::Retryable,
+        error: "declined".into(),
+        terminal,
+    }
+}
+
+/// Results delivered many times, in one batch and across concurrent
+/// reducers, count once; the run settles exactly once.
+pub async fn ledger_duplicate_results_count_once(s: &Subject) {
+    let run = fresh_run(s, 20).await;
+    let mut all = Vec::new();
+    for i in 0..20 {
+        let outcome = if i % 4 == 0 {
+            failed(true)
+        } else {
+            AttemptOutcome::Succeeded
+        };
+        all.push(result(&run, &format!("t{i}"), 1, &format!("m{i}"), outcome));
+    }
+    // Each result three times, split over concurrent reducer calls.
+    let mut copies: Vec<Delivery> = all.iter().chain(&all).chain(&all).cloned().collect();
+    copies.reverse();
+    let chunks: Vec<Vec<Delivery>> = copies.chunks(13).map(<[Delivery]>::to_vec).collect();
+    let reports =
+        futures::future::join_all(chunks.iter().map(|c| reduce::reduce(s.ledger.as_ref(), c)))
+            .await;
+    assert!(reports.iter().all(|r| r.response.failures.is_empty()));
+    let applied: usize = reports.iter().map(|r| r.applied).sum();
+    let dupes: usize = reports.iter().map(|r| r.duplicates).sum();
+    assert_eq!((applied, dupes), (20, 40));
+    let settled: usize = reports.iter().map(|r| r.settled.len()).sum();
+    assert_eq!(settled, 1, "the run settles once");
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!((r.succeeded, r.failed, r.pending()), (15, 5, 0));
+    assert!(r.settled_at.is_some());
+    let f = s.ledger.failures(&run, None, 100).await.unwrap();
+    assert_eq!(f.len(), 5);
+    assert_eq!(f[0].1.last_error.as_deref(), Some("declined"));
+}
+
+/// A success after a terminal failure (a redrive) moves the item from failed
+/// to succeeded; a retryable non-terminal failure moves nothing.
+pub async fn ledger_redrive_success_moves_failed_to_succeeded(s: &Subject) {
+    let run = fresh_run(s, 1).await;
+    let steps = [
+        (result(&run, "t0", 1, "m1", failed(false)), (0, 0)),
+        (result(&run, "t0", 2, "m1", failed(true)), (0, 1)),
+        (
+            result(&run, "t0", 3, "m2", AttemptOutcome::Succeeded),
+            (1, 0),
+        ),
+        (result(&run, "t0", 2, "m1", failed(true)), (1, 0)),
+    ];
+    for (d, want) in steps {
+        let rep = reduce::reduce(s.ledger.as_ref(), std::slice::from_ref(&d)).await;
+        assert!(rep.response.failures.is_empty());
+        let r = s.ledger.run(&run).await.unwrap().unwrap();
+        assert_eq!((r.succeeded, r.failed), want);
+    }
+    let rows = s
+        .ledger
+        .items(&[(run.clone(), ItemId::new("t0").unwrap())])
+        .await
+        .unwrap();
+    let rec = &rows.values().next().unwrap().value;
+    assert_eq!(rec.attempts, 3);
+    assert_eq!(
+        rec.history.len(),
+        3,
+        "the replayed result is not in the history twice"
+    );
+}
+
+/// An undecodable result is handed back for retry and touches nothing else.
+pub async fn ledger_bad_result_fails_alone(s: &Subject) {
+    let run = fresh_run(s, 1).await;
+    let good = result(&run, "t0", 1, "m", AttemptOutcome::Succeeded);
+    let bad = Delivery {
+        message_id: "junk".into(),
+        receipt: String::new(),
+        body: "{not json".into(),
+        receive_count: 1,
+    };
+    let rep = reduce::reduce(s.ledger.as_ref(), &[bad, good]).await;
+    assert_eq!(rep.response.failures, vec!["junk".to_string()]);
+    assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().succeeded, 1);
+}
+
+/// Every clause, by name: a backend's test module must run all of them.
+pub const CLAUSES: &[&str] = &[
+    "queue_send_receive_delete",
+    "queue_visibility_timeout_redelivers",
+    "queue_change_visibility",
+    "queue_limits",
+    "queue_redrive_to_dlq",
+    "source_load_is_atomic",
+    "source_claims_are_exclusive",
+    "source_ids_recur_across_runs",
+    "ledger_commit_is_conditional_and_atomic",
+    "ledger_duplicate_results_count_once",
+    "ledger_redrive_success_moves_failed_to_succeeded",
+    "ledger_bad_result_fails_alone",
+];
+
+/// Expands to one `#[tokio::test]` per clause, each on a fresh subject from
+/// `$fresh` (an async expression yielding a [`Subject`]).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fresh:expr) => {
+        $crate::conformance_tests!(@each $fresh;
+            queue_send_receive_delete,
+            queue_visibility_timeout_redelivers,
+            queue_change_visibility,
+            queue_limits,
+            queue_redrive_to_dlq,
+            source_load_is_atomic,
+            source_claims_are_exclusive,
+            source_ids_recur_across_runs,
+            ledger_commit_is_conditional_and_atomic,
+            ledger_duplicate_results_count_once,
+            ledger_redrive_success_moves_failed_to_succeeded,
+            ledger_bad_result_fails_alone
+        );
+    };
+    (@each $fresh:expr; $($clause:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $clause() {
+                let subject = $fresh.await;
+                $crate::$clause(&subject).await;
+            }
+        )*
+        #[test]
+        fn clause_list_is_complete() {
+            let expanded: &[&str] = &[$(stringify!($clause)),*];
+            assert_eq!(expanded, $crate::CLAUSES, "the macro and CLAUSES disagree");
+        }
+    };
+}

@@ -1,0 +1,281 @@
+//! One SQLite file, one writer thread. Writes from every task are queued to
+//! the writer, which runs as many as are waiting inside one transaction
+//! (group commit), each in its own savepoint so one failing write does not
+//! undo the others, and answers every caller only after the COMMIT. Reads
+//! use a separate connection: WAL lets them run beside the writer.
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// 'SETL': marks a SQLite file as Settle's.
+pub const APPLICATION_ID: i32 = 0x5345_544c;
+/// The schema this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+/// Writes grouped into one transaction at most.
+const MAX_GROUP: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the database writer has stopped")]
+    Closed,
+    /// A write refused by its own logic, passed through to the caller.
+    #[error(transparent)]
+    Refused(Box<dyn std::error::Error + Send + Sync>),
+}
+
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+/// A write: given the connection (or why no transaction could begin), it
+/// runs and returns what to do once the commit's fate is known.
+type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> Completion + Send>;
+
+/// A handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    jobs: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`, checks that it is a
+    /// Settle database of a schema this build knows, and starts the writer.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let open_err = |reason: String| DbError::Open {
+            path: path.to_owned(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&writer, 64 * 1024).map_err(|e| open_err(describe(&e)))?;
+        init_schema(&writer).map_err(|e| match e {
+            DbError::Sqlite(e) => open_err(describe(&e)),
+            DbError::Open { reason, .. } => open_err(reason),
+            other => other,
+        })?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_err(e.to_string()))?;
+        configure(&reader, 8 * 1024).map_err(|e| open_err(describe(&e)))?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("settle-db-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            jobs,
+            reader: Arc::new(Mutex::new(reader)),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the next group transaction; returns once it is committed.
+    /// If `f` fails, its own changes are rolled back and nothing else is.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let res = match conn {
+                Ok(conn) => in_savepoint(conn, f),
+                Err(e) => Err(DbError::Commit(format!("could not begin: {e}"))),
+            };
+            Box::new(move |commit_err: Option<&str>| {
+                let res = match (res, commit_err) {
+                    (Ok(_), Some(e)) => Err(DbError::Commit(e.to_owned())),
+                    (res, _) => res,
+                };
+                let _ = tx.send(res);
+            })
+        });
+        self.jobs.send(job).map_err(|_| DbError::Closed)?;
+        rx.await.map_err(|_| DbError::Closed)?
+    }
+
+    /// Runs `f` on the read connection inside one read transaction, so it
+    /// sees a single committed snapshot.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.unchecked_transaction()?;
+            let r = f(&tx)?;
+            tx.finish()?;
+            Ok(r)
+        })
+        .await
+        .map_err(|_| DbError::Closed)?
+    }
+}
+
+fn configure(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // WAL + synchronous=NORMAL: a killed process loses nothing committed; only
+    // a power cut can lose the last transactions (the usual SQLite trade-off).
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "cache_size", -cache_kib)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(())
+}
+
+/// Says "not a database" in the words of the file, not of SQLite's internals.
+fn describe(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            "not a Settle database (not an SQLite file, or a corrupted one)".into()
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => "the database file is corrupted".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn init_schema(conn: &Connection) -> Result<(), DbError> {
+    let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    let refuse = |reason: String| {
+        Err(DbError::Open {
+            path: PathBuf::new(),
+            reason,
+        })
+    };
+    if app != APPLICATION_ID && (app != 0 || tables > 0) {
+        return refuse(format!(
+            "not a Settle database (application id {app:#x}, {tables} schema objects of another program)"
+        ));
+    }
+    if version > SCHEMA_VERSION {
+        return refuse(format!(
+            "written by a newer Settle (schema {version}; this build knows {SCHEMA_VERSION})"
+        ));
+    }
+    conn.execute_batch(SCHEMA)?;
+    Ok(())
+}
+
+const SCHEMA: &str = r#"
+BEGIN IMMEDIATE;
+PRAGMA application_id = 1397052492;
+PRAGMA user_version = 1;
+-- Pending and claimed items, in load order. Claimed ones are those at or
+-- below source.claimed_upto; claims says which run took which seq range.
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    line INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_by_id ON items (item_id, seq);
+CREATE TABLE IF NOT EXISTS source (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    claimed_upto INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO source VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT NOT NULL,
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    PRIMARY KEY (run_id, lo)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    enqueued INTEGER NOT NULL,
+    cursor TEXT,
+    dispatched INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    settled_at INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (
+    run_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_failed ON ledger (run_id, item_id) WHERE status = 'failed';
+CREATE TABLE IF NOT EXISTS queues (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    dlq INTEGER,
+    max_receives INTEGER
+);
+-- AUTOINCREMENT: a message id is never reused, since results are told apart by it.
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at);
+COMMIT;
+"#;
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<R, DbError>,
+) -> Result<R, DbError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let res = f(conn);
+    if res.is_err() {
+        conn.execute_batch("ROLLBACK TO job")?;
+    }
+    conn.execute_batch("RELEASE job")?;
+    res
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for job in jobs {
+                job(Err(&msg))(None);
+            }
+            continue;
+        }
+        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(Ok(&conn))).collect();
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for done in completions {
+            done(commit.as_ref().err().map(String::as_str));
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Settle's embedded backend: everything in one SQLite file. It plays SQS
+//! (work queue, DLQ, results queue and its DLQ) and DynamoDB's role (item
+//! source and ledger) so that `settle run` needs no cloud account.
+
+mod db;
+mod queue;
+mod store;
+
+pub use db::{Db, DbError};
+pub use queue::EmbeddedQueue;
+pub use store::EmbeddedStore;
+
+use settle_core::ports::PortError;
+use std::path::Path;
+
+/// Where `settle` keeps its database unless told otherwise.
+pub const DEFAULT_PATH: &str = ".settle/settle.db";
+
+/// Receives of a result message before it is parked in the results DLQ.
+pub const RESULTS_MAX_RECEIVES: u32 = 5;
+
+/// The whole backend over one database file.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub db: Db,
+    pub store: EmbeddedStore,
+    pub work: EmbeddedQueue,
+    pub dlq: EmbeddedQueue,
+    pub results: EmbeddedQueue,
+    pub results_dlq: EmbeddedQueue,
+}
+
+impl Embedded {
+    /// Opens or creates the database at `path` with its four queues.
+    pub async fn open(path: &Path) -> Result<Self, DbError> {
+        let db = Db::open(path)?;
+        let work = EmbeddedQueue::open(&db, "work").await?;
+        let dlq = EmbeddedQueue::open(&db, "work-dlq").await?;
+        let results = EmbeddedQueue::open(&db, "results").await?;
+        let results_dlq = EmbeddedQueue::open(&db, "results-dlq").await?;
+        let me = Self {
+            store: EmbeddedStore::new(db.clone()),
+            db,
+            work,
+            dlq,
+            results,
+            results_dlq,
+        };
+        if me.results.max_receives().await.ok().flatten().is_none() {
+            me.results
+                .set_redrive(&me.results_dlq, RESULTS_MAX_RECEIVES)
+                .await
+                .map_err(|e| DbError::Refused(Box::new(e)))?;
+        }
+        Ok(me)
+    }
+
+    /// Sets the work queue's redrive policy for runs of `max_receives`: one
+    /// receive more than the worker's limit, so that an attempt that never
+    /// reported (a crash) still gets recorded as terminal by the worker
+    /// before the queue itself dead-letters the message.
+    pub async fn set_max_receives(&self, max_receives: u32) -> Result<(), PortError> {
+        self.work.set_redrive(&self.dlq, max_receives + 1).await
+    }
+}
+
+/// Maps a database error to a port error naming the operation.
+pub(crate) fn port_err(op: &'static str) -> impl Fn(DbError) -> PortError {
+    move |e| match e {
+        DbError::Refused(e) => match e.downcast::<PortError>() {
+            Ok(p) => *p,
+            Err(e) => PortError::backend(op, e),
+        },
+        e => PortError::backend(op, e),
+    }
+}

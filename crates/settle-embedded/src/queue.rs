@@ -1,0 +1,266 @@
+//! SQS semantics on the `messages` table: visibility timeout, receive
+//! counts, redrive to a dead-letter queue after `max_receives`, batch limits.
+//! Deliberately no more exact than SQS: a message is redelivered whenever its
+//! visibility lapses, even while a worker is still on it.
+
+use crate::db::{Db, DbError};
+use crate::port_err;
+use async_trait::async_trait;
+use rusqlite::{params, OptionalExtension};
+use settle_core::domain::now_millis;
+use settle_core::message::MAX_BODY_BYTES;
+use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH};
+use std::time::Duration;
+
+/// SQS's longest visibility timeout: 12 hours.
+const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+
+/// One named queue in the database.
+#[derive(Debug, Clone)]
+pub struct EmbeddedQueue {
+    db: Db,
+    id: i64,
+    name: String,
+}
+
+impl EmbeddedQueue {
+    /// Opens the queue `name`, creating it if needed.
+    pub(crate) async fn open(db: &Db, name: &str) -> Result<Self, DbError> {
+        let owned = name.to_owned();
+        let id = db
+            .write(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO queues (name) VALUES (?1)",
+                    params![owned],
+                )?;
+                Ok(c.query_row(
+                    "SELECT id FROM queues WHERE name = ?1",
+                    params![owned],
+                    |r| r.get(0),
+                )?)
+            })
+            .await?;
+        Ok(Self {
+            db: db.clone(),
+            id,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Sets the redrive policy: after `max_receives` receives a message moves
+    /// to `dlq` instead of being delivered again.
+    pub async fn set_redrive(
+        &self,
+        dlq: &EmbeddedQueue,
+        max_receives: u32,
+    ) -> Result<(), PortError> {
+        let (id, dlq) = (self.id, dlq.id);
+        self.db
+            .write(move |c| {
+                c.execute(
+                    "UPDATE queues SET dlq = ?2, max_receives = ?3 WHERE id = ?1",
+                    params![id, dlq, max_receives],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(port_err("SetQueueAttributes"))
+    }
+
+    /// The redrive policy's receive limit, if any.
+    pub async fn max_receives(&self) -> Result<Option<u32>, PortError> {
+        let id = self.id;
+        self.db
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT max_receives FROM queues WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .map_err(port_err("GetQueueAttributes"))
+    }
+}
+
+fn check_batch(op: &str, n: usize) -> Result<(), PortError> {
+    if n == 0 || n > MAX_QUEUE_BATCH {
+        Err(PortError::Invalid(format!(
+            "{op} takes 1 to {MAX_QUEUE_BATCH} entries, got {n}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_receipt(receipt: &str) -> Result<(i64, i64), PortError> {
+    receipt
+        .split_once(':')
+        .and_then(|(id, n)| Some((id.parse().ok()?, n.parse().ok()?)))
+        .ok_or_else(|| PortError::Invalid(format!("receipt handle {receipt:?} is not valid")))
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
+        check_batch("send", bodies.len())?;
+        if let Some(b) = bodies.iter().find(|b| b.len() > MAX_BODY_BYTES) {
+            return Err(PortError::Invalid(format!(
+                "message body is {} bytes; at most {MAX_BODY_BYTES}",
+                b.len()
+            )));
+        }
+        let id = self.id;
+        self.db
+            .write(move |c| {
+                let mut st = c.prepare_cached(
+                    "INSERT INTO messages (queue, visible_at, receive_count, body) VALUES (?1, 0, 0, ?2)",
+                )?;
+                for b in &bodies {
+                    st.execute(params![id, b])?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(port_err("SendMessageBatch"))
+    }
+
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError> {
+        check_batch("receive", max)?;
+        let visibility = visibility.min(MAX_VISIBILITY).as_millis() as i64;
+        let id = self.id;
+        self.db
+            .write(move |c| {
+                let now = now_millis() as i64;
+                let (dlq, limit): (Option<i64>, Option<i64>) = c
+                    .prepare_cached("SELECT dlq, max_receives FROM queues WHERE id = ?1")?
+                    .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut out = Vec::with_capacity(max);
+                let mut pick = c.prepare_cached(
+                    "SELECT id, receive_count FROM messages WHERE queue = ?1 AND visible_at <= ?2 \
+                     ORDER BY visible_at, id LIMIT ?3",
+                )?;
+                let mut to_dlq = c.prepare_cached(
+                    "UPDATE messages SET queue = ?2, visible_at = 0 WHERE id = ?1",
+                )?;
+                let mut take = c.prepare_cached(
+                    "UPDATE messages SET visible_at = ?2, receive_count = receive_count + 1 \
+                     WHERE id = ?1 RETURNING receive_count, body",
+                )?;
+                loop {
+                    let want = (max - out.len()) as i64;
+                    let found: Vec<(i64, i64)> = pick
+                        .query_map(params![id, now, want], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    let mut moved = false;
+                    for (msg, count) in &found {
+                        match (dlq, limit) {
+                            // The redrive policy: past the limit, to the DLQ.
+                            (Some(dlq), Some(limit)) if *count >= limit => {
+                                to_dlq.execute(params![msg, dlq])?;
+                                moved = true;
+                            }
+                            _ => {
+                                let (n, body): (i64, String) = take
+                                    .query_row(params![msg, now + visibility], |r| {
+                                        Ok((r.get(0)?, r.get(1)?))
+                                    })?;
+                                out.push(Delivery {
+                                    message_id: format!("m{msg}"),
+                                    receipt: format!("{msg}:{n}"),
+                                    body,
+                                    receive_count: n as u32,
+                                });
+                            }
+                        }
+                    }
+                    if !moved || out.len() >= max || (found.len() as i64) < want {
+                        break;
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(port_err("ReceiveMessage"))
+    }
+
+    async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
+        check_batch("delete", receipts.len())?;
+        let parsed = receipts
+            .iter()
+            .map(|r| parse_receipt(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let id = self.id;
+        self.db
+            .write(move |c| {
+                // Only the latest receive's handle deletes, as SQS may insist.
+                let mut st = c.prepare_cached(
+                    "DELETE FROM messages WHERE id = ?1 AND receive_count = ?2 AND queue = ?3",
+                )?;
+                for (msg, n) in parsed {
+                    st.execute(params![msg, n, id])?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(port_err("DeleteMessageBatch"))
+    }
+
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError> {
+        let (msg, n) = parse_receipt(receipt)?;
+        let timeout = timeout.min(MAX_VISIBILITY).as_millis() as i64;
+        let id = self.id;
+        self.db
+            .write(move |c| {
+                let visible_at = now_millis() as i64 + timeout;
+                let changed = c
+                    .prepare_cached(
+                        "UPDATE messages SET visible_at = ?4 \
+                         WHERE id = ?1 AND receive_count = ?2 AND queue = ?3",
+                    )?
+                    .execute(params![msg, n, id, visible_at])?;
+                if changed == 0 {
+                    let exists: Option<i64> = c
+                        .query_row("SELECT id FROM messages WHERE id = ?1", params![msg], |r| {
+                            r.get(0)
+                        })
+                        .optional()?;
+                    let why = if exists.is_some() {
+                        "the message was received again since"
+                    } else {
+                        "the message is gone"
+                    };
+                    return Err(DbError::Refused(
+                        format!("receipt {msg}:{n} is stale: {why}").into(),
+                    ));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(port_err("ChangeMessageVisibility"))
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, PortError> {
+        let id = self.id;
+        self.db
+            .read(move |c| {
+                let now = now_millis() as i64;
+                let (visible, all): (i64, i64) = c
+                    .prepare_cached(
+                        "SELECT count(*) FILTER (WHERE visible_at <= ?2), count(*) \
+                         FROM messages WHERE queue = ?1",
+                    )?
+                    .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(QueueDepth {
+                    visible: visible as u64,
+                    in_flight: (all - visible) as u64,
+                })
+            })
+            .await
+            .map_err(port_err("GetQueueAttributes"))
+    }
+}

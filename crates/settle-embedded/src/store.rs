@@ -1,0 +1,429 @@
+//! The item source and the ledger on SQLite.
+
+use crate::db::{Db, DbError};
+use crate::port_err;
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde_json::value::RawValue;
+use settle_core::domain::{Item, ItemId, ItemRecord, RunConfig, RunId, RunRecord};
+use settle_core::ports::{
+    Ledger, LedgerBatch, LineError, LoadError, LoadInput, PortError, Source, Versioned,
+    MAX_COMMIT_ACTIONS,
+};
+use std::collections::HashMap;
+
+/// The source and ledger of one database.
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    db: Db,
+}
+
+impl EmbeddedStore {
+    pub(crate) fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> DbError {
+    DbError::Refused(format!("stored {what} is unreadable: {e}").into())
+}
+
+fn run_from_row(r: &Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
+    let id: String = r.get(0)?;
+    let config: String = r.get(2)?;
+    let run = RunRecord {
+        id: RunId::parse(&id).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        created_at: r.get::<_, i64>(1)? as u64,
+        config: RunConfig::default(),
+        total: r.get::<_, i64>(3)? as u64,
+        enqueued: r.get::<_, i64>(4)? as u64,
+        cursor: r.get(5)?,
+        dispatched: r.get(6)?,
+        succeeded: r.get::<_, i64>(7)? as u64,
+        failed: r.get::<_, i64>(8)? as u64,
+        settled_at: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+    };
+    Ok((run, config))
+}
+
+const RUN_COLUMNS: &str =
+    "run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at";
+
+fn get_run(c: &Connection, id: &str) -> Result<Option<RunRecord>, DbError> {
+    let row = c
+        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
+        .query_row(params![id], run_from_row)
+        .optional()?;
+    row.map(finish_run).transpose()
+}
+
+fn finish_run((mut run, config): (RunRecord, String)) -> Result<RunRecord, DbError> {
+    run.config = serde_json::from_str(&config).map_err(|e| corrupt("run config", e))?;
+    Ok(run)
+}
+
+#[async_trait]
+impl Source for EmbeddedStore {
+    async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
+        let res = self
+            .db
+            .write(move |c| {
+                let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
+                let mut seen = c.prepare_cached(
+                    "SELECT seq, line FROM items WHERE item_id = ?1 AND seq > ?2 LIMIT 1",
+                )?;
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO items (item_id, payload, line) VALUES (?1, ?2, ?3) RETURNING seq",
+                )?;
+                let mut first_seq = None;
+                let mut n = 0u64;
+                for entry in items {
+                    let (line, item) = entry.map_err(|e| DbError::Refused(Box::new(e)))?;
+                    let earlier: Option<(i64, i64)> = seen
+                        .query_row(params![item.id.as_str(), upto], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    if let Some((seq, first_line)) = earlier {
+                        let reason = if first_seq.is_some_and(|f| seq >= f) {
+                            format!("duplicate id {:?} (first on line {first_line})", item.id.as_str())
+                        } else {
+                            format!(
+                                "id {:?} is already pending from an earlier load; dispatch or drop that first",
+                                item.id.as_str()
+                            )
+                        };
+                        return Err(DbError::Refused(Box::new(LineError { line, reason })));
+                    }
+                    let seq: i64 = insert.query_row(
+                        params![item.id.as_str(), item.payload.get(), line as i64],
+                        |r| r.get(0),
+                    )?;
+                    first_seq.get_or_insert(seq);
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .await;
+        match res {
+            Ok(n) => Ok(n),
+            Err(DbError::Refused(e)) => match e.downcast::<LineError>() {
+                Ok(line) => Err(LoadError::Line(*line)),
+                Err(e) => Err(LoadError::Port(PortError::backend("load", e))),
+            },
+            Err(e) => Err(LoadError::Port(port_err("load")(e))),
+        }
+    }
+
+    async fn pending(&self) -> Result<u64, PortError> {
+        self.db
+            .read(|c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM items WHERE seq > (SELECT claimed_upto FROM source)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )? as u64)
+            })
+            .await
+            .map_err(port_err("pending"))
+    }
+
+    async fn claim(&self, run: &RunId, limit: usize) -> Result<u64, PortError> {
+        let run = run.clone();
+        self.db
+            .write(move |c| {
+                let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
+                let hi: Option<i64> = c
+                    .query_row(
+                        "SELECT max(seq) FROM (SELECT seq FROM items WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+                        params![upto, limit as i64],
+                        |r| r.get(0),
+                    )?;
+                let Some(hi) = hi else { return Ok(0) };
+                let n: i64 = c.query_row(
+                    "SELECT count(*) FROM items WHERE seq > ?1 AND seq <= ?2",
+                    params![upto, hi],
+                    |r| r.get(0),
+                )?;
+                let changed = c.execute(
+                    "UPDATE runs SET total = total + ?2 WHERE run_id = ?1 AND dispatched = 0",
+                    params![run.as_str(), n],
+                )?;
+                if changed == 0 {
+                    return Err(DbError::Refused(
+                        format!("run {run} does not exist or has finished dispatching").into(),
+                    ));
+                }
+                c.execute(
+                    "INSERT INTO claims (run_id, lo, hi) VALUES (?1, ?2, ?3)",
+                    params![run.as_str(), upto + 1, hi],
+                )?;
+                c.execute("UPDATE source SET claimed_upto = ?1", params![hi])?;
+                Ok(n as u64)
+            })
+            .await
+            .map_err(port_err("claim"))
+    }
+
+    async fn claimed(
+        &self,
+        run: &RunId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Item>, Option<String>), PortError> {
+        let after: i64 = match cursor {
+            None => 0,
+            Some(c) => c.parse().map_err(|_| {
+                PortError::Invalid(format!("cursor {c:?} is not an embedded cursor"))
+            })?,
+        };
+        let run = run.clone();
+        self.db
+            .read(move |c| {
+                // Segment by segment: one ORDER BY over a join would sort the whole run.
+                let segments: Vec<(i64, i64)> = c
+                    .prepare_cached("SELECT lo, hi FROM claims WHERE run_id = ?1 AND hi > ?2 ORDER BY lo")?
+                    .query_map(params![run.as_str(), after], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut page = c.prepare_cached(
+                    "SELECT seq, item_id, payload FROM items WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let mut items = Vec::new();
+                let mut last = after;
+                for (lo, hi) in segments {
+                    if items.len() >= limit {
+                        break;
+                    }
+                    let from = after.max(lo - 1);
+                    let rows = page.query_map(params![from, hi, (limit - items.len()) as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                    })?;
+                    for row in rows {
+                        let (seq, id, payload) = row?;
+                        let id = ItemId::new(id).map_err(|e| corrupt("item id", e))?;
+                        let payload = RawValue::from_string(payload).map_err(|e| corrupt("payload", e))?;
+                        items.push(Item::new(id, payload));
+                        last = seq;
+                    }
+                }
+                let next = (!items.is_empty()).then(|| last.to_string());
+                let next = next.or_else(|| (after > 0).then(|| after.to_string()));
+                Ok((items, next))
+            })
+            .await
+            .map_err(port_err("claimed"))
+    }
+}
+
+#[async_trait]
+impl Ledger for EmbeddedStore {
+    async fn create_run(&self, run: &RunRecord) -> Result<(), PortError> {
+        let run = run.clone();
+        let config = serde_json::to_string(&run.config).expect("config serializes");
+        self.db
+            .write(move |c| {
+                let added = c.execute(
+                    "INSERT OR IGNORE INTO runs (run_id, created_at, config, total, enqueued, cursor, \
+                     dispatched, succeeded, failed, settled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        run.id.as_str(), run.created_at as i64, config, run.total as i64,
+                        run.enqueued as i64, run.cursor, run.dispatched, run.succeeded as i64,
+                        run.failed as i64, run.settled_at.map(|v| v as i64)
+                    ],
+                )?;
+                if added == 0 {
+                    return Err(DbError::Refused(format!("run {} already exists", run.id).into()));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                DbError::Refused(e) => PortError::Invalid(e.to_string()),
+                e => port_err("create_run")(e),
+            })
+    }
+
+    async fn run(&self, id: &RunId) -> Result<Option<RunRecord>, PortError> {
+        let id = id.clone();
+        self.db
+            .read(move |c| get_run(c, id.as_str()))
+            .await
+            .map_err(port_err("run"))
+    }
+
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, PortError> {
+        self.db
+            .read(move |c| {
+                let rows: Vec<_> = c
+                    .prepare_cached(&format!(
+                        "SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?1"
+                    ))?
+                    .query_map(params![limit as i64], run_from_row)?
+                    .collect::<Result<_, _>>()?;
+                rows.into_iter().map(finish_run).collect()
+            })
+            .await
+            .map_err(port_err("runs"))
+    }
+
+    async fn record_dispatch(
+        &self,
+        id: &RunId,
+        enqueued: u64,
+        cursor: Option<&str>,
+        dispatched: bool,
+    ) -> Result<(), PortError> {
+        let (id, cursor) = (id.clone(), cursor.map(str::to_owned));
+        self.db
+            .write(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "UPDATE runs SET enqueued = ?2, cursor = ?3, dispatched = ?4 WHERE run_id = ?1",
+                    )?
+                    .execute(params![id.as_str(), enqueued as i64, cursor, dispatched])?;
+                if n == 0 {
+                    return Err(DbError::Refused(format!("run {id} not found").into()));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(port_err("record_dispatch"))
+    }
+
+    async fn items(
+        &self,
+        keys: &[(RunId, ItemId)],
+    ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError> {
+        let keys = keys.to_vec();
+        self.db
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT version, record FROM ledger WHERE run_id = ?1 AND item_id = ?2",
+                )?;
+                let mut out = HashMap::with_capacity(keys.len());
+                for (run, item) in keys {
+                    let row: Option<(i64, String)> = st
+                        .query_row(params![run.as_str(), item.as_str()], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()?;
+                    if let Some((version, record)) = row {
+                        let value =
+                            serde_json::from_str(&record).map_err(|e| corrupt("item record", e))?;
+                        out.insert(
+                            (run, item),
+                            Versioned {
+                                value,
+                                version: version as u64,
+                            },
+                        );
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(port_err("items"))
+    }
+
+    async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError> {
+        if batch.puts.len() + batch.tallies.len() > MAX_COMMIT_ACTIONS {
+            return Err(PortError::Invalid(format!(
+                "a commit holds at most {MAX_COMMIT_ACTIONS} rows, got {}",
+                batch.puts.len() + batch.tallies.len()
+            )));
+        }
+        let res = self
+            .db
+            .write(move |c| {
+                let mut version = c.prepare_cached(
+                    "SELECT version FROM ledger WHERE run_id = ?1 AND item_id = ?2",
+                )?;
+                let mut put = c.prepare_cached(
+                    "INSERT OR REPLACE INTO ledger (run_id, item_id, status, version, record) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for p in &batch.puts {
+                    let current: Option<i64> = version
+                        .query_row(params![p.run.as_str(), p.item.as_str()], |r| r.get(0))
+                        .optional()?;
+                    if current.map(|v| v as u64) != p.expected {
+                        return Err(DbError::Refused(Box::new(Conflict)));
+                    }
+                    let record = serde_json::to_string(&p.record).expect("record serializes");
+                    let next = p.expected.map_or(1, |v| v + 1) as i64;
+                    put.execute(params![
+                        p.run.as_str(),
+                        p.item.as_str(),
+                        p.record.status.as_str(),
+                        next,
+                        record
+                    ])?;
+                }
+                let mut tally = c.prepare_cached(
+                    "UPDATE runs SET succeeded = succeeded + ?2, failed = failed + ?3 WHERE run_id = ?1",
+                )?;
+                let mut runs = Vec::new();
+                for (run, d) in &batch.tallies {
+                    if tally.execute(params![run.as_str(), d.succeeded, d.failed])? == 0 {
+                        return Err(DbError::Refused(format!("run {run} not found").into()));
+                    }
+                    runs.extend(get_run(c, run.as_str())?);
+                }
+                Ok(runs)
+            })
+            .await;
+        res.map_err(|e| match e {
+            DbError::Refused(e) if e.is::<Conflict>() => PortError::Conflict,
+            e => port_err("commit")(e),
+        })
+    }
+
+    async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
+        let id = id.clone();
+        self.db
+            .write(move |c| {
+                Ok(c.execute(
+                    "UPDATE runs SET settled_at = ?2 WHERE run_id = ?1 AND settled_at IS NULL",
+                    params![id.as_str(), at as i64],
+                )? == 1)
+            })
+            .await
+            .map_err(port_err("mark_settled"))
+    }
+
+    async fn failures(
+        &self,
+        run: &RunId,
+        after: Option<&ItemId>,
+        limit: usize,
+    ) -> Result<Vec<(ItemId, ItemRecord)>, PortError> {
+        let (run, after) = (
+            run.clone(),
+            after.map(|a| a.as_str().to_owned()).unwrap_or_default(),
+        );
+        self.db
+            .read(move |c| {
+                let rows: Vec<(String, String)> = c
+                    .prepare_cached(
+                        "SELECT item_id, record FROM ledger WHERE run_id = ?1 AND status = 'failed' \
+                         AND item_id > ?2 ORDER BY item_id LIMIT ?3",
+                    )?
+                    .query_map(params![run.as_str(), after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                rows.into_iter()
+                    .map(|(id, rec)| {
+                        Ok((
+                            ItemId::new(id).map_err(|e| corrupt("item id", e))?,
+                            serde_json::from_str(&rec).map_err(|e| corrupt("item record", e))?,
+                        ))
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(port_err("failures"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("conflict")]
+struct Conflict;
