@@ -77,8 +77,13 @@ pub async fn dispatch(
             .into_iter()
             .map(|item| WorkBody::new(run_id.clone(), item, run.config.max_receives).encode())
             .collect();
-        futures::stream::iter(bodies.chunks(MAX_QUEUE_BATCH))
-            .map(|chunk| queue.send(chunk.to_vec()))
+        // Owned chunks: borrowing ones trip a higher-ranked lifetime error in tokio::spawn.
+        let chunks: Vec<Vec<String>> = bodies
+            .chunks(MAX_QUEUE_BATCH)
+            .map(<[String]>::to_vec)
+            .collect();
+        futures::stream::iter(chunks)
+            .map(|chunk| queue.send(chunk))
             .buffer_unordered(SEND_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;

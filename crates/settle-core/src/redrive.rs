@@ -15,9 +15,9 @@ const SCAN_VISIBILITY: Duration = Duration::from_secs(120);
 pub enum RedriveError {
     #[error("run {0} not found")]
     UnknownRun(RunId),
-    #[error("item {item:?} is not in run {run}")]
+    #[error("item \"{item}\" is not in run {run}")]
     UnknownItem { run: RunId, item: ItemId },
-    #[error("item {item:?} of run {run} has not failed (it is {status}); only failed items are redriven")]
+    #[error("item \"{item}\" of run {run} has not failed (it is {status}); only failed items are redriven")]
     NotFailed {
         run: RunId,
         item: ItemId,

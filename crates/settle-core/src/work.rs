@@ -209,7 +209,7 @@ impl Worker {
                 Err(e) => {
                     let terminal = e.kind == ErrorKind::Permanent || last;
                     if terminal {
-                        tracing::warn!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
+                        tracing::info!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
                     } else {
                         tracing::info!(error = %e.message, "failed; will retry");
                     }

@@ -1,0 +1,160 @@
+//! The command line, as clap sees it.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "settle",
+    version,
+    about = "Fan out a batch of items, settle each on its own, tally exactly."
+)]
+pub struct Cli {
+    /// The embedded database file.
+    #[arg(long, global = true, env = "SETTLE_DB", default_value = settle_embedded::DEFAULT_PATH)]
+    pub db: PathBuf,
+    /// More logging on stderr (-v: per item, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load items, dispatch them as a new run, and process until every item settles.
+    Run(RunArgs),
+    /// Load items as pending, for a later `dispatch`.
+    Load {
+        /// JSONL file, one {"id": "...", "payload": ...} per line ("-" for stdin).
+        #[arg(long)]
+        items: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Claim all pending items into a new run and enqueue them, without processing.
+    Dispatch {
+        #[command(flatten)]
+        run: RunSettings,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a run (dispatch and processing) until it settles, e.g. after a crash.
+    Resume {
+        /// The run; the latest if omitted.
+        run_id: Option<String>,
+        #[command(flatten)]
+        process: ProcessArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's tally and status.
+    Status {
+        /// The run; the latest if omitted.
+        run_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The failed items of a run, with their attempts and last error.
+    Failures {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a run's dead-lettered items back to the work queue and process them until they settle.
+    Redrive {
+        run_id: String,
+        /// Only this item (repeatable); all of the run's failed items if omitted.
+        #[arg(long = "item", value_name = "ID")]
+        items: Vec<String>,
+        /// Say what would be redriven; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        process: ProcessArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One item's history in a run, attempt by attempt.
+    Show {
+        run_id: String,
+        item_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent runs, newest first.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a JSONL file of scripted demo or benchmark items to stdout.
+    Generate {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, value_enum, default_value_t = Mix::Demo)]
+        mix: Mix,
+        /// Seed for the mix; the same seed writes the same file.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Mix {
+    /// A realistic mix: mostly ok, some retried, some declined, a few panics and slow items.
+    Demo,
+    /// 10% permanent failures, the rest ok.
+    Bench,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// JSONL file, one {"id": "...", "payload": ...} per line ("-" for stdin).
+    #[arg(long)]
+    pub items: PathBuf,
+    #[command(flatten)]
+    pub run: RunSettings,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Settings fixed when a run is created.
+#[derive(Debug, Args)]
+pub struct RunSettings {
+    /// Receives of an item's message before its failure is terminal and it is dead-lettered.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_receives: u32,
+    /// The run ends `partial` rather than `failed` while failures stay at or under this percentage.
+    #[arg(long, default_value_t = 100.0, value_parser = percent)]
+    pub tolerated_failure_percent: f64,
+}
+
+/// How the local runner processes.
+#[derive(Debug, Args)]
+pub struct ProcessArgs {
+    /// Worker batches processed at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+    /// Messages per worker batch.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10))]
+    pub batch_size: u64,
+    /// Seconds a received message stays hidden; an item running longer times out and is retried.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=43200))]
+    pub visibility_timeout: u64,
+    /// Delay before the first retry of a retryable failure, in ms; doubles per receive.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub retry_delay_ms: u64,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 100"))
+    }
+}

@@ -1,0 +1,322 @@
+//! One function per subcommand.
+
+use crate::cli::{Cli, Command, ProcessArgs, RunArgs, RunSettings};
+use crate::process::{process, Finish, Until};
+use crate::report;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use settle_core::dispatch;
+use settle_core::jsonl::JsonlItems;
+use settle_core::ports::{Ledger, LoadError, Source};
+use settle_core::redrive::{self, RedriveError};
+use settle_core::{ItemId, RunConfig, RunId, RunRecord};
+use settle_embedded::Embedded;
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Bad input from the user: exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
+fn input(msg: impl Into<String>) -> anyhow::Error {
+    InputError(msg.into()).into()
+}
+
+pub async fn execute(cli: Cli) -> Result<ExitCode> {
+    if let Command::Generate { count, mix, seed } = cli.command {
+        let stdout = std::io::stdout();
+        crate::generate::generate(
+            &mut std::io::BufWriter::new(stdout.lock()),
+            count,
+            mix,
+            seed,
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let e = Embedded::open(&cli.db)
+        .await
+        .map_err(|err| input(format!("cannot open the database: {err}")))?;
+    match cli.command {
+        Command::Run(args) => run(&e, args).await,
+        Command::Load { items, json } => {
+            let n = load(&e, &items).await?;
+            emit(
+                json,
+                json!({ "loaded": n, "pending": e.store.pending().await? }),
+                || format!("Loaded {n} items from {}\n", items.display()),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dispatch { run, json } => {
+            let record = new_run(&e, &run).await?;
+            dispatch::dispatch(&e.store, &e.store, &e.work, &record.id, None).await?;
+            let record = get_run(&e, &record.id).await?;
+            emit(json, report::run_json(&record), || {
+                format!("Dispatched run {} with {} items\n", record.id, record.total)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume {
+            run_id,
+            process: p,
+            json,
+        } => {
+            let run = resolve(&e, run_id.as_deref()).await?;
+            finish(
+                &e,
+                process(&e, &run.id, &p, Until::Settled).await?,
+                json,
+                None,
+            )
+            .await
+        }
+        Command::Status { run_id, json } => {
+            let run = resolve(&e, run_id.as_deref()).await?;
+            let first = e
+                .store
+                .failures(&run.id, None, report::FIRST_FAILURES)
+                .await?;
+            emit(json, report::run_json(&run), || {
+                report::run_human(&run, &first, None)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Failures { run_id, json } => {
+            let run = resolve(&e, Some(&run_id)).await?;
+            let all = all_failures(&e, &run.id).await?;
+            emit(json, report::failures_json(&run, &all), || {
+                report::failures_human(&run, &all)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Redrive {
+            run_id,
+            items,
+            dry_run,
+            process: p,
+            json,
+        } => redrive_cmd(&e, &run_id, items, dry_run, &p, json).await,
+        Command::Show {
+            run_id,
+            item_id,
+            json,
+        } => {
+            let run = resolve(&e, Some(&run_id)).await?;
+            let id = ItemId::new(item_id.clone())
+                .map_err(|err| input(format!("item id {item_id:?}: {err}")))?;
+            let rows = e.store.items(&[(run.id.clone(), id.clone())]).await?;
+            let rec = rows.into_values().next().ok_or_else(|| {
+                input(format!(
+                    "no record of item \"{id}\" in run {} (not in the run, or not attempted yet)",
+                    run.id
+                ))
+            })?;
+            emit(json, report::item_json(&run.id, &id, &rec.value), || {
+                report::item_human(&run.id, &id, &rec.value)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { limit, json } => {
+            let runs = e.store.runs(limit).await?;
+            emit(
+                json,
+                json!({ "runs": runs.iter().map(report::run_json).collect::<Vec<_>>() }),
+                || report::runs_human(&runs),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate { .. } => unreachable!("handled above"),
+    }
+}
+
+/// Prints `value` as the last line of stdout with `--json`, else the human text.
+fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        print!("{}", human());
+    }
+}
+
+async fn run(e: &Embedded, args: RunArgs) -> Result<ExitCode> {
+    let before = e.store.pending().await?;
+    load(e, &args.items).await?;
+    if before > 0 {
+        eprintln!("note: {before} items loaded earlier were pending and join this run");
+    }
+    let record = new_run(e, &args.run).await?;
+    eprintln!("Run {} started", record.id);
+    let finished = process(e, &record.id, &args.process, Until::Settled).await?;
+    finish(e, finished, args.json, None).await
+}
+
+async fn new_run(e: &Embedded, s: &RunSettings) -> Result<RunRecord> {
+    let config = RunConfig {
+        max_receives: s.max_receives,
+        tolerated_failure_percent: s.tolerated_failure_percent,
+    };
+    Ok(dispatch::create_run(&e.store, config).await?)
+}
+
+/// Loads a JSONL file in one transaction; a bad line names the file and line.
+async fn load(e: &Embedded, path: &Path) -> Result<u64> {
+    let reader: Box<dyn BufRead + Send> = if path == Path::new("-") {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(path)
+            .map_err(|err| input(format!("cannot open items file {}: {err}", path.display())))?;
+        Box::new(std::io::BufReader::with_capacity(1 << 16, f))
+    };
+    let spinner =
+        indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let res = e.store.load(Box::new(JsonlItems::new(reader))).await;
+    spinner.finish_and_clear();
+    match res {
+        Ok(0) => Err(input(format!(
+            "{}: no items (the file is empty)",
+            path.display()
+        ))),
+        Ok(n) => Ok(n),
+        Err(LoadError::Line(l)) => Err(input(format!(
+            "{} line {}: {}; nothing was loaded",
+            path.display(),
+            l.line,
+            l.reason
+        ))),
+        Err(LoadError::Port(p)) => {
+            Err(anyhow::Error::new(p).context("loading failed; nothing was loaded"))
+        }
+    }
+}
+
+async fn get_run(e: &Embedded, id: &RunId) -> Result<RunRecord> {
+    e.store
+        .run(id)
+        .await?
+        .ok_or_else(|| input(format!("run {id} not found")))
+}
+
+/// The named run, or the latest one.
+async fn resolve(e: &Embedded, id: Option<&str>) -> Result<RunRecord> {
+    match id {
+        Some(s) => {
+            let id = RunId::parse(s).map_err(|err| input(err.to_string()))?;
+            get_run(e, &id).await
+        }
+        None => e
+            .store
+            .runs(1)
+            .await?
+            .pop()
+            .ok_or_else(|| input(format!("no runs yet in {}", e.db.path().display()))),
+    }
+}
+
+async fn all_failures(e: &Embedded, run: &RunId) -> Result<Vec<(ItemId, settle_core::ItemRecord)>> {
+    let mut all = Vec::new();
+    loop {
+        let page = e
+            .store
+            .failures(run, all.last().map(|(id, _)| id), 1000)
+            .await?;
+        if page.is_empty() {
+            return Ok(all);
+        }
+        all.extend(page);
+    }
+}
+
+async fn finish(
+    e: &Embedded,
+    f: Finish,
+    json: bool,
+    extra: Option<(&str, Value)>,
+) -> Result<ExitCode> {
+    match f {
+        Finish::Done(run, took) => {
+            let first = e
+                .store
+                .failures(&run.id, None, report::FIRST_FAILURES)
+                .await?;
+            let mut value = report::run_json(&run);
+            if let Some((k, v)) = extra {
+                value[k] = v;
+            }
+            emit(json, value, || report::run_human(&run, &first, Some(took)));
+            Ok(ExitCode::SUCCESS)
+        }
+        Finish::Interrupted(run) => {
+            eprintln!(
+                "interrupted: {} of {} items settled; continue with: settle resume {}",
+                run.succeeded + run.failed,
+                run.total,
+                run.id
+            );
+            if json {
+                println!("{}", report::run_json(&run));
+            }
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+async fn redrive_cmd(
+    e: &Embedded,
+    run_id: &str,
+    items: Vec<String>,
+    dry_run: bool,
+    p: &ProcessArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    let run = resolve(e, Some(run_id)).await?;
+    let only: Option<BTreeSet<ItemId>> = if items.is_empty() {
+        None
+    } else {
+        Some(
+            items
+                .iter()
+                .map(|s| {
+                    ItemId::new(s.clone()).map_err(|err| input(format!("--item {s:?}: {err}")))
+                })
+                .collect::<Result<_>>()?,
+        )
+    };
+    let moved = redrive::redrive(&e.store, &e.dlq, &e.work, &run.id, only.as_ref(), dry_run)
+        .await
+        .map_err(|err| match err {
+            RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
+            other => input(other.to_string()),
+        })?;
+    for m in &moved.missing {
+        eprintln!("note: item \"{m}\" has no message in the dead-letter queue (already redriven?)");
+    }
+    let n = moved.items.len() as u64;
+    if dry_run {
+        let ids: Vec<&str> = moved.items.iter().map(ItemId::as_str).collect();
+        let mut value = report::run_json(&run);
+        value["redriven"] = json!(0);
+        value["would_redrive"] = json!(n);
+        value["items"] = json!(ids);
+        emit(json, value, || {
+            format!(
+                "Dry run: would redrive {n} items of run {}: {}\n",
+                run.id,
+                ids.join(", ")
+            )
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("Redriving {n} items of run {}", run.id);
+    let finished = if n == 0 {
+        Finish::Done(run, std::time::Duration::ZERO)
+    } else {
+        process(e, &run.id, p, Until::Drained)
+            .await
+            .context("processing the redriven items")?
+    };
+    finish(e, finished, json, Some(("redriven", json!(n)))).await
+}
