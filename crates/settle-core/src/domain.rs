@@ -185,6 +185,23 @@ pub struct ProcessError {
     pub message: String,
 }
 
+/// Longest error message kept, in bytes: it travels in the dead-letter copy
+/// of the item's message, which must stay within a queue message's size.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// Cuts `msg` to [`MAX_ERROR_BYTES`] on a character boundary, marking the cut.
+pub fn bounded_error(mut msg: String) -> String {
+    if msg.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES - 3;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str("...");
+    }
+    msg
+}
+
 impl ProcessError {
     pub fn retryable(message: impl Into<String>) -> Self {
         Self {
@@ -494,6 +511,14 @@ mod tests {
         assert_eq!(ItemId::new("x".repeat(257)), Err(IdError::TooLong(257)));
         let err = serde_json::from_str::<ItemId>("\"\"").unwrap_err();
         assert!(err.to_string().contains("id is empty"), "{err}");
+    }
+
+    #[test]
+    fn errors_are_bounded_on_a_char_boundary() {
+        assert_eq!(bounded_error("short".into()), "short");
+        let long = bounded_error("é".repeat(MAX_ERROR_BYTES));
+        assert!(long.len() <= MAX_ERROR_BYTES, "{}", long.len());
+        assert!(long.ends_with("..."));
     }
 
     #[test]

@@ -8,16 +8,28 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::io::{BufRead, Read};
 
-/// Bytes a work message needs around the id and payload.
-const ENVELOPE_BYTES: usize = 512;
+/// Bytes a work message needs besides the id and payload: the envelope, and
+/// on its dead-letter copy the error (bounded, then JSON-escaped at worst 6x).
+const ENVELOPE_BYTES: usize = 512 + 6 * crate::domain::MAX_ERROR_BYTES;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line<'a> {
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
+    id: Field<'a>,
+    #[serde(borrow, default)]
+    payload: Field<'a>,
+}
+
+/// A field's raw JSON; unlike `Option<&RawValue>` it keeps an explicit
+/// `null` apart from an absent field.
+#[derive(Default)]
+struct Field<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|r| Field(Some(r)))
+    }
 }
 
 /// Iterates the items of a JSONL reader, each with its 1-based line number.
@@ -102,11 +114,11 @@ pub fn parse_line(bytes: &[u8]) -> Result<Item, String> {
     }
     let line: Line =
         serde_json::from_str(text).map_err(|e| format!("invalid JSON: {}", strip_line(&e)))?;
-    let raw_id = line.id.ok_or("missing \"id\"")?;
+    let raw_id = line.id.0.ok_or("missing \"id\"")?;
     let id: String = serde_json::from_str(raw_id.get())
         .map_err(|_| format!("\"id\" must be a string, found {}", json_kind(raw_id.get())))?;
     let id = ItemId::new(id).map_err(|e| e.to_string())?;
-    if let Some(p) = line.payload {
+    if let Some(p) = line.payload.0 {
         let depth = nesting(p.get());
         if depth > MAX_NESTING {
             return Err(format!(
@@ -114,11 +126,13 @@ pub fn parse_line(bytes: &[u8]) -> Result<Item, String> {
             ));
         }
     }
-    let payload = match line.payload {
+    let payload = match line.payload.0 {
         Some(p) => p.to_owned(),
         None => null_payload(),
     };
-    if id.as_str().len() + payload.get().len() + ENVELOPE_BYTES > MAX_BODY_BYTES {
+    // The id as it will be encoded in a message: escaping can make it longer.
+    let id_bytes = serde_json::to_string(id.as_str()).map_or(0, |s| s.len());
+    if id_bytes + payload.get().len() + ENVELOPE_BYTES > MAX_BODY_BYTES {
         return Err(format!(
             "item is too large: its message would exceed {MAX_BODY_BYTES} bytes"
         ));
@@ -222,6 +236,19 @@ mod tests {
             err(b"{\"id\":7}").reason,
             "\"id\" must be a string, found a number"
         );
+        assert_eq!(
+            err(b"{\"id\":null}").reason,
+            "\"id\" must be a string, found null"
+        );
+        let escaped = format!(
+            "{{\"id\":\"{}\",\"payload\":\"{}\"}}",
+            "\\u0001".repeat(256),
+            "x".repeat(MAX_BODY_BYTES - 8000)
+        );
+        assert!(
+            err(escaped.as_bytes()).reason.contains("too large"),
+            "the id counts as encoded"
+        );
         assert_eq!(err(b"{\"id\":\"\"}").reason, "id is empty");
         let long = format!("{{\"id\":\"{}\"}}", "x".repeat(257));
         assert!(err(long.as_bytes()).reason.contains("257 characters"));
@@ -260,7 +287,7 @@ mod tests {
         assert_eq!(e.line, 1);
         assert!(e.reason.contains("longer than"), "{e}");
         let mut big = b"{\"id\":\"a\",\"payload\":\"".to_vec();
-        big.extend(std::iter::repeat_n(b'x', MAX_BODY_BYTES - 300));
+        big.extend(std::iter::repeat_n(b'x', MAX_BODY_BYTES - 3000));
         big.extend(b"\"}");
         assert!(err(&big).reason.contains("too large"));
     }

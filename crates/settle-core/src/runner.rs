@@ -34,7 +34,7 @@ impl Default for RunnerConfig {
             concurrency: 16,
             batch_size: MAX_QUEUE_BATCH,
             visibility: Duration::from_secs(30),
-            reducers: 2,
+            reducers: 8,
             reducer_batch: 90,
         }
     }
@@ -144,19 +144,28 @@ impl Runner {
     }
 
     /// Receives up to `reducer_batch` results, as an event source with a
-    /// batch size above 10 does.
+    /// batch size above 10 does; the receives of 10 run concurrently, since
+    /// each is a round trip.
     async fn fill_results_batch(&self) -> Result<Vec<Delivery>, PortError> {
+        let calls = self.config.reducer_batch.div_ceil(MAX_QUEUE_BATCH).max(1);
+        let got = futures::future::join_all((0..calls).map(|_| {
+            self.results
+                .receive(MAX_QUEUE_BATCH, self.config.visibility)
+        }))
+        .await;
         let mut batch = Vec::new();
-        while batch.len() < self.config.reducer_batch {
-            let want = (self.config.reducer_batch - batch.len()).min(MAX_QUEUE_BATCH);
-            let got = self.results.receive(want, self.config.visibility).await?;
-            let short = got.len() < want;
-            batch.extend(got);
-            if short {
-                break;
+        let mut first_err = None;
+        for r in got {
+            match r {
+                Ok(d) => batch.extend(d),
+                Err(e) => first_err = first_err.or(Some(e)),
             }
         }
-        Ok(batch)
+        match first_err {
+            // What was received stays hidden until its timeout; process it rather than waste it.
+            Some(e) if batch.is_empty() => Err(e),
+            _ => Ok(batch),
+        }
     }
 
     /// Runs `step` until `stop`; backs off while idle, gives up after many

@@ -2,7 +2,7 @@
 //! response out. Each message settles on its own: a processor error, a
 //! panic, a timeout or an undecodable body affects only that message.
 
-use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
+use crate::domain::{bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
 use crate::message::{DeadLetter, ResultBody, WorkBody};
 use crate::ports::{Delivery, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::processor::{AttemptContext, Processor};
@@ -206,7 +206,8 @@ impl Worker {
                     tracing::info!(duration_ms, "succeeded");
                     (AttemptOutcome::Succeeded, None, None)
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    e.message = bounded_error(e.message);
                     let terminal = e.kind == ErrorKind::Permanent || last;
                     if terminal {
                         tracing::info!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
@@ -325,8 +326,11 @@ pub async fn delete_done(
         .filter(|d| !response.failures.contains(&d.message_id))
         .map(|d| d.receipt.clone())
         .collect();
-    for chunk in done.chunks(MAX_QUEUE_BATCH) {
-        queue.delete(chunk.to_vec()).await?;
+    let calls = done
+        .chunks(MAX_QUEUE_BATCH)
+        .map(|c| queue.delete(c.to_vec()));
+    for r in futures::future::join_all(calls).await {
+        r?;
     }
     Ok(done.len())
 }

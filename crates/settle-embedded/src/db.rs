@@ -7,6 +7,7 @@
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// 'SETL': marks a SQLite file as Settle's.
@@ -14,7 +15,11 @@ pub const APPLICATION_ID: i32 = 0x5345_544c;
 /// The schema this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
 /// Writes grouped into one transaction at most.
-const MAX_GROUP: usize = 512;
+const MAX_GROUP: usize = 4096;
+/// How long a group transaction stays open for more writes. Every commit
+/// rewrites its hot pages to the WAL, so fewer, larger commits are what makes
+/// the embedded engine fast; a millisecond is invisible to a caller.
+const LINGER: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -33,8 +38,9 @@ pub enum DbError {
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 /// A write: given the connection (or why no transaction could begin), it
-/// runs and returns what to do once the commit's fate is known.
-type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> Completion + Send>;
+/// runs and returns what to do once the commit's fate is known, and whether
+/// it failed in a way that spoils the whole transaction.
+type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (Completion, bool) + Send>;
 
 /// A handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -86,8 +92,31 @@ impl Db {
     }
 
     /// Runs `f` in the next group transaction; returns once it is committed.
-    /// If `f` fails, its own changes are rolled back and nothing else is.
+    ///
+    /// Contract: `f` returns `Err(DbError::Refused)` only before it has
+    /// written anything. A SQLite error from `f` rolls back the whole group
+    /// (every caller in it gets an error), since `f` may have half-written.
+    /// Use [`Db::write_atomic`] when `f` may refuse after writing.
     pub async fn write<R, F>(&self, f: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        self.submit(false, f).await
+    }
+
+    /// Like [`Db::write`], but `f` runs in its own savepoint: if it fails,
+    /// its changes alone are undone. Costlier (SQLite journals every page the
+    /// savepoint touches), so kept for writes that can refuse midway.
+    pub async fn write_atomic<R, F>(&self, f: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        self.submit(true, f).await
+    }
+
+    async fn submit<R, F>(&self, atomic: bool, f: F) -> Result<R, DbError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
@@ -95,16 +124,19 @@ impl Db {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let res = match conn {
-                Ok(conn) => in_savepoint(conn, f),
+                Ok(conn) if atomic => in_savepoint(conn, f),
+                Ok(conn) => f(conn),
                 Err(e) => Err(DbError::Commit(format!("could not begin: {e}"))),
             };
-            Box::new(move |commit_err: Option<&str>| {
+            let poisons = !atomic && matches!(res, Err(DbError::Sqlite(_)));
+            let done: Completion = Box::new(move |commit_err: Option<&str>| {
                 let res = match (res, commit_err) {
                     (Ok(_), Some(e)) => Err(DbError::Commit(e.to_owned())),
                     (res, _) => res,
                 };
                 let _ = tx.send(res);
-            })
+            });
+            (done, poisons)
         });
         self.jobs.send(job).map_err(|_| DbError::Closed)?;
         rx.await.map_err(|_| DbError::Closed)?
@@ -255,27 +287,40 @@ fn in_savepoint<R>(
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
-            for job in jobs {
-                job(Err(&msg))(None);
-            }
+            first(Err(&msg)).0(None);
             continue;
         }
-        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(Ok(&conn))).collect();
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+        let opened = Instant::now();
+        let mut completions: Vec<Completion> = Vec::new();
+        let mut poisoned = false;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            let (done, poisons) = job(Ok(&conn));
+            completions.push(done);
+            poisoned |= poisons;
+            if completions.len() >= MAX_GROUP {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(j) => Some(j),
+                Err(_) => rx
+                    .recv_timeout(LINGER.saturating_sub(opened.elapsed()))
+                    .ok(),
+            };
         }
+        let outcome = if poisoned {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err("rolled back: a write in the same transaction failed".to_owned())
+        } else {
+            conn.execute_batch("COMMIT").map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                e.to_string()
+            })
+        };
         for done in completions {
-            done(commit.as_ref().err().map(String::as_str));
+            done(outcome.as_ref().err().map(String::as_str));
         }
     }
 }

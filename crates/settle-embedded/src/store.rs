@@ -69,7 +69,7 @@ impl Source for EmbeddedStore {
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
         let res = self
             .db
-            .write(move |c| {
+            .write_atomic(move |c| {
                 let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
                 let mut seen = c.prepare_cached(
                     "SELECT seq, line FROM items WHERE item_id = ?1 AND seq > ?2 LIMIT 1",
@@ -332,38 +332,49 @@ impl Ledger for EmbeddedStore {
                 batch.puts.len() + batch.tallies.len()
             )));
         }
+        // Serialized here, not on the writer thread that every caller waits for.
+        let rows: Vec<(String, String, &'static str, Option<u64>, String)> = batch
+            .puts
+            .iter()
+            .map(|p| {
+                let record = serde_json::to_string(&p.record).expect("record serializes");
+                (
+                    p.run.to_string(),
+                    p.item.to_string(),
+                    p.record.status.as_str(),
+                    p.expected,
+                    record,
+                )
+            })
+            .collect();
+        let tallies = batch.tallies;
         let res = self
             .db
-            .write(move |c| {
-                let mut version = c.prepare_cached(
-                    "SELECT version FROM ledger WHERE run_id = ?1 AND item_id = ?2",
+            .write_atomic(move |c| {
+                // Each put is one conditional statement: insert-if-absent, or
+                // update-if-version-matches; no change means someone else won.
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO ledger (run_id, item_id, status, version, record) \
+                     VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT DO NOTHING",
                 )?;
-                let mut put = c.prepare_cached(
-                    "INSERT OR REPLACE INTO ledger (run_id, item_id, status, version, record) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                let mut update = c.prepare_cached(
+                    "UPDATE ledger SET status = ?3, version = version + 1, record = ?4 \
+                     WHERE run_id = ?1 AND item_id = ?2 AND version = ?5",
                 )?;
-                for p in &batch.puts {
-                    let current: Option<i64> = version
-                        .query_row(params![p.run.as_str(), p.item.as_str()], |r| r.get(0))
-                        .optional()?;
-                    if current.map(|v| v as u64) != p.expected {
+                for (run, item, status, expected, record) in &rows {
+                    let changed = match expected {
+                        None => insert.execute(params![run, item, status, record])?,
+                        Some(v) => update.execute(params![run, item, status, record, *v as i64])?,
+                    };
+                    if changed == 0 {
                         return Err(DbError::Refused(Box::new(Conflict)));
                     }
-                    let record = serde_json::to_string(&p.record).expect("record serializes");
-                    let next = p.expected.map_or(1, |v| v + 1) as i64;
-                    put.execute(params![
-                        p.run.as_str(),
-                        p.item.as_str(),
-                        p.record.status.as_str(),
-                        next,
-                        record
-                    ])?;
                 }
                 let mut tally = c.prepare_cached(
                     "UPDATE runs SET succeeded = succeeded + ?2, failed = failed + ?3 WHERE run_id = ?1",
                 )?;
                 let mut runs = Vec::new();
-                for (run, d) in &batch.tallies {
+                for (run, d) in &tallies {
                     if tally.execute(params![run.as_str(), d.succeeded, d.failed])? == 0 {
                         return Err(DbError::Refused(format!("run {run} not found").into()));
                     }

@@ -1,0 +1,351 @@
+//! Helpers for the end-to-end tests: each test gets its own temp dir and
+//! database, and runs the real `settle` binary.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fast processing flags for every command that processes.
+pub const FAST: [&str; 4] = ["--retry-delay-ms", "20", "--visibility-timeout", "5"];
+
+/// The keys of a run's JSON (run, status, resume, dispatch).
+pub const RUN_KEYS: [&str; 6] = [
+    "failed",
+    "pending",
+    "run_id",
+    "status",
+    "succeeded",
+    "total",
+];
+
+/// No single command of these tests may take longer than this.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one command did.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub args: Vec<String>,
+}
+
+impl Out {
+    /// Asserts the exit code, with the whole output on failure.
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            code,
+            "`settle {}` exited {} (expected {code})\nstdout:\n{}\nstderr:\n{}",
+            self.args.join(" "),
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// The last line of stdout, parsed as one JSON object.
+    pub fn json(&self) -> Value {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| {
+                panic!(
+                    "`settle {}` printed nothing on stdout\nstderr:\n{}",
+                    self.args.join(" "),
+                    self.stderr
+                )
+            });
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "`settle {}`: last stdout line is not JSON ({e}): {line:?}",
+                self.args.join(" ")
+            )
+        });
+        assert!(v.is_object(), "not a JSON object: {v}");
+        v
+    }
+
+    /// Asserts that stderr contains `needle`.
+    pub fn stderr_has(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "`settle {}`: stderr does not contain {needle:?}\nstderr:\n{}",
+            self.args.join(" "),
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A fresh temp dir with its own database.
+#[derive(Debug)]
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("settle.db")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a file into the temp dir and returns its path as a string.
+    pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    }
+
+    /// Writes a JSONL file of `{"id": id, "payload": {"script": script}}` lines.
+    pub fn scripts(&self, name: &str, items: &[(&str, &str)]) -> String {
+        let text: String = items
+            .iter()
+            .map(|(id, script)| format!("{}\n", json!({"id": id, "payload": {"script": script}})))
+            .collect();
+        self.write(name, text)
+    }
+
+    /// A `settle` command with `--db` set, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_settle"));
+        c.arg("--db")
+            .arg(self.db())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .env_remove("SETTLE_DB")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Starts `settle` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().unwrap()
+    }
+
+    /// Runs `settle` (with `--db`) to completion.
+    pub fn settle(&self, args: &[&str]) -> Out {
+        let child = self.spawn(args);
+        wait(child, args)
+    }
+
+    /// Runs `settle`, asserts exit 0, and returns the JSON last line.
+    pub fn ok_json(&self, args: &[&str]) -> Value {
+        let out = self.settle(args);
+        out.expect_code(0);
+        out.json()
+    }
+
+    /// `settle run --items FILE --json` with the fast flags and `extra`.
+    pub fn run(&self, items: &str, extra: &[&str]) -> Value {
+        let mut args = vec!["run", "--items", items, "--json"];
+        args.extend(FAST);
+        args.extend(extra);
+        self.ok_json(&args)
+    }
+
+    pub fn status(&self, run: &str) -> Value {
+        self.ok_json(&["status", run, "--json"])
+    }
+
+    pub fn failures(&self, run: &str) -> Value {
+        self.ok_json(&["failures", run, "--json"])
+    }
+
+    pub fn show(&self, run: &str, item: &str) -> Value {
+        self.ok_json(&["show", run, item, "--json"])
+    }
+
+    pub fn runs(&self) -> Value {
+        self.ok_json(&["runs", "--json"])
+    }
+
+    /// Asserts the database holds no run at all.
+    pub fn assert_no_runs(&self) {
+        assert_eq!(self.runs(), json!({ "runs": [] }));
+    }
+}
+
+/// Waits for `child` (killing it after [`COMMAND_TIMEOUT`]) and collects its output.
+pub fn wait(mut child: Child, args: &[&str]) -> Out {
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        so.read_to_end(&mut s).unwrap();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        se.read_to_end(&mut s).unwrap();
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`settle {}` did not finish in {COMMAND_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+    Out {
+        // A signal death has no code; report it as 128 + signal like a shell.
+        code: status.code().unwrap_or_else(|| 128 + signal_of(&status)),
+        stdout,
+        stderr,
+        args: args.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+#[cfg(unix)]
+fn signal_of(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal().unwrap_or(0)
+}
+
+#[cfg(not(unix))]
+fn signal_of(_: &std::process::ExitStatus) -> i32 {
+    0
+}
+
+/// The sorted keys of a JSON object.
+pub fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect();
+    k.sort();
+    k
+}
+
+pub fn run_id(v: &Value) -> String {
+    v["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no run_id in {v}"))
+        .to_owned()
+}
+
+/// Asserts a run's JSON has exactly the run keys (plus `extra`) and this tally.
+pub fn assert_run_extra(
+    v: &Value,
+    extra: &[&str],
+    status: &str,
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+    pending: u64,
+) {
+    let mut want: Vec<String> = RUN_KEYS
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_owned())
+        .collect();
+    want.sort();
+    assert_eq!(keys(v), want, "keys of {v}");
+    let id = run_id(v);
+    assert!(
+        id.len() == 24 && id.starts_with('r') && id.as_bytes()[17] == b'-',
+        "run id {id:?}"
+    );
+    let got = (
+        v["status"].as_str().unwrap_or("?"),
+        v["total"].as_u64(),
+        v["succeeded"].as_u64(),
+        v["failed"].as_u64(),
+        v["pending"].as_u64(),
+    );
+    assert_eq!(
+        got,
+        (
+            status,
+            Some(total),
+            Some(succeeded),
+            Some(failed),
+            Some(pending)
+        ),
+        "(status, total, succeeded, failed, pending) of {v}"
+    );
+}
+
+/// Asserts a run's JSON has exactly the run keys and this tally.
+pub fn assert_run(v: &Value, status: &str, total: u64, succeeded: u64, failed: u64, pending: u64) {
+    assert_run_extra(v, &[], status, total, succeeded, failed, pending);
+}
+
+/// One history entry's `(attempt, outcome, kind, terminal)`.
+pub fn history(item: &Value) -> Vec<(u64, String, Option<String>, bool)> {
+    item["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no history in {item}"))
+        .iter()
+        .map(|h| {
+            (
+                h["attempt"].as_u64().unwrap(),
+                h["outcome"].as_str().unwrap().to_owned(),
+                h["kind"].as_str().map(str::to_owned),
+                h["terminal"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A `(attempt, outcome, kind, terminal)` entry, for comparing with [`history`].
+pub fn h(
+    attempt: u64,
+    outcome: &str,
+    kind: Option<&str>,
+    terminal: bool,
+) -> (u64, String, Option<String>, bool) {
+    (
+        attempt,
+        outcome.to_owned(),
+        kind.map(str::to_owned),
+        terminal,
+    )
+}
+
+/// A failures entry as `settle failures --json` prints it.
+pub fn failure(item: &str, attempts: u64, error: &str) -> Value {
+    json!({ "item_id": item, "attempts": attempts, "error": error })
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
