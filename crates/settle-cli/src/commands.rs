@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use settle_core::dispatch;
 use settle_core::jsonl::JsonlItems;
-use settle_core::ports::{Ledger, LoadError, Source};
+use settle_core::ports::{Ledger, LoadError, Queue, Source};
 use settle_core::redrive::{self, RedriveError};
 use settle_core::{ItemId, RunConfig, RunId, RunRecord};
 use settle_embedded::Embedded;
@@ -75,6 +75,15 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { run_id, json } => {
             let run = resolve(&e, run_id.as_deref()).await?;
+            let parked = e.results_dlq.depth().await?.total();
+            if parked > 0 {
+                // Only undecodable results should land there; any other is an
+                // outcome the tally has not heard of.
+                eprintln!(
+                    "warning: {parked} messages are parked in the results dead-letter queue; \
+                     their outcomes are not in any tally"
+                );
+            }
             let first = e
                 .store
                 .failures(&run.id, None, report::FIRST_FAILURES)

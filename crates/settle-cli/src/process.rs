@@ -32,8 +32,10 @@ pub enum Finish {
 }
 
 const TICK: Duration = Duration::from_millis(100);
-/// Ticks with nothing in the queues and items still pending before we call it a stall.
-const STALL_TICKS: u32 = 30;
+/// While waiting for a run to settle, the queues are counted every this many ticks.
+const STALL_CHECK_EVERY: u32 = 10;
+/// Consecutive counts finding the queues empty with items still pending: a stall.
+const STALL_CHECKS: u32 = 3;
 
 pub fn runner(e: &Embedded, args: &ProcessArgs) -> Runner {
     let work: Arc<dyn Queue> = Arc::new(e.work.clone());
@@ -45,8 +47,10 @@ pub fn runner(e: &Embedded, args: &ProcessArgs) -> Runner {
         Arc::new(e.results.clone()),
         WorkerConfig {
             retry_delay: Duration::from_millis(args.retry_delay_ms),
-            // An attempt outliving its visibility would be redelivered anyway.
-            item_timeout: Some(visibility),
+            // Half the visibility timeout: the rest of the window is for the
+            // batch's other items, the results and the deletes, so that one
+            // slow item does not get its whole batch redelivered.
+            item_timeout: Some(visibility / 2),
             ..WorkerConfig::default()
         },
     );
@@ -95,6 +99,7 @@ pub async fn process(
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut stalled = 0;
+    let mut tick: u32 = 0;
     let outcome = loop {
         tokio::select! {
             _ = &mut ctrl_c => break Err(None),
@@ -126,12 +131,18 @@ pub async fn process(
         if until == Until::Settled && settled {
             break Ok(now);
         }
+        // Counting a queue scans it: do it when it decides something (draining),
+        // or now and then to notice a stall, not on every tick.
+        tick += 1;
+        if until == Until::Settled && !tick.is_multiple_of(STALL_CHECK_EVERY) {
+            continue;
+        }
         let empty = e.work.depth().await?.total() == 0 && e.results.depth().await?.total() == 0;
         if empty && (until == Until::Drained || settled) {
             break Ok(now);
         }
         stalled = if empty && !settled { stalled + 1 } else { 0 };
-        if stalled >= STALL_TICKS {
+        if stalled >= STALL_CHECKS {
             break Err(Some(anyhow::anyhow!(
                 "run {run} has {} pending items but no messages left to process; \
                  the database may have been changed by hand",

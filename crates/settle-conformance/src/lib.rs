@@ -265,6 +265,64 @@ pub async fn source_claims_are_exclusive(s: &Subject) {
     assert_eq!(seen.len(), 250);
 }
 
+/// A run claims only items loaded before its first claim: a later load, even
+/// of an id the run already holds, waits for the next run.
+pub async fn source_claims_stop_at_the_first_claims_bound(s: &Subject) {
+    let first: Vec<_> = (0..5)
+        .map(|i| Ok((i + 1, item(&format!("u{i}"), "null"))))
+        .collect();
+    s.source.load(Box::new(first.into_iter())).await.unwrap();
+    let r1 = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.source.claim(&r1.id, 2).await.unwrap(),
+        2,
+        "r1 holds u0 and u1"
+    );
+    let later = vec![Ok((1, item("u0", "null"))), Ok((2, item("v", "null")))];
+    s.source
+        .load(Box::new(later.into_iter()))
+        .await
+        .expect("u0 is claimed, not pending: it may be loaded again");
+    let mut n = 0;
+    loop {
+        let got = s.source.claim(&r1.id, 2).await.unwrap();
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    assert_eq!(n, 3, "r1 takes the rest of the first load only");
+    assert_eq!(s.ledger.run(&r1.id).await.unwrap().unwrap().total, 5);
+    assert_eq!(s.source.pending().await.unwrap(), 2, "the later load waits");
+    let r2 = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.source.claim(&r2.id, 10).await.unwrap(), 2);
+}
+
+/// Dispatch progress never moves backwards, and a finished dispatch stays finished.
+pub async fn ledger_dispatch_progress_only_moves_forward(s: &Subject) {
+    let run = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    s.ledger
+        .record_dispatch(&run.id, 20, Some("c20"), true)
+        .await
+        .unwrap();
+    // A slower second dispatcher reports stale progress.
+    s.ledger
+        .record_dispatch(&run.id, 10, Some("c10"), false)
+        .await
+        .unwrap();
+    let r = s.ledger.run(&run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.enqueued, r.cursor.as_deref(), r.dispatched),
+        (20, Some("c20"), true)
+    );
+}
+
 /// The same ids loaded again after a dispatch make new work, not a conflict.
 pub async fn source_ids_recur_across_runs(s: &Subject) {
     let load = || {
@@ -501,7 +559,9 @@ pub const CLAUSES: &[&str] = &[
     "source_load_is_atomic",
     "source_claims_are_exclusive",
     "source_ids_recur_across_runs",
+    "source_claims_stop_at_the_first_claims_bound",
     "ledger_commit_is_conditional_and_atomic",
+    "ledger_dispatch_progress_only_moves_forward",
     "ledger_duplicate_results_count_once",
     "ledger_redrive_success_moves_failed_to_succeeded",
     "ledger_bad_result_fails_alone",
@@ -521,7 +581,9 @@ macro_rules! conformance_tests {
             source_load_is_atomic,
             source_claims_are_exclusive,
             source_ids_recur_across_runs,
+            source_claims_stop_at_the_first_claims_bound,
             ledger_commit_is_conditional_and_atomic,
+            ledger_dispatch_progress_only_moves_forward,
             ledger_duplicate_results_count_once,
             ledger_redrive_success_moves_failed_to_succeeded,
             ledger_bad_result_fails_alone

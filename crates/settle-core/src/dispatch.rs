@@ -6,7 +6,7 @@
 
 use crate::domain::{now_millis, RunConfig, RunId, RunRecord};
 use crate::message::WorkBody;
-use crate::ports::{Ledger, PortError, Queue, Source, MAX_QUEUE_BATCH};
+use crate::ports::{send_batches, Ledger, PortError, Queue, Source};
 use futures::{StreamExt, TryStreamExt};
 use std::time::Instant;
 
@@ -78,9 +78,10 @@ pub async fn dispatch(
             .map(|item| WorkBody::new(run_id.clone(), item, run.config.max_receives).encode())
             .collect();
         // Owned chunks: borrowing ones trip a higher-ranked lifetime error in tokio::spawn.
-        let chunks: Vec<Vec<String>> = bodies
-            .chunks(MAX_QUEUE_BATCH)
-            .map(<[String]>::to_vec)
+        let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
+        let chunks: Vec<Vec<String>> = send_batches(&sizes)
+            .into_iter()
+            .map(|r| bodies[r].to_vec())
             .collect();
         futures::stream::iter(chunks)
             .map(|chunk| queue.send(chunk))

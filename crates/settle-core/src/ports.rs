@@ -12,6 +12,41 @@ use std::time::Duration;
 /// locally works on AWS.
 pub const MAX_QUEUE_BATCH: usize = 10;
 
+/// Splits consecutive bodies into send batches that SQS accepts: at most
+/// [`MAX_QUEUE_BATCH`] entries and at most
+/// [`MAX_BODY_BYTES`](crate::message::MAX_BODY_BYTES) in all. Returns index ranges.
+pub fn send_batches(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start
+            && (i - start == MAX_QUEUE_BATCH || bytes + size > crate::message::MAX_BODY_BYTES)
+        {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_batches_respect_count_and_bytes() {
+        assert_eq!(send_batches(&[]), vec![]);
+        assert_eq!(send_batches(&[1; 25]), vec![0..10, 10..20, 20..25]);
+        let big = crate::message::MAX_BODY_BYTES / 2;
+        assert_eq!(send_batches(&[big, big, 1, big]), vec![0..2, 2..4]);
+        assert_eq!(send_batches(&[big + 1, big]), vec![0..1, 1..2]);
+    }
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A port's failure.
@@ -80,7 +115,8 @@ impl QueueDepth {
 ///   dead-letter queue with a limit of `max_receives`, a message already
 ///   received that many times moves there instead of being delivered again.
 /// - Send, receive and delete take at most [`MAX_QUEUE_BATCH`] entries.
-/// - A body is at most [`crate::message::MAX_BODY_BYTES`] bytes.
+/// - A body, and all bodies of one send together, are at most
+///   [`crate::message::MAX_BODY_BYTES`] bytes (see [`send_batches`]).
 /// - Deleting with a receipt that is not the latest one's may leave the
 ///   message in place; deleting a deleted message is not an error.
 #[async_trait]

@@ -119,7 +119,7 @@ async fn scan(
         if dry_run || moves.is_empty() {
             continue;
         }
-        let bodies = moves
+        let bodies: Vec<String> = moves
             .iter()
             .map(|(d, b)| {
                 // Attempts keep counting across the redrive.
@@ -136,7 +136,10 @@ async fn scan(
             })
             .collect();
         // Send before delete: a crash between them leaves a duplicate, never a loss.
-        work.send(bodies).await?;
+        let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
+        for range in crate::ports::send_batches(&sizes) {
+            work.send(bodies[range].to_vec()).await?;
+        }
         dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())
             .await?;
     }

@@ -4,7 +4,7 @@
 
 use crate::domain::{bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
 use crate::message::{DeadLetter, ResultBody, WorkBody};
-use crate::ports::{Delivery, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::processor::{AttemptContext, Processor};
 use futures::FutureExt;
 use std::cell::Cell;
@@ -109,15 +109,17 @@ impl Worker {
         let reports: Vec<usize> = (0..batch.len())
             .filter(|&i| matches!(plans[i], Plan::Report { .. }))
             .collect();
-        for chunk in reports.chunks(MAX_QUEUE_BATCH) {
-            let bodies = chunk
-                .iter()
-                .map(|&i| match &plans[i] {
-                    Plan::Report { result, .. } => result.encode(),
-                    _ => unreachable!("filtered to reports"),
-                })
-                .collect();
-            if let Err(e) = self.results.send(bodies).await {
+        let encoded: Vec<String> = reports
+            .iter()
+            .map(|&i| match &plans[i] {
+                Plan::Report { result, .. } => result.encode(),
+                _ => unreachable!("filtered to reports"),
+            })
+            .collect();
+        let sizes: Vec<usize> = encoded.iter().map(String::len).collect();
+        for range in send_batches(&sizes) {
+            let chunk = &reports[range.clone()];
+            if let Err(e) = self.results.send(encoded[range].to_vec()).await {
                 tracing::error!(error = %e, "could not send results; their messages will be retried");
                 chunk.iter().for_each(|&i| failed[i] = true);
             }
@@ -134,7 +136,9 @@ impl Worker {
                 _ => None,
             })
             .collect();
-        for chunk in dead.chunks(MAX_QUEUE_BATCH) {
+        let sizes: Vec<usize> = dead.iter().map(|(_, b)| b.len()).collect();
+        for range in send_batches(&sizes) {
+            let chunk = &dead[range];
             let bodies = chunk.iter().map(|(_, b)| b.clone()).collect();
             if let Err(e) = self.dlq.send(bodies).await {
                 tracing::error!(error = %e, "could not dead-letter; the messages will be retried");

@@ -243,7 +243,9 @@ CREATE TABLE IF NOT EXISTS runs (
     dispatched INTEGER NOT NULL,
     succeeded INTEGER NOT NULL,
     failed INTEGER NOT NULL,
-    settled_at INTEGER
+    settled_at INTEGER,
+    -- The highest item seq the run may claim, fixed at its first claim.
+    claim_bound INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL,
@@ -300,7 +302,14 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             let (done, poisons) = job(Ok(&conn));
             completions.push(done);
             poisoned |= poisons;
-            if completions.len() >= MAX_GROUP {
+            // After an I/O or out-of-memory error SQLite may have rolled the
+            // whole transaction back itself; running more jobs would then
+            // commit each statement on its own.
+            if conn.is_autocommit() {
+                poisoned = true;
+                break;
+            }
+            if completions.len() >= MAX_GROUP || poisoned {
                 break;
             }
             next = match rx.try_recv() {

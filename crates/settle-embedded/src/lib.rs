@@ -17,7 +17,13 @@ use std::path::Path;
 pub const DEFAULT_PATH: &str = ".settle/settle.db";
 
 /// Receives of a result message before it is parked in the results DLQ.
-pub const RESULTS_MAX_RECEIVES: u32 = 5;
+/// High on purpose: a result is the only record of its item's outcome, so
+/// only a poison (undecodable) result should ever end up there.
+pub const RESULTS_MAX_RECEIVES: u32 = 50;
+
+/// Receives the work queue allows past a run's own limit before it
+/// dead-letters a message by itself (see [`Embedded::set_max_receives`]).
+pub const SAFETY_RECEIVES: u32 = 3;
 
 /// The whole backend over one database file.
 #[derive(Debug, Clone)]
@@ -46,7 +52,7 @@ impl Embedded {
             results,
             results_dlq,
         };
-        if me.results.max_receives().await.ok().flatten().is_none() {
+        if me.results.max_receives().await.ok().flatten() != Some(RESULTS_MAX_RECEIVES) {
             me.results
                 .set_redrive(&me.results_dlq, RESULTS_MAX_RECEIVES)
                 .await
@@ -55,12 +61,20 @@ impl Embedded {
         Ok(me)
     }
 
-    /// Sets the work queue's redrive policy for runs of `max_receives`: one
-    /// receive more than the worker's limit, so that an attempt that never
-    /// reported (a crash) still gets recorded as terminal by the worker
-    /// before the queue itself dead-letters the message.
+    /// Makes the work queue's redrive policy safe for runs of `max_receives`:
+    /// [`SAFETY_RECEIVES`] receives more than the worker's limit, so that an
+    /// attempt that never reported (a crash) is still recorded as terminal by
+    /// the worker before the queue itself dead-letters the message (which
+    /// the tally would not hear of). The limit only grows: the queue serves
+    /// every run in the database, and a lower limit would cut short a run
+    /// with a higher one.
     pub async fn set_max_receives(&self, max_receives: u32) -> Result<(), PortError> {
-        self.work.set_redrive(&self.dlq, max_receives + 1).await
+        let wanted = max_receives + SAFETY_RECEIVES;
+        let current = self.work.max_receives().await?.unwrap_or(0);
+        if wanted > current {
+            self.work.set_redrive(&self.dlq, wanted).await?;
+        }
+        Ok(())
     }
 }
 

@@ -116,10 +116,10 @@ impl Queue for EmbeddedQueue {
 
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
         check_batch("send", bodies.len())?;
-        if let Some(b) = bodies.iter().find(|b| b.len() > MAX_BODY_BYTES) {
+        let total: usize = bodies.iter().map(String::len).sum();
+        if total > MAX_BODY_BYTES {
             return Err(PortError::Invalid(format!(
-                "message body is {} bytes; at most {MAX_BODY_BYTES}",
-                b.len()
+                "the batch's bodies are {total} bytes together; at most {MAX_BODY_BYTES}"
             )));
         }
         let id = self.id;

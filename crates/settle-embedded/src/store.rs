@@ -133,10 +133,25 @@ impl Source for EmbeddedStore {
         self.db
             .write(move |c| {
                 let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
+                // A run claims only what was loaded before its first claim: an
+                // item loaded later (tomorrow's file, with the same ids) is
+                // another run's work, and could repeat an id this run has.
+                c.execute(
+                    "UPDATE runs SET claim_bound = (SELECT coalesce(max(seq), 0) FROM items) \
+                     WHERE run_id = ?1 AND claim_bound IS NULL",
+                    params![run.as_str()],
+                )?;
+                let bound: Option<i64> = c
+                    .query_row("SELECT claim_bound FROM runs WHERE run_id = ?1", params![run.as_str()], |r| r.get(0))
+                    .optional()?
+                    .flatten();
+                let Some(bound) = bound else {
+                    return Err(DbError::Refused(format!("run {run} does not exist").into()));
+                };
                 let hi: Option<i64> = c
                     .query_row(
-                        "SELECT max(seq) FROM (SELECT seq FROM items WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
-                        params![upto, limit as i64],
+                        "SELECT max(seq) FROM (SELECT seq FROM items WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2)",
+                        params![upto, limit as i64, bound],
                         |r| r.get(0),
                     )?;
                 let Some(hi) = hi else { return Ok(0) };
@@ -154,10 +169,18 @@ impl Source for EmbeddedStore {
                         format!("run {run} does not exist or has finished dispatching").into(),
                     ));
                 }
-                c.execute(
-                    "INSERT INTO claims (run_id, lo, hi) VALUES (?1, ?2, ?3)",
-                    params![run.as_str(), upto + 1, hi],
+                // Extend the run's last segment when it ends where this claim
+                // starts (one dispatcher: one segment), so reading stays cheap.
+                let extended = c.execute(
+                    "UPDATE claims SET hi = ?3 WHERE run_id = ?1 AND hi = ?2",
+                    params![run.as_str(), upto, hi],
                 )?;
+                if extended == 0 {
+                    c.execute(
+                        "INSERT INTO claims (run_id, lo, hi) VALUES (?1, ?2, ?3)",
+                        params![run.as_str(), upto + 1, hi],
+                    )?;
+                }
                 c.execute("UPDATE source SET claimed_upto = ?1", params![hi])?;
                 Ok(n as u64)
             })
@@ -278,7 +301,9 @@ impl Ledger for EmbeddedStore {
             .write(move |c| {
                 let n = c
                     .prepare_cached(
-                        "UPDATE runs SET enqueued = ?2, cursor = ?3, dispatched = ?4 WHERE run_id = ?1",
+                        "UPDATE runs SET enqueued = max(enqueued, ?2), \
+                         cursor = CASE WHEN ?2 >= enqueued THEN ?3 ELSE cursor END, \
+                         dispatched = dispatched OR ?4 WHERE run_id = ?1",
                     )?
                     .execute(params![id.as_str(), enqueued as i64, cursor, dispatched])?;
                 if n == 0 {

@@ -1,0 +1,40 @@
+# Settle: run `make help` for the targets.
+SHELL := bash
+CARGO ?= cargo
+SETTLE_RELEASE := target/release/settle
+DEMO_ITEMS := .settle/demo-items.jsonl
+
+.PHONY: help build demo run test fmt lint bench bench-memory clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+build: ## Release build of the settle CLI
+	$(CARGO) build --release -p settle-cli
+
+demo: build ## Run 10,000 demo items (realistic failures) on the embedded engine, then redrive the failures
+	@mkdir -p .settle
+	$(SETTLE_RELEASE) generate --count 10000 --mix demo > $(DEMO_ITEMS)
+	$(SETTLE_RELEASE) run --items $(DEMO_ITEMS)
+	@echo; echo "== Redriving the run's failures (the slow-to-recover items now succeed) =="
+	$(SETTLE_RELEASE) redrive "$$($(SETTLE_RELEASE) status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')"
+
+run: demo ## Alias of demo
+
+test: ## Every check and test: fmt, clippy, unit, conformance and end-to-end tests
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+bench: build ## Throughput: 1,000,000 items (10% permanent failures), durable, load included
+	python3 scripts/bench.py 1000000 --concurrency 64
+
+bench-memory: build ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
+	python3 scripts/bench.py 10000000 --concurrency 64
+
+clean: ## Remove build output, benchmark data and the local database
+	$(CARGO) clean
+	rm -rf bench-data .settle
