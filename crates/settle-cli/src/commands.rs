@@ -51,6 +51,11 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dispatch { run, json } => {
+            if e.store.pending().await? == 0 {
+                return Err(input(
+                    "nothing is pending: load items first (settle load --items FILE)",
+                ));
+            }
             let record = new_run(&e, &run).await?;
             dispatch::dispatch(&e.store, &e.store, &e.work, &record.id, None).await?;
             let record = get_run(&e, &record.id).await?;

@@ -263,3 +263,12 @@ fn an_item_that_loads_can_be_dispatched() {
         ),
     }
 }
+
+#[test]
+fn dispatch_with_nothing_pending_is_refused() {
+    let env = Env::new();
+    let out = env.settle(&["dispatch", "--json"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("nothing is pending"), "{}", out.stderr);
+    env.assert_no_runs();
+}

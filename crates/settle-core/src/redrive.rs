@@ -97,7 +97,13 @@ async fn scan(
     loop {
         let batch = dlq.receive(MAX_QUEUE_BATCH, SCAN_VISIBILITY).await?;
         if batch.is_empty() {
-            return Ok(());
+            // SQS may answer empty while messages are visible: stop only when
+            // the queue agrees that nothing visible is left to scan.
+            if dlq.depth().await?.visible == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
         for d in &batch {
