@@ -251,7 +251,7 @@ async fn finish(
     extra: Option<(&str, Value)>,
 ) -> Result<ExitCode> {
     match f {
-        Finish::Done(run, took) => {
+        Finish::Done(run, took, count) => {
             let first = e
                 .store
                 .failures(&run.id, None, report::FIRST_FAILURES)
@@ -260,7 +260,9 @@ async fn finish(
             if let Some((k, v)) = extra {
                 value[k] = v;
             }
-            emit(json, value, || report::run_human(&run, &first, Some(took)));
+            emit(json, value, || {
+                report::run_human(&run, &first, Some((took, count)))
+            });
             Ok(ExitCode::SUCCESS)
         }
         Finish::Interrupted(run) => {
@@ -326,11 +328,16 @@ async fn redrive_cmd(
     }
     eprintln!("Redriving {n} items of run {}", run.id);
     let finished = if n == 0 {
-        Finish::Done(run, std::time::Duration::ZERO)
+        Finish::Done(run, std::time::Duration::ZERO, 0)
     } else {
-        process(e, &run.id, p, Until::Drained)
+        match process(e, &run.id, p, Until::Drained)
             .await
             .context("processing the redriven items")?
+        {
+            // A redrive moves items between buckets; what it processed is what it moved.
+            Finish::Done(run, took, _) => Finish::Done(run, took, n),
+            other => other,
+        }
     };
     finish(e, finished, json, Some(("redriven", json!(n)))).await
 }

@@ -27,7 +27,9 @@ pub enum Until {
 /// What stopped processing.
 #[derive(Debug)]
 pub enum Finish {
-    Done(RunRecord, Duration),
+    /// The run as it ended, how long processing took, and how many items
+    /// settled during it.
+    Done(RunRecord, Duration, u64),
     Interrupted(RunRecord),
 }
 
@@ -82,6 +84,7 @@ pub async fn process(
         .run(run)
         .await?
         .with_context(|| format!("run {run} not found"))?;
+    let before = record.clone();
     e.set_max_receives(record.config.max_receives).await?;
     let runner = runner(e, args);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -164,7 +167,9 @@ pub async fn process(
                 // An empty run never sees a result, so nobody else marks it.
                 e.store.mark_settled(run, now_millis()).await?;
             }
-            Ok(Finish::Done(record, started.elapsed()))
+            let settled = |r: &RunRecord| r.succeeded + r.failed;
+            let count = settled(&record).saturating_sub(settled(&before));
+            Ok(Finish::Done(record, started.elapsed(), count))
         }
         Err(None) => Ok(Finish::Interrupted(record)),
         Err(Some(err)) => {

@@ -32,20 +32,22 @@ fn plural(n: u64, one: &str) -> String {
     }
 }
 
-/// The run summary: status, the "Processed N items…" line, and the first failures.
+/// The run summary: status, the "Processed N items…" line, and the first
+/// failures. `took` is how long this command processed, and how many items
+/// it settled in that time.
 pub fn run_human(
     run: &RunRecord,
     first_failures: &[(ItemId, ItemRecord)],
-    took: Option<Duration>,
+    took: Option<(Duration, u64)>,
 ) -> String {
     let mut out = String::new();
     let rate = took
-        .filter(|t| t.as_secs_f64() > 0.0)
-        .map(|t| {
+        .filter(|(t, n)| t.as_secs_f64() > 0.0 && *n > 0)
+        .map(|(t, n)| {
+            let secs = t.as_secs_f64();
             format!(
-                " in {:.1} s ({:.0} items/s)",
-                t.as_secs_f64(),
-                (run.succeeded + run.failed) as f64 / t.as_secs_f64()
+                " ({n} items processed in {secs:.1} s, {:.0} items/s)",
+                n as f64 / secs
             )
         })
         .unwrap_or_default();
