@@ -272,3 +272,58 @@ fn dispatch_with_nothing_pending_is_refused() {
     assert!(out.stderr.contains("nothing is pending"), "{}", out.stderr);
     env.assert_no_runs();
 }
+
+#[test]
+fn a_database_of_another_kind_is_refused_and_left_alone() {
+    let env = Env::new();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "junk",
+            (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            "not a Settle database",
+        ),
+        (
+            "text",
+            b"hello, not a database\n".to_vec(),
+            "not a Settle database",
+        ),
+        ("other", Vec::new(), "of another program"),
+    ];
+    for (name, bytes, want) in cases {
+        let path = env.dir.path().join(format!("{name}.db"));
+        if name == "other" {
+            // A real SQLite file of another program: one table, no Settle marks.
+            let status = std::process::Command::new("python3")
+                .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table t(x)'); c.commit()"])
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        } else {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+            .arg("--db")
+            .arg(&path)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name}.db")),
+            "names the file: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "{name} is left as it was"
+        );
+        assert!(
+            !env.dir.path().join(format!("{name}.db-wal")).exists(),
+            "{name}: no WAL created"
+        );
+    }
+}

@@ -63,6 +63,13 @@ impl Db {
                 .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
         let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        // Identify the file before changing anything: switching a file to WAL
+        // rewrites its header, and another program's file must stay as it was.
+        check_identity(&writer).map_err(|e| match e {
+            DbError::Sqlite(e) => open_err(describe(&e)),
+            DbError::Open { reason, .. } => open_err(reason),
+            other => other,
+        })?;
         configure(&writer, 64 * 1024).map_err(|e| open_err(describe(&e)))?;
         init_schema(&writer).map_err(|e| match e {
             DbError::Sqlite(e) => open_err(describe(&e)),
@@ -185,7 +192,9 @@ fn describe(e: &rusqlite::Error) -> String {
     }
 }
 
-fn init_schema(conn: &Connection) -> Result<(), DbError> {
+/// Refuses a file that is not Settle's, or is from a newer Settle. Reads only.
+fn check_identity(conn: &Connection) -> Result<(), DbError> {
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
     let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
@@ -205,6 +214,10 @@ fn init_schema(conn: &Connection) -> Result<(), DbError> {
             "written by a newer Settle (schema {version}; this build knows {SCHEMA_VERSION})"
         ));
     }
+    Ok(())
+}
+
+fn init_schema(conn: &Connection) -> Result<(), DbError> {
     conn.execute_batch(SCHEMA)?;
     Ok(())
 }
