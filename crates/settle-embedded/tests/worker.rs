@@ -1,0 +1,222 @@
+//! The worker stage over real embedded queues: each message settles on its
+//! own. A malformed body, a panic or a deadline affects only its message.
+
+use serde_json::value::RawValue;
+use settle_core::domain::{AttemptOutcome, ErrorKind, Item, ItemId, RunId};
+use settle_core::message::{ResultBody, WorkBody};
+use settle_core::ports::{Delivery, Queue};
+use settle_core::work::{delete_done, Worker, WorkerConfig};
+use settle_core::Scripted;
+use settle_embedded::Embedded;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VIS: Duration = Duration::from_secs(30);
+
+async fn open() -> (Embedded, Worker) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let worker = Worker::new(
+        Arc::new(Scripted),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            retry_delay: Duration::from_millis(10),
+            item_timeout: Some(Duration::from_millis(300)),
+            ..WorkerConfig::default()
+        },
+    );
+    (e, worker)
+}
+
+fn body(run: &RunId, id: &str, script: &str, max: u32) -> String {
+    let payload = RawValue::from_string(format!(r#"{{"script":"{script}"}}"#)).unwrap();
+    WorkBody::new(
+        run.clone(),
+        Item::new(ItemId::new(id).unwrap(), payload),
+        max,
+    )
+    .encode()
+}
+
+async fn drain(q: &dyn Queue) -> Vec<Delivery> {
+    let mut all = Vec::new();
+    loop {
+        let got = q.receive(10, VIS).await.unwrap();
+        if got.is_empty() {
+            return all;
+        }
+        all.extend(got);
+    }
+}
+
+fn results(ds: &[Delivery]) -> Vec<ResultBody> {
+    let mut r: Vec<ResultBody> = ds
+        .iter()
+        .map(|d| ResultBody::decode(&d.body).unwrap())
+        .collect();
+    r.sort_by(|a, b| a.item.cmp(&b.item));
+    r
+}
+
+#[tokio::test]
+async fn each_message_settles_on_its_own() {
+    let (e, worker) = open().await;
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![
+            body(&run, "a-ok", "ok", 3),
+            "{not a settle message".to_string(),
+            body(&run, "b-panic", "panic", 3),
+            body(&run, "c-perm", "permanent", 3),
+            body(&run, "d-retry", "retryable:1", 3),
+            body(&run, "e-hang", "sleep:60000", 3),
+        ])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(batch.len(), 6);
+    let started = Instant::now();
+    let resp = worker.handle(&batch, None).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the hang was cut off by the item timeout"
+    );
+
+    // Retried: the panic, the retryable failure and the hang (timed out); nothing else.
+    let id_of = |name: &str| {
+        batch
+            .iter()
+            .find(|d| d.body.contains(name))
+            .map(|d| d.message_id.clone())
+            .unwrap()
+    };
+    let mut want = vec![id_of("b-panic"), id_of("d-retry"), id_of("e-hang")];
+    let mut got = resp.failures.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+
+    // One result per decodable message, each with its own outcome.
+    let res = results(&drain(&e.results).await);
+    let outcome = |id: &str| {
+        res.iter()
+            .find(|r| r.item.as_str() == id)
+            .unwrap()
+            .attempt
+            .outcome
+            .clone()
+    };
+    assert_eq!(res.len(), 5);
+    assert_eq!(outcome("a-ok"), AttemptOutcome::Succeeded);
+    match outcome("b-panic") {
+        AttemptOutcome::Failed {
+            kind,
+            error,
+            terminal,
+        } => {
+            assert_eq!(kind, ErrorKind::Retryable);
+            assert!(
+                error.starts_with("panic: scripted panic for item b-panic"),
+                "{error}"
+            );
+            assert!(!terminal);
+        }
+        o => panic!("{o:?}"),
+    }
+    assert!(matches!(
+        outcome("c-perm"),
+        AttemptOutcome::Failed {
+            kind: ErrorKind::Permanent,
+            terminal: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        outcome("d-retry"),
+        AttemptOutcome::Failed {
+            terminal: false,
+            ..
+        }
+    ));
+    match outcome("e-hang") {
+        AttemptOutcome::Failed { error, .. } => assert_eq!(error, "timed out after 300 ms"),
+        o => panic!("{o:?}"),
+    }
+
+    // The DLQ holds the permanent failure (marked) and the malformed body (verbatim).
+    let dead = drain(&e.dlq).await;
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().any(|d| d.body == "{not a settle message"));
+    let perm = dead.iter().find(|d| d.body.contains("c-perm")).unwrap();
+    let perm = WorkBody::decode(&perm.body).unwrap();
+    assert_eq!(perm.dead.unwrap().attempts, 1);
+
+    // The runner deletes what is done: ok, permanent, malformed. The rest stays.
+    assert_eq!(delete_done(&e.work, &batch, &resp).await.unwrap(), 3);
+    assert_eq!(e.work.depth().await.unwrap().total(), 3);
+}
+
+#[tokio::test]
+async fn the_last_receive_and_a_receive_past_it_are_terminal() {
+    let (e, worker) = open().await;
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![body(&run, "r", "retryable:9", 1)])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert!(
+        worker.handle(&batch, None).await.failures.is_empty(),
+        "max 1: the first failure is terminal"
+    );
+    let res = results(&drain(&e.results).await);
+    assert!(matches!(
+        res[0].attempt.outcome,
+        AttemptOutcome::Failed { terminal: true, .. }
+    ));
+
+    // A receive past the limit means the last attempt never reported: record it, don't run it.
+    e.work
+        .send(vec![body(&run, "crashed", "ok", 1)])
+        .await
+        .unwrap();
+    let first = e.work.receive(10, Duration::ZERO).await.unwrap();
+    assert_eq!(first[0].receive_count, 1);
+    let again = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(again[0].receive_count, 2);
+    assert!(worker.handle(&again, None).await.failures.is_empty());
+    let res = results(&drain(&e.results).await);
+    match &res[0].attempt.outcome {
+        AttemptOutcome::Failed {
+            error, terminal, ..
+        } => {
+            assert!(*terminal);
+            assert!(error.starts_with("no outcome after 1 receives"), "{error}");
+        }
+        o => panic!("an item past its limit must not run again: {o:?}"),
+    }
+}
+
+#[tokio::test]
+async fn near_the_deadline_nothing_new_starts() {
+    let (e, worker) = open().await;
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![body(&run, "a", "ok", 3), body(&run, "b", "ok", 3)])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    // Less than the default 2 s margin remains: both are handed back untouched.
+    let resp = worker
+        .handle(&batch, Some(Instant::now() + Duration::from_millis(500)))
+        .await;
+    assert_eq!(resp.failures.len(), 2);
+    assert!(
+        drain(&e.results).await.is_empty(),
+        "no attempt was made, so none is reported"
+    );
+    let back = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(back.len(), 2, "released for retry at once");
+}
