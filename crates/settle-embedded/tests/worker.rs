@@ -1,4 +1,5 @@
 //! The worker stage over real embedded queues: each message settles on its
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test.
 //! own. A malformed body, a panic or a deadline affects only its message.
 
 use serde_json::value::RawValue;
