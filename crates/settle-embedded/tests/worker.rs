@@ -1,6 +1,6 @@
 //! The worker stage over real embedded queues: each message settles on its
-#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test.
 //! own. A malformed body, a panic or a deadline affects only its message.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test.
 
 use serde_json::value::RawValue;
 use settle_core::domain::{AttemptOutcome, ErrorKind, Item, ItemId, RunId};
