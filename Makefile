@@ -4,7 +4,7 @@ CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 DEMO_ITEMS := .settle/demo-items.jsonl
 
-.PHONY: help build demo run test fmt lint bench bench-memory clean
+.PHONY: help build demo run test fmt lint bench bench-memory soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: build ## Throughput: 1,000,000 items (10% permanent failures), durable, l
 
 bench-memory: build ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
 	python3 scripts/bench.py 10000000 --concurrency 64
+
+soak: ## Fault simulation over many seeds (SEEDS=1000 by default, 300 items each; about 2 s a seed)
+	SETTLE_SIM_SEEDS=$${SEEDS:-1000} $(CARGO) test --release -p settle-embedded --test simulation -- --nocapture
 
 clean: ## Remove build output, benchmark data and the local database
 	$(CARGO) clean

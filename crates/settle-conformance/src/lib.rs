@@ -5,6 +5,9 @@
 //! is a field of [`Subject`], not a skipped clause.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed clause.
 
+pub mod faults;
+pub mod sim;
+
 use serde_json::value::RawValue;
 use settle_core::domain::{
     now_millis, Attempt, AttemptOutcome, ErrorKind, Item, ItemId, ItemRecord, ItemStatus,

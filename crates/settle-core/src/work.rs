@@ -104,29 +104,12 @@ impl Worker {
         let plans = futures::future::join_all(batch.iter().map(|d| self.plan(d, deadline))).await;
         let mut failed = vec![false; batch.len()];
 
-        // Results first, so the tally learns of an outcome before the message
-        // can disappear; a message whose result was not stored is retried.
-        let reports: Vec<usize> = (0..batch.len())
-            .filter(|&i| matches!(plans[i], Plan::Report { .. }))
-            .collect();
-        let encoded: Vec<String> = reports
-            .iter()
-            .map(|&i| match &plans[i] {
-                Plan::Report { result, .. } => result.encode(),
-                _ => unreachable!("filtered to reports"),
-            })
-            .collect();
-        let sizes: Vec<usize> = encoded.iter().map(String::len).collect();
-        for range in send_batches(&sizes) {
-            let chunk = &reports[range.clone()];
-            if let Err(e) = self.results.send(encoded[range].to_vec()).await {
-                tracing::error!(error = %e, "could not send results; their messages will be retried");
-                chunk.iter().for_each(|&i| failed[i] = true);
-            }
-        }
-
+        // Dead letters first, results second: once the tally counts an item
+        // failed, its copy is already in the DLQ, so a redrive can always find
+        // it. A message whose copy or result was not stored is retried (a
+        // retry past the limit records "no outcome" and dead-letters again:
+        // a duplicate copy, never a missing one).
         let dead: Vec<(usize, String)> = (0..batch.len())
-            .filter(|&i| !failed[i])
             .filter_map(|i| match &plans[i] {
                 Plan::Report {
                     dead_letter: Some(body),
@@ -136,15 +119,18 @@ impl Worker {
                 _ => None,
             })
             .collect();
-        let sizes: Vec<usize> = dead.iter().map(|(_, b)| b.len()).collect();
-        for range in send_batches(&sizes) {
-            let chunk = &dead[range];
-            let bodies = chunk.iter().map(|(_, b)| b.clone()).collect();
-            if let Err(e) = self.dlq.send(bodies).await {
-                tracing::error!(error = %e, "could not dead-letter; the messages will be retried");
-                chunk.iter().for_each(|(i, _)| failed[*i] = true);
-            }
-        }
+        self.send_all(&self.dlq, dead, &mut failed, "dead-letter")
+            .await;
+
+        let reports: Vec<(usize, String)> = (0..batch.len())
+            .filter(|&i| !failed[i])
+            .filter_map(|i| match &plans[i] {
+                Plan::Report { result, .. } => Some((i, result.encode())),
+                _ => None,
+            })
+            .collect();
+        self.send_all(&self.results, reports, &mut failed, "send results")
+            .await;
 
         for (i, plan) in plans.iter().enumerate() {
             let delay = match plan {
@@ -168,6 +154,28 @@ impl Worker {
                 .filter(|(_, f)| *f)
                 .map(|(d, _)| d.message_id.clone())
                 .collect(),
+        }
+    }
+
+    /// Sends `(message index, body)` pairs in SQS-sized batches; marks the
+    /// messages of a failed batch for retry.
+    async fn send_all(
+        &self,
+        queue: &Arc<dyn Queue>,
+        bodies: Vec<(usize, String)>,
+        failed: &mut [bool],
+        what: &str,
+    ) {
+        let sizes: Vec<usize> = bodies.iter().map(|(_, b)| b.len()).collect();
+        for range in send_batches(&sizes) {
+            let chunk = &bodies[range];
+            if let Err(e) = queue
+                .send(chunk.iter().map(|(_, b)| b.clone()).collect())
+                .await
+            {
+                tracing::error!(error = %e, "could not {what}; the messages will be retried");
+                chunk.iter().for_each(|(i, _)| failed[*i] = true);
+            }
         }
     }
 
