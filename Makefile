@@ -24,7 +24,7 @@ run: demo ## Alias of demo
 test: ## Every check and test: fmt, clippy, unit, conformance and end-to-end tests
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test --workspace
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | python3 scripts/test_summary.py
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
