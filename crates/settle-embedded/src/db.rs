@@ -27,9 +27,6 @@ const LINGER: Duration = Duration::from_millis(1);
 const WRITER_CACHE_KIB: i64 = 4 * 1024;
 /// WAL pages between automatic checkpoints (4 KiB each).
 const WAL_CHECKPOINT_PAGES: i64 = 10_000;
-/// The writer's page cache during a bulk load, which touches far more pages
-/// in one transaction (see [`with_bulk_cache`]).
-const BULK_CACHE_KIB: i64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -189,18 +186,6 @@ fn configure(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
     // checkpoint copies each page once however often it was committed.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     Ok(())
-}
-
-/// Runs `f` on the writer with the bulk-load page cache, then shrinks the
-/// cache back to its usual size.
-pub(crate) fn with_bulk_cache<R>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<R, DbError>,
-) -> Result<R, DbError> {
-    conn.pragma_update(None, "cache_size", -BULK_CACHE_KIB)?;
-    let res = f(conn);
-    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    res
 }
 
 /// Says "not a database" in the words of the file, not of SQLite's internals.

@@ -1,6 +1,6 @@
 //! The item source and the ledger on SQLite.
 
-use crate::db::{with_bulk_cache, Db, DbError};
+use crate::db::{Db, DbError};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -69,7 +69,7 @@ impl Source for EmbeddedStore {
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
         let res = self
             .db
-            .write_atomic(move |c| with_bulk_cache(c, |c| {
+            .write_atomic(move |c| {
                 let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
                 let mut seen = c.prepare_cached(
                     "SELECT seq, line FROM items WHERE item_id = ?1 AND seq > ?2 LIMIT 1",
@@ -102,7 +102,7 @@ impl Source for EmbeddedStore {
                     n += 1;
                 }
                 Ok(n)
-            }))
+            })
             .await;
         match res {
             Ok(n) => Ok(n),
