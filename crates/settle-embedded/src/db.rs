@@ -20,6 +20,10 @@ const MAX_GROUP: usize = 4096;
 /// rewrites its hot pages to the WAL, so fewer, larger commits are what makes
 /// the embedded engine fast; a millisecond is invisible to a caller.
 const LINGER: Duration = Duration::from_millis(1);
+/// ... but only while writes keep coming: a gap this long between two
+/// writes means the callers are waiting on this commit, so lingering on
+/// would only delay them (200 µs measured ~5% faster than 1 ms on 1M items).
+const LINGER_GAP: Duration = Duration::from_micros(200);
 /// The writer's page cache. Small on purpose: the hot pages (the queues'
 /// tails, the B-trees' upper levels) fit easily, the OS caches the rest, and
 /// SQLite's per-commit work on its page cache grows with the cache: at 64 MiB
@@ -339,7 +343,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             next = match rx.try_recv() {
                 Ok(j) => Some(j),
                 Err(_) => rx
-                    .recv_timeout(LINGER.saturating_sub(opened.elapsed()))
+                    .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
                     .ok(),
             };
         }
