@@ -557,7 +557,8 @@ fn interrupted_run_resumes_without_repeating_attempts() {
 #[test]
 fn killed_run_resumes_and_redelivers_after_the_visibility_timeout() {
     let env = Env::new();
-    let items = env.scripts("i.jsonl", &[("s1", "sleep:1500"), ("o", "ok")]);
+    // Sleeps long enough that a loaded machine still sees the in-between state.
+    let items = env.scripts("i.jsonl", &[("s1", "sleep:4000"), ("o", "ok")]);
     let args = [
         "run",
         "--items",
@@ -566,7 +567,7 @@ fn killed_run_resumes_and_redelivers_after_the_visibility_timeout() {
         "--batch-size",
         "1",
         "--visibility-timeout",
-        "4",
+        "10",
         "--retry-delay-ms",
         "20",
     ];
@@ -584,7 +585,7 @@ fn killed_run_resumes_and_redelivers_after_the_visibility_timeout() {
         &id,
         "--json",
         "--visibility-timeout",
-        "4",
+        "10",
         "--retry-delay-ms",
         "20",
     ]);

@@ -139,6 +139,14 @@ pub async fn queue_change_visibility(s: &Subject) {
         q.receive(10, VIS).await.unwrap().is_empty(),
         "still hidden by the longer timeout"
     );
+    // A zero visibility timeout still returns a message once per receive call.
+    q.send(vec!["zero".into()]).await.unwrap();
+    let zero = q.receive(10, Duration::ZERO).await.unwrap();
+    let zeros = zero.iter().filter(|d| d.body == "zero").count();
+    assert!(
+        zeros <= 1,
+        "one receive returned the same message {zeros} times"
+    );
 }
 
 /// Batches over 10 entries and bodies over 256 KiB are refused, and nothing is sent.
@@ -178,6 +186,68 @@ pub async fn queue_redrive_to_dlq(s: &Subject) {
     let dead = receive_n(s.dlq.as_ref(), 1, VIS).await;
     assert_eq!(dead.len(), 1, "moved to the DLQ");
     assert_eq!(dead[0].body, "poison");
+}
+
+/// Messages sent in one call are still separate messages: each has its own
+/// visibility, receive count, receipt and redrive, and depth counts each.
+pub async fn queue_messages_of_one_send_are_independent(s: &Subject) {
+    let q = s.work.as_ref();
+    let long = Duration::from_secs(30);
+    q.send(vec!["a".into(), "b".into(), "c".into()])
+        .await
+        .unwrap();
+    let first = receive_n(q, 1, VIS).await.pop().unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (2, 1));
+    let rest = receive_n(q, 2, long).await;
+    assert_eq!(rest.len(), 2);
+    let mut bodies: BTreeSet<_> = rest.iter().map(|d| d.body.as_str()).collect();
+    bodies.insert(first.body.as_str());
+    assert_eq!(bodies, BTreeSet::from(["a", "b", "c"]));
+    let (gone, kept) = (&rest[0], &rest[1]);
+    q.delete(vec![gone.receipt.clone()]).await.unwrap();
+    q.change_visibility(&kept.receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    let kept = receive_n(q, 1, long)
+        .await
+        .pop()
+        .expect("visible again at once");
+    assert_eq!(
+        (kept.body.as_str(), kept.receive_count),
+        (rest[1].body.as_str(), 2)
+    );
+    tokio::time::sleep(AFTER_VIS).await;
+    let mut again = receive_n(q, 3, VIS).await;
+    assert_eq!(
+        again.len(),
+        1,
+        "one message lapsed, one is deleted, one hidden"
+    );
+    let mut last = again.pop().unwrap();
+    assert_eq!(
+        (&last.message_id, last.receive_count),
+        (&first.message_id, 2)
+    );
+    while last.receive_count < s.work_max_receives {
+        tokio::time::sleep(AFTER_VIS).await;
+        let n = last.receive_count;
+        last = receive_n(q, 1, VIS).await.pop().expect("redelivered");
+        assert_eq!(
+            (&last.message_id, last.receive_count),
+            (&first.message_id, n + 1)
+        );
+    }
+    // At its limit, only that message moves to the DLQ.
+    tokio::time::sleep(AFTER_VIS).await;
+    assert!(receive_n(q, 3, VIS).await.is_empty());
+    let dead = receive_n(s.dlq.as_ref(), 3, VIS).await;
+    assert_eq!(dead.len(), 1, "only the message at its limit moved");
+    assert_eq!(dead[0].body, first.body);
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (0, 1));
+    q.delete(vec![kept.receipt.clone()]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().total(), 0);
 }
 
 /// Loading is all or nothing, and an id repeated in the input names its line.
@@ -559,6 +629,7 @@ pub const CLAUSES: &[&str] = &[
     "queue_change_visibility",
     "queue_limits",
     "queue_redrive_to_dlq",
+    "queue_messages_of_one_send_are_independent",
     "source_load_is_atomic",
     "source_claims_are_exclusive",
     "source_ids_recur_across_runs",
@@ -581,6 +652,7 @@ macro_rules! conformance_tests {
             queue_change_visibility,
             queue_limits,
             queue_redrive_to_dlq,
+            queue_messages_of_one_send_are_independent,
             source_load_is_atomic,
             source_claims_are_exclusive,
             source_ids_recur_across_runs,

@@ -1,19 +1,190 @@
-//! SQS semantics on the `messages` table: visibility timeout, receive
-//! counts, redrive to a dead-letter queue after `max_receives`, batch limits.
+//! SQS semantics on message pages: visibility timeout, receive counts,
+//! redrive to a dead-letter queue after `max_receives`, batch limits.
 //! Deliberately no more exact than SQS: a message is redelivered whenever its
 //! visibility lapses, even while a worker is still on it.
+//!
+//! Storage: each send call's batch is one page. The `pages` row holds the
+//! per-message state (visible_at and receive count per slot, or deleted) and
+//! the page's earliest visible_at over its live messages, which the ready
+//! index orders by; `page_bodies` holds the bodies, written once by the send
+//! and removed with the page's last message. So a receive, a delete or a
+//! visibility change of a whole batch rewrites one small row, not ten rows
+//! and ten index entries.
+//!
+//! A message id is `page * 16 + slot` (page ids from AUTOINCREMENT, so never
+//! reused), except for a message the redrive policy moved to the DLQ, which
+//! keeps its id, stored beside its body. A receipt names the page, the slot
+//! and the receive count, so only the latest receive's receipt acts.
 
 use crate::db::{Db, DbError};
 use crate::port_err;
 use async_trait::async_trait;
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use settle_core::domain::now_millis;
 use settle_core::message::MAX_BODY_BYTES;
 use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// SQS's longest visibility timeout: 12 hours.
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+/// Slots per page at most; message ids are `page * SLOTS + slot`.
+const SLOTS: i64 = 16;
+/// Bytes per slot in a page's state: visible_at (i64 LE), receive count (u32 LE).
+const SLOT_BYTES: usize = 12;
+/// visible_at of a deleted (or moved) slot.
+const DELETED: i64 = -1;
+
+/// One message's state inside its page.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    visible_at: i64,
+    count: u32,
+}
+
+impl Slot {
+    fn live(&self) -> bool {
+        self.visible_at != DELETED
+    }
+}
+
+fn decode_slots(b: &[u8]) -> Vec<Slot> {
+    b.chunks_exact(SLOT_BYTES)
+        .map(|c| {
+            let (v, n) = c.split_at(8);
+            Slot {
+                visible_at: i64::from_le_bytes(v.try_into().unwrap_or_default()),
+                count: u32::from_le_bytes(n.try_into().unwrap_or_default()),
+            }
+        })
+        .collect()
+}
+
+fn encode_slots(slots: &[Slot]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(slots.len() * SLOT_BYTES);
+    for s in slots {
+        b.extend_from_slice(&s.visible_at.to_le_bytes());
+        b.extend_from_slice(&s.count.to_le_bytes());
+    }
+    b
+}
+
+/// The earliest visible_at over the live slots; `None` when all are gone.
+fn next_visible(slots: &[Slot]) -> Option<i64> {
+    slots
+        .iter()
+        .filter(|s| s.live())
+        .map(|s| s.visible_at)
+        .min()
+}
+
+/// Bodies, each as a u32 LE length and its bytes.
+fn encode_bodies<'a>(bodies: impl Iterator<Item = &'a str>) -> Vec<u8> {
+    let mut b = Vec::new();
+    for body in bodies {
+        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        b.extend_from_slice(body.as_bytes());
+    }
+    b
+}
+
+/// A page whose state or bodies do not decode. A SQLite-level error, so
+/// that it rolls back the group rather than commit a half-done write.
+fn corrupt(page: i64) -> DbError {
+    DbError::Sqlite(rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Blob,
+        format!("message page {page} is corrupted").into(),
+    ))
+}
+
+/// The bodies of `slots` (ascending) from a page's body blob.
+fn decode_bodies(page: i64, blob: &[u8], slots: &[usize]) -> Result<Vec<String>, DbError> {
+    let mut out = Vec::with_capacity(slots.len());
+    let (mut at, mut slot) = (0usize, 0usize);
+    for &want in slots {
+        loop {
+            let len = blob
+                .get(at..at + 4)
+                .and_then(|l| l.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| corrupt(page))? as usize;
+            let body = blob
+                .get(at + 4..at + 4 + len)
+                .ok_or_else(|| corrupt(page))?;
+            at += 4 + len;
+            slot += 1;
+            if slot - 1 == want {
+                out.push(String::from_utf8(body.to_vec()).map_err(|_| corrupt(page))?);
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The message id of each slot in `slots`: stored ids for moved messages.
+fn message_ids(page: i64, ids: Option<&[u8]>, slots: &[usize]) -> Vec<i64> {
+    slots
+        .iter()
+        .map(|&s| {
+            ids.and_then(|b| b.get(s * 8..s * 8 + 8))
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_le_bytes)
+                .unwrap_or(page * SLOTS + s as i64)
+        })
+        .collect()
+}
+
+/// Inserts a page of `bodies` into `queue`, all visible at `visible_at` with
+/// the given receive counts; `ids` keeps moved messages' ids.
+fn insert_page(
+    c: &Connection,
+    queue: i64,
+    slots: &[Slot],
+    bodies: &[u8],
+    ids: Option<&[u8]>,
+) -> Result<i64, DbError> {
+    let next = next_visible(slots).unwrap_or(0);
+    c.prepare_cached("INSERT INTO pages (queue, next_visible_at, slots) VALUES (?1, ?2, ?3)")?
+        .execute(params![queue, next, encode_slots(slots)])?;
+    let page = c.last_insert_rowid();
+    c.prepare_cached("INSERT INTO page_bodies (page, bodies, ids) VALUES (?1, ?2, ?3)")?
+        .execute(params![page, bodies, ids])?;
+    Ok(page)
+}
+
+/// Saves a page's changed slots: deletes the page once no slot is live.
+fn save_page(c: &Connection, page: i64, old_next: i64, slots: &[Slot]) -> Result<(), DbError> {
+    match next_visible(slots) {
+        None => {
+            c.prepare_cached("DELETE FROM pages WHERE id = ?1")?
+                .execute(params![page])?;
+            c.prepare_cached("DELETE FROM page_bodies WHERE page = ?1")?
+                .execute(params![page])?;
+        }
+        Some(next) if next == old_next => {
+            c.prepare_cached("UPDATE pages SET slots = ?2 WHERE id = ?1")?
+                .execute(params![page, encode_slots(slots)])?;
+        }
+        Some(next) => {
+            c.prepare_cached("UPDATE pages SET slots = ?2, next_visible_at = ?3 WHERE id = ?1")?
+                .execute(params![page, encode_slots(slots), next])?;
+        }
+    }
+    Ok(())
+}
+
+/// A page of `queue`: its next_visible_at and slots.
+fn load_page(c: &Connection, queue: i64, page: i64) -> Result<Option<(i64, Vec<Slot>)>, DbError> {
+    Ok(
+        c.prepare_cached("SELECT next_visible_at, slots FROM pages WHERE id = ?1 AND queue = ?2")?
+            .query_row(params![page, queue], |r| {
+                Ok((r.get::<_, i64>(0)?, decode_slots(&r.get::<_, Vec<u8>>(1)?)))
+            })
+            .optional()?,
+    )
+}
 
 /// One named queue in the database.
 #[derive(Debug, Clone)]
@@ -93,19 +264,24 @@ fn check_batch(op: &str, n: usize) -> Result<(), PortError> {
     }
 }
 
-/// `?from, ?from+1, …` for `n` parameters.
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn parse_receipt(receipt: &str) -> Result<(i64, i64), PortError> {
-    receipt
-        .split_once(':')
-        .and_then(|(id, n)| Some((id.parse().ok()?, n.parse().ok()?)))
-        .ok_or_else(|| PortError::Invalid(format!("receipt handle {receipt:?} is not valid")))
+/// A receipt: page, slot, and the receive count it was handed out at.
+fn parse_receipt(receipt: &str) -> Result<(i64, usize, u32), PortError> {
+    let invalid = || PortError::Invalid(format!("receipt handle {receipt:?} is not valid"));
+    let mut parts = receipt.split(':');
+    let (Some(page), Some(slot), Some(n), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid());
+    };
+    let slot: usize = slot.parse().map_err(|_| invalid())?;
+    if slot as i64 >= SLOTS {
+        return Err(invalid());
+    }
+    Ok((
+        page.parse().map_err(|_| invalid())?,
+        slot,
+        n.parse().map_err(|_| invalid())?,
+    ))
 }
 
 #[async_trait]
@@ -123,22 +299,17 @@ impl Queue for EmbeddedQueue {
             )));
         }
         let id = self.id;
+        let blob = encode_bodies(bodies.iter().map(String::as_str));
+        let slots = vec![
+            Slot {
+                visible_at: 0,
+                count: 0
+            };
+            bodies.len()
+        ];
         self.db
             .write(move |c| {
-                // One statement per call, not per message: statement overhead
-                // dominates SQLite's cost at these row sizes.
-                let values = (0..bodies.len())
-                    .map(|i| format!("(?1, 0, 0, ?{})", i + 2))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut st = c.prepare_cached(&format!(
-                    "INSERT INTO messages (queue, visible_at, receive_count, body) VALUES {values}"
-                ))?;
-                st.raw_bind_parameter(1, id)?;
-                for (i, b) in bodies.iter().enumerate() {
-                    st.raw_bind_parameter(i + 2, b)?;
-                }
-                st.raw_execute()?;
+                insert_page(c, id, &slots, &blob, None)?;
                 Ok(())
             })
             .await
@@ -155,54 +326,94 @@ impl Queue for EmbeddedQueue {
                 let (dlq, limit): (Option<i64>, Option<i64>) = c
                     .prepare_cached("SELECT dlq, max_receives FROM queues WHERE id = ?1")?
                     .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                // The redrive policy: a message received this often moves to the DLQ.
+                let limit = dlq.and(limit);
                 let mut out = Vec::with_capacity(max);
+                // Moved messages: id, receive count, body.
+                let mut dead: Vec<(i64, u32, String)> = Vec::new();
                 let mut pick = c.prepare_cached(
-                    "SELECT id, receive_count FROM messages WHERE queue = ?1 AND visible_at <= ?2 \
-                     ORDER BY visible_at, id LIMIT ?3",
+                    "SELECT id, next_visible_at, slots FROM pages \
+                     WHERE queue = ?1 AND next_visible_at <= ?2 \
+                     ORDER BY next_visible_at, id LIMIT ?3",
                 )?;
-                loop {
+                let mut bodies =
+                    c.prepare_cached("SELECT bodies, ids FROM page_bodies WHERE page = ?1")?;
+                while out.len() < max {
                     let want = max - out.len();
-                    let found: Vec<(i64, i64)> = pick
-                        .query_map(params![id, now, want as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    let found: Vec<(i64, i64, Vec<u8>)> = pick
+                        .query_map(params![id, now, want as i64], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?
                         .collect::<Result<_, _>>()?;
-                    // The redrive policy: past the limit, to the DLQ instead.
-                    let (dead, live): (Vec<_>, Vec<_>) = found.iter().partition(|(_, n)| {
-                        matches!((dlq, limit), (Some(_), Some(limit)) if *n >= limit)
-                    });
-                    if let (Some(dlq), false) = (dlq, dead.is_empty()) {
-                        let mut st = c.prepare_cached(&format!(
-                            "UPDATE messages SET queue = ?1, visible_at = 0 WHERE id IN ({})",
-                            placeholders(2, dead.len())
-                        ))?;
-                        st.raw_bind_parameter(1, dlq)?;
-                        for (i, (msg, _)) in dead.iter().enumerate() {
-                            st.raw_bind_parameter(i + 2, msg)?;
-                        }
-                        st.raw_execute()?;
+                    if found.is_empty() {
+                        break;
                     }
-                    if !live.is_empty() {
-                        let mut st = c.prepare_cached(&format!(
-                            "UPDATE messages SET visible_at = ?1, receive_count = receive_count + 1 \
-                             WHERE id IN ({}) RETURNING id, receive_count, body",
-                            placeholders(2, live.len())
-                        ))?;
-                        st.raw_bind_parameter(1, now + visibility)?;
-                        for (i, (msg, _)) in live.iter().enumerate() {
-                            st.raw_bind_parameter(i + 2, msg)?;
+                    for (page, old_next, blob) in found {
+                        if out.len() >= max {
+                            break;
                         }
-                        let mut rows = st.raw_query();
-                        while let Some(r) = rows.next()? {
-                            let (msg, n, body): (i64, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                        let mut slots = decode_slots(&blob);
+                        let (mut taken, mut moved) = (Vec::new(), Vec::new());
+                        for (i, s) in slots.iter_mut().enumerate() {
+                            if !s.live() || s.visible_at > now {
+                                continue;
+                            }
+                            if limit.is_some_and(|l| i64::from(s.count) >= l) {
+                                moved.push(i);
+                                s.visible_at = DELETED;
+                                continue;
+                            }
+                            if out.len() + taken.len() >= max {
+                                break;
+                            }
+                            s.count += 1;
+                            // At least 1 ms: one receive call returns a message
+                            // once, even with a visibility timeout of zero.
+                            s.visible_at = now + visibility.max(1);
+                            taken.push(i);
+                        }
+                        // A page due now has a due live slot; one that does
+                        // not is corrupt, and would be picked forever.
+                        if taken.is_empty() && moved.is_empty() {
+                            return Err(corrupt(page));
+                        }
+                        let (blob, ids): (Vec<u8>, Option<Vec<u8>>) =
+                            bodies.query_row(params![page], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                        let ids = ids.as_deref();
+                        let taken_bodies = decode_bodies(page, &blob, &taken)?;
+                        let taken_ids = message_ids(page, ids, &taken);
+                        for ((i, body), msg) in taken.iter().zip(taken_bodies).zip(taken_ids) {
+                            let n = slots[*i].count;
                             out.push(Delivery {
                                 message_id: format!("m{msg}"),
-                                receipt: format!("{msg}:{n}"),
+                                receipt: format!("{page}:{i}:{n}"),
                                 body,
-                                receive_count: n as u32,
+                                receive_count: n,
                             });
                         }
+                        if !moved.is_empty() {
+                            let moved_bodies = decode_bodies(page, &blob, &moved)?;
+                            let moved_ids = message_ids(page, ids, &moved);
+                            for ((i, body), msg) in moved.iter().zip(moved_bodies).zip(moved_ids) {
+                                dead.push((msg, slots[*i].count, body));
+                            }
+                        }
+                        save_page(c, page, old_next, &slots)?;
                     }
-                    if dead.is_empty() || out.len() >= max || found.len() < want {
-                        break;
+                }
+                if let Some(dlq) = dlq.filter(|_| !dead.is_empty()) {
+                    for chunk in dead.chunks(MAX_QUEUE_BATCH) {
+                        let slots: Vec<Slot> = chunk
+                            .iter()
+                            .map(|(_, n, _)| Slot {
+                                visible_at: 0,
+                                count: *n,
+                            })
+                            .collect();
+                        let blob = encode_bodies(chunk.iter().map(|(_, _, b)| b.as_str()));
+                        let ids: Vec<u8> =
+                            chunk.iter().flat_map(|(m, _, _)| m.to_le_bytes()).collect();
+                        insert_page(c, dlq, &slots, &blob, Some(&ids))?;
                     }
                 }
                 Ok(out)
@@ -213,18 +424,28 @@ impl Queue for EmbeddedQueue {
 
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
         check_batch("delete", receipts.len())?;
-        let parsed = receipts
-            .iter()
-            .map(|r| parse_receipt(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut by_page: BTreeMap<i64, Vec<(usize, u32)>> = BTreeMap::new();
+        for r in &receipts {
+            let (page, slot, n) = parse_receipt(r)?;
+            by_page.entry(page).or_default().push((slot, n));
+        }
         let id = self.id;
         self.db
             .write(move |c| {
-                let mut st = c.prepare_cached(
-                    "DELETE FROM messages WHERE id = ?1 AND receive_count = ?2 AND queue = ?3",
-                )?;
-                for (msg, n) in parsed {
-                    st.execute(params![msg, n, id])?;
+                for (page, receipts) in by_page {
+                    let Some((old_next, mut slots)) = load_page(c, id, page)? else {
+                        continue;
+                    };
+                    let mut changed = false;
+                    for (slot, n) in receipts {
+                        if let Some(s) = slots.get_mut(slot).filter(|s| s.live() && s.count == n) {
+                            s.visible_at = DELETED;
+                            changed = true;
+                        }
+                    }
+                    if changed {
+                        save_page(c, page, old_next, &slots)?;
+                    }
                 }
                 Ok(())
             })
@@ -233,34 +454,29 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError> {
-        let (msg, n) = parse_receipt(receipt)?;
+        let (page, slot, n) = parse_receipt(receipt)?;
         let timeout = timeout.min(MAX_VISIBILITY).as_millis() as i64;
         let id = self.id;
+        let receipt = receipt.to_owned();
         self.db
             .write(move |c| {
                 let visible_at = now_millis() as i64 + timeout;
-                let changed = c
-                    .prepare_cached(
-                        "UPDATE messages SET visible_at = ?4 \
-                         WHERE id = ?1 AND receive_count = ?2 AND queue = ?3",
-                    )?
-                    .execute(params![msg, n, id, visible_at])?;
-                if changed == 0 {
-                    let exists: Option<i64> = c
-                        .query_row("SELECT id FROM messages WHERE id = ?1", params![msg], |r| {
-                            r.get(0)
-                        })
-                        .optional()?;
-                    let why = if exists.is_some() {
-                        "the message was received again since"
-                    } else {
-                        "the message is gone"
-                    };
-                    return Err(DbError::Refused(
-                        format!("receipt {msg}:{n} is stale: {why}").into(),
-                    ));
+                let stale = |why: &str| {
+                    Err(DbError::Refused(
+                        format!("receipt {receipt} is stale: {why}").into(),
+                    ))
+                };
+                let Some((old_next, mut slots)) = load_page(c, id, page)? else {
+                    return stale("the message is gone");
+                };
+                match slots.get_mut(slot).filter(|s| s.live()) {
+                    None => return stale("the message is gone"),
+                    Some(s) if s.count != n => {
+                        return stale("the message was received again since")
+                    }
+                    Some(s) => s.visible_at = visible_at,
                 }
-                Ok(())
+                save_page(c, page, old_next, &slots)
             })
             .await
             .map_err(port_err("ChangeMessageVisibility"))
@@ -271,18 +487,103 @@ impl Queue for EmbeddedQueue {
         self.db
             .read(move |c| {
                 let now = now_millis() as i64;
-                let (visible, all): (i64, i64) = c
-                    .prepare_cached(
-                        "SELECT count(*) FILTER (WHERE visible_at <= ?2), count(*) \
-                         FROM messages WHERE queue = ?1",
-                    )?
-                    .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                Ok(QueueDepth {
-                    visible: visible as u64,
-                    in_flight: (all - visible) as u64,
-                })
+                let mut depth = QueueDepth::default();
+                let mut st = c.prepare_cached("SELECT slots FROM pages WHERE queue = ?1")?;
+                let mut rows = st.query(params![id])?;
+                while let Some(r) = rows.next()? {
+                    let blob = r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+                    for s in decode_slots(blob).iter().filter(|s| s.live()) {
+                        if s.visible_at <= now {
+                            depth.visible += 1;
+                        } else {
+                            depth.in_flight += 1;
+                        }
+                    }
+                }
+                Ok(depth)
             })
             .await
             .map_err(port_err("GetQueueAttributes"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use crate::Embedded;
+    use settle_core::ports::Queue;
+    use std::time::Duration;
+
+    async fn open() -> Embedded {
+        let dir = tempfile::tempdir().unwrap().keep();
+        Embedded::open(&dir.join("settle.db")).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stale_receipt_neither_deletes_nor_changes_visibility() {
+        let e = open().await;
+        let q = &e.work;
+        q.send(vec!["a".into(), "b".into()]).await.unwrap();
+        let first = q.receive(1, Duration::ZERO).await.unwrap().pop().unwrap();
+        // A zero visibility timeout means visible again a millisecond on.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = q.receive(1, Duration::from_secs(60)).await.unwrap();
+        let second = second
+            .into_iter()
+            .find(|d| d.message_id == first.message_id);
+        let second = match second {
+            Some(d) => d,
+            // The other message came first; take this one again.
+            None => q.receive(10, Duration::from_secs(60)).await.unwrap()[0].clone(),
+        };
+        assert_eq!(second.message_id, first.message_id);
+        assert_eq!(second.receive_count, 2);
+        q.delete(vec![first.receipt.clone()]).await.unwrap();
+        assert!(q
+            .change_visibility(&first.receipt, Duration::ZERO)
+            .await
+            .is_err());
+        assert_eq!(q.depth().await.unwrap().total(), 2, "nothing deleted");
+        q.delete(vec![second.receipt.clone()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap().total(), 1);
+        assert!(q
+            .change_visibility(&second.receipt, Duration::ZERO)
+            .await
+            .is_err());
+        assert!(q.delete(vec!["1:99:1".into()]).await.is_err());
+        assert!(q.delete(vec!["nonsense".into()]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn message_ids_are_never_reused_and_survive_the_redrive() {
+        let e = open().await;
+        let q = &e.work;
+        q.set_redrive(&e.dlq, 1).await.unwrap();
+        q.send(vec!["x".into()]).await.unwrap();
+        let x = q.receive(10, Duration::from_secs(60)).await.unwrap();
+        q.delete(vec![x[0].receipt.clone()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap().total(), 0);
+        q.send(vec!["p".into(), "q".into()]).await.unwrap();
+        let p = q.receive(1, Duration::ZERO).await.unwrap().pop().unwrap();
+        assert_ne!(p.message_id, x[0].message_id, "a new page, a new id");
+        // A zero visibility timeout means visible again a millisecond on.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // p is at its limit: this receive moves it and delivers only q.
+        let rest = q.receive(10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_ne!(rest[0].message_id, p.message_id);
+        let dead = e.dlq.receive(10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].message_id.as_str(), dead[0].body.as_str()),
+            (p.message_id.as_str(), p.body.as_str())
+        );
+        assert_eq!(dead[0].receive_count, 2, "the count goes on in the DLQ");
+        // The old receipt acts on neither queue.
+        q.delete(vec![p.receipt.clone()]).await.unwrap();
+        e.dlq.delete(vec![p.receipt.clone()]).await.unwrap();
+        assert_eq!(e.dlq.depth().await.unwrap().total(), 1);
+        e.dlq.delete(vec![dead[0].receipt.clone()]).await.unwrap();
+        assert_eq!(e.dlq.depth().await.unwrap().total(), 0);
     }
 }

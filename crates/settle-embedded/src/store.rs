@@ -75,7 +75,7 @@ impl Source for EmbeddedStore {
                     "SELECT seq, line FROM items WHERE item_id = ?1 AND seq > ?2 LIMIT 1",
                 )?;
                 let mut insert = c.prepare_cached(
-                    "INSERT INTO items (item_id, payload, line) VALUES (?1, ?2, ?3) RETURNING seq",
+                    "INSERT INTO items (item_id, payload, line) VALUES (?1, ?2, ?3)",
                 )?;
                 let mut first_seq = None;
                 let mut n = 0u64;
@@ -95,10 +95,9 @@ impl Source for EmbeddedStore {
                         };
                         return Err(DbError::Refused(Box::new(LineError { line, reason })));
                     }
-                    let seq: i64 = insert.query_row(
-                        params![item.id.as_str(), item.payload.get(), line as i64],
-                        |r| r.get(0),
-                    )?;
+                    // Not RETURNING: that builds a temporary table per row.
+                    insert.execute(params![item.id.as_str(), item.payload.get(), line as i64])?;
+                    let seq = c.last_insert_rowid();
                     first_seq.get_or_insert(seq);
                     n += 1;
                 }

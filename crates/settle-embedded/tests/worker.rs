@@ -185,6 +185,8 @@ async fn the_last_receive_and_a_receive_past_it_are_terminal() {
         .unwrap();
     let first = e.work.receive(10, Duration::ZERO).await.unwrap();
     assert_eq!(first[0].receive_count, 1);
+    // A zero visibility timeout means visible again a millisecond on.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let again = e.work.receive(10, VIS).await.unwrap();
     assert_eq!(again[0].receive_count, 2);
     assert!(worker.handle(&again, None).await.failures.is_empty());
