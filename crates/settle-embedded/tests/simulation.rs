@@ -1,22 +1,15 @@
 //! The fault simulation on the embedded backend: a few seeds in the test
 //! suite (`make soak` runs many more).
 
-use settle_conformance::{sim, Subject};
-use settle_embedded::Embedded;
-use std::sync::Arc;
+mod common;
 
-async fn fresh() -> Subject {
-    let dir = tempfile::tempdir().expect("temp dir").keep();
-    let e = Embedded::open(&dir.join("settle.db")).await.expect("open");
-    e.set_max_receives(4).await.expect("redrive policy");
-    Subject {
-        work: Arc::new(e.work.clone()),
-        dlq: Arc::new(e.dlq.clone()),
-        results: Arc::new(e.results.clone()),
-        source: Arc::new(e.store.clone()),
-        ledger: Arc::new(e.store.clone()),
-        work_max_receives: 7,
-    }
+use settle_conformance::sim;
+use settle_embedded::SAFETY_RECEIVES;
+
+/// The simulated runs use max receives 4; the queue's own limit sits above
+/// it by the safety margin, as `settle run` sets it.
+async fn fresh() -> settle_conformance::Subject {
+    common::fresh(4 + SAFETY_RECEIVES).await
 }
 
 fn quiet_contained_panics() {

@@ -1,0 +1,25 @@
+//! A fresh embedded backend as a conformance [`Subject`], one database file
+//! per call.
+
+use settle_conformance::Subject;
+use settle_embedded::Embedded;
+use std::sync::Arc;
+
+/// A new database whose work queue dead-letters after `work_max_receives`.
+pub async fn fresh(work_max_receives: u32) -> Subject {
+    // The directory lives as long as the test process.
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let e = Embedded::open(&dir.join("settle.db")).await.expect("open");
+    e.work
+        .set_redrive(&e.dlq, work_max_receives)
+        .await
+        .expect("redrive policy");
+    Subject {
+        work: Arc::new(e.work.clone()),
+        dlq: Arc::new(e.dlq.clone()),
+        results: Arc::new(e.results.clone()),
+        source: Arc::new(e.store.clone()),
+        ledger: Arc::new(e.store.clone()),
+        work_max_receives,
+    }
+}
