@@ -2,6 +2,7 @@
 //! implements), and the stages (dispatch, work, reduce, redrive) as plain
 //! async code over the ports. No AWS and no Lambda types live here.
 
+pub mod backend;
 pub mod dispatch;
 pub mod domain;
 pub mod jsonl;
@@ -13,6 +14,7 @@ pub mod reduce;
 pub mod runner;
 pub mod work;
 
+pub use backend::Backend;
 pub use domain::{
     Item, ItemId, ItemRecord, ItemStatus, ProcessError, RunConfig, RunId, RunRecord, RunStatus,
 };

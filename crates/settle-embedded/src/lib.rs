@@ -61,6 +61,18 @@ impl Embedded {
         Ok(me)
     }
 
+    /// The backend behind the ports, for code that serves every backend.
+    pub fn backend(&self) -> settle_core::Backend {
+        settle_core::Backend {
+            work: std::sync::Arc::new(self.work.clone()),
+            dlq: std::sync::Arc::new(self.dlq.clone()),
+            results: std::sync::Arc::new(self.results.clone()),
+            results_dlq: std::sync::Arc::new(self.results_dlq.clone()),
+            source: std::sync::Arc::new(self.store.clone()),
+            ledger: std::sync::Arc::new(self.store.clone()),
+        }
+    }
+
     /// Makes the work queue's redrive policy safe for runs of `max_receives`:
     /// [`SAFETY_RECEIVES`] receives more than the worker's limit, so that an
     /// attempt that never reported (a crash) is still recorded as terminal by
