@@ -10,6 +10,15 @@ use std::path::PathBuf;
     about = "Fan out a batch of items, settle each on its own, tally exactly."
 )]
 pub struct Cli {
+    /// Where runs live: the embedded database file, or an AWS stack named by
+    /// the SETTLE_* variables (see `infra/emulator.sh up` and the stack's Outputs).
+    #[arg(long, global = true, env = "SETTLE_BACKEND", value_enum, default_value_t = BackendKind::Embedded)]
+    pub backend: BackendKind,
+    /// Who processes the work: this process (local), or the deployed Lambda
+    /// functions, which the CLI then follows. Default: local on the embedded
+    /// backend, deployed on AWS.
+    #[arg(long, global = true, env = "SETTLE_WORKERS", value_enum)]
+    pub workers: Option<Workers>,
     /// The embedded database file.
     #[arg(long, global = true, env = "SETTLE_DB", default_value = settle_embedded::DEFAULT_PATH)]
     pub db: PathBuf,
@@ -99,6 +108,20 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// One SQLite file on this machine.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workers {
+    /// The local runner in this process plays the event source mapping.
+    Local,
+    /// The deployed worker and reducer functions process; the CLI follows.
+    Deployed,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -1,16 +1,16 @@
 //! One function per subcommand.
 
 use crate::cli::{Cli, Command, ProcessArgs, RunArgs, RunSettings};
+use crate::deployment::Deployment;
 use crate::process::{process, Finish, Until};
 use crate::report;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use settle_core::dispatch;
 use settle_core::jsonl::JsonlItems;
-use settle_core::ports::{Ledger, LoadError, Queue, Source};
+use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
 use settle_core::{ItemId, RunConfig, RunId, RunRecord};
-use settle_embedded::Embedded;
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::Path;
@@ -21,7 +21,7 @@ use std::process::ExitCode;
 #[error("{0}")]
 pub struct InputError(pub String);
 
-fn input(msg: impl Into<String>) -> anyhow::Error {
+pub fn input(msg: impl Into<String>) -> anyhow::Error {
     InputError(msg.into()).into()
 }
 
@@ -36,29 +36,35 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let e = Embedded::open(&cli.db)
-        .await
-        .map_err(|err| input(format!("cannot open the database: {err}")))?;
+    let d = &Deployment::open(&cli).await?;
     match cli.command {
-        Command::Run(args) => run(&e, args).await,
+        Command::Run(args) => run(d, args).await,
         Command::Load { items, json } => {
-            let n = load(&e, &items).await?;
+            let n = load(d, &items).await?;
             emit(
                 json,
-                json!({ "loaded": n, "pending": e.store.pending().await? }),
+                json!({ "loaded": n, "pending": d.backend.source.pending().await? }),
                 || format!("Loaded {n} items from {}\n", items.display()),
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Dispatch { run, json } => {
-            if e.store.pending().await? == 0 {
+            if d.backend.source.pending().await? == 0 {
                 return Err(input(
                     "nothing is pending: load items first (settle load --items FILE)",
                 ));
             }
-            let record = new_run(&e, &run).await?;
-            dispatch::dispatch(&e.store, &e.store, &e.work, &record.id, None).await?;
-            let record = get_run(&e, &record.id).await?;
+            let record = new_run(d, &run).await?;
+            let b = &d.backend;
+            dispatch::dispatch(
+                b.source.as_ref(),
+                b.ledger.as_ref(),
+                b.work.as_ref(),
+                &record.id,
+                None,
+            )
+            .await?;
+            let record = get_run(d, &record.id).await?;
             emit(json, report::run_json(&record), || {
                 format!("Dispatched run {} with {} items\n", record.id, record.total)
             });
@@ -69,18 +75,18 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             process: p,
             json,
         } => {
-            let run = resolve(&e, run_id.as_deref()).await?;
+            let run = resolve(d, run_id.as_deref()).await?;
             finish(
-                &e,
-                process(&e, &run.id, &p, Until::Settled).await?,
+                d,
+                process(d, &run.id, &p, Until::Settled).await?,
                 json,
                 None,
             )
             .await
         }
         Command::Status { run_id, json } => {
-            let run = resolve(&e, run_id.as_deref()).await?;
-            let parked = e.results_dlq.depth().await?.total();
+            let run = resolve(d, run_id.as_deref()).await?;
+            let parked = d.backend.results_dlq.depth().await?.total();
             if parked > 0 {
                 // Only undecodable results should land there; any other is an
                 // outcome the tally has not heard of.
@@ -89,8 +95,9 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
                      their outcomes are not in any tally"
                 );
             }
-            let first = e
-                .store
+            let first = d
+                .backend
+                .ledger
                 .failures(&run.id, None, report::FIRST_FAILURES)
                 .await?;
             emit(json, report::run_json(&run), || {
@@ -99,8 +106,8 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Failures { run_id, json } => {
-            let run = resolve(&e, Some(&run_id)).await?;
-            let all = all_failures(&e, &run.id).await?;
+            let run = resolve(d, Some(&run_id)).await?;
+            let all = all_failures(d, &run.id).await?;
             emit(json, report::failures_json(&run, &all), || {
                 report::failures_human(&run, &all)
             });
@@ -112,16 +119,20 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             dry_run,
             process: p,
             json,
-        } => redrive_cmd(&e, &run_id, items, dry_run, &p, json).await,
+        } => redrive_cmd(d, &run_id, items, dry_run, &p, json).await,
         Command::Show {
             run_id,
             item_id,
             json,
         } => {
-            let run = resolve(&e, Some(&run_id)).await?;
+            let run = resolve(d, Some(&run_id)).await?;
             let id = ItemId::new(item_id.clone())
                 .map_err(|err| input(format!("item id {item_id:?}: {err}")))?;
-            let rows = e.store.items(&[(run.id.clone(), id.clone())]).await?;
+            let rows = d
+                .backend
+                .ledger
+                .items(&[(run.id.clone(), id.clone())])
+                .await?;
             let rec = rows.into_values().next().ok_or_else(|| {
                 input(format!(
                     "no record of item \"{id}\" in run {} (not in the run, or not attempted yet)",
@@ -134,7 +145,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { limit, json } => {
-            let runs = e.store.runs(limit).await?;
+            let runs = d.backend.ledger.runs(limit).await?;
             emit(
                 json,
                 json!({ "runs": runs.iter().map(report::run_json).collect::<Vec<_>>() }),
@@ -155,28 +166,29 @@ fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
     }
 }
 
-async fn run(e: &Embedded, args: RunArgs) -> Result<ExitCode> {
-    let before = e.store.pending().await?;
-    load(e, &args.items).await?;
+async fn run(d: &Deployment, args: RunArgs) -> Result<ExitCode> {
+    let before = d.backend.source.pending().await?;
+    load(d, &args.items).await?;
     if before > 0 {
         eprintln!("note: {before} items loaded earlier were pending and join this run");
     }
-    let record = new_run(e, &args.run).await?;
+    let record = new_run(d, &args.run).await?;
     eprintln!("Run {} started", record.id);
-    let finished = process(e, &record.id, &args.process, Until::Settled).await?;
-    finish(e, finished, args.json, None).await
+    let finished = process(d, &record.id, &args.process, Until::Settled).await?;
+    finish(d, finished, args.json, None).await
 }
 
-async fn new_run(e: &Embedded, s: &RunSettings) -> Result<RunRecord> {
+async fn new_run(d: &Deployment, s: &RunSettings) -> Result<RunRecord> {
+    d.prepare_for(s.max_receives).await?;
     let config = RunConfig {
         max_receives: s.max_receives,
         tolerated_failure_percent: s.tolerated_failure_percent,
     };
-    Ok(dispatch::create_run(&e.store, config).await?)
+    Ok(dispatch::create_run(d.backend.ledger.as_ref(), config).await?)
 }
 
 /// Loads a JSONL file in one transaction; a bad line names the file and line.
-async fn load(e: &Embedded, path: &Path) -> Result<u64> {
+async fn load(d: &Deployment, path: &Path) -> Result<u64> {
     let reader: Box<dyn BufRead + Send> = if path == Path::new("-") {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -187,7 +199,11 @@ async fn load(e: &Embedded, path: &Path) -> Result<u64> {
     let spinner =
         indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let res = e.store.load(Box::new(JsonlItems::new(reader))).await;
+    let res = d
+        .backend
+        .source
+        .load(Box::new(JsonlItems::new(reader)))
+        .await;
     spinner.finish_and_clear();
     match res {
         Ok(0) => Err(input(format!(
@@ -207,34 +223,40 @@ async fn load(e: &Embedded, path: &Path) -> Result<u64> {
     }
 }
 
-async fn get_run(e: &Embedded, id: &RunId) -> Result<RunRecord> {
-    e.store
+async fn get_run(d: &Deployment, id: &RunId) -> Result<RunRecord> {
+    d.backend
+        .ledger
         .run(id)
         .await?
         .ok_or_else(|| input(format!("run {id} not found")))
 }
 
 /// The named run, or the latest one.
-async fn resolve(e: &Embedded, id: Option<&str>) -> Result<RunRecord> {
+async fn resolve(d: &Deployment, id: Option<&str>) -> Result<RunRecord> {
     match id {
         Some(s) => {
             let id = RunId::parse(s).map_err(|err| input(err.to_string()))?;
-            get_run(e, &id).await
+            get_run(d, &id).await
         }
-        None => e
-            .store
+        None => d
+            .backend
+            .ledger
             .runs(1)
             .await?
             .pop()
-            .ok_or_else(|| input(format!("no runs yet in {}", e.db.path().display()))),
+            .ok_or_else(|| input(format!("no runs yet in {}", d.describe()))),
     }
 }
 
-async fn all_failures(e: &Embedded, run: &RunId) -> Result<Vec<(ItemId, settle_core::ItemRecord)>> {
+async fn all_failures(
+    d: &Deployment,
+    run: &RunId,
+) -> Result<Vec<(ItemId, settle_core::ItemRecord)>> {
     let mut all = Vec::new();
     loop {
-        let page = e
-            .store
+        let page = d
+            .backend
+            .ledger
             .failures(run, all.last().map(|(id, _)| id), 1000)
             .await?;
         if page.is_empty() {
@@ -245,15 +267,16 @@ async fn all_failures(e: &Embedded, run: &RunId) -> Result<Vec<(ItemId, settle_c
 }
 
 async fn finish(
-    e: &Embedded,
+    d: &Deployment,
     f: Finish,
     json: bool,
     extra: Option<(&str, Value)>,
 ) -> Result<ExitCode> {
     match f {
         Finish::Done(run, took, count) => {
-            let first = e
-                .store
+            let first = d
+                .backend
+                .ledger
                 .failures(&run.id, None, report::FIRST_FAILURES)
                 .await?;
             let mut value = report::run_json(&run);
@@ -281,14 +304,14 @@ async fn finish(
 }
 
 async fn redrive_cmd(
-    e: &Embedded,
+    d: &Deployment,
     run_id: &str,
     items: Vec<String>,
     dry_run: bool,
     p: &ProcessArgs,
     json: bool,
 ) -> Result<ExitCode> {
-    let run = resolve(e, Some(run_id)).await?;
+    let run = resolve(d, Some(run_id)).await?;
     let only: Option<BTreeSet<ItemId>> = if items.is_empty() {
         None
     } else {
@@ -301,12 +324,19 @@ async fn redrive_cmd(
                 .collect::<Result<_>>()?,
         )
     };
-    let moved = redrive::redrive(&e.store, &e.dlq, &e.work, &run.id, only.as_ref(), dry_run)
-        .await
-        .map_err(|err| match err {
-            RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
-            other => input(other.to_string()),
-        })?;
+    let moved = redrive::redrive(
+        d.backend.ledger.as_ref(),
+        d.backend.dlq.as_ref(),
+        d.backend.work.as_ref(),
+        &run.id,
+        only.as_ref(),
+        dry_run,
+    )
+    .await
+    .map_err(|err| match err {
+        RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
+        other => input(other.to_string()),
+    })?;
     for m in &moved.missing {
         eprintln!("note: item \"{m}\" has no message in the dead-letter queue (already redriven?)");
     }
@@ -330,7 +360,7 @@ async fn redrive_cmd(
     let finished = if n == 0 {
         Finish::Done(run, std::time::Duration::ZERO, 0)
     } else {
-        match process(e, &run.id, p, Until::Drained)
+        match process(d, &run.id, p, Until::Drained)
             .await
             .context("processing the redriven items")?
         {
@@ -339,5 +369,5 @@ async fn redrive_cmd(
             other => other,
         }
     };
-    finish(e, finished, json, Some(("redriven", json!(n)))).await
+    finish(d, finished, json, Some(("redriven", json!(n)))).await
 }

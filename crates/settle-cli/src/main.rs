@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod deployment;
 mod generate;
 mod process;
 mod report;

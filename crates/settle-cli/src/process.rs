@@ -2,15 +2,15 @@
 //! a progress bar on stderr, and a clean stop on Ctrl-C.
 
 use crate::cli::ProcessArgs;
+use crate::cli::Workers;
+use crate::deployment::Deployment;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
-use settle_core::ports::{Ledger, Queue};
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{RunId, RunRecord, Scripted};
-use settle_embedded::Embedded;
+use settle_core::{Backend, RunId, RunRecord, Scripted};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -36,17 +36,15 @@ pub enum Finish {
 const TICK: Duration = Duration::from_millis(100);
 /// While waiting for a run to settle, the queues are counted every this many ticks.
 const STALL_CHECK_EVERY: u32 = 10;
-/// Consecutive counts finding the queues empty with items still pending: a stall.
-const STALL_CHECKS: u32 = 3;
 
-pub fn runner(e: &Embedded, args: &ProcessArgs) -> Runner {
-    let work: Arc<dyn Queue> = Arc::new(e.work.clone());
+pub fn runner(b: &Backend, args: &ProcessArgs) -> Runner {
+    let work = b.work.clone();
     let visibility = Duration::from_secs(args.visibility_timeout);
     let worker = Worker::new(
         Arc::new(Scripted),
         work.clone(),
-        Arc::new(e.dlq.clone()),
-        Arc::new(e.results.clone()),
+        b.dlq.clone(),
+        b.results.clone(),
         WorkerConfig {
             retry_delay: Duration::from_millis(args.retry_delay_ms),
             // Half the visibility timeout: the rest of the window is for the
@@ -59,8 +57,8 @@ pub fn runner(e: &Embedded, args: &ProcessArgs) -> Runner {
     Runner {
         worker: Arc::new(worker),
         work,
-        results: Arc::new(e.results.clone()),
-        ledger: Arc::new(e.store.clone()),
+        results: b.results.clone(),
+        ledger: b.ledger.clone(),
         config: RunnerConfig {
             concurrency: args.concurrency as usize,
             batch_size: args.batch_size as usize,
@@ -73,31 +71,42 @@ pub fn runner(e: &Embedded, args: &ProcessArgs) -> Runner {
 
 /// Dispatches the rest of `run` (if any) and processes until `until`.
 pub async fn process(
-    e: &Embedded,
+    d: &Deployment,
     run: &RunId,
     args: &ProcessArgs,
     until: Until,
 ) -> Result<Finish> {
     let started = Instant::now();
-    let record = e
-        .store
+    let b = &d.backend;
+    let record = b
+        .ledger
         .run(run)
         .await?
         .with_context(|| format!("run {run} not found"))?;
     let before = record.clone();
-    e.set_max_receives(record.config.max_receives).await?;
-    let runner = runner(e, args);
+    d.prepare_for(record.config.max_receives).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let poll = tokio::spawn({
-        let runner = runner.clone();
-        async move { runner.run(stop_rx).await }
+    // With deployed workers the Lambda functions process; this process
+    // only dispatches and follows the tally.
+    let poll = (d.workers == Workers::Local).then(|| {
+        let runner = runner(b, args);
+        tokio::spawn(async move { runner.run(stop_rx).await })
     });
     let mut dispatching = (!record.dispatched).then(|| {
-        let (e, run) = (e.clone(), run.clone());
-        tokio::spawn(
-            async move { dispatch::dispatch(&e.store, &e.store, &e.work, &run, None).await },
-        )
+        let (b, run) = (b.clone(), run.clone());
+        tokio::spawn(async move {
+            dispatch::dispatch(
+                b.source.as_ref(),
+                b.ledger.as_ref(),
+                b.work.as_ref(),
+                &run,
+                None,
+            )
+            .await
+        })
     });
+    let stall_checks =
+        (d.stall_after().as_millis() / (TICK * STALL_CHECK_EVERY).as_millis()).max(1) as u32;
     let bar = progress_bar(&record);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -120,12 +129,12 @@ pub async fn process(
                 }
             }
         }
-        if poll.is_finished() {
+        if poll.as_ref().is_some_and(|p| p.is_finished()) {
             break Err(Some(anyhow::anyhow!(
                 "the local runner stopped unexpectedly"
             )));
         }
-        let now = e.store.run(run).await?.context("run vanished")?;
+        let now = b.ledger.run(run).await?.context("run vanished")?;
         show(&bar, &now);
         if dispatching.is_some() {
             continue;
@@ -140,12 +149,12 @@ pub async fn process(
         if until == Until::Settled && !tick.is_multiple_of(STALL_CHECK_EVERY) {
             continue;
         }
-        let empty = e.work.depth().await?.total() == 0 && e.results.depth().await?.total() == 0;
+        let empty = b.work.depth().await?.total() == 0 && b.results.depth().await?.total() == 0;
         if empty && (until == Until::Drained || settled) {
             break Ok(now);
         }
         stalled = if empty && !settled { stalled + 1 } else { 0 };
-        if stalled >= STALL_CHECKS {
+        if stalled >= stall_checks {
             break Err(Some(anyhow::anyhow!(
                 "run {run} has {} pending items but no messages left to process; \
                  the database may have been changed by hand",
@@ -157,15 +166,18 @@ pub async fn process(
     if let Some(d) = dispatching {
         d.abort();
     }
-    let polled = poll.await;
+    let polled = match poll {
+        Some(p) => p.await,
+        None => Ok(Ok(())),
+    };
     bar.finish_and_clear();
-    let record = e.store.run(run).await?.context("run vanished")?;
+    let record = b.ledger.run(run).await?.context("run vanished")?;
     match outcome {
         Ok(_) => {
             polled??;
             if record.is_settled() && record.settled_at.is_none() {
                 // An empty run never sees a result, so nobody else marks it.
-                e.store.mark_settled(run, now_millis()).await?;
+                b.ledger.mark_settled(run, now_millis()).await?;
             }
             let settled = |r: &RunRecord| r.succeeded + r.failed;
             let count = settled(&record).saturating_sub(settled(&before));
