@@ -4,7 +4,7 @@
 //! run tallies are committed together, conditional on the versions read.
 
 use crate::domain::{now_millis, ItemId, ItemRecord, RunId, RunRecord, TallyDelta};
-use crate::message::ResultBody;
+use crate::message::{decode_results, ResultBody};
 use crate::ports::{Delivery, ItemPut, Ledger, LedgerBatch, PortError, MAX_COMMIT_ACTIONS};
 use crate::work::BatchResponse;
 use std::collections::{BTreeMap, HashMap};
@@ -33,8 +33,8 @@ pub async fn reduce(ledger: &dyn Ledger, batch: &[Delivery]) -> ReduceReport {
     let mut report = ReduceReport::default();
     let mut decoded: Vec<(String, ResultBody)> = Vec::with_capacity(batch.len());
     for d in batch {
-        match ResultBody::decode(&d.body) {
-            Ok(r) => decoded.push((d.message_id.clone(), r)),
+        match decode_results(&d.body) {
+            Ok(rs) => decoded.extend(rs.into_iter().map(|r| (d.message_id.clone(), r))),
             Err(e) => {
                 // Retried, then parked in the results DLQ by its redrive policy.
                 tracing::error!(message_id = %d.message_id, error = %e, "undecodable result");
@@ -64,10 +64,13 @@ pub async fn reduce(ledger: &dyn Ledger, batch: &[Delivery]) -> ReduceReport {
             }
             Err(e) => {
                 tracing::error!(error = %e, results = chunk.len(), "could not commit results; they will be retried");
-                report
-                    .response
-                    .failures
-                    .extend(chunk.iter().map(|(m, _)| m.clone()));
+                // A message whose results span two chunks is retried whole;
+                // the results already applied then count as duplicates.
+                for (m, _) in chunk {
+                    if !report.response.failures.contains(m) {
+                        report.response.failures.push(m.clone());
+                    }
+                }
             }
         }
     }

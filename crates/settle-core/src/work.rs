@@ -3,7 +3,7 @@
 //! panic, a timeout or an undecodable body affects only that message.
 
 use crate::domain::{bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
-use crate::message::{DeadLetter, ResultBody, WorkBody};
+use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use crate::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::processor::{AttemptContext, Processor};
 use futures::FutureExt;
@@ -109,25 +109,30 @@ impl Worker {
         // it. A message whose copy or result was not stored is retried (a
         // retry past the limit records "no outcome" and dead-letters again:
         // a duplicate copy, never a missing one).
-        let dead: Vec<(usize, String)> = (0..batch.len())
+        let dead: Vec<(String, Vec<usize>)> = (0..batch.len())
             .filter_map(|i| match &plans[i] {
                 Plan::Report {
                     dead_letter: Some(body),
                     ..
-                } => Some((i, body.clone())),
-                Plan::Malformed => Some((i, batch[i].body.clone())),
+                } => Some((body.clone(), vec![i])),
+                Plan::Malformed => Some((batch[i].body.clone(), vec![i])),
                 _ => None,
             })
             .collect();
         self.send_all(&self.dlq, dead, &mut failed, "dead-letter")
             .await;
 
-        let reports: Vec<(usize, String)> = (0..batch.len())
+        // The batch's results travel together, one message for the lot.
+        let (members, encoded): (Vec<usize>, Vec<String>) = (0..batch.len())
             .filter(|&i| !failed[i])
             .filter_map(|i| match &plans[i] {
                 Plan::Report { result, .. } => Some((i, result.encode())),
                 _ => None,
             })
+            .unzip();
+        let reports = pack_results(&encoded)
+            .into_iter()
+            .map(|(body, of)| (body, of.into_iter().map(|j| members[j]).collect()))
             .collect();
         self.send_all(&self.results, reports, &mut failed, "send results")
             .await;
@@ -157,24 +162,27 @@ impl Worker {
         }
     }
 
-    /// Sends `(message index, body)` pairs in SQS-sized batches; marks the
-    /// messages of a failed batch for retry.
+    /// Sends `(body, indices of the messages it speaks for)` pairs in
+    /// SQS-sized batches; marks the messages of a failed batch for retry.
     async fn send_all(
         &self,
         queue: &Arc<dyn Queue>,
-        bodies: Vec<(usize, String)>,
+        bodies: Vec<(String, Vec<usize>)>,
         failed: &mut [bool],
         what: &str,
     ) {
-        let sizes: Vec<usize> = bodies.iter().map(|(_, b)| b.len()).collect();
+        let sizes: Vec<usize> = bodies.iter().map(|(b, _)| b.len()).collect();
         for range in send_batches(&sizes) {
             let chunk = &bodies[range];
             if let Err(e) = queue
-                .send(chunk.iter().map(|(_, b)| b.clone()).collect())
+                .send(chunk.iter().map(|(b, _)| b.clone()).collect())
                 .await
             {
                 tracing::error!(error = %e, "could not {what}; the messages will be retried");
-                chunk.iter().for_each(|(i, _)| failed[*i] = true);
+                chunk
+                    .iter()
+                    .flat_map(|(_, of)| of)
+                    .for_each(|&i| failed[i] = true);
             }
         }
     }

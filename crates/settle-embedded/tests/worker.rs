@@ -4,7 +4,7 @@
 
 use serde_json::value::RawValue;
 use settle_core::domain::{AttemptOutcome, ErrorKind, Item, ItemId, RunId};
-use settle_core::message::{ResultBody, WorkBody};
+use settle_core::message::{decode_results, ResultBody, WorkBody};
 use settle_core::ports::{Delivery, Queue};
 use settle_core::work::{delete_done, Worker, WorkerConfig};
 use settle_core::Scripted;
@@ -55,7 +55,7 @@ async fn drain(q: &dyn Queue) -> Vec<Delivery> {
 fn results(ds: &[Delivery]) -> Vec<ResultBody> {
     let mut r: Vec<ResultBody> = ds
         .iter()
-        .map(|d| ResultBody::decode(&d.body).unwrap())
+        .flat_map(|d| decode_results(&d.body).unwrap())
         .collect();
     r.sort_by(|a, b| a.item.cmp(&b.item));
     r
