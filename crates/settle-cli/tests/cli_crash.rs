@@ -45,7 +45,7 @@ fn latest_run(env: &Env) -> Option<String> {
         .as_array()
         .unwrap()
         .first()
-        .map(|r| run_id(r))
+        .map(run_id)
 }
 
 #[test]
