@@ -188,14 +188,15 @@ impl Ledger for DynamoLedger {
         // Progress moves forward only: the write is conditional on not going
         // back, so a slower dispatcher's stale report changes nothing but
         // (if it finished) the dispatched flag.
-        let mut set = vec!["enqueued = :e"];
+        let mut set = vec!["#enq = :e"];
         let mut update = self
             .t
             .client
             .update_item()
             .table_name(&self.t.ledger)
             .set_key(Some(run_key(id)))
-            .condition_expression("attribute_exists(pk) AND enqueued <= :e")
+            .condition_expression("attribute_exists(pk) AND #enq <= :e")
+            .expression_attribute_names("#enq", "enqueued")
             .expression_attribute_values(":e", n(enqueued))
             .return_consumed_capacity(ReturnConsumedCapacity::Total);
         if let Some(c) = cursor {
@@ -203,7 +204,8 @@ impl Ledger for DynamoLedger {
             update = update.expression_attribute_values(":c", s(c));
         }
         if dispatched {
-            set.push("dispatched = :t");
+            set.push("#dis = :t");
+            update = update.expression_attribute_names("#dis", "dispatched");
             update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
         }
         let mut expr = format!("SET {}", set.join(", "));
@@ -232,7 +234,8 @@ impl Ledger for DynamoLedger {
                         .update_item()
                         .table_name(&self.t.ledger)
                         .set_key(Some(run_key(id)))
-                        .update_expression("SET dispatched = :t")
+                        .update_expression("SET #dis = :t")
+                        .expression_attribute_names("#dis", "dispatched")
                         .condition_expression("attribute_exists(pk)")
                         .expression_attribute_values(":t", AttributeValue::Bool(true))
                         .return_consumed_capacity(ReturnConsumedCapacity::Total)
@@ -361,8 +364,11 @@ impl Ledger for DynamoLedger {
             let update = Update::builder()
                 .table_name(&self.t.ledger)
                 .set_key(Some(run_key(run)))
-                .update_expression("ADD succeeded :s, failed :f")
+                .update_expression("ADD #su :s, #fl :f")
                 .condition_expression("attribute_exists(pk)")
+                // Both are DynamoDB reserved words.
+                .expression_attribute_names("#su", "succeeded")
+                .expression_attribute_names("#fl", "failed")
                 .expression_attribute_values(":s", n(d.succeeded))
                 .expression_attribute_values(":f", n(d.failed))
                 .build()

@@ -478,10 +478,11 @@ impl DynamoSource {
         let meta = Update::builder()
             .table_name(&self.t.items)
             .set_key(Some(meta_key()))
-            .update_expression("SET published = :hi REMOVE lock_owner, lock_until")
+            .update_expression("SET #pub = :hi REMOVE lock_owner, lock_until")
             .condition_expression(
-                "lock_owner = :me AND (attribute_not_exists(published) OR published = :old)",
+                "lock_owner = :me AND (attribute_not_exists(#pub) OR #pub = :old)",
             )
+            .expression_attribute_names("#pub", "published")
             .expression_attribute_values(":hi", n(hi))
             .expression_attribute_values(":me", s(load))
             .expression_attribute_values(":old", n(published))
@@ -667,15 +668,16 @@ impl Source for DynamoSource {
             }
             let count = hi - meta.head;
             let head_cond = if meta.head == 0 {
-                "attribute_not_exists(head) OR head = :head"
+                "attribute_not_exists(#hd) OR #hd = :head"
             } else {
-                "head = :head"
+                "#hd = :head"
             };
             let meta_update = Update::builder()
                 .table_name(&self.t.items)
                 .set_key(Some(meta_key()))
-                .update_expression("SET head = :hi")
+                .update_expression("SET #hd = :hi")
                 .condition_expression(head_cond)
+                .expression_attribute_names("#hd", "head")
                 .expression_attribute_values(":hi", n(hi))
                 .expression_attribute_values(":head", n(meta.head))
                 .build()
@@ -683,11 +685,14 @@ impl Source for DynamoSource {
             let run_update = Update::builder()
                 .table_name(&self.t.ledger)
                 .set_key(Some(run_key(run)))
-                .update_expression("SET claim_bound = if_not_exists(claim_bound, :b) ADD total :n")
+                .update_expression("SET claim_bound = if_not_exists(claim_bound, :b) ADD #tot :n")
                 .condition_expression(
-                    "attribute_exists(pk) AND dispatched = :f \
+                    "attribute_exists(pk) AND #dis = :f \
                      AND (attribute_not_exists(claim_bound) OR claim_bound = :b)",
                 )
+                // Reserved words in DynamoDB expressions.
+                .expression_attribute_names("#tot", "total")
+                .expression_attribute_names("#dis", "dispatched")
                 .expression_attribute_values(":b", n(bound))
                 .expression_attribute_values(":n", n(count))
                 .expression_attribute_values(":f", AttributeValue::Bool(false))
