@@ -19,6 +19,11 @@ pub struct Cli {
     /// backend, deployed on AWS.
     #[arg(long, global = true, env = "SETTLE_WORKERS", value_enum)]
     pub workers: Option<Workers>,
+    /// With --backend aws: write the AWS calls made, per operation, and the
+    /// DynamoDB capacity consumed to this JSON file when the command ends
+    /// (for cost figures; see scripts/cost.py).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub report_calls: Option<PathBuf>,
     /// The embedded database file.
     #[arg(long, global = true, env = "SETTLE_DB", default_value = settle_embedded::DEFAULT_PATH)]
     pub db: PathBuf,
@@ -114,6 +119,8 @@ pub enum Command {
 pub enum BackendKind {
     /// One SQLite file on this machine.
     Embedded,
+    /// SQS and DynamoDB (AWS_ENDPOINT_URL points at an emulator).
+    Aws,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -37,7 +37,20 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let d = &Deployment::open(&cli).await?;
-    match cli.command {
+    let code = command(d, cli.command).await;
+    if let Some(path) = &cli.report_calls {
+        let report = json!({
+            "calls": d.call_counts(),
+            "consumed_capacity": d.consumed_capacity(),
+        });
+        std::fs::write(path, format!("{report}\n"))
+            .with_context(|| format!("cannot write the call report to {}", path.display()))?;
+    }
+    code
+}
+
+async fn command(d: &Deployment, command: Command) -> Result<ExitCode> {
+    match command {
         Command::Run(args) => run(d, args).await,
         Command::Load { items, json } => {
             let n = load(d, &items).await?;

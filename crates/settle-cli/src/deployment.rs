@@ -20,6 +20,7 @@ pub struct Deployment {
 #[derive(Debug)]
 enum Kind {
     Embedded(Embedded),
+    Aws(settle_aws::AwsBackend),
 }
 
 impl Deployment {
@@ -40,6 +41,34 @@ impl Deployment {
                     kind: Kind::Embedded(e),
                 })
             }
+            BackendKind::Aws => {
+                let cfg = settle_aws::AwsConfig::from_env().map_err(|e| input(e.to_string()))?;
+                let aws = settle_aws::connect(&cfg)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot reach the AWS stack: {e}"))?;
+                Ok(Self {
+                    backend: aws.backend(),
+                    workers: cli.workers.unwrap_or(Workers::Deployed),
+                    kind: Kind::Aws(aws),
+                })
+            }
+        }
+    }
+
+    /// The AWS calls made so far, per operation (`None` on the embedded
+    /// backend), for `--report-calls` and the cost figures.
+    pub fn call_counts(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        match &self.kind {
+            Kind::Embedded(_) => None,
+            Kind::Aws(aws) => Some(aws.call_counts()),
+        }
+    }
+
+    /// DynamoDB capacity units consumed so far, per operation.
+    pub fn consumed_capacity(&self) -> Option<std::collections::BTreeMap<String, f64>> {
+        match &self.kind {
+            Kind::Embedded(_) => None,
+            Kind::Aws(aws) => Some(aws.consumed_capacity()),
         }
     }
 
@@ -47,6 +76,7 @@ impl Deployment {
     pub fn describe(&self) -> String {
         match &self.kind {
             Kind::Embedded(e) => e.db.path().display().to_string(),
+            Kind::Aws(aws) => format!("the ledger table {}", aws.config().ledger_table),
         }
     }
 
@@ -55,6 +85,18 @@ impl Deployment {
     pub async fn prepare_for(&self, max_receives: u32) -> Result<()> {
         match &self.kind {
             Kind::Embedded(e) => Ok(e.set_max_receives(max_receives).await?),
+            // The stack's redrive policy is fixed by its template; a run must
+            // end its attempts before the queue parks its messages, so that
+            // every dead-lettered item has a terminal result in the tally.
+            Kind::Aws(aws) => match aws.work_max_receive_count() {
+                Some(limit) if max_receives < limit => Ok(()),
+                Some(limit) => Err(input(format!(
+                    "--max-receives {max_receives} must be below the work queue's maxReceiveCount ({limit}); \
+                     use at most {}",
+                    limit.saturating_sub(1).max(1)
+                ))),
+                None => Ok(()),
+            },
         }
     }
 
@@ -64,6 +106,7 @@ impl Deployment {
     pub fn stall_after(&self) -> Duration {
         match &self.kind {
             Kind::Embedded(_) => Duration::from_secs(3),
+            Kind::Aws(_) => Duration::from_secs(90),
         }
     }
 }

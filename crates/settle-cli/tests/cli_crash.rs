@@ -41,11 +41,7 @@ fn kill_after(env: &Env, args: &[&str], after: Duration) -> i32 {
 }
 
 fn latest_run(env: &Env) -> Option<String> {
-    env.runs()["runs"]
-        .as_array()
-        .unwrap()
-        .first()
-        .map(run_id)
+    env.runs()["runs"].as_array().unwrap().first().map(run_id)
 }
 
 #[test]

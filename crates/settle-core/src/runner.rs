@@ -24,7 +24,9 @@ pub struct RunnerConfig {
     pub visibility: Duration,
     /// Reducer pollers.
     pub reducers: usize,
-    /// Results per reducer batch (filled by several receives of up to 10).
+    /// Results messages per reducer batch (filled by several receives of up
+    /// to 10). Each message holds up to a worker batch of results, so 9
+    /// messages fill about one ledger commit of 100 actions.
     pub reducer_batch: usize,
 }
 
@@ -35,7 +37,7 @@ impl Default for RunnerConfig {
             batch_size: MAX_QUEUE_BATCH,
             visibility: Duration::from_secs(30),
             reducers: 8,
-            reducer_batch: 90,
+            reducer_batch: 9,
         }
     }
 }

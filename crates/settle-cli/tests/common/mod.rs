@@ -86,10 +86,13 @@ impl Out {
     }
 }
 
-/// A fresh temp dir with its own database.
+/// A fresh temp dir with its own database, or (see [`Env::aws`]) its own
+/// stack on the AWS emulator.
 #[derive(Debug)]
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// Variables set for every command (the AWS stack's names).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Default for Env {
@@ -102,7 +105,41 @@ impl Env {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().unwrap(),
+            vars: Vec::new(),
         }
+    }
+
+    /// A fresh stack of queues and tables on the emulator at
+    /// `AWS_ENDPOINT_URL`, with the work queue dead-lettering after
+    /// `max_receive_count`; commands run with `--backend aws` and local workers.
+    pub fn aws(max_receive_count: u32) -> Self {
+        if std::env::var("AWS_ENDPOINT_URL").map_or(true, |v| v.trim().is_empty()) {
+            panic!(
+                "AWS_ENDPOINT_URL is not set: this test runs against the local emulator. \
+                 Start it with eval \"$(infra/emulator.sh up)\", or run make test"
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = rt.block_on(async {
+            let sdk = settle_aws::sdk_config().await;
+            let stack = settle_aws::provision::Stack::default_stack().unwrap();
+            let prefix = format!("cli{:08x}-", fastrand::u32(..));
+            settle_aws::provision::create_stack(&sdk, &stack, &prefix, Some(max_receive_count))
+                .await
+                .unwrap()
+        });
+        let mut env = Self::new();
+        env.vars = cfg
+            .to_env()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        env.vars.push(("SETTLE_BACKEND".into(), "aws".into()));
+        env.vars.push(("SETTLE_WORKERS".into(), "local".into()));
+        env
     }
 
     pub fn db(&self) -> PathBuf {
@@ -138,6 +175,9 @@ impl Env {
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
             .env_remove("SETTLE_DB")
+            .env_remove("SETTLE_BACKEND")
+            .env_remove("SETTLE_WORKERS")
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

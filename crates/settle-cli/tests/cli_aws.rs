@@ -1,0 +1,91 @@
+//! `settle --backend aws` end to end on the emulator (moto_server at
+//! `AWS_ENDPOINT_URL`): the local runner plays the event source mapping
+//! against the real SQS and DynamoDB APIs; run, failures, show, redrive of
+//! one item and of all, with exact tallies at every step.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn aws_run_then_redrive_one_then_all_keeps_exact_tallies() {
+    // maxReceiveCount 6 as in the template; runs use 3 attempts.
+    let env = Env::aws(6);
+    let items = env.scripts(
+        "i.jsonl",
+        &[
+            ("ok1", "ok"),
+            ("ok2", "ok"),
+            ("r1", "retryable:1"),
+            ("r4", "retryable:4"),
+            ("perm", "permanent"),
+            ("panic", "panic"),
+            ("slow", "sleep:50"),
+        ],
+    );
+    let run = env.run(&items, &["--max-receives", "3"]);
+    let id = run_id(&run);
+    // r4 fails its 3 attempts; perm fails at once; panic fails 3 times.
+    assert_run(&run, "partial", 7, 4, 3, 0);
+    let failed: Vec<(String, u64)> = env.failures(&id)["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["item_id"].as_str().unwrap().to_owned(),
+                f["attempts"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        vec![("panic".into(), 3), ("perm".into(), 1), ("r4".into(), 3)]
+    );
+    assert_eq!(env.status(&id), run);
+    assert_eq!(env.show(&id, "r1")["attempts"], 2);
+
+    // One item: r4 fails its 4th attempt (the redrive's first receive) and
+    // succeeds on its 5th: attempts count across the redrive.
+    let mut args = vec!["redrive", id.as_str(), "--item", "r4", "--json"];
+    args.extend(FAST);
+    let one = env.ok_json(&args);
+    assert_run_extra(&one, &["redriven"], "partial", 7, 5, 2, 0);
+    assert_eq!(one["redriven"], 1);
+    assert_eq!(env.show(&id, "r4")["attempts"], 5);
+
+    // The rest: both fail again (permanent, and a panic every time).
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let all = env.ok_json(&args);
+    assert_run_extra(&all, &["redriven"], "partial", 7, 5, 2, 0);
+    assert_eq!(all["redriven"], 2);
+    assert_eq!(env.show(&id, "perm")["attempts"], 2);
+
+    // An unknown item moves nothing and says so.
+    env.settle(&["redrive", &id, "--item", "nope", "--json"])
+        .expect_code(2)
+        .stderr_has("nope");
+    assert_eq!(
+        env.status(&id),
+        json!(all)
+            .as_object()
+            .map(|o| {
+                let mut o = o.clone();
+                o.remove("redriven");
+                serde_json::Value::Object(o)
+            })
+            .unwrap()
+    );
+}
+
+#[test]
+fn aws_run_refuses_max_receives_at_the_queue_limit() {
+    let env = Env::aws(3);
+    let items = env.scripts("i.jsonl", &[("a", "ok")]);
+    env.settle(&["run", "--items", &items, "--max-receives", "3"])
+        .expect_code(2)
+        .stderr_has("must be below the work queue's maxReceiveCount (3)");
+}
