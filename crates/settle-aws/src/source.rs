@@ -31,7 +31,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::value::RawValue;
 use settle_core::domain::{now_millis, Item, ItemId, RunId};
 use settle_core::ports::{LineError, LoadError, LoadInput, PortError, Source};
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -413,17 +413,20 @@ impl DynamoSource {
                 }
                 .into());
             }
-            if seen.contains_key(&h) {
-                seen_exact.insert(id.to_owned(), (index, line));
-            } else {
-                seen.insert(h, index);
+            match seen.entry(h) {
+                Entry::Occupied(_) => {
+                    seen_exact.insert(id.to_owned(), (index, line));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(index);
+                }
             }
 
             let size = id.len() + item.payload.get().len() + 32;
             if !block.is_empty()
                 && (block.len() as u64 == BLOCK_MAX_ITEMS
                     || block_bytes + size > BLOCK_MAX_BYTES
-                    || index % SHARD_ITEMS == 0)
+                    || index.is_multiple_of(SHARD_ITEMS))
             {
                 rows.push(self.block_row(load, block_first, &block)?);
                 block.clear();
