@@ -392,7 +392,13 @@ impl DynamoSource {
                         .get((prev - block_first) as usize)
                         .map(|(i, l, _)| (i.clone(), *l))
                 } else {
-                    // Written already: let the writes land, then read it back.
+                    // In a closed block: write what is buffered, let the
+                    // writes land, then read the earlier item back.
+                    if !rows.is_empty() {
+                        let batch: Vec<Row> = std::mem::take(&mut rows);
+                        written.extend(batch.iter().map(row_key));
+                        inflight.push(write_rows(self.t.clone(), batch));
+                    }
                     while let Some(r) = inflight.next().await {
                         r?;
                     }
@@ -441,12 +447,7 @@ impl DynamoSource {
 
             if rows.len() >= BATCH_WRITE {
                 let batch: Vec<Row> = std::mem::take(&mut rows);
-                written.extend(batch.iter().map(|r| {
-                    r.iter()
-                        .filter(|(k, _)| *k == "pk" || *k == "sk")
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                }));
+                written.extend(batch.iter().map(row_key));
                 inflight.push(write_rows(self.t.clone(), batch));
                 while inflight.len() >= WRITE_CONCURRENCY {
                     if let Some(r) = inflight.next().await {
@@ -464,12 +465,7 @@ impl DynamoSource {
         if !block.is_empty() {
             rows.push(self.block_row(load, block_first, &block)?);
         }
-        written.extend(rows.iter().map(|r| {
-            r.iter()
-                .filter(|(k, _)| *k == "pk" || *k == "sk")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        }));
+        written.extend(rows.iter().map(row_key));
         for batch in rows.chunks(BATCH_WRITE) {
             inflight.push(write_rows(self.t.clone(), batch.to_vec()));
         }
@@ -577,6 +573,14 @@ impl DynamoSource {
         out.item
             .ok_or_else(|| PortError::NotFound(format!("run {run}")))
     }
+}
+
+/// A row's key, to delete it if its load fails.
+fn row_key(row: &Row) -> HashMap<String, AttributeValue> {
+    row.iter()
+        .filter(|(k, _)| *k == "pk" || *k == "sk")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn lost_lease(load: &str) -> PortError {
