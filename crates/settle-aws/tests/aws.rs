@@ -71,6 +71,16 @@ async fn big_loads_are_atomic_and_read_back_in_order_across_block_partitions() {
         0,
         "a failed load publishes nothing"
     );
+    // A duplicate whose first copy sits in a closed block not yet written.
+    let near = items((1..=300).map(|l| (l, if l == 160 { id(10) } else { id(l) }, "{\"k\":1}")));
+    match b.source.load(near).await {
+        Err(LoadError::Line(e)) => {
+            assert_eq!(e.line, 160);
+            assert!(e.reason.contains("first on line 10"), "{}", e.reason);
+        }
+        other => panic!("expected a line error, got {other:?}"),
+    }
+    assert_eq!(b.source.pending().await.unwrap(), 0);
 
     let loaded = b
         .source
