@@ -2,7 +2,7 @@
 //! small helpers for attributes and errors.
 
 use crate::metrics::Metrics;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity};
 use aws_sdk_dynamodb::Client;
@@ -102,10 +102,9 @@ pub(crate) fn get_bool(row: &Row, field: &str) -> Option<bool> {
 /// Any SDK error as a port error naming the operation and the table.
 pub(crate) fn sdk_err<E>(op: &'static str, table: &str, e: SdkError<E>) -> PortError
 where
-    E: std::error::Error + Send + Sync + 'static,
-    SdkError<E>: std::error::Error,
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + Send + Sync + 'static,
 {
-    PortError::backend(op, format!("table {table}: {}", DisplayErrorContext(&e)))
+    PortError::backend(op, format!("table {table}: {}", crate::describe(&e)))
 }
 
 /// Whether an SDK error is a conditional check failure of a single-item write.

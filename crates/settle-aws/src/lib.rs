@@ -121,6 +121,25 @@ impl AwsConfig {
     }
 }
 
+/// One line for an SDK error. A service error reads as its code and
+/// message (`ValidationException: ...`); the SDK's own context display would
+/// also dump the raw HTTP response. Other errors (no connection, a timeout)
+/// keep the full chain, which is what says why.
+pub(crate) fn describe<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
+where
+    E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match e.as_service_error() {
+        Some(se) => format!(
+            "{}: {}",
+            se.code().unwrap_or("service error"),
+            se.message().unwrap_or("(no message)")
+        ),
+        None => aws_sdk_sqs::error::DisplayErrorContext(e).to_string(),
+    }
+}
+
 /// The SDK settings every Settle client uses: the standard retry mode (it
 /// backs off on throttling and transient errors, so no call site loops on
 /// those) and timeouts, so a stalled connection fails instead of hanging.

@@ -2,7 +2,6 @@
 
 use crate::ConfigError;
 use async_trait::async_trait;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
@@ -56,10 +55,9 @@ impl SqsQueue {
 
 fn err<E>(op: &'static str, queue: &str, e: aws_sdk_sqs::error::SdkError<E>) -> PortError
 where
-    E: std::error::Error + Send + Sync + 'static,
-    aws_sdk_sqs::error::SdkError<E>: std::error::Error,
+    E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + Send + Sync + 'static,
 {
-    PortError::backend(op, format!("queue {queue}: {}", DisplayErrorContext(&e)))
+    PortError::backend(op, format!("queue {queue}: {}", crate::describe(&e)))
 }
 
 /// SQS counts visibility in whole seconds; round up so a message is never
@@ -80,7 +78,7 @@ pub(crate) async fn max_receive_count(client: &Client, url: &str) -> Result<u32,
         .map_err(|e| ConfigError::Aws {
             op: "SQS.GetQueueAttributes",
             target: url.to_owned(),
-            source: DisplayErrorContext(&e).to_string().into(),
+            source: crate::describe(&e).into(),
         })?;
     let no_policy = |reason: String| ConfigError::NoRedrivePolicy {
         queue: url.to_owned(),
