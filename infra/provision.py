@@ -1,6 +1,8 @@
 """Creates the default stack's queues and tables on the emulator from
 infra/stack.json (the same definition crates/settle-aws/src/provision.rs
-reads), then prints the SETTLE_* variables as NAME=VALUE lines."""
+reads), then prints the SETTLE_* variables as NAME=VALUE lines.
+
+Usage: provision.py ENDPOINT [PREFIX]   (PREFIX names a separate stack, e.g. for scripts/cost.py)"""
 import json
 import os
 import sys
@@ -10,6 +12,7 @@ import boto3
 
 def main() -> int:
     endpoint = sys.argv[1]
+    prefix = sys.argv[2] if len(sys.argv) > 2 else ""
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "stack.json")) as f:
         stack = json.load(f)
@@ -26,17 +29,18 @@ def main() -> int:
                 "deadLetterTargetArn": arns[q["dead_letter"]],
                 "maxReceiveCount": q["max_receive_count"],
             })
-        url = sqs.create_queue(QueueName=q["name"], Attributes=attrs)["QueueUrl"]
+        url = sqs.create_queue(QueueName=prefix + q["name"], Attributes=attrs)["QueueUrl"]
         arns[key] = sqs.get_queue_attributes(
             QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         env[q["env"]] = url
     existing = set(ddb.list_tables()["TableNames"])
     for t in stack["tables"].values():
-        if t["name"] not in existing:
+        name = prefix + t["name"]
+        if name not in existing:
             schema = lambda h, r: [{"AttributeName": h, "KeyType": "HASH"},
                                    {"AttributeName": r, "KeyType": "RANGE"}]
             args = dict(
-                TableName=t["name"], BillingMode="PAY_PER_REQUEST",
+                TableName=name, BillingMode="PAY_PER_REQUEST",
                 KeySchema=schema(t["hash_key"], t["range_key"]),
                 AttributeDefinitions=[{"AttributeName": a, "AttributeType": ty}
                                       for a, ty in t["attributes"].items()],
@@ -48,7 +52,7 @@ def main() -> int:
                     "Projection": {"ProjectionType": ix["projection"]},
                 } for ix in t["indexes"]]
             ddb.create_table(**args)
-        env[t["env"]] = t["name"]
+        env[t["env"]] = name
     for k, v in env.items():
         print(f"{k}={v}")
     return 0

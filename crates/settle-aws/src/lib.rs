@@ -197,7 +197,7 @@ pub async fn connect_with(sdk: &SdkConfig, cfg: &AwsConfig) -> Result<AwsBackend
             .build(),
     );
     let work_max_receive_count = Some(sqs::max_receive_count(&sqs, &cfg.work_queue_url).await?);
-    let queue = |url: &str| SqsQueue::new(sqs.clone(), url);
+    let queue = |url: &str| SqsQueue::new(sqs.clone(), url).with_metrics(metrics.clone());
     let tables = ddb::Tables {
         client: dynamo,
         items: cfg.items_table.clone(),
@@ -245,6 +245,12 @@ impl AwsBackend {
     /// DynamoDB capacity units consumed so far per operation.
     pub fn consumed_capacity(&self) -> BTreeMap<String, f64> {
         self.metrics.consumed_capacity()
+    }
+
+    /// DynamoDB units as AWS would bill them, derived from the traffic
+    /// (see [`Metrics::billed_units`]).
+    pub fn billed_units(&self) -> BTreeMap<String, f64> {
+        self.metrics.billed_units()
     }
 
     pub fn config(&self) -> &AwsConfig {

@@ -25,6 +25,7 @@ pub struct SqsQueue {
     url: String,
     name: String,
     receive_wait_secs: i32,
+    metrics: Option<crate::Metrics>,
 }
 
 impl SqsQueue {
@@ -37,7 +38,14 @@ impl SqsQueue {
             url: url.to_owned(),
             name,
             receive_wait_secs: 0,
+            metrics: None,
         }
+    }
+
+    /// Counts empty receives in `metrics` (the backend's call counters).
+    pub fn with_metrics(mut self, metrics: crate::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Long-polls each receive for up to `wait` (at most 20 s): fewer empty
@@ -205,6 +213,13 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(|e| err("SQS.ReceiveMessage", &self.name, e))?;
+        if out.messages().is_empty() {
+            // Billed like any other; counted apart so a cost report can tell
+            // per-item receives from a poller's idle ones.
+            if let Some(m) = &self.metrics {
+                m.count("SQS.ReceiveMessage (empty)");
+            }
+        }
         let mut seen = HashSet::new();
         let mut got = Vec::new();
         for m in out.messages() {

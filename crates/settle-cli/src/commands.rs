@@ -41,7 +41,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
     if let Some(path) = &cli.report_calls {
         let report = json!({
             "calls": d.call_counts(),
-            "consumed_capacity": d.consumed_capacity(),
+            "dynamodb_units": d.capacity(),
         });
         std::fs::write(path, format!("{report}\n"))
             .with_context(|| format!("cannot write the call report to {}", path.display()))?;

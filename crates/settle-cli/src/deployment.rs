@@ -19,8 +19,9 @@ pub struct Deployment {
 
 #[derive(Debug)]
 enum Kind {
-    Embedded(Embedded),
-    Aws(settle_aws::AwsBackend),
+    // Boxed: the two differ much in size.
+    Embedded(Box<Embedded>),
+    Aws(Box<settle_aws::AwsBackend>),
 }
 
 impl Deployment {
@@ -38,7 +39,7 @@ impl Deployment {
                 Ok(Self {
                     backend: e.backend(),
                     workers: Workers::Local,
-                    kind: Kind::Embedded(e),
+                    kind: Kind::Embedded(Box::new(e)),
                 })
             }
             BackendKind::Aws => {
@@ -49,7 +50,7 @@ impl Deployment {
                 Ok(Self {
                     backend: aws.backend(),
                     workers: cli.workers.unwrap_or(Workers::Deployed),
-                    kind: Kind::Aws(aws),
+                    kind: Kind::Aws(Box::new(aws)),
                 })
             }
         }
@@ -64,11 +65,15 @@ impl Deployment {
         }
     }
 
-    /// DynamoDB capacity units consumed so far, per operation.
-    pub fn consumed_capacity(&self) -> Option<std::collections::BTreeMap<String, f64>> {
+    /// DynamoDB capacity units: as the service reported them, and as
+    /// derived from the traffic by DynamoDB's billing rules.
+    pub fn capacity(&self) -> Option<serde_json::Value> {
         match &self.kind {
             Kind::Embedded(_) => None,
-            Kind::Aws(aws) => Some(aws.consumed_capacity()),
+            Kind::Aws(aws) => Some(serde_json::json!({
+                "reported": aws.consumed_capacity(),
+                "billed_estimate": aws.billed_units(),
+            })),
         }
     }
 

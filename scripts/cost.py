@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Cost per million items on AWS, from the calls of a real run on the emulator.
+
+Usage: scripts/cost.py [COUNT] [--settle PATH] [--worker-ms MS] [--reducer-ms MS]
+Needs the emulator's exports in the environment (`make cost` starts it).
+
+Runs COUNT items of the bench mix (10% permanent failures) through
+`settle --backend aws` with local workers, in three commands (load,
+dispatch, process), each writing its AWS calls with --report-calls. The
+calls are counted by an SDK interceptor in settle-aws; DynamoDB units are
+derived from the requests and responses by DynamoDB's billing rules (moto
+reports none for transactions). Lambda is priced from the invocations the
+event source mapping would make at the template's batch sizes and an
+assumed duration per invocation (the flags), at 128 MB on arm64.
+"""
+import json, os, random, subprocess, sys, tempfile
+
+# Public prices, us-east-1, on demand, as of 2026 (see README).
+SQS_PER_REQUEST = 0.40 / 1e6          # standard queue, per 64 KB request
+DDB_PER_WRU = 0.625 / 1e6             # on-demand write request unit
+DDB_PER_RRU = 0.125 / 1e6             # on-demand read request unit
+LAMBDA_PER_REQUEST = 0.20 / 1e6
+LAMBDA_PER_GB_S_ARM = 0.0000133334
+MEMORY_GB = 128 / 1024
+WORKER_BATCH = 10                     # template.yaml: worker BatchSize
+REDUCER_BATCH = 9                     # template.yaml: reducer BatchSize (messages of up to 10 results)
+
+
+def fresh_stack():
+    """A stack of its own on the emulator, so earlier runs change nothing."""
+    prefix = f"cost{random.randrange(16**8):08x}-"
+    out = subprocess.run([".venv/bin/python", "infra/provision.py", os.environ["AWS_ENDPOINT_URL"], prefix],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.split())
+
+
+def settle(binary, args, report, stack):
+    cmd = [binary, "--backend", "aws", "--workers", "local", "--report-calls", report, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **stack})
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+    with open(report) as f:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), json.load(f)
+
+
+def main():
+    args = sys.argv[1:]
+    count, binary = 10000, "target/debug/settle"
+    worker_ms, reducer_ms = 100.0, 200.0
+    while args:
+        a = args.pop(0)
+        if a == "--settle":
+            binary = args.pop(0)
+        elif a == "--worker-ms":
+            worker_ms = float(args.pop(0))
+        elif a == "--reducer-ms":
+            reducer_ms = float(args.pop(0))
+        else:
+            count = int(a)
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        sys.exit('AWS_ENDPOINT_URL is not set: run `make cost`, or eval "$(infra/emulator.sh up)" first')
+    tmp = tempfile.mkdtemp(prefix="settle-cost-")
+    items = os.path.join(tmp, "items.jsonl")
+    with open(items, "w") as out:
+        subprocess.run([binary, "generate", "--count", str(count), "--mix", "bench"], stdout=out, check=True)
+    expected_failed = sum(1 for line in open(items) if "permanent" in line)
+
+    stack = fresh_stack()
+    phases = {}
+    _, phases["load"] = settle(binary, ["load", "--items", items, "--json"], os.path.join(tmp, "load.json"), stack)
+    run, phases["dispatch"] = settle(binary, ["dispatch", "--json"], os.path.join(tmp, "dispatch.json"), stack)
+    run_id = run["run_id"]
+    done, phases["process"] = settle(
+        binary, ["resume", run_id, "--json", "--concurrency", "8", "--retry-delay-ms", "100"],
+        os.path.join(tmp, "process.json"), stack)
+    if done["total"] != count or done["pending"] != 0 or done["failed"] != expected_failed:
+        sys.exit(f"the run did not settle exactly: {done}, expected {expected_failed} failed")
+
+    print(f"{count} items on the emulator, run {run_id}: {done['succeeded']} succeeded, "
+          f"{done['failed']} failed (exact)\n")
+    print(f"{'phase':9} {'operation':34} {'calls':>8} {'per item':>9} {'units':>10}")
+    totals = {"sqs": 0.0, "sqs_empty": 0.0, "wru": 0.0, "rru": 0.0}
+    for phase, rep in phases.items():
+        units = rep["dynamodb_units"]["billed_estimate"]
+        for op, n in sorted(rep["calls"].items()):
+            u = ""
+            if op.startswith("DynamoDB."):
+                w, r = units.get(f"{op} WRU", 0.0), units.get(f"{op} RRU", 0.0)
+                totals["wru"] += w
+                totals["rru"] += r
+                u = " ".join(x for x in [f"{w:g} WRU" if w else "", f"{r:g} RRU" if r else ""] if x)
+            elif op == "SQS.ReceiveMessage (empty)":
+                totals["sqs_empty"] += n
+            elif op.startswith("SQS.") and op != "SQS.GetQueueAttributes":
+                totals["sqs"] += n
+            print(f"{phase:9} {op:34} {n:>8} {n / count:>9.4f} {u:>10}")
+    # Idle polls are billed too, but they follow time, not items: the event
+    # source mapping long-polls an idle queue (20 s). Per item, count only
+    # the receives that returned messages.
+    sqs_per_item = (totals["sqs"] - totals["sqs_empty"]) / count
+    wru_per_item, rru_per_item = totals["wru"] / count, totals["rru"] / count
+    invocations = count / WORKER_BATCH + count / WORKER_BATCH / REDUCER_BATCH
+    gb_s = MEMORY_GB * (count / WORKER_BATCH * worker_ms
+                        + count / WORKER_BATCH / REDUCER_BATCH * reducer_ms) / 1000
+    per_million = {
+        "SQS requests": sqs_per_item * 1e6 * SQS_PER_REQUEST,
+        "DynamoDB writes": wru_per_item * 1e6 * DDB_PER_WRU,
+        "DynamoDB reads": rru_per_item * 1e6 * DDB_PER_RRU,
+        "Lambda requests": invocations / count * 1e6 * LAMBDA_PER_REQUEST,
+        "Lambda GB-s": gb_s / count * 1e6 * LAMBDA_PER_GB_S_ARM,
+    }
+    print(f"\nper item: {sqs_per_item:.3f} SQS requests (plus {totals['sqs_empty'] / count:.3f} idle "
+          f"receives of the local runner), {wru_per_item:.3f} WRU, {rru_per_item:.3f} RRU, "
+          f"{invocations / count:.4f} Lambda invocations")
+    print(f"\ncost per million items (us-east-1 on-demand prices; Lambda at 128 MB arm64, "
+          f"{worker_ms:g} ms per worker and {reducer_ms:g} ms per reducer invocation):")
+    for k, v in per_million.items():
+        print(f"  {k:16} ${v:.3f}")
+    total = sum(per_million.values())
+    print(f"  {'total':16} ${total:.2f}  (target $1.50)")
+
+
+if __name__ == "__main__":
+    main()
