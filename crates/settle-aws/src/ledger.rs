@@ -1,0 +1,481 @@
+//! [`Ledger`] on DynamoDB: run rows in one partition sorted by run id (which
+//! sorts by time), one row per item of a run, and a sparse index of failed
+//! rows. See `docs/aws.md`.
+
+use crate::ddb::{
+    corrupt, get_bool, get_i, get_n, get_s, is_condition_failed, n, s, sdk_err, tx_failure, Row,
+    Tables, TxFailure,
+};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
+};
+use settle_core::domain::{ItemId, ItemRecord, ItemStatus, RunId, RunRecord};
+use settle_core::ports::{Ledger, LedgerBatch, PortError, Versioned, MAX_COMMIT_ACTIONS};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Partition key of every run row: `runs(limit)` is one Query, newest first.
+pub(crate) const RUNS_PK: &str = "RUN";
+/// The sparse global secondary index over failed item rows: partition
+/// `frun` (the run id, set only while the row is failed), sort `sk` (item id).
+pub const FAILED_INDEX: &str = "failed";
+/// BatchGetItem's limit on keys per call.
+const BATCH_GET: usize = 100;
+
+/// The partition of a run's item rows.
+pub(crate) fn items_pk(run: &RunId) -> String {
+    format!("I#{run}")
+}
+
+pub(crate) fn run_key(run: &RunId) -> HashMap<String, AttributeValue> {
+    HashMap::from([("pk".to_owned(), s(RUNS_PK)), ("sk".to_owned(), s(run.as_str()))])
+}
+
+/// The run rows and item rows of one ledger table.
+#[derive(Debug, Clone)]
+pub struct DynamoLedger {
+    t: Tables,
+}
+
+impl DynamoLedger {
+    pub(crate) fn new(t: Tables) -> Self {
+        Self { t }
+    }
+
+    async fn get_run(&self, op: &'static str, id: &RunId) -> Result<Option<RunRecord>, PortError> {
+        let out = self
+            .t
+            .client
+            .get_item()
+            .table_name(&self.t.ledger)
+            .set_key(Some(run_key(id)))
+            .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+        self.t.capacity("DynamoDB.GetItem", out.consumed_capacity());
+        out.item().map(|row| run_from_row(op, row)).transpose()
+    }
+}
+
+fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
+    let sk = get_s(row, "sk").unwrap_or("?");
+    let what = format!("run row {sk}");
+    let id = RunId::parse(sk).map_err(|_| corrupt(op, &what, "sk"))?;
+    let num = |f: &str| get_n(row, f).ok_or_else(|| corrupt(op, &what, f));
+    let config = get_s(row, "config")
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or_else(|| corrupt(op, &what, "config"))?;
+    Ok(RunRecord {
+        id,
+        created_at: num("created_at")?,
+        config,
+        total: num("total")?,
+        enqueued: num("enqueued")?,
+        cursor: get_s(row, "cursor").map(str::to_owned),
+        dispatched: get_bool(row, "dispatched").ok_or_else(|| corrupt(op, &what, "dispatched"))?,
+        // Tallies move with ADD and may briefly read negative in no state we
+        // write; clamp rather than fail a read.
+        succeeded: get_i(row, "succeeded").ok_or_else(|| corrupt(op, &what, "succeeded"))?.max(0) as u64,
+        failed: get_i(row, "failed").ok_or_else(|| corrupt(op, &what, "failed"))?.max(0) as u64,
+        settled_at: get_n(row, "settled_at"),
+    })
+}
+
+fn record_from_row(op: &'static str, row: &Row) -> Result<(ItemId, Versioned<ItemRecord>), PortError> {
+    let what = format!(
+        "item row {}/{}",
+        get_s(row, "pk").unwrap_or("?"),
+        get_s(row, "sk").unwrap_or("?")
+    );
+    let id = get_s(row, "sk")
+        .and_then(|v| ItemId::new(v).ok())
+        .ok_or_else(|| corrupt(op, &what, "sk"))?;
+    let value = get_s(row, "rec")
+        .and_then(|r| serde_json::from_str(r).ok())
+        .ok_or_else(|| corrupt(op, &what, "rec"))?;
+    let version = get_n(row, "v").ok_or_else(|| corrupt(op, &what, "v"))?;
+    Ok((id, Versioned { value, version }))
+}
+
+#[async_trait]
+impl Ledger for DynamoLedger {
+    async fn create_run(&self, run: &RunRecord) -> Result<(), PortError> {
+        let config = serde_json::to_string(&run.config)
+            .map_err(|e| PortError::backend("DynamoDB.PutItem", e))?;
+        let mut row = run_key(&run.id);
+        row.insert("created_at".into(), n(run.created_at));
+        row.insert("config".into(), s(config));
+        row.insert("total".into(), n(run.total));
+        row.insert("enqueued".into(), n(run.enqueued));
+        row.insert("dispatched".into(), AttributeValue::Bool(run.dispatched));
+        row.insert("succeeded".into(), n(run.succeeded));
+        row.insert("failed".into(), n(run.failed));
+        if let Some(c) = &run.cursor {
+            row.insert("cursor".into(), s(c));
+        }
+        if let Some(at) = run.settled_at {
+            row.insert("settled_at".into(), n(at));
+        }
+        let res = self
+            .t
+            .client
+            .put_item()
+            .table_name(&self.t.ledger)
+            .set_item(Some(row))
+            .condition_expression("attribute_not_exists(pk)")
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                self.t.capacity("DynamoDB.PutItem", out.consumed_capacity());
+                Ok(())
+            }
+            Err(e) if is_condition_failed(&e) => {
+                Err(PortError::Invalid(format!("run {} already exists", run.id)))
+            }
+            Err(e) => Err(sdk_err("DynamoDB.PutItem", &self.t.ledger, e)),
+        }
+    }
+
+    async fn run(&self, id: &RunId) -> Result<Option<RunRecord>, PortError> {
+        self.get_run("DynamoDB.GetItem", id).await
+    }
+
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, PortError> {
+        let op = "DynamoDB.Query";
+        let mut out = Vec::new();
+        let mut start = None;
+        while out.len() < limit {
+            let page = self
+                .t
+                .client
+                .query()
+                .table_name(&self.t.ledger)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(RUNS_PK))
+                .scan_index_forward(false)
+                .limit((limit - out.len()).min(1000) as i32)
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+            self.t.capacity(op, page.consumed_capacity());
+            for row in page.items() {
+                out.push(run_from_row(op, row)?);
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn record_dispatch(
+        &self,
+        id: &RunId,
+        enqueued: u64,
+        cursor: Option<&str>,
+        dispatched: bool,
+    ) -> Result<(), PortError> {
+        let op = "DynamoDB.UpdateItem";
+        // Progress moves forward only: the write is conditional on not going
+        // back, so a slower dispatcher's stale report changes nothing but
+        // (if it finished) the dispatched flag.
+        let mut set = vec!["enqueued = :e"];
+        let mut update = self
+            .t
+            .client
+            .update_item()
+            .table_name(&self.t.ledger)
+            .set_key(Some(run_key(id)))
+            .condition_expression("attribute_exists(pk) AND enqueued <= :e")
+            .expression_attribute_values(":e", n(enqueued))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        if let Some(c) = cursor {
+            set.push("#c = :c");
+            update = update.expression_attribute_values(":c", s(c));
+        }
+        if dispatched {
+            set.push("dispatched = :t");
+            update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
+        }
+        let mut expr = format!("SET {}", set.join(", "));
+        if cursor.is_none() {
+            expr.push_str(" REMOVE #c");
+        }
+        let res = update
+            .update_expression(expr)
+            .expression_attribute_names("#c", "cursor")
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                self.t.capacity(op, out.consumed_capacity());
+                Ok(())
+            }
+            Err(e) if is_condition_failed(&e) => {
+                // Stale progress, or no such run: tell them apart.
+                if self.get_run(op, id).await?.is_none() {
+                    return Err(PortError::NotFound(format!("run {id}")));
+                }
+                if dispatched {
+                    let out = self
+                        .t
+                        .client
+                        .update_item()
+                        .table_name(&self.t.ledger)
+                        .set_key(Some(run_key(id)))
+                        .update_expression("SET dispatched = :t")
+                        .condition_expression("attribute_exists(pk)")
+                        .expression_attribute_values(":t", AttributeValue::Bool(true))
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                        .await
+                        .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+                    self.t.capacity(op, out.consumed_capacity());
+                }
+                Ok(())
+            }
+            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
+        }
+    }
+
+    async fn items(
+        &self,
+        keys: &[(RunId, ItemId)],
+    ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError> {
+        let op = "DynamoDB.BatchGetItem";
+        // BatchGetItem refuses a key twice in one call.
+        let unique: Vec<&(RunId, ItemId)> = {
+            let mut seen = HashSet::new();
+            keys.iter().filter(|k| seen.insert(*k)).collect()
+        };
+        let mut out = HashMap::with_capacity(unique.len());
+        for chunk in unique.chunks(BATCH_GET) {
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(
+                        chunk
+                            .iter()
+                            .map(|(run, item)| {
+                                HashMap::from([
+                                    ("pk".to_owned(), s(items_pk(run))),
+                                    ("sk".to_owned(), s(item.as_str())),
+                                ])
+                            })
+                            .collect(),
+                    ))
+                    // Strong: the reducer's conditional commit needs the latest version.
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| PortError::backend(op, e))?,
+            );
+            let mut tries = 0u32;
+            while let Some(req) = request.take() {
+                let res = self
+                    .t
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.t.ledger, req)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+                self.t.capacity(op, res.consumed_capacity());
+                for row in res
+                    .responses()
+                    .and_then(|r| r.get(&self.t.ledger))
+                    .into_iter()
+                    .flatten()
+                {
+                    let run = get_s(row, "pk")
+                        .and_then(|p| p.strip_prefix("I#"))
+                        .and_then(|r| RunId::parse(r).ok())
+                        .ok_or_else(|| corrupt(op, "item row", "pk"))?;
+                    let (item, v) = record_from_row(op, row)?;
+                    out.insert((run, item), v);
+                }
+                // Unprocessed keys (throttling inside a successful call) are
+                // not retried by the SDK: ask again after a backoff.
+                request = res
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.t.ledger))
+                    .filter(|k| !k.keys().is_empty())
+                    .cloned();
+                if request.is_some() {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << tries.min(8))).await;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError> {
+        let op = "DynamoDB.TransactWriteItems";
+        let actions = batch.puts.len() + batch.tallies.len();
+        if actions > MAX_COMMIT_ACTIONS {
+            return Err(PortError::Invalid(format!(
+                "a commit holds at most {MAX_COMMIT_ACTIONS} rows, got {actions}"
+            )));
+        }
+        if actions == 0 {
+            return Ok(Vec::new());
+        }
+        let mut items = Vec::with_capacity(actions);
+        for p in &batch.puts {
+            let rec = serde_json::to_string(&p.record).map_err(|e| PortError::backend(op, e))?;
+            let mut row = HashMap::from([
+                ("pk".to_owned(), s(items_pk(&p.run))),
+                ("sk".to_owned(), s(p.item.as_str())),
+                ("v".to_owned(), n(p.expected.map_or(1, |v| v + 1))),
+                ("st".to_owned(), s(p.record.status.as_str())),
+                ("rec".to_owned(), s(rec)),
+            ]);
+            // Only failed rows carry the index key: the index stays sparse,
+            // and a row leaving `failed` leaves the index with this write.
+            if p.record.status == ItemStatus::Failed {
+                row.insert("frun".into(), s(p.run.as_str()));
+            }
+            let put = Put::builder().table_name(&self.t.ledger).set_item(Some(row));
+            let put = match p.expected {
+                None => put.condition_expression("attribute_not_exists(pk)"),
+                Some(v) => put
+                    .condition_expression("v = :v")
+                    .expression_attribute_values(":v", n(v)),
+            };
+            items.push(
+                TransactWriteItem::builder()
+                    .put(put.build().map_err(|e| PortError::backend(op, e))?)
+                    .build(),
+            );
+        }
+        for (run, d) in &batch.tallies {
+            let update = Update::builder()
+                .table_name(&self.t.ledger)
+                .set_key(Some(run_key(run)))
+                .update_expression("ADD succeeded :s, failed :f")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_values(":s", n(d.succeeded))
+                .expression_attribute_values(":f", n(d.failed))
+                .build()
+                .map_err(|e| PortError::backend(op, e))?;
+            items.push(TransactWriteItem::builder().update(update).build());
+        }
+        let res = self
+            .t
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match res {
+            Ok(out) => self.t.capacity(op, out.consumed_capacity()),
+            Err(e) => {
+                return Err(match tx_failure(&self.t.ledger, e) {
+                    TxFailure::Cancelled(reasons) => {
+                        // A tally row whose condition failed is a missing run,
+                        // not a lost race.
+                        let puts = batch.puts.len();
+                        if let Some(i) = reasons
+                            .iter()
+                            .enumerate()
+                            .skip(puts)
+                            .find(|(_, c)| *c == "ConditionalCheckFailed")
+                            .map(|(i, _)| i - puts)
+                        {
+                            let run = &batch.tallies[i].0;
+                            PortError::NotFound(format!("run {run}"))
+                        } else {
+                            PortError::Conflict
+                        }
+                    }
+                    TxFailure::Other(e) => e,
+                });
+            }
+        }
+        // The runs as they stand now (at or after this commit): transactions
+        // return no values, and a later tally only helps the settle check.
+        let mut runs = Vec::with_capacity(batch.tallies.len());
+        for (run, _) in &batch.tallies {
+            runs.extend(self.get_run("DynamoDB.GetItem", run).await?);
+        }
+        Ok(runs)
+    }
+
+    async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
+        let op = "DynamoDB.UpdateItem";
+        let res = self
+            .t
+            .client
+            .update_item()
+            .table_name(&self.t.ledger)
+            .set_key(Some(run_key(id)))
+            .update_expression("SET settled_at = :at")
+            .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
+            .expression_attribute_values(":at", n(at))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                self.t.capacity(op, out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
+        }
+    }
+
+    async fn failures(
+        &self,
+        run: &RunId,
+        after: Option<&ItemId>,
+        limit: usize,
+    ) -> Result<Vec<(ItemId, ItemRecord)>, PortError> {
+        let op = "DynamoDB.Query";
+        let mut out = Vec::new();
+        let mut start = None;
+        while out.len() < limit {
+            let mut q = self
+                .t
+                .client
+                .query()
+                .table_name(&self.t.ledger)
+                .index_name(FAILED_INDEX)
+                .expression_attribute_values(":r", s(run.as_str()))
+                .limit((limit - out.len()).min(1000) as i32)
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            q = match after {
+                Some(a) => q
+                    .key_condition_expression("frun = :r AND sk > :a")
+                    .expression_attribute_values(":a", s(a.as_str())),
+                None => q.key_condition_expression("frun = :r"),
+            };
+            let page = q.send().await.map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+            self.t.capacity(op, page.consumed_capacity());
+            for row in page.items() {
+                let (id, v) = record_from_row(op, row)?;
+                // The index lags the table a little on AWS: trust the row's record.
+                if v.value.status == ItemStatus::Failed {
+                    out.push((id, v.value));
+                }
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+}
