@@ -4,7 +4,7 @@ CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 DEMO_ITEMS := .settle/demo-items.jsonl
 
-.PHONY: help build demo run test fmt lint bench bench-memory soak clean
+.PHONY: help build demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,10 +21,29 @@ demo: build ## Run 10,000 demo items (realistic failures) on the embedded engine
 
 run: demo ## Alias of demo
 
-test: ## Every check and test: fmt, clippy, unit, conformance and end-to-end tests
+test: venv ## Every check and test (fmt, clippy, unit, conformance, end-to-end), with the AWS emulator
+	@set -e; eval "$$(infra/emulator.sh up)"; \
+	  trap 'infra/emulator.sh down' EXIT; \
+	  $(MAKE) --no-print-directory test-steps
+
+test-steps: # The steps of `make test`, in an environment that has the emulator's exports
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | python3 scripts/test_summary.py
+
+VENV_STAMP := .venv/.stamp-requirements
+
+venv: $(VENV_STAMP) ## Python tooling (moto, cfn-lint, cargo-lambda) in .venv
+$(VENV_STAMP): infra/requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check -r infra/requirements.txt
+	touch $@
+
+emulator-up: venv ## Start the local AWS emulator with the default stack; prints export lines
+	@infra/emulator.sh up
+
+emulator-down: ## Stop the local AWS emulator
+	@infra/emulator.sh down
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -8,6 +8,8 @@ use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity};
 use aws_sdk_dynamodb::Client;
 use settle_core::ports::PortError;
 use std::collections::HashMap;
+use std::sync::OnceLock;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub(crate) type Row = HashMap<String, AttributeValue>;
 
@@ -18,9 +20,41 @@ pub(crate) struct Tables {
     pub items: String,
     pub ledger: String,
     pub metrics: Metrics,
+    /// Set when the endpoint is an emulator (see [`emulator_lock`]).
+    pub emulated: bool,
+}
+
+/// moto answers a cancelled TransactWriteItems by restoring a snapshot of
+/// each table it touched, taken when the transaction began: any write that
+/// another request made meanwhile is lost (moto/dynamodb/models, 5.2.x).
+/// DynamoDB never does that. Against an emulator, this process therefore
+/// runs no other write while a transaction runs: transactions take this
+/// lock exclusively, other writes shared. Other processes on the same
+/// emulator are not covered (see docs/aws.md).
+fn emulator_lock() -> &'static RwLock<()> {
+    static LOCK: OnceLock<RwLock<()>> = OnceLock::new();
+    LOCK.get_or_init(|| RwLock::new(()))
 }
 
 impl Tables {
+    /// Held around a TransactWriteItems call (emulator only).
+    pub async fn exclusive(&self) -> Option<RwLockWriteGuard<'static, ()>> {
+        if self.emulated {
+            Some(emulator_lock().write().await)
+        } else {
+            None
+        }
+    }
+
+    /// Held around any other write call (emulator only).
+    pub async fn shared(&self) -> Option<RwLockReadGuard<'static, ()>> {
+        if self.emulated {
+            Some(emulator_lock().read().await)
+        } else {
+            None
+        }
+    }
+
     pub fn capacity<'a>(&self, op: &str, cc: impl IntoIterator<Item = &'a ConsumedCapacity>) {
         let units: f64 = cc.into_iter().filter_map(|c| c.capacity_units()).sum();
         self.metrics.add_capacity(op, units);
@@ -37,11 +71,16 @@ pub(crate) fn n(v: impl std::fmt::Display) -> AttributeValue {
 
 /// A corrupt or unexpected stored row: names the table, the row and the field.
 pub(crate) fn corrupt(op: &'static str, what: &str, field: &str) -> PortError {
-    PortError::backend(op, format!("{what}: attribute {field} is missing or malformed"))
+    PortError::backend(
+        op,
+        format!("{what}: attribute {field} is missing or malformed"),
+    )
 }
 
 pub(crate) fn get_s<'a>(row: &'a Row, field: &str) -> Option<&'a str> {
-    row.get(field).and_then(|v| v.as_s().ok()).map(String::as_str)
+    row.get(field)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
 }
 
 pub(crate) fn get_n(row: &Row, field: &str) -> Option<u64> {

@@ -29,7 +29,10 @@ pub(crate) fn items_pk(run: &RunId) -> String {
 }
 
 pub(crate) fn run_key(run: &RunId) -> HashMap<String, AttributeValue> {
-    HashMap::from([("pk".to_owned(), s(RUNS_PK)), ("sk".to_owned(), s(run.as_str()))])
+    HashMap::from([
+        ("pk".to_owned(), s(RUNS_PK)),
+        ("sk".to_owned(), s(run.as_str())),
+    ])
 }
 
 /// The run rows and item rows of one ledger table.
@@ -78,13 +81,20 @@ fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
         dispatched: get_bool(row, "dispatched").ok_or_else(|| corrupt(op, &what, "dispatched"))?,
         // Tallies move with ADD and may briefly read negative in no state we
         // write; clamp rather than fail a read.
-        succeeded: get_i(row, "succeeded").ok_or_else(|| corrupt(op, &what, "succeeded"))?.max(0) as u64,
-        failed: get_i(row, "failed").ok_or_else(|| corrupt(op, &what, "failed"))?.max(0) as u64,
+        succeeded: get_i(row, "succeeded")
+            .ok_or_else(|| corrupt(op, &what, "succeeded"))?
+            .max(0) as u64,
+        failed: get_i(row, "failed")
+            .ok_or_else(|| corrupt(op, &what, "failed"))?
+            .max(0) as u64,
         settled_at: get_n(row, "settled_at"),
     })
 }
 
-fn record_from_row(op: &'static str, row: &Row) -> Result<(ItemId, Versioned<ItemRecord>), PortError> {
+fn record_from_row(
+    op: &'static str,
+    row: &Row,
+) -> Result<(ItemId, Versioned<ItemRecord>), PortError> {
     let what = format!(
         "item row {}/{}",
         get_s(row, "pk").unwrap_or("?"),
@@ -119,6 +129,7 @@ impl Ledger for DynamoLedger {
         if let Some(at) = run.settled_at {
             row.insert("settled_at".into(), n(at));
         }
+        let guard = self.t.shared().await;
         let res = self
             .t
             .client
@@ -129,6 +140,7 @@ impl Ledger for DynamoLedger {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => {
                 self.t.capacity("DynamoDB.PutItem", out.consumed_capacity());
@@ -188,14 +200,16 @@ impl Ledger for DynamoLedger {
         // Progress moves forward only: the write is conditional on not going
         // back, so a slower dispatcher's stale report changes nothing but
         // (if it finished) the dispatched flag.
-        let mut set = vec!["enqueued = :e"];
+        let mut set = vec!["#enq = :e"];
+        let guard = self.t.shared().await;
         let mut update = self
             .t
             .client
             .update_item()
             .table_name(&self.t.ledger)
             .set_key(Some(run_key(id)))
-            .condition_expression("attribute_exists(pk) AND enqueued <= :e")
+            .condition_expression("attribute_exists(pk) AND #enq <= :e")
+            .expression_attribute_names("#enq", "enqueued")
             .expression_attribute_values(":e", n(enqueued))
             .return_consumed_capacity(ReturnConsumedCapacity::Total);
         if let Some(c) = cursor {
@@ -203,7 +217,8 @@ impl Ledger for DynamoLedger {
             update = update.expression_attribute_values(":c", s(c));
         }
         if dispatched {
-            set.push("dispatched = :t");
+            set.push("#dis = :t");
+            update = update.expression_attribute_names("#dis", "dispatched");
             update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
         }
         let mut expr = format!("SET {}", set.join(", "));
@@ -215,6 +230,7 @@ impl Ledger for DynamoLedger {
             .expression_attribute_names("#c", "cursor")
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => {
                 self.t.capacity(op, out.consumed_capacity());
@@ -226,19 +242,22 @@ impl Ledger for DynamoLedger {
                     return Err(PortError::NotFound(format!("run {id}")));
                 }
                 if dispatched {
+                    let guard = self.t.shared().await;
                     let out = self
                         .t
                         .client
                         .update_item()
                         .table_name(&self.t.ledger)
                         .set_key(Some(run_key(id)))
-                        .update_expression("SET dispatched = :t")
+                        .update_expression("SET #dis = :t")
+                        .expression_attribute_names("#dis", "dispatched")
                         .condition_expression("attribute_exists(pk)")
                         .expression_attribute_values(":t", AttributeValue::Bool(true))
                         .return_consumed_capacity(ReturnConsumedCapacity::Total)
                         .send()
                         .await
                         .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+                    drop(guard);
                     self.t.capacity(op, out.consumed_capacity());
                 }
                 Ok(())
@@ -344,7 +363,9 @@ impl Ledger for DynamoLedger {
             if p.record.status == ItemStatus::Failed {
                 row.insert("frun".into(), s(p.run.as_str()));
             }
-            let put = Put::builder().table_name(&self.t.ledger).set_item(Some(row));
+            let put = Put::builder()
+                .table_name(&self.t.ledger)
+                .set_item(Some(row));
             let put = match p.expected {
                 None => put.condition_expression("attribute_not_exists(pk)"),
                 Some(v) => put
@@ -361,14 +382,18 @@ impl Ledger for DynamoLedger {
             let update = Update::builder()
                 .table_name(&self.t.ledger)
                 .set_key(Some(run_key(run)))
-                .update_expression("ADD succeeded :s, failed :f")
+                .update_expression("ADD #su :s, #fl :f")
                 .condition_expression("attribute_exists(pk)")
+                // Both are DynamoDB reserved words.
+                .expression_attribute_names("#su", "succeeded")
+                .expression_attribute_names("#fl", "failed")
                 .expression_attribute_values(":s", n(d.succeeded))
                 .expression_attribute_values(":f", n(d.failed))
                 .build()
                 .map_err(|e| PortError::backend(op, e))?;
             items.push(TransactWriteItem::builder().update(update).build());
         }
+        let guard = self.t.exclusive().await;
         let res = self
             .t
             .client
@@ -377,6 +402,7 @@ impl Ledger for DynamoLedger {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => self.t.capacity(op, out.consumed_capacity()),
             Err(e) => {
@@ -413,6 +439,7 @@ impl Ledger for DynamoLedger {
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
         let op = "DynamoDB.UpdateItem";
+        let guard = self.t.shared().await;
         let res = self
             .t
             .client
@@ -425,6 +452,7 @@ impl Ledger for DynamoLedger {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => {
                 self.t.capacity(op, out.consumed_capacity());

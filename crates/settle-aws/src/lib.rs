@@ -60,7 +60,9 @@ pub enum ConfigError {
         .0.join(", ")
     )]
     Missing(Vec<&'static str>),
-    #[error("work queue {queue} has no dead-letter queue (RedrivePolicy); Settle needs one: {reason}")]
+    #[error(
+        "work queue {queue} has no dead-letter queue (RedrivePolicy); Settle needs one: {reason}"
+    )]
     NoRedrivePolicy { queue: String, reason: String },
     #[error("{op} on {target} failed: {source}")]
     Aws {
@@ -182,6 +184,8 @@ pub async fn connect_with(sdk: &SdkConfig, cfg: &AwsConfig) -> Result<AwsBackend
         items: cfg.items_table.clone(),
         ledger: cfg.ledger_table.clone(),
         metrics: metrics.clone(),
+        // A custom endpoint is an emulator: see `ddb::emulator_lock`.
+        emulated: sdk.endpoint_url().is_some(),
     };
     Ok(AwsBackend {
         work: queue(&cfg.work_queue_url),

@@ -18,8 +18,8 @@
 //! See `docs/aws.md` for the rows and their costs.
 
 use crate::ddb::{
-    corrupt, get_bool, get_n, get_s, is_condition_failed, n, random_suffix, s, sdk_err,
-    tx_failure, Row, Tables, TxFailure,
+    corrupt, get_bool, get_n, get_s, is_condition_failed, n, random_suffix, s, sdk_err, tx_failure,
+    Row, Tables, TxFailure,
 };
 use crate::ledger::run_key;
 use async_trait::async_trait;
@@ -181,7 +181,10 @@ impl DynamoSource {
             .ok_or_else(|| {
                 PortError::backend(
                     op,
-                    format!("table {}: no segment row holds sequence number {g}", self.t.items),
+                    format!(
+                        "table {}: no segment row holds sequence number {g}",
+                        self.t.items
+                    ),
                 )
             })
     }
@@ -246,7 +249,12 @@ impl DynamoSource {
     }
 
     /// Published items with sequence numbers `lo ..= hi`, at most `limit`.
-    async fn read_seq(&self, lo: u64, hi: u64, limit: usize) -> Result<Vec<(u64, Stored)>, PortError> {
+    async fn read_seq(
+        &self,
+        lo: u64,
+        hi: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Stored)>, PortError> {
         let mut out = Vec::new();
         let mut g = lo;
         while g <= hi && out.len() < limit {
@@ -270,6 +278,7 @@ impl DynamoSource {
         } else {
             "lock_owner = :me"
         };
+        let guard = self.t.shared().await;
         let mut u = self
             .t
             .client
@@ -284,7 +293,9 @@ impl DynamoSource {
         if first {
             u = u.expression_attribute_values(":now", n(now));
         }
-        match u.send().await {
+        let res = u.send().await;
+        drop(guard);
+        match res {
             Ok(out) => {
                 self.t.capacity(op, out.consumed_capacity());
                 Ok(true)
@@ -295,6 +306,7 @@ impl DynamoSource {
     }
 
     async fn release(&self, load: &str) {
+        let guard = self.t.shared().await;
         let res = self
             .t
             .client
@@ -306,6 +318,7 @@ impl DynamoSource {
             .expression_attribute_values(":me", s(load))
             .send()
             .await;
+        drop(guard);
         if let Err(e) = res {
             if !is_condition_failed(&e) {
                 tracing::warn!(load, error = %sdk_err("DynamoDB.UpdateItem", &self.t.items, e),
@@ -355,7 +368,9 @@ impl DynamoSource {
                 Some(&seq) if pending_exact.contains_key(id) => Some(seq),
                 Some(&seq) => {
                     let got = self.read_seq(seq, seq, 1).await?;
-                    got.first().filter(|(_, (other, _, _))| other == id).map(|(g, _)| *g)
+                    got.first()
+                        .filter(|(_, (other, _, _))| other == id)
+                        .map(|(g, _)| *g)
                 }
                 None => None,
             };
@@ -373,7 +388,9 @@ impl DynamoSource {
                 Some(l)
             } else if let Some(&prev) = seen.get(&h) {
                 let other = if prev >= block_first {
-                    block.get((prev - block_first) as usize).map(|(i, l, _)| (i.clone(), *l))
+                    block
+                        .get((prev - block_first) as usize)
+                        .map(|(i, l, _)| (i.clone(), *l))
                 } else {
                     // Written already: let the writes land, then read it back.
                     while let Some(r) = inflight.next().await {
@@ -478,10 +495,11 @@ impl DynamoSource {
         let meta = Update::builder()
             .table_name(&self.t.items)
             .set_key(Some(meta_key()))
-            .update_expression("SET published = :hi REMOVE lock_owner, lock_until")
+            .update_expression("SET #pub = :hi REMOVE lock_owner, lock_until")
             .condition_expression(
-                "lock_owner = :me AND (attribute_not_exists(published) OR published = :old)",
+                "lock_owner = :me AND (attribute_not_exists(#pub) OR #pub = :old)",
             )
+            .expression_attribute_names("#pub", "published")
             .expression_attribute_values(":hi", n(hi))
             .expression_attribute_values(":me", s(load))
             .expression_attribute_values(":old", n(published))
@@ -496,6 +514,7 @@ impl DynamoSource {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(|e| PortError::backend(op, e))?;
+        let guard = self.t.exclusive().await;
         let res = self
             .t
             .client
@@ -505,6 +524,7 @@ impl DynamoSource {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => {
                 self.t.capacity(op, out.consumed_capacity());
@@ -584,6 +604,7 @@ async fn send_batch_write(t: &Tables, mut requests: Vec<WriteRequest>) -> Result
     let op = "DynamoDB.BatchWriteItem";
     let mut tries = 0u32;
     while !requests.is_empty() {
+        let guard = t.shared().await;
         let out = t
             .client
             .batch_write_item()
@@ -592,6 +613,7 @@ async fn send_batch_write(t: &Tables, mut requests: Vec<WriteRequest>) -> Result
             .send()
             .await
             .map_err(|e| sdk_err(op, &t.items, e))?;
+        drop(guard);
         t.capacity(op, out.consumed_capacity());
         requests = out
             .unprocessed_items()
@@ -603,7 +625,11 @@ async fn send_batch_write(t: &Tables, mut requests: Vec<WriteRequest>) -> Result
             if tries > 10 {
                 return Err(PortError::backend(
                     op,
-                    format!("table {}: {} writes still unprocessed after {tries} tries", t.items, requests.len()),
+                    format!(
+                        "table {}: {} writes still unprocessed after {tries} tries",
+                        t.items,
+                        requests.len()
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20 << tries.min(8))).await;
@@ -654,7 +680,9 @@ impl Source for DynamoSource {
             let meta = self.meta(op).await?;
             let row = self.run_row(op, run).await?;
             if get_bool(&row, "dispatched") != Some(false) {
-                return Err(PortError::Invalid(format!("run {run} has finished dispatching")));
+                return Err(PortError::Invalid(format!(
+                    "run {run} has finished dispatching"
+                )));
             }
             // A run claims only what was published before its first claim.
             let bound = get_n(&row, "claim_bound").unwrap_or(meta.published);
@@ -667,15 +695,16 @@ impl Source for DynamoSource {
             }
             let count = hi - meta.head;
             let head_cond = if meta.head == 0 {
-                "attribute_not_exists(head) OR head = :head"
+                "attribute_not_exists(#hd) OR #hd = :head"
             } else {
-                "head = :head"
+                "#hd = :head"
             };
             let meta_update = Update::builder()
                 .table_name(&self.t.items)
                 .set_key(Some(meta_key()))
-                .update_expression("SET head = :hi")
+                .update_expression("SET #hd = :hi")
                 .condition_expression(head_cond)
+                .expression_attribute_names("#hd", "head")
                 .expression_attribute_values(":hi", n(hi))
                 .expression_attribute_values(":head", n(meta.head))
                 .build()
@@ -683,11 +712,14 @@ impl Source for DynamoSource {
             let run_update = Update::builder()
                 .table_name(&self.t.ledger)
                 .set_key(Some(run_key(run)))
-                .update_expression("SET claim_bound = if_not_exists(claim_bound, :b) ADD total :n")
+                .update_expression("SET claim_bound = if_not_exists(claim_bound, :b) ADD #tot :n")
                 .condition_expression(
-                    "attribute_exists(pk) AND dispatched = :f \
+                    "attribute_exists(pk) AND #dis = :f \
                      AND (attribute_not_exists(claim_bound) OR claim_bound = :b)",
                 )
+                // Reserved words in DynamoDB expressions.
+                .expression_attribute_names("#tot", "total")
+                .expression_attribute_names("#dis", "dispatched")
                 .expression_attribute_values(":b", n(bound))
                 .expression_attribute_values(":n", n(count))
                 .expression_attribute_values(":f", AttributeValue::Bool(false))
@@ -700,6 +732,7 @@ impl Source for DynamoSource {
                 .set_item(Some(range))
                 .build()
                 .map_err(|e| PortError::backend(op, e))?;
+            let guard = self.t.exclusive().await;
             let res = self
                 .t
                 .client
@@ -710,6 +743,7 @@ impl Source for DynamoSource {
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await;
+            drop(guard);
             match res {
                 Ok(out) => {
                     self.t.capacity(op, out.consumed_capacity());
@@ -743,9 +777,9 @@ impl Source for DynamoSource {
         let op = "DynamoDB.Query";
         let after: u64 = match cursor {
             None => 0,
-            Some(c) => c
-                .parse()
-                .map_err(|_| PortError::Invalid(format!("cursor {c:?} is not an AWS source cursor")))?,
+            Some(c) => c.parse().map_err(|_| {
+                PortError::Invalid(format!("cursor {c:?} is not an AWS source cursor"))
+            })?,
         };
         let mut items = Vec::new();
         let mut last = after;
@@ -796,6 +830,7 @@ impl Source for DynamoSource {
 impl DynamoSource {
     async fn set_bound(&self, run: &RunId, bound: u64) -> Result<(), PortError> {
         let op = "DynamoDB.UpdateItem";
+        let guard = self.t.shared().await;
         let res = self
             .t
             .client
@@ -808,6 +843,7 @@ impl DynamoSource {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
+        drop(guard);
         match res {
             Ok(out) => {
                 self.t.capacity(op, out.consumed_capacity());

@@ -61,10 +61,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
     aws_sdk_sqs::error::SdkError<E>: std::error::Error,
 {
-    PortError::backend(
-        op,
-        format!("queue {queue}: {}", DisplayErrorContext(&e)),
-    )
+    PortError::backend(op, format!("queue {queue}: {}", DisplayErrorContext(&e)))
 }
 
 /// SQS counts visibility in whole seconds; round up so a message is never
@@ -106,7 +103,11 @@ pub(crate) async fn max_receive_count(client: &Client, url: &str) -> Result<u32,
     count
         .and_then(|c| u32::try_from(c).ok())
         .filter(|c| *c > 0)
-        .ok_or_else(|| no_policy(format!("RedrivePolicy {policy} has no valid maxReceiveCount")))
+        .ok_or_else(|| {
+            no_policy(format!(
+                "RedrivePolicy {policy} has no valid maxReceiveCount"
+            ))
+        })
 }
 
 #[async_trait]
@@ -159,7 +160,14 @@ impl Queue for SqsQueue {
                 .failed()
                 .iter()
                 .filter(|f| f.sender_fault() || tries >= ENTRY_RETRIES)
-                .map(|f| format!("entry {}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
+                .map(|f| {
+                    format!(
+                        "entry {}: {} {}",
+                        f.id(),
+                        f.code(),
+                        f.message().unwrap_or("")
+                    )
+                })
                 .collect();
             if !fatal.is_empty() {
                 return Err(PortError::backend(
@@ -207,7 +215,10 @@ impl Queue for SqsQueue {
             let (Some(id), Some(receipt)) = (m.message_id(), m.receipt_handle()) else {
                 return Err(PortError::backend(
                     "SQS.ReceiveMessage",
-                    format!("queue {}: a message came without an id or receipt handle", self.name),
+                    format!(
+                        "queue {}: a message came without an id or receipt handle",
+                        self.name
+                    ),
                 ));
             };
             // With a zero visibility timeout an emulator can hand out the
@@ -222,7 +233,10 @@ impl Queue for SqsQueue {
                 .ok_or_else(|| {
                     PortError::backend(
                         "SQS.ReceiveMessage",
-                        format!("queue {}: message {id} came without ApproximateReceiveCount", self.name),
+                        format!(
+                            "queue {}: message {id} came without ApproximateReceiveCount",
+                            self.name
+                        ),
                     )
                 })?;
             got.push(Delivery {
@@ -277,7 +291,14 @@ impl Queue for SqsQueue {
             if tries >= ENTRY_RETRIES || failed.iter().any(|f| f.sender_fault()) {
                 let what: Vec<String> = failed
                     .iter()
-                    .map(|f| format!("entry {}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
+                    .map(|f| {
+                        format!(
+                            "entry {}: {} {}",
+                            f.id(),
+                            f.code(),
+                            f.message().unwrap_or("")
+                        )
+                    })
                     .collect();
                 return Err(PortError::backend(
                     "SQS.DeleteMessageBatch",
