@@ -26,8 +26,30 @@ use std::time::{Duration, Instant, SystemTime};
 /// The Lambda event types the handlers take, re-exported for the binaries.
 pub use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 
-/// Converts the invocation's wall-clock deadline (what the Lambda context
-/// carries) into the monotonic instant the core stages take.
+/// A deadline this far in the past is not a real one: Lambda never hands
+/// out an invocation that ended a day ago.
+const IMPLAUSIBLY_PAST: Duration = Duration::from_secs(86_400);
+
+/// The invocation's deadline from the Lambda context's `deadline` (epoch
+/// milliseconds, from the `Lambda-Runtime-Deadline-Ms` header), or `None`
+/// when it cannot be a real one. `cargo lambda watch` sends the function's
+/// timeout there (600000, i.e. 1970), which would make every item look
+/// out of time; without a deadline the worker still bounds each item by its
+/// timeout, and the dispatcher runs until done.
+pub fn invocation_deadline(deadline_ms: u64) -> Option<SystemTime> {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(deadline_ms);
+    if at + IMPLAUSIBLY_PAST < SystemTime::now() {
+        tracing::warn!(
+            deadline_ms,
+            "the runtime's deadline is not an epoch time in reach; running without one"
+        );
+        return None;
+    }
+    Some(at)
+}
+
+/// Converts the invocation's wall-clock deadline into the monotonic instant
+/// the core stages take.
 pub fn deadline_instant(deadline: SystemTime) -> Instant {
     let left = deadline
         .duration_since(SystemTime::now())
@@ -77,5 +99,27 @@ impl From<DispatchError> for lambda_runtime::Diagnostic {
             DispatchError::Continue { .. } => "Settle.Continue",
         };
         diagnostic(kind, &e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_deadlines_are_kept_and_implausible_ones_dropped() {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let soon = invocation_deadline(now_ms + 30_000);
+        assert!(soon.is_some());
+        let left = deadline_instant(soon.unwrap_or(SystemTime::now()))
+            .saturating_duration_since(Instant::now());
+        assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
+        // Just passed (a slow start): still a deadline, with nothing left.
+        assert!(invocation_deadline(now_ms - 5).is_some());
+        // What `cargo lambda watch` sends: the timeout, not an epoch time.
+        assert_eq!(invocation_deadline(600_000), None);
     }
 }

@@ -4,7 +4,8 @@
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use settle_lambda::dispatcher::stop_at;
 use settle_lambda::self_invoke::SelfInvoke;
-use settle_lambda::{cold_start, telemetry, DispatchRequest, DispatcherFunction};
+use settle_lambda::{cold_start, invocation_deadline, telemetry};
+use settle_lambda::{DispatchRequest, DispatcherFunction};
 use std::sync::Arc;
 
 #[tokio::main]
@@ -27,9 +28,10 @@ async fn main() -> Result<(), Error> {
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<serde_json::Value>| async move {
             let request = DispatchRequest::parse(&event.payload)?;
-            let stop = stop_at(event.context.deadline(), margin)?;
+            let deadline = invocation_deadline(event.context.deadline);
+            let stop = deadline.map(|d| stop_at(d, margin)).transpose()?;
             function
-                .handle(request, &event.context.request_id, Some(stop))
+                .handle(request, &event.context.request_id, stop)
                 .await
         },
     ))

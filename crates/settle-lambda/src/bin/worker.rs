@@ -1,6 +1,7 @@
 //! The worker Lambda: batches from the work queue through the core's worker.
 use lambda_runtime::{service_fn, Error, LambdaEvent};
-use settle_lambda::{cold_start, deadline_instant, telemetry, SqsEvent, WorkerFunction};
+use settle_lambda::{cold_start, deadline_instant, invocation_deadline, telemetry};
+use settle_lambda::{SqsEvent, WorkerFunction};
 use std::sync::Arc;
 
 #[tokio::main]
@@ -12,8 +13,8 @@ async fn main() -> Result<(), Error> {
     let processor = Arc::new(settle_core::Scripted);
     let function = &WorkerFunction::new(&aws.backend(), processor, settings.worker);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let deadline = deadline_instant(event.context.deadline());
-        function.handle(event.payload, Some(deadline)).await
+        let deadline = invocation_deadline(event.context.deadline).map(deadline_instant);
+        function.handle(event.payload, deadline).await
     }))
     .await
 }
