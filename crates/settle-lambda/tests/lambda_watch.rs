@@ -79,8 +79,17 @@ async fn worker_fixture_through_cargo_lambda_watch() {
         std::fs::File::create(std::env::temp_dir().join(format!("{prefix}watch.log"))).unwrap();
     let watch = {
         use std::os::unix::process::CommandExt;
-        Command::new(&cargo_lambda)
-            .args(["lambda", "watch", "--ignore-changes", "--quiet"])
+        let mut cmd = Command::new(&cargo_lambda);
+        // cargo sets CARGO_MANIFEST_DIR, CARGO_PKG_* etc. for this test; the
+        // watch's own `cargo run` would inherit them, and ring's build script
+        // reruns when CARGO_MANIFEST_DIR changes, rebuilding the whole AWS
+        // SDK (minutes). Hand it a plain cargo environment.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(["lambda", "watch", "--ignore-changes", "--quiet"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port", &port])
             .args(["--package", "settle-lambda"])
             .envs(cfg.to_env())
