@@ -14,12 +14,16 @@
 //! duplicate delivery of the same (run, item), which the reducer counts
 //! once and the processor sees under the same idempotency key.
 //!
-//! **A retried trigger resumes its run instead of starting another.** The
-//! run id of a schedule tick is derived from the EventBridge event (its
-//! time and id), and that of a manual invoke from the Lambda request id, so
-//! when Lambda retries a failed asynchronous invocation with the same event
-//! the dispatcher finds the run it created and carries on with it, rather
-//! than leaving a half-dispatched run behind and starting a second one.
+//! **A retried schedule tick resumes its run instead of starting another.**
+//! The run id of a tick is derived from the EventBridge event (its time and
+//! id), so when Lambda retries a failed tick with the same event the
+//! dispatcher finds the run it created and carries on with it, rather than
+//! leaving a half-dispatched run behind and starting a second one. A manual
+//! invoke's run id takes its time part from the clock (only its suffix comes
+//! from the request id), so a retry of a failed *asynchronous* manual invoke
+//! starts a new run; the failed attempt's error names the first run and the
+//! `{"resume": ...}` that finishes it. Invoke by hand synchronously (the
+//! default of `aws lambda invoke`), which Lambda does not retry.
 
 use async_trait::async_trait;
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
@@ -253,9 +257,9 @@ impl DispatcherFunction {
         })
     }
 
-    /// Handles one invocation. `request_id` is the Lambda request id (the
-    /// same on Lambda's retries of an asynchronous invocation); `stop_at` is
-    /// when to stop dispatching and hand over (see [`stop_at`]).
+    /// Handles one invocation. `request_id` is the Lambda request id (it
+    /// names a manual invoke's run); `stop_at` is when to stop dispatching
+    /// and hand over (see [`stop_at`]), `None` for no limit.
     pub async fn handle(
         &self,
         request: DispatchRequest,
