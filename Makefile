@@ -29,8 +29,10 @@ demo: build-cli ## Run 10,000 demo items (realistic failures) on the embedded en
 run: demo ## Alias of demo
 
 test: venv ## Every check and test (fmt, clippy, unit, conformance, end-to-end), with the AWS emulator
-	@set -e; eval "$$(infra/emulator.sh up)"; \
-	  trap 'infra/emulator.sh down' EXIT; \
+	@set -e; started=1; \
+	  if [ -f .settle/emulator/pid ] && kill -0 "$$(cat .settle/emulator/pid)" 2>/dev/null; then started=; fi; \
+	  eval "$$(infra/emulator.sh up)"; \
+	  if [ -n "$$started" ]; then trap 'infra/emulator.sh down' EXIT; fi; \
 	  $(MAKE) --no-print-directory test-steps
 
 test-steps: # The steps of `make test`, in an environment that has the emulator's exports

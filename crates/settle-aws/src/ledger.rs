@@ -291,8 +291,12 @@ impl Ledger for DynamoLedger {
                             })
                             .collect(),
                     ))
-                    // Strong: the reducer's conditional commit needs the latest version.
-                    .consistent_read(true)
+                    // Eventually consistent, at half the price of a strong
+                    // read: the reducer's commit is conditional on the
+                    // versions read, so a stale row costs a retry (a
+                    // conflict, then a re-read), never a wrong tally. Most
+                    // rows read are new ones, which no staleness affects.
+                    .consistent_read(false)
                     .build()
                     .map_err(|e| PortError::backend(op, e))?,
             );

@@ -31,7 +31,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::value::RawValue;
 use settle_core::domain::{now_millis, Item, ItemId, RunId};
 use settle_core::ports::{LineError, LoadError, LoadInput, PortError, Source};
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -392,7 +392,13 @@ impl DynamoSource {
                         .get((prev - block_first) as usize)
                         .map(|(i, l, _)| (i.clone(), *l))
                 } else {
-                    // Written already: let the writes land, then read it back.
+                    // In a closed block: write what is buffered, let the
+                    // writes land, then read the earlier item back.
+                    if !rows.is_empty() {
+                        let batch: Vec<Row> = std::mem::take(&mut rows);
+                        written.extend(batch.iter().map(row_key));
+                        inflight.push(write_rows(self.t.clone(), batch));
+                    }
                     while let Some(r) = inflight.next().await {
                         r?;
                     }
@@ -413,17 +419,20 @@ impl DynamoSource {
                 }
                 .into());
             }
-            if seen.contains_key(&h) {
-                seen_exact.insert(id.to_owned(), (index, line));
-            } else {
-                seen.insert(h, index);
+            match seen.entry(h) {
+                Entry::Occupied(_) => {
+                    seen_exact.insert(id.to_owned(), (index, line));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(index);
+                }
             }
 
             let size = id.len() + item.payload.get().len() + 32;
             if !block.is_empty()
                 && (block.len() as u64 == BLOCK_MAX_ITEMS
                     || block_bytes + size > BLOCK_MAX_BYTES
-                    || index % SHARD_ITEMS == 0)
+                    || index.is_multiple_of(SHARD_ITEMS))
             {
                 rows.push(self.block_row(load, block_first, &block)?);
                 block.clear();
@@ -438,12 +447,7 @@ impl DynamoSource {
 
             if rows.len() >= BATCH_WRITE {
                 let batch: Vec<Row> = std::mem::take(&mut rows);
-                written.extend(batch.iter().map(|r| {
-                    r.iter()
-                        .filter(|(k, _)| *k == "pk" || *k == "sk")
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                }));
+                written.extend(batch.iter().map(row_key));
                 inflight.push(write_rows(self.t.clone(), batch));
                 while inflight.len() >= WRITE_CONCURRENCY {
                     if let Some(r) = inflight.next().await {
@@ -461,12 +465,7 @@ impl DynamoSource {
         if !block.is_empty() {
             rows.push(self.block_row(load, block_first, &block)?);
         }
-        written.extend(rows.iter().map(|r| {
-            r.iter()
-                .filter(|(k, _)| *k == "pk" || *k == "sk")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        }));
+        written.extend(rows.iter().map(row_key));
         for batch in rows.chunks(BATCH_WRITE) {
             inflight.push(write_rows(self.t.clone(), batch.to_vec()));
         }
@@ -574,6 +573,14 @@ impl DynamoSource {
         out.item
             .ok_or_else(|| PortError::NotFound(format!("run {run}")))
     }
+}
+
+/// A row's key, to delete it if its load fails.
+fn row_key(row: &Row) -> HashMap<String, AttributeValue> {
+    row.iter()
+        .filter(|(k, _)| *k == "pk" || *k == "sk")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn lost_lease(load: &str) -> PortError {

@@ -1,6 +1,5 @@
 //! [`Queue`] on SQS.
 
-use crate::metrics::Metrics;
 use crate::ConfigError;
 use async_trait::async_trait;
 use aws_sdk_sqs::error::DisplayErrorContext;
@@ -27,19 +26,18 @@ pub struct SqsQueue {
     url: String,
     name: String,
     receive_wait_secs: i32,
-    #[allow(dead_code)] // Shared with the interceptor; kept for symmetry with the tables.
-    metrics: Metrics,
 }
 
 impl SqsQueue {
-    pub fn new(client: Client, url: &str, metrics: Metrics) -> Self {
+    /// A queue on `client`, which counts its calls if it was built with the
+    /// backend's interceptor (as [`crate::connect`] does).
+    pub fn new(client: Client, url: &str) -> Self {
         let name = url.rsplit('/').next().unwrap_or(url).to_owned();
         Self {
             client,
             url: url.to_owned(),
             name,
             receive_wait_secs: 0,
-            metrics,
         }
     }
 
