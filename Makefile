@@ -4,15 +4,22 @@ CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 DEMO_ITEMS := .settle/demo-items.jsonl
 
-.PHONY: help build demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-build: ## Release build of the settle CLI
+build-cli: ## Release build of the settle CLI
 	$(CARGO) build --release -p settle-cli
 
-demo: build ## Run 10,000 demo items (realistic failures) on the embedded engine, then redrive the failures
+# The workspace's release profile keeps line tables for profiling the CLI;
+# a Lambda bundle does not need them: stripped, the worker is 14 MiB, not 74.
+LAMBDA_PROFILE_ENV := CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_DEBUG=false
+
+build: venv ## Release build of the three Lambda functions for arm64 (cargo lambda; into target/lambda/)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(LAMBDA_PROFILE_ENV) $(CARGO) lambda build --release --arm64 -p settle-lambda
+
+demo: build-cli ## Run 10,000 demo items (realistic failures) on the embedded engine, then redrive the failures
 	@mkdir -p .settle
 	$(SETTLE_RELEASE) generate --count 10000 --mix demo > $(DEMO_ITEMS)
 	$(SETTLE_RELEASE) run --items $(DEMO_ITEMS)
@@ -47,13 +54,28 @@ emulator-up: venv ## Start the local AWS emulator with the default stack; prints
 emulator-down: ## Stop the local AWS emulator
 	@infra/emulator.sh down
 
+invoke-dispatcher: ## Invoke the dispatcher on infra/events/dispatcher-schedule.json (sam local: needs Docker)
+	sam local invoke DispatcherFunction --event infra/events/dispatcher-schedule.json
+
+invoke-worker: ## Invoke the worker on infra/events/worker-sqs.json (sam local: needs Docker)
+	sam local invoke WorkerFunction --event infra/events/worker-sqs.json
+
+invoke-reducer: ## Invoke the reducer on infra/events/reducer-sqs.json (sam local: needs Docker)
+	sam local invoke ReducerFunction --event infra/events/reducer-sqs.json
+
+deploy: venv ## Build with SAM (cargo lambda) and deploy the stack to AWS, asking for its settings (needs aws-sam-cli)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(LAMBDA_PROFILE_ENV) sam build --beta-features && sam deploy --guided
+
+lint-template: venv ## cfn-lint template.yaml
+	.venv/bin/cfn-lint template.yaml
+
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: build ## Throughput: 1,000,000 items (10% permanent failures), durable, load included
+bench: build-cli ## Throughput: 1,000,000 items (10% permanent failures), durable, load included
 	python3 scripts/bench.py 1000000 --concurrency 64
 
-bench-memory: build ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
+bench-memory: build-cli ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
 	python3 scripts/bench.py 10000000 --concurrency 64
 
 soak: ## Fault simulation over many seeds (SEEDS=1000 by default, 300 items each; about 2 s a seed)
