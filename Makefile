@@ -4,7 +4,7 @@ CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 DEMO_ITEMS := .settle/demo-items.jsonl
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,8 @@ test: venv ## Every check and test (fmt, clippy, unit, conformance, end-to-end),
 
 test-steps: # The steps of `make test`, in an environment that has the emulator's exports
 	$(CARGO) fmt --all -- --check
+	.venv/bin/cfn-lint template.yaml
+	.venv/bin/python infra/check_template.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | python3 scripts/test_summary.py
 
@@ -66,8 +68,17 @@ invoke-reducer: ## Invoke the reducer on infra/events/reducer-sqs.json (sam loca
 deploy: venv ## Build with SAM (cargo lambda) and deploy the stack to AWS, asking for its settings (needs aws-sam-cli)
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(LAMBDA_PROFILE_ENV) sam build --beta-features && sam deploy --guided
 
-lint-template: venv ## cfn-lint template.yaml
+lint-template: venv ## cfn-lint template.yaml, and check that it mirrors infra/stack.json (what the emulator and tests create)
 	.venv/bin/cfn-lint template.yaml
+	.venv/bin/python infra/check_template.py
+
+cost: venv ## AWS cost per million items from the calls of 10,000 items on the emulator (COUNT=, RUNS= to change; about 25 minutes)
+	$(CARGO) build -p settle-cli
+	@set -e; started=1; \
+	  if [ -f .settle/emulator/pid ] && kill -0 "$$(cat .settle/emulator/pid)" 2>/dev/null; then started=; fi; \
+	  eval "$$(infra/emulator.sh up)"; \
+	  if [ -n "$$started" ]; then trap 'infra/emulator.sh down' EXIT; fi; \
+	  python3 scripts/cost.py $${COUNT:-10000} --runs $${RUNS:-10}
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

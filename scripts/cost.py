@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Cost per million items on AWS, from the calls of a real run on the emulator.
 
-Usage: scripts/cost.py [COUNT] [--settle PATH] [--worker-ms MS] [--reducer-ms MS]
+Usage: scripts/cost.py [COUNT] [--runs R] [--settle PATH] [--worker-ms MS] [--reducer-ms MS]
 Needs the emulator's exports in the environment (`make cost` starts it).
 
 Runs COUNT items of the bench mix (10% permanent failures) through
-`settle --backend aws` with local workers, in three commands (load,
-dispatch, process), each writing its AWS calls with --report-calls. The
+`settle --backend aws` with local workers, as R runs of COUNT/R items on
+one stack (moto's SendMessageBatch slows down linearly with the queue's
+length, so a single run of 10,000 queued items would take hours there; the
+per-run fixed calls are then paid R times, which errs high). Each run is
+three commands (load, dispatch, process), each writing its AWS calls with
+--report-calls. The
 calls are counted by an SDK interceptor in settle-aws; DynamoDB units are
 derived from the requests and responses by DynamoDB's billing rules (moto
 reports none for transactions). Lambda is priced from the invocations the
@@ -45,7 +49,7 @@ def settle(binary, args, report, stack):
 
 def main():
     args = sys.argv[1:]
-    count, binary = 10000, "target/debug/settle"
+    count, binary, runs = 10000, "target/debug/settle", 10
     worker_ms, reducer_ms = 100.0, 200.0
     while args:
         a = args.pop(0)
@@ -55,34 +59,54 @@ def main():
             worker_ms = float(args.pop(0))
         elif a == "--reducer-ms":
             reducer_ms = float(args.pop(0))
+        elif a == "--runs":
+            runs = int(args.pop(0))
         else:
             count = int(a)
     if not os.environ.get("AWS_ENDPOINT_URL"):
         sys.exit('AWS_ENDPOINT_URL is not set: run `make cost`, or eval "$(infra/emulator.sh up)" first')
     tmp = tempfile.mkdtemp(prefix="settle-cost-")
-    items = os.path.join(tmp, "items.jsonl")
-    with open(items, "w") as out:
-        subprocess.run([binary, "generate", "--count", str(count), "--mix", "bench"], stdout=out, check=True)
-    expected_failed = sum(1 for line in open(items) if "permanent" in line)
-
     stack = fresh_stack()
-    phases = {}
-    _, phases["load"] = settle(binary, ["load", "--items", items, "--json"], os.path.join(tmp, "load.json"), stack)
-    run, phases["dispatch"] = settle(binary, ["dispatch", "--json"], os.path.join(tmp, "dispatch.json"), stack)
-    run_id = run["run_id"]
-    done, phases["process"] = settle(
-        binary, ["resume", run_id, "--json", "--concurrency", "8", "--retry-delay-ms", "100"],
-        os.path.join(tmp, "process.json"), stack)
-    if done["total"] != count or done["pending"] != 0 or done["failed"] != expected_failed:
-        sys.exit(f"the run did not settle exactly: {done}, expected {expected_failed} failed")
+    phases = {"load": {}, "dispatch": {}, "process": {}}
+    per_run = count // runs
+    succeeded = failed = 0
 
-    print(f"{count} items on the emulator, run {run_id}: {done['succeeded']} succeeded, "
-          f"{done['failed']} failed (exact)\n")
+    def add(phase, rep):
+        for op, n in rep["calls"].items():
+            phases[phase].setdefault("calls", {}).setdefault(op, 0)
+            phases[phase]["calls"][op] += n
+        for op, u in rep["dynamodb_units"]["billed_estimate"].items():
+            phases[phase].setdefault("units", {}).setdefault(op, 0.0)
+            phases[phase]["units"][op] += u
+
+    for r in range(runs):
+        items = os.path.join(tmp, f"items-{r}.jsonl")
+        with open(items, "w") as out:
+            subprocess.run([binary, "generate", "--count", str(per_run), "--mix", "bench", "--seed", str(r + 1)],
+                           stdout=out, check=True)
+        expected_failed = sum(1 for line in open(items) if "permanent" in line)
+        _, rep = settle(binary, ["load", "--items", items, "--json"], os.path.join(tmp, "load.json"), stack)
+        add("load", rep)
+        run, rep = settle(binary, ["dispatch", "--json"], os.path.join(tmp, "dispatch.json"), stack)
+        add("dispatch", rep)
+        done, rep = settle(
+            binary, ["resume", run["run_id"], "--json", "--concurrency", "8", "--retry-delay-ms", "100"],
+            os.path.join(tmp, "process.json"), stack)
+        add("process", rep)
+        if done["total"] != per_run or done["pending"] != 0 or done["failed"] != expected_failed:
+            sys.exit(f"run {run['run_id']} did not settle exactly: {done}, expected {expected_failed} failed")
+        succeeded += done["succeeded"]
+        failed += done["failed"]
+        print(f"run {r + 1}/{runs} ({run['run_id']}): {done['succeeded']} succeeded, "
+              f"{done['failed']} failed (exact)", file=sys.stderr, flush=True)
+    count = per_run * runs
+
+    print(f"{count} items in {runs} runs on the emulator: {succeeded} succeeded, {failed} failed (exact)\n")
     print(f"{'phase':9} {'operation':34} {'calls':>8} {'per item':>9} {'units':>10}")
     totals = {"sqs": 0.0, "sqs_empty": 0.0, "wru": 0.0, "rru": 0.0}
     for phase, rep in phases.items():
-        units = rep["dynamodb_units"]["billed_estimate"]
-        for op, n in sorted(rep["calls"].items()):
+        units = rep.get("units", {})
+        for op, n in sorted(rep.get("calls", {}).items()):
             u = ""
             if op.startswith("DynamoDB."):
                 w, r = units.get(f"{op} WRU", 0.0), units.get(f"{op} RRU", 0.0)

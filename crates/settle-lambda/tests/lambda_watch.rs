@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use settle_aws::provision::{create_stack, Stack};
-use settle_core::message::{ResultBody, WorkBody};
+use settle_core::message::{decode_results, WorkBody};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -160,8 +160,8 @@ async fn worker_fixture_through_cargo_lambda_watch() {
     let mut items: Vec<String> = drain(aws.results())
         .await
         .iter()
-        .map(|d| {
-            let r = ResultBody::decode(&d.body).unwrap();
+        .flat_map(|d| decode_results(&d.body).unwrap())
+        .map(|r| {
             assert_eq!(r.run.as_str(), FIXTURE_RUN);
             r.item.to_string()
         })

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use settle_core::domain::{ItemId, ItemStatus, RunStatus};
-use settle_core::message::ResultBody;
+use settle_core::message::{decode_results, pack_results, ResultBody};
 use settle_core::Ledger;
 use settle_lambda::ReducerFunction;
 
@@ -18,8 +18,16 @@ fn fixture_bodies_are_the_cores_encoding() {
     let event = sqs_fixture("reducer-sqs.json");
     for r in &event.records {
         let body = r.body.as_deref().unwrap();
-        match ResultBody::decode(body) {
-            Ok(b) => assert_eq!(b.encode(), body, "record {:?}", r.message_id),
+        match decode_results(body) {
+            Ok(rs) => {
+                let encoded: Vec<String> = rs.iter().map(ResultBody::encode).collect();
+                assert_eq!(
+                    pack_results(&encoded)[0].0,
+                    body,
+                    "record {:?}",
+                    r.message_id
+                )
+            }
             Err(_) => assert_eq!(r.message_id.as_deref(), Some(BAD_RESULT)),
         }
     }

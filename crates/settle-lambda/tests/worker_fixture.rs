@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use settle_core::domain::{AttemptOutcome, ErrorKind, ItemId, ItemStatus};
-use settle_core::message::{ResultBody, WorkBody};
+use settle_core::message::{decode_results, ResultBody, WorkBody};
 use settle_core::work::WorkerConfig;
 use settle_core::{Ledger, Scripted};
 use settle_lambda::{ReducerFunction, WorkerFunction};
@@ -81,7 +81,7 @@ async fn each_record_settles_alone_and_only_the_panic_is_retried() {
     let results = drain(&e.results).await;
     let mut bodies: Vec<ResultBody> = results
         .iter()
-        .map(|d| ResultBody::decode(&d.body).unwrap())
+        .flat_map(|d| decode_results(&d.body).unwrap())
         .collect();
     bodies.sort_by(|a, b| a.item.cmp(&b.item));
     assert_eq!(bodies.len(), 3);
