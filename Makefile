@@ -40,7 +40,7 @@ test-steps: # The steps of `make test`, in an environment that has the emulator'
 	.venv/bin/cfn-lint template.yaml
 	.venv/bin/python infra/check_template.py
 	$(CARGO) clippy --all-targets -- -D warnings
-	set -o pipefail; $(CARGO) test --workspace 2>&1 | python3 scripts/test_summary.py
+	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | python3 scripts/test_summary.py
 
 VENV_STAMP := .venv/.stamp-requirements
 

@@ -304,6 +304,9 @@ fn a_database_of_another_kind_is_refused_and_left_alone() {
         }
         let before = std::fs::read(&path).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+            // The embedded backend, whatever the environment says.
+            .env_remove("SETTLE_BACKEND")
+            .env_remove("SETTLE_WORKERS")
             .arg("--db")
             .arg(&path)
             .args(["status", "--json"])
