@@ -55,6 +55,30 @@ impl Tables {
         }
     }
 
+    /// Sends a conditional UpdateItem on `table` under the emulator guard and
+    /// counts its capacity. `Ok(false)`: its condition failed, nothing written.
+    pub async fn update(
+        &self,
+        table: &str,
+        req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<bool, PortError> {
+        let op = "DynamoDB.UpdateItem";
+        let guard = self.shared().await;
+        let res = req
+            .return_consumed_capacity(aws_sdk_dynamodb::types::ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        drop(guard);
+        match res {
+            Ok(out) => {
+                self.capacity(op, out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(sdk_err(op, table, e)),
+        }
+    }
+
     pub fn capacity<'a>(&self, op: &str, cc: impl IntoIterator<Item = &'a ConsumedCapacity>) {
         let units: f64 = cc.into_iter().filter_map(|c| c.capacity_units()).sum();
         self.metrics.add_capacity(op, units);

@@ -201,17 +201,15 @@ impl Ledger for DynamoLedger {
         // back, so a slower dispatcher's stale report changes nothing but
         // (if it finished) the dispatched flag.
         let mut set = vec!["#enq = :e"];
-        let guard = self.t.shared().await;
-        let mut update = self
-            .t
+        let t = &self.t;
+        let mut update = t
             .client
             .update_item()
-            .table_name(&self.t.ledger)
+            .table_name(&t.ledger)
             .set_key(Some(run_key(id)))
             .condition_expression("attribute_exists(pk) AND #enq <= :e")
             .expression_attribute_names("#enq", "enqueued")
-            .expression_attribute_values(":e", n(enqueued))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            .expression_attribute_values(":e", n(enqueued));
         if let Some(c) = cursor {
             set.push("#c = :c");
             update = update.expression_attribute_values(":c", s(c));
@@ -225,45 +223,31 @@ impl Ledger for DynamoLedger {
         if cursor.is_none() {
             expr.push_str(" REMOVE #c");
         }
-        let res = update
+        let update = update
             .update_expression(expr)
-            .expression_attribute_names("#c", "cursor")
-            .send()
-            .await;
-        drop(guard);
-        match res {
-            Ok(out) => {
-                self.t.capacity(op, out.consumed_capacity());
-                Ok(())
-            }
-            Err(e) if is_condition_failed(&e) => {
-                // Stale progress, or no such run: tell them apart.
-                if self.get_run(op, id).await?.is_none() {
-                    return Err(PortError::NotFound(format!("run {id}")));
-                }
-                if dispatched {
-                    let guard = self.t.shared().await;
-                    let out = self
-                        .t
-                        .client
-                        .update_item()
-                        .table_name(&self.t.ledger)
-                        .set_key(Some(run_key(id)))
-                        .update_expression("SET #dis = :t")
-                        .expression_attribute_names("#dis", "dispatched")
-                        .condition_expression("attribute_exists(pk)")
-                        .expression_attribute_values(":t", AttributeValue::Bool(true))
-                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                        .send()
-                        .await
-                        .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
-                    drop(guard);
-                    self.t.capacity(op, out.consumed_capacity());
-                }
-                Ok(())
-            }
-            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
+            .expression_attribute_names("#c", "cursor");
+        if t.update(&t.ledger, update).await? {
+            return Ok(());
         }
+        // Stale progress, or no such run: tell them apart.
+        if self.get_run(op, id).await?.is_none() {
+            return Err(PortError::NotFound(format!("run {id}")));
+        }
+        if dispatched {
+            t.update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("SET #dis = :t")
+                    .expression_attribute_names("#dis", "dispatched")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":t", AttributeValue::Bool(true)),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn items(
@@ -442,29 +426,18 @@ impl Ledger for DynamoLedger {
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
-        let op = "DynamoDB.UpdateItem";
-        let guard = self.t.shared().await;
-        let res = self
-            .t
-            .client
-            .update_item()
-            .table_name(&self.t.ledger)
-            .set_key(Some(run_key(id)))
-            .update_expression("SET settled_at = :at")
-            .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
-            .expression_attribute_values(":at", n(at))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        drop(guard);
-        match res {
-            Ok(out) => {
-                self.t.capacity(op, out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
-        }
+        let t = &self.t;
+        t.update(
+            &t.ledger,
+            t.client
+                .update_item()
+                .table_name(&t.ledger)
+                .set_key(Some(run_key(id)))
+                .update_expression("SET settled_at = :at")
+                .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
+                .expression_attribute_values(":at", n(at)),
+        )
+        .await
     }
 
     async fn failures(

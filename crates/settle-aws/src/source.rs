@@ -18,8 +18,8 @@
 //! See `docs/aws.md` for the rows and their costs.
 
 use crate::ddb::{
-    corrupt, get_bool, get_n, get_s, is_condition_failed, n, random_suffix, s, sdk_err, tx_failure,
-    Row, Tables, TxFailure,
+    corrupt, get_bool, get_n, get_s, n, random_suffix, s, sdk_err, tx_failure, Row, Tables,
+    TxFailure,
 };
 use crate::ledger::run_key;
 use async_trait::async_trait;
@@ -270,7 +270,6 @@ impl DynamoSource {
     }
 
     async fn lease(&self, load: &str, first: bool) -> Result<bool, PortError> {
-        let op = "DynamoDB.UpdateItem";
         let now = now_millis();
         let until = now + LOAD_LEASE.as_millis() as u64;
         let cond = if first {
@@ -278,52 +277,35 @@ impl DynamoSource {
         } else {
             "lock_owner = :me"
         };
-        let guard = self.t.shared().await;
-        let mut u = self
-            .t
+        let t = &self.t;
+        let mut u = t
             .client
             .update_item()
-            .table_name(&self.t.items)
+            .table_name(&t.items)
             .set_key(Some(meta_key()))
             .update_expression("SET lock_owner = :me, lock_until = :until")
             .condition_expression(cond)
             .expression_attribute_values(":me", s(load))
-            .expression_attribute_values(":until", n(until))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            .expression_attribute_values(":until", n(until));
         if first {
             u = u.expression_attribute_values(":now", n(now));
         }
-        let res = u.send().await;
-        drop(guard);
-        match res {
-            Ok(out) => {
-                self.t.capacity(op, out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(sdk_err(op, &self.t.items, e)),
-        }
+        t.update(&t.items, u).await
     }
 
     async fn release(&self, load: &str) {
-        let guard = self.t.shared().await;
-        let res = self
-            .t
+        let t = &self.t;
+        let req = t
             .client
             .update_item()
-            .table_name(&self.t.items)
+            .table_name(&t.items)
             .set_key(Some(meta_key()))
             .update_expression("REMOVE lock_owner, lock_until")
             .condition_expression("lock_owner = :me")
-            .expression_attribute_values(":me", s(load))
-            .send()
-            .await;
-        drop(guard);
-        if let Err(e) = res {
-            if !is_condition_failed(&e) {
-                tracing::warn!(load, error = %sdk_err("DynamoDB.UpdateItem", &self.t.items, e),
-                    "could not release the load lease; it expires by itself");
-            }
+            .expression_attribute_values(":me", s(load));
+        // A failed condition means the lease was no longer ours: nothing to release.
+        if let Err(e) = t.update(&t.items, req).await {
+            tracing::warn!(load, error = %e, "could not release the load lease; it expires by itself");
         }
     }
 
@@ -836,28 +818,18 @@ impl Source for DynamoSource {
 
 impl DynamoSource {
     async fn set_bound(&self, run: &RunId, bound: u64) -> Result<(), PortError> {
-        let op = "DynamoDB.UpdateItem";
-        let guard = self.t.shared().await;
-        let res = self
-            .t
+        let t = &self.t;
+        let req = t
             .client
             .update_item()
-            .table_name(&self.t.ledger)
+            .table_name(&t.ledger)
             .set_key(Some(run_key(run)))
             .update_expression("SET claim_bound = if_not_exists(claim_bound, :b)")
             .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":b", n(bound))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        drop(guard);
-        match res {
-            Ok(out) => {
-                self.t.capacity(op, out.consumed_capacity());
-                Ok(())
-            }
-            Err(e) if is_condition_failed(&e) => Err(PortError::NotFound(format!("run {run}"))),
-            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
+            .expression_attribute_values(":b", n(bound));
+        match t.update(&t.ledger, req).await? {
+            true => Ok(()),
+            false => Err(PortError::NotFound(format!("run {run}"))),
         }
     }
 }
