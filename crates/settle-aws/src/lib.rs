@@ -10,6 +10,7 @@ mod ledger;
 mod metrics;
 #[cfg(feature = "provision")]
 pub mod provision;
+mod segments;
 mod source;
 mod sqs;
 
