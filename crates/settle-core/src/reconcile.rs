@@ -12,6 +12,7 @@
 //! for the reducer, and a marked copy in the DLQ that `redrive` moves back
 //! like any other.
 
+use crate::backend::Backend;
 use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
 use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
@@ -53,6 +54,33 @@ pub async fn reconcile_parked(
             "reconciled work messages the queue dead-lettered without a result");
     }
     Ok(report)
+}
+
+/// The scheduled form, for a deployment with no operator watching: when
+/// nothing is in flight anywhere (work and results queues empty), any of
+/// the `recent` newest runs that finished dispatching and still has pending
+/// items can only be waiting for messages the queue parked; reconcile those.
+/// While anything is in flight it does nothing, so a busy deployment's
+/// running items are never mistaken for parked ones.
+pub async fn sweep_when_quiet(b: &Backend, recent: usize) -> Result<ReconcileReport, PortError> {
+    let mut total = ReconcileReport::default();
+    if b.work.depth().await?.total() > 0 || b.results.depth().await?.total() > 0 {
+        return Ok(total);
+    }
+    for run in b.ledger.runs(recent).await? {
+        if run.dispatched && run.pending() > 0 {
+            let r = reconcile_parked(
+                b.ledger.as_ref(),
+                b.dlq.as_ref(),
+                b.results.as_ref(),
+                &run.id,
+            )
+            .await?;
+            total.failed += r.failed;
+            total.dropped += r.dropped;
+        }
+    }
+    Ok(total)
 }
 
 async fn scan(
