@@ -285,7 +285,11 @@ impl DynamoLedger {
                 self.t.capacity(op, out.consumed_capacity());
                 Ok(true)
             }
-            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) if is_condition_failed(&e) => {
+                tracing::debug!(run = %p.run, item = %p.item, expected = ?p.expected,
+                    "item row changed since it was read");
+                Ok(false)
+            }
             Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
         }
     }

@@ -273,6 +273,23 @@ impl Intercept for CallCounter {
             return Ok(());
         };
         if !context.response().status().is_success() {
+            // Refused calls are counted apart by error, e.g.
+            // "DynamoDB.PutItem (ConditionalCheckFailedException)": lost
+            // races show in the cost report instead of hiding in the totals.
+            let code = context
+                .response()
+                .body()
+                .bytes()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .and_then(|v| v["__type"].as_str().map(str::to_owned))
+                .map(|t| t.rsplit('#').next().unwrap_or_default().to_owned())
+                .unwrap_or_else(|| context.response().status().as_u16().to_string());
+            *self
+                .calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(format!("DynamoDB.{op} ({code})"))
+                .or_default() += 1;
             return Ok(());
         }
         let consistent = cfg.load::<Consistent>().is_some_and(|c| c.0);

@@ -114,4 +114,28 @@ impl Deployment {
             Kind::Aws(_) => Duration::from_secs(90),
         }
     }
+
+    /// How long the local runner's reducers hide the results they took. On
+    /// AWS, the results queue's VisibilityTimeout (infra/stack.json,
+    /// template.yaml), which the event source mapping uses: a reducer batch
+    /// on a slow or throttled table must not come back to a second reducer
+    /// while the first still commits it. Embedded: the work visibility, so
+    /// that after a killed process `resume` gets the results back soon.
+    pub fn results_visibility(&self, work: Duration) -> Duration {
+        match &self.kind {
+            Kind::Embedded(_) => work,
+            Kind::Aws(_) => Duration::from_secs(180).max(work),
+        }
+    }
+
+    /// The local runner's reducer batching window. On AWS it plays the
+    /// reducer's event source mapping, whose MaximumBatchingWindowInSeconds
+    /// (template.yaml) fills batches and so thins the ledger's commits; the
+    /// embedded ledger's commits are cheap, so it reduces at once.
+    pub fn reducer_window(&self) -> Duration {
+        match &self.kind {
+            Kind::Embedded(_) => Duration::ZERO,
+            Kind::Aws(_) => Duration::from_secs(2),
+        }
+    }
 }

@@ -11,7 +11,7 @@ use settle_core::domain::now_millis;
 use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{Backend, RunId, RunRecord, Scripted};
+use settle_core::{RunId, RunRecord, Scripted};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -38,7 +38,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// While waiting for a run to settle, the queues are counted every this many ticks.
 const STALL_CHECK_EVERY: u32 = 10;
 
-pub fn runner(b: &Backend, args: &ProcessArgs) -> Runner {
+pub fn runner(d: &Deployment, args: &ProcessArgs) -> Runner {
+    let b = &d.backend;
     let work = b.work.clone();
     let visibility = Duration::from_secs(args.visibility_timeout);
     let worker = Worker::new(
@@ -64,6 +65,8 @@ pub fn runner(b: &Backend, args: &ProcessArgs) -> Runner {
             concurrency: args.concurrency as usize,
             batch_size: args.batch_size as usize,
             visibility,
+            results_visibility: d.results_visibility(visibility),
+            reducer_window: d.reducer_window(),
             ..RunnerConfig::default()
         },
         stats: Arc::new(RunnerStats::default()),
@@ -90,7 +93,7 @@ pub async fn process(
     // With deployed workers the Lambda functions process; this process
     // only dispatches and follows the tally.
     let poll = (d.workers == Workers::Local).then(|| {
-        let runner = runner(b, args);
+        let runner = runner(d, args);
         tokio::spawn(async move { runner.run(stop_rx).await })
     });
     let mut dispatching = (!record.dispatched).then(|| {

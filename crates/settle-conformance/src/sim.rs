@@ -81,6 +81,8 @@ fn runner(
         config: RunnerConfig {
             concurrency: 8,
             visibility: Duration::from_secs(1),
+            // Short, so lost deletes come back within the simulation's time.
+            results_visibility: Duration::from_secs(1),
             reducers: 2,
             ..RunnerConfig::default()
         },

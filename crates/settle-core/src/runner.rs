@@ -22,12 +22,20 @@ pub struct RunnerConfig {
     pub batch_size: usize,
     /// Visibility timeout of a received work message.
     pub visibility: Duration,
+    /// Visibility timeout of a received results message: a reducer batch
+    /// that takes longer is delivered again and applied twice (exact, but
+    /// paid twice). The event source mapping uses the queue's own setting.
+    pub results_visibility: Duration,
     /// Reducer pollers.
     pub reducers: usize,
     /// Results messages per reducer batch (filled by several receives of up
     /// to 10). Each message holds up to a worker batch of results, so 9
     /// messages fill about one ledger commit of 100 actions.
     pub reducer_batch: usize,
+    /// How long a reducer batch may wait to fill once its first message
+    /// arrived: the event source mapping's MaximumBatchingWindowInSeconds.
+    /// Zero reduces whatever the first receives return.
+    pub reducer_window: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -36,8 +44,10 @@ impl Default for RunnerConfig {
             concurrency: 16,
             batch_size: MAX_QUEUE_BATCH,
             visibility: Duration::from_secs(30),
+            results_visibility: Duration::from_secs(30),
             reducers: 8,
             reducer_batch: 9,
+            reducer_window: Duration::ZERO,
         }
     }
 }
@@ -153,15 +163,46 @@ impl Runner {
         // concurrent receives (each is a round trip, and empty ones add up).
         let mut batch = self
             .results
-            .receive(MAX_QUEUE_BATCH, self.config.visibility)
+            .receive(
+                MAX_QUEUE_BATCH.min(self.config.reducer_batch),
+                self.config.results_visibility,
+            )
             .await?;
+        if !batch.is_empty() && !self.config.reducer_window.is_zero() {
+            // The batching window: keep gathering until the batch is full or
+            // the window closes, as the event source mapping does. Fuller
+            // batches mean fewer ledger commits.
+            let closes = tokio::time::Instant::now() + self.config.reducer_window;
+            while batch.len() < self.config.reducer_batch {
+                let left = closes.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let want = (self.config.reducer_batch - batch.len()).min(MAX_QUEUE_BATCH);
+                match self
+                    .results
+                    .receive(want, self.config.results_visibility)
+                    .await
+                {
+                    Ok(got) if got.is_empty() => {
+                        tokio::time::sleep(left.min(Duration::from_millis(50))).await
+                    }
+                    Ok(got) => batch.extend(got),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "receive failed; reducing what arrived");
+                        break;
+                    }
+                }
+            }
+            return Ok(batch);
+        }
         if batch.len() < MAX_QUEUE_BATCH || self.config.reducer_batch <= MAX_QUEUE_BATCH {
             return Ok(batch);
         }
         let calls = (self.config.reducer_batch - MAX_QUEUE_BATCH).div_ceil(MAX_QUEUE_BATCH);
         let got = futures::future::join_all((0..calls).map(|_| {
             self.results
-                .receive(MAX_QUEUE_BATCH, self.config.visibility)
+                .receive(MAX_QUEUE_BATCH, self.config.results_visibility)
         }))
         .await;
         for r in got {
