@@ -101,9 +101,14 @@ pub async fn queue_send_receive_delete(s: &Subject) {
 pub async fn queue_visibility_timeout_redelivers(s: &Subject) {
     let q = s.work.as_ref();
     q.send(vec!["x".into()]).await.unwrap();
+    let received = std::time::Instant::now();
     let first = receive_n(q, 1, VIS).await.pop().unwrap();
     let depth = q.depth().await.unwrap();
-    assert_eq!((depth.visible, depth.in_flight), (0, 1));
+    // Only meaningful while the timeout can still be running: on a loaded
+    // machine the count may come back after it expired.
+    if received.elapsed() < VIS {
+        assert_eq!((depth.visible, depth.in_flight), (0, 1));
+    }
     tokio::time::sleep(AFTER_VIS).await;
     let second = receive_n(q, 1, VIS).await.pop().unwrap();
     assert_eq!(second.message_id, first.message_id);
