@@ -217,7 +217,7 @@ impl Worker {
                     body.max_receives
                 )))
             } else {
-                self.run_processor(&body, attempt).await
+                self.run_processor(&body, attempt, deadline).await
             };
             let duration_ms = clock.elapsed().as_millis() as u64;
             let last = d.receive_count >= body.max_receives;
@@ -273,16 +273,30 @@ impl Worker {
         .await
     }
 
-    async fn run_processor(&self, body: &WorkBody, attempt: u32) -> Result<(), ProcessError> {
+    async fn run_processor(
+        &self,
+        body: &WorkBody,
+        attempt: u32,
+        deadline: Option<Instant>,
+    ) -> Result<(), ProcessError> {
         let item = body.item();
-        let ctx = AttemptContext::new(body.run.clone(), &item, attempt);
+        let mut ctx = AttemptContext::new(body.run.clone(), &item, attempt);
+        // The attempt is cut off at the item timeout; the invocation ends at
+        // `deadline` (by then Lambda has stopped the process).
+        let timeout_at = self.config.item_timeout.map(|t| Instant::now() + t);
+        ctx.deadline = match (timeout_at, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let processor = self.processor.clone();
         let fut = PanicScope(Box::pin(
             async move { processor.process(&item, &ctx).await },
         ));
         let caught = AssertUnwindSafe(fut).catch_unwind();
-        let res = match self.config.item_timeout {
-            Some(t) => match tokio::time::timeout(t, caught).await {
+        let res = match self.config.item_timeout.zip(timeout_at) {
+            // The same instant as the context's deadline: an idempotency
+            // claim never expires while its attempt still runs.
+            Some((t, at)) => match tokio::time::timeout_at(at.into(), caught).await {
                 Ok(r) => r,
                 Err(_) => {
                     return Err(ProcessError::retryable(format!(

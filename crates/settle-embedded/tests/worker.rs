@@ -223,3 +223,70 @@ async fn near_the_deadline_nothing_new_starts() {
     let back = e.work.receive(10, VIS).await.unwrap();
     assert_eq!(back.len(), 2, "released for retry at once");
 }
+
+/// Records the deadline each attempt was given.
+#[derive(Debug, Default)]
+struct SeesDeadline(std::sync::Mutex<Vec<Option<Instant>>>);
+
+#[async_trait::async_trait]
+impl settle_core::Processor for SeesDeadline {
+    async fn process(
+        &self,
+        _item: &Item,
+        ctx: &settle_core::AttemptContext,
+    ) -> Result<(), settle_core::ProcessError> {
+        self.0.lock().unwrap().push(ctx.deadline);
+        Ok(())
+    }
+}
+
+/// The attempt's deadline (which an idempotency claim lasts until) is the
+/// earlier of the item timeout and the invocation's end.
+#[tokio::test]
+async fn the_attempt_deadline_is_the_item_timeout_or_the_invocation_end() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let seen = Arc::new(SeesDeadline::default());
+    let run = RunId::generate(0);
+    for (timeout, invocation, lo, hi) in [
+        (Some(300), None, 250, 300),
+        (Some(300), Some(10_000), 250, 300),
+        (Some(60_000), Some(10_000), 9_950, 10_000),
+        (None, Some(10_000), 9_950, 10_000),
+    ] {
+        let worker = Worker::new(
+            seen.clone(),
+            Arc::new(e.work.clone()),
+            Arc::new(e.dlq.clone()),
+            Arc::new(e.results.clone()),
+            WorkerConfig {
+                item_timeout: timeout.map(Duration::from_millis),
+                ..WorkerConfig::default()
+            },
+        );
+        e.work.send(vec![body(&run, "x", "ok", 3)]).await.unwrap();
+        let batch = e.work.receive(10, VIS).await.unwrap();
+        let start = Instant::now();
+        let invocation = invocation.map(|ms| start + Duration::from_millis(ms));
+        let response = worker.handle(&batch, invocation).await;
+        delete_done(&e.work, &batch, &response).await.unwrap();
+        let deadline = seen.0.lock().unwrap().pop().unwrap().unwrap();
+        let left = deadline.duration_since(start).as_millis();
+        assert!(
+            (lo..=hi).contains(&left),
+            "{timeout:?}/{invocation:?}: {left} ms"
+        );
+    }
+    // Neither: no deadline.
+    let worker = Worker::new(
+        seen.clone(),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig::default(),
+    );
+    e.work.send(vec![body(&run, "y", "ok", 3)]).await.unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    worker.handle(&batch, None).await;
+    assert_eq!(seen.0.lock().unwrap().pop().unwrap(), None);
+}
