@@ -375,19 +375,30 @@ impl Idempotency {
                 });
             }
         };
-        match self
-            .retry(self.config.complete_tries, || {
-                self.store.complete(key, &token, &result)
+        // The completion runs as its own task: if the attempt is cancelled
+        // at its deadline now (the worker's item timeout), the record of an
+        // effect that did happen is still written, rather than abandoned to
+        // a rerun once the claim expires.
+        let me = self.clone();
+        let (k, t) = (key.clone(), token);
+        let stored = tokio::spawn(async move {
+            me.retry(me.config.complete_tries, || {
+                me.store.complete(&k, &t, &result)
             })
             .await
-        {
-            Ok(()) => {}
-            Err(PortError::Conflict) => {
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(PortError::Conflict)) => {
                 tracing::warn!(%key, "the side effect finished after its claim expired and was taken by another attempt");
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::error!(%key, error = %e, "the side effect finished but its result could not be stored; \
                     its claim stays until it expires");
+            }
+            Err(e) => {
+                tracing::error!(%key, error = %e, "the task storing the side effect's result failed");
             }
         }
         Ok(value)
