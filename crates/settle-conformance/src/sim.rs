@@ -416,7 +416,8 @@ pub async fn simulate_with(
         assert_eq!(
             rows[id].0,
             truth(script),
-            "seed {seed}: {id} ({script}) after the redrive"
+            "seed {seed}: {id} ({script}) after the redrive; last error: {}",
+            rows[id].1
         );
     }
     let want_failed = scripts

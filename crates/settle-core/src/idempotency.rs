@@ -197,13 +197,27 @@ impl IdempotencyError {
     }
 }
 
+/// Added to a claim's remaining time in the retry hint of an "in progress"
+/// error: the claim was stamped by another worker's clock.
+pub const CLOCK_SKEW: Duration = Duration::from_millis(100);
+
 impl From<IdempotencyError> for ProcessError {
+    /// "In progress" asks the worker to retry once the claim has expired: by
+    /// then its holder has finished (a retry gets the stored result) or was
+    /// cut off (a retry takes the claim over). Retrying sooner would only
+    /// spend the item's receives, and an orphaned claim (its holder's store
+    /// calls failed) would get the item dead-lettered as "in progress".
     fn from(e: IdempotencyError) -> Self {
         match e {
             IdempotencyError::Effect(e) => e,
+            IdempotencyError::InProgress { remaining_ms, .. } => {
+                ProcessError::retryable(e.to_string())
+                    .with_retry_after(Duration::from_millis(remaining_ms) + CLOCK_SKEW)
+            }
             e => ProcessError {
                 kind: e.kind(),
                 message: e.to_string(),
+                retry_after: None,
             },
         }
     }

@@ -16,6 +16,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
+/// SQS's longest visibility timeout: the longest a retry can be put off.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
 /// Tuning of the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -244,7 +247,13 @@ impl Worker {
                         }
                         .encode()
                     });
-                    let retry = (!terminal).then(|| self.retry_delay(d.receive_count));
+                    // A processor's hint (an idempotency claim that another
+                    // attempt holds until its deadline) can only lengthen it.
+                    let retry = (!terminal).then(|| {
+                        let delay = self.retry_delay(d.receive_count);
+                        e.retry_after
+                            .map_or(delay, |after| delay.max(after.min(MAX_VISIBILITY)))
+                    });
                     let outcome = AttemptOutcome::Failed {
                         kind: e.kind,
                         error: e.message,

@@ -429,6 +429,13 @@ fn errors_convert_to_process_errors_of_their_kind() {
         e.message,
         "r:i: already in progress in another attempt (its claim expires in 5 ms)"
     );
+    assert_eq!(
+        e.retry_after,
+        Some(Duration::from_millis(5) + CLOCK_SKEW),
+        "retry once the claim has expired"
+    );
+    let e: ProcessError = IdempotencyError::DeadlinePassed { key: "r:i".into() }.into();
+    assert_eq!((e.kind, e.retry_after), (ErrorKind::Retryable, None));
     let e: ProcessError = IdempotencyError::Effect(ProcessError::permanent("declined")).into();
     assert_eq!(
         (e.kind, e.message.as_str()),
