@@ -6,13 +6,15 @@ use crate::ddb::{
     corrupt, get_bool, get_i, get_n, get_s, is_condition_failed, n, s, sdk_err, tx_failure, Row,
     Tables, TxFailure,
 };
+use crate::segments::{locate, rank, Segment};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
-use settle_core::domain::{ItemId, ItemRecord, ItemStatus, RunId, RunRecord};
-use settle_core::ports::{Ledger, LedgerBatch, PortError, Versioned, MAX_COMMIT_ACTIONS};
-use std::collections::{HashMap, HashSet};
+use aws_smithy_types::Blob;
+use settle_core::domain::{ItemId, ItemRecord, ItemStatus, RunId, RunRecord, TallyDelta};
+use settle_core::ports::{ItemPut, Ledger, LedgerBatch, PortError, Versioned, MAX_COMMIT_ACTIONS};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 /// Partition key of every run row: `runs(limit)` is one Query, newest first.
@@ -22,10 +24,24 @@ pub(crate) const RUNS_PK: &str = "RUN";
 pub const FAILED_INDEX: &str = "failed";
 /// BatchGetItem's limit on keys per call.
 const BATCH_GET: usize = 100;
+/// Item rows written at once by one commit.
+const PUT_CONCURRENCY: usize = 16;
+/// Lost races on a segment before the commit reports a conflict (the
+/// reducer then re-reads and retries the whole batch).
+const MAX_SEGMENT_RACES: u32 = 16;
 
 /// The partition of a run's item rows.
 pub(crate) fn items_pk(run: &RunId) -> String {
     format!("I#{run}")
+}
+
+/// The row of one status segment of a run (see `segments.rs`): a partition
+/// of its own, so segments of one run spread over the table's partitions.
+fn segment_key(run: &RunId, segment: u64) -> Row {
+    HashMap::from([
+        ("pk".to_owned(), s(format!("S#{run}#{segment}"))),
+        ("sk".to_owned(), s("S")),
+    ])
 }
 
 pub(crate) fn run_key(run: &RunId) -> HashMap<String, AttributeValue> {
@@ -44,6 +60,234 @@ pub struct DynamoLedger {
 impl DynamoLedger {
     pub(crate) fn new(t: Tables) -> Self {
         Self { t }
+    }
+
+    /// Reads rows by key, 100 a call, asking again for any the service
+    /// left unprocessed (throttling inside a successful call, which the
+    /// SDK does not retry). Rows that do not exist are simply absent.
+    async fn batch_get(&self, keys: Vec<Row>, consistent: bool) -> Result<Vec<Row>, PortError> {
+        let op = "DynamoDB.BatchGetItem";
+        let mut unique = HashSet::new();
+        // BatchGetItem refuses a key twice in one call.
+        let keys: Vec<Row> = keys
+            .into_iter()
+            .filter(|k| unique.insert(format!("{:?}/{:?}", k.get("pk"), k.get("sk"))))
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(BATCH_GET) {
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(chunk.to_vec()))
+                    .consistent_read(consistent)
+                    .build()
+                    .map_err(|e| PortError::backend(op, e))?,
+            );
+            let mut tries = 0u32;
+            while let Some(req) = request.take() {
+                let res = self
+                    .t
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.t.ledger, req)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
+                self.t.capacity(op, res.consumed_capacity());
+                if let Some(rows) = res.responses().and_then(|r| r.get(&self.t.ledger)) {
+                    out.extend(rows.iter().cloned());
+                }
+                request = res
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.t.ledger))
+                    .filter(|k| !k.keys().is_empty())
+                    .cloned();
+                if request.is_some() {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << tries.min(8))).await;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Raises the puts' items to their new statuses in the run's segments
+    /// and moves the run tallies by what rose, in one transaction
+    /// conditional on the segments read; a lost race re-reads and tries
+    /// again. See `segments.rs`.
+    async fn raise_statuses(&self, puts: &[ItemPut]) -> Result<(), PortError> {
+        let op = "DynamoDB.TransactWriteItems";
+        let mut slots: BTreeMap<(&RunId, u64), Vec<(usize, u8)>> = BTreeMap::new();
+        for p in puts {
+            let (segment, slot) = locate(p.seq);
+            slots
+                .entry((&p.run, segment))
+                .or_default()
+                .push((slot, rank(p.record.status)));
+        }
+        let mut tries = 0u32;
+        loop {
+            // A first read may be stale (half the price); after a lost race, read strongly.
+            let rows = self
+                .batch_get(
+                    slots
+                        .keys()
+                        .map(|(run, seg)| segment_key(run, *seg))
+                        .collect(),
+                    tries > 0,
+                )
+                .await?;
+            let mut stored: HashMap<(String, String), (u64, Segment)> = HashMap::new();
+            for row in rows {
+                let pk = get_s(&row, "pk").unwrap_or("?").to_owned();
+                let what = format!("segment row {pk}");
+                let bits = row
+                    .get("b")
+                    .and_then(|b| b.as_b().ok())
+                    .and_then(|b| Segment::from_bytes(b.as_ref()))
+                    .ok_or_else(|| corrupt(op, &what, "b"))?;
+                let v = get_n(&row, "v").ok_or_else(|| corrupt(op, &what, "v"))?;
+                let sk = get_s(&row, "sk").unwrap_or("?").to_owned();
+                stored.insert((pk, sk), (v, bits));
+            }
+            let mut actions = Vec::new();
+            let mut tallies: BTreeMap<&RunId, TallyDelta> = BTreeMap::new();
+            for ((run, seg), wanted) in &slots {
+                let key = segment_key(run, *seg);
+                let id = (
+                    get_s(&key, "pk").unwrap_or_default().to_owned(),
+                    get_s(&key, "sk").unwrap_or_default().to_owned(),
+                );
+                let (version, mut bits) = stored
+                    .remove(&id)
+                    .map_or((None, Segment::default()), |(v, b)| (Some(v), b));
+                let mut delta = TallyDelta::default();
+                for &(slot, r) in wanted {
+                    delta.add(bits.raise(slot, r));
+                }
+                if delta.is_zero() {
+                    continue;
+                }
+                tallies.entry(run).or_default().add(delta);
+                let mut row = key;
+                row.insert("v".into(), n(version.map_or(1, |v| v + 1)));
+                row.insert("b".into(), AttributeValue::B(Blob::new(bits.as_bytes())));
+                let put = Put::builder()
+                    .table_name(&self.t.ledger)
+                    .set_item(Some(row));
+                let put = match version {
+                    None => put.condition_expression("attribute_not_exists(pk)"),
+                    Some(v) => put
+                        .condition_expression("v = :v")
+                        .expression_attribute_values(":v", n(v)),
+                };
+                actions.push(
+                    TransactWriteItem::builder()
+                        .put(put.build().map_err(|e| PortError::backend(op, e))?)
+                        .build(),
+                );
+            }
+            if actions.is_empty() {
+                // Every status was counted already: a replay.
+                return Ok(());
+            }
+            let segments = actions.len();
+            let runs: Vec<&RunId> = tallies.keys().copied().collect();
+            for (run, d) in &tallies {
+                let update = Update::builder()
+                    .table_name(&self.t.ledger)
+                    .set_key(Some(run_key(run)))
+                    .update_expression("ADD #su :s, #fl :f")
+                    .condition_expression("attribute_exists(pk)")
+                    // Both are DynamoDB reserved words.
+                    .expression_attribute_names("#su", "succeeded")
+                    .expression_attribute_names("#fl", "failed")
+                    .expression_attribute_values(":s", n(d.succeeded))
+                    .expression_attribute_values(":f", n(d.failed))
+                    .build()
+                    .map_err(|e| PortError::backend(op, e))?;
+                actions.push(TransactWriteItem::builder().update(update).build());
+            }
+            let guard = self.t.exclusive().await;
+            let res = self
+                .t
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(actions))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            drop(guard);
+            match res {
+                Ok(out) => {
+                    self.t.capacity(op, out.consumed_capacity());
+                    return Ok(());
+                }
+                Err(e) => match tx_failure(&self.t.ledger, e) {
+                    TxFailure::Cancelled(reasons) => {
+                        // A run row whose condition failed is a missing run, not a lost race.
+                        if let Some((i, _)) = reasons
+                            .iter()
+                            .enumerate()
+                            .skip(segments)
+                            .find(|(_, c)| *c == "ConditionalCheckFailed")
+                        {
+                            return Err(PortError::NotFound(format!("run {}", runs[i - segments])));
+                        }
+                        tries += 1;
+                        if tries > MAX_SEGMENT_RACES {
+                            return Err(PortError::Conflict);
+                        }
+                        let ms = fastrand::u64(1..=(5 << tries.min(6)));
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    TxFailure::Other(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Writes one item row if its version still is the one read; `Ok(false)` if not.
+    async fn put_item_row(&self, p: &ItemPut) -> Result<bool, PortError> {
+        let op = "DynamoDB.PutItem";
+        let rec = serde_json::to_string(&p.record).map_err(|e| PortError::backend(op, e))?;
+        let mut row = HashMap::from([
+            ("pk".to_owned(), s(items_pk(&p.run))),
+            ("sk".to_owned(), s(p.item.as_str())),
+            ("v".to_owned(), n(p.expected.map_or(1, |v| v + 1))),
+            ("seq".to_owned(), n(p.seq)),
+            ("st".to_owned(), s(p.record.status.as_str())),
+            ("rec".to_owned(), s(rec)),
+        ]);
+        // Only failed rows carry the index key: the index stays sparse,
+        // and a row leaving `failed` leaves the index with this write.
+        if p.record.status == ItemStatus::Failed {
+            row.insert("frun".into(), s(p.run.as_str()));
+        }
+        let req = self
+            .t
+            .client
+            .put_item()
+            .table_name(&self.t.ledger)
+            .set_item(Some(row))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        let req = match p.expected {
+            None => req.condition_expression("attribute_not_exists(pk)"),
+            Some(v) => req
+                .condition_expression("v = :v")
+                .expression_attribute_values(":v", n(v)),
+        };
+        let guard = self.t.shared().await;
+        let res = req.send().await;
+        drop(guard);
+        match res {
+            Ok(out) => {
+                self.t.capacity(op, out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(sdk_err(op, &self.t.ledger, e)),
+        }
     }
 
     async fn get_run(&self, op: &'static str, id: &RunId) -> Result<Option<RunRecord>, PortError> {
@@ -255,174 +499,71 @@ impl Ledger for DynamoLedger {
         keys: &[(RunId, ItemId)],
     ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError> {
         let op = "DynamoDB.BatchGetItem";
-        // BatchGetItem refuses a key twice in one call.
-        let unique: Vec<&(RunId, ItemId)> = {
-            let mut seen = HashSet::new();
-            keys.iter().filter(|k| seen.insert(*k)).collect()
-        };
-        let mut out = HashMap::with_capacity(unique.len());
-        for chunk in unique.chunks(BATCH_GET) {
-            let mut request = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(
-                        chunk
-                            .iter()
-                            .map(|(run, item)| {
-                                HashMap::from([
-                                    ("pk".to_owned(), s(items_pk(run))),
-                                    ("sk".to_owned(), s(item.as_str())),
-                                ])
-                            })
-                            .collect(),
-                    ))
-                    // Eventually consistent, at half the price of a strong
-                    // read: the reducer's commit is conditional on the
-                    // versions read, so a stale row costs a retry (a
-                    // conflict, then a re-read), never a wrong tally. Most
-                    // rows read are new ones, which no staleness affects.
-                    .consistent_read(false)
-                    .build()
-                    .map_err(|e| PortError::backend(op, e))?,
-            );
-            let mut tries = 0u32;
-            while let Some(req) = request.take() {
-                let res = self
-                    .t
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.t.ledger, req)
-                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_err(op, &self.t.ledger, e))?;
-                self.t.capacity(op, res.consumed_capacity());
-                for row in res
-                    .responses()
-                    .and_then(|r| r.get(&self.t.ledger))
-                    .into_iter()
-                    .flatten()
-                {
-                    let run = get_s(row, "pk")
-                        .and_then(|p| p.strip_prefix("I#"))
-                        .and_then(|r| RunId::parse(r).ok())
-                        .ok_or_else(|| corrupt(op, "item row", "pk"))?;
-                    let (item, v) = record_from_row(op, row)?;
-                    out.insert((run, item), v);
-                }
-                // Unprocessed keys (throttling inside a successful call) are
-                // not retried by the SDK: ask again after a backoff.
-                request = res
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.t.ledger))
-                    .filter(|k| !k.keys().is_empty())
-                    .cloned();
-                if request.is_some() {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20 << tries.min(8))).await;
-                }
-            }
+        let keys: Vec<Row> = keys
+            .iter()
+            .map(|(run, item)| {
+                HashMap::from([
+                    ("pk".to_owned(), s(items_pk(run))),
+                    ("sk".to_owned(), s(item.as_str())),
+                ])
+            })
+            .collect();
+        // Eventually consistent, at half the price of a strong read: the
+        // commit is conditional on the versions read, so a stale row costs a
+        // retry (a conflict, then a re-read), never a wrong tally. Most rows
+        // read are new ones, which no staleness affects.
+        let mut out = HashMap::with_capacity(keys.len());
+        for row in self.batch_get(keys, false).await? {
+            let run = get_s(&row, "pk")
+                .and_then(|p| p.strip_prefix("I#"))
+                .and_then(|r| RunId::parse(r).ok())
+                .ok_or_else(|| corrupt(op, "item row", "pk"))?;
+            let (item, v) = record_from_row(op, &row)?;
+            out.insert((run, item), v);
         }
         Ok(out)
     }
 
     async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError> {
-        let op = "DynamoDB.TransactWriteItems";
         let actions = batch.puts.len() + batch.tallies.len();
         if actions > MAX_COMMIT_ACTIONS {
             return Err(PortError::Invalid(format!(
                 "a commit holds at most {MAX_COMMIT_ACTIONS} rows, got {actions}"
             )));
         }
-        if actions == 0 {
+        if batch.puts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut items = Vec::with_capacity(actions);
-        for p in &batch.puts {
-            let rec = serde_json::to_string(&p.record).map_err(|e| PortError::backend(op, e))?;
-            let mut row = HashMap::from([
-                ("pk".to_owned(), s(items_pk(&p.run))),
-                ("sk".to_owned(), s(p.item.as_str())),
-                ("v".to_owned(), n(p.expected.map_or(1, |v| v + 1))),
-                ("st".to_owned(), s(p.record.status.as_str())),
-                ("rec".to_owned(), s(rec)),
-            ]);
-            // Only failed rows carry the index key: the index stays sparse,
-            // and a row leaving `failed` leaves the index with this write.
-            if p.record.status == ItemStatus::Failed {
-                row.insert("frun".into(), s(p.run.as_str()));
-            }
-            let put = Put::builder()
-                .table_name(&self.t.ledger)
-                .set_item(Some(row));
-            let put = match p.expected {
-                None => put.condition_expression("attribute_not_exists(pk)"),
-                Some(v) => put
-                    .condition_expression("v = :v")
-                    .expression_attribute_values(":v", n(v)),
-            };
-            items.push(
-                TransactWriteItem::builder()
-                    .put(put.build().map_err(|e| PortError::backend(op, e))?)
-                    .build(),
-            );
-        }
-        for (run, d) in &batch.tallies {
-            let update = Update::builder()
-                .table_name(&self.t.ledger)
-                .set_key(Some(run_key(run)))
-                .update_expression("ADD #su :s, #fl :f")
-                .condition_expression("attribute_exists(pk)")
-                // Both are DynamoDB reserved words.
-                .expression_attribute_names("#su", "succeeded")
-                .expression_attribute_names("#fl", "failed")
-                .expression_attribute_values(":s", n(d.succeeded))
-                .expression_attribute_values(":f", n(d.failed))
-                .build()
-                .map_err(|e| PortError::backend(op, e))?;
-            items.push(TransactWriteItem::builder().update(update).build());
-        }
-        let guard = self.t.exclusive().await;
-        let res = self
-            .t
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        drop(guard);
-        match res {
-            Ok(out) => self.t.capacity(op, out.consumed_capacity()),
-            Err(e) => {
-                return Err(match tx_failure(&self.t.ledger, e) {
-                    TxFailure::Cancelled(reasons) => {
-                        // A tally row whose condition failed is a missing run,
-                        // not a lost race.
-                        let puts = batch.puts.len();
-                        if let Some(i) = reasons
-                            .iter()
-                            .enumerate()
-                            .skip(puts)
-                            .find(|(_, c)| *c == "ConditionalCheckFailed")
-                            .map(|(i, _)| i - puts)
-                        {
-                            let run = &batch.tallies[i].0;
-                            PortError::NotFound(format!("run {run}"))
-                        } else {
-                            PortError::Conflict
-                        }
-                    }
-                    TxFailure::Other(e) => e,
-                });
+        // Statuses first, rows second: a crash between the two leaves the
+        // tally counting a row the retry then writes, never a written row
+        // the tally missed (a retry finds such a row's result already in it
+        // and would count nothing). `batch.tallies` is not needed: the
+        // segments yield the same deltas.
+        self.raise_statuses(&batch.puts).await?;
+        let mut conflict = false;
+        for chunk in batch.puts.chunks(PUT_CONCURRENCY) {
+            for w in futures::future::join_all(chunk.iter().map(|p| self.put_item_row(p))).await {
+                conflict |= !w?;
             }
         }
-        // The runs as they stand now (at or after this commit): transactions
-        // return no values, and a later tally only helps the settle check.
-        let mut runs = Vec::with_capacity(batch.tallies.len());
-        for (run, _) in &batch.tallies {
-            runs.extend(self.get_run("DynamoDB.GetItem", run).await?);
+        if conflict {
+            return Err(PortError::Conflict);
         }
-        Ok(runs)
+        // The runs as they stand now (at or after this commit): a later
+        // tally only helps the settle check.
+        let runs: BTreeSet<&RunId> = batch.puts.iter().map(|p| &p.run).collect();
+        let mut out = Vec::with_capacity(runs.len());
+        for run in runs {
+            match self.get_run("DynamoDB.GetItem", run).await? {
+                Some(r) => out.push(r),
+                None => return Err(PortError::NotFound(format!("run {run}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn atomic_commit(&self) -> bool {
+        false
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {

@@ -11,6 +11,7 @@ mod ledger;
 mod metrics;
 #[cfg(feature = "provision")]
 pub mod provision;
+mod segments;
 mod source;
 mod sqs;
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
+use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
 use settle_core::{Backend, RunId, RunRecord, Scripted};
@@ -154,6 +155,29 @@ pub async fn process(
             break Ok(now);
         }
         stalled = if empty && !settled { stalled + 1 } else { 0 };
+        if stalled == 1 {
+            // Nothing left to process and still pending: were messages
+            // parked in the DLQ by the queue's own redrive policy?
+            let r = reconcile::reconcile_parked(
+                b.ledger.as_ref(),
+                b.dlq.as_ref(),
+                b.results.as_ref(),
+                run,
+            )
+            .await?;
+            if r.failed + r.dropped > 0 {
+                bar.suspend(|| {
+                    eprintln!(
+                        "note: {} items had no result after their last receive and were \
+                         dead-lettered by the queue; they are now counted failed \
+                         (redrivable)",
+                        r.failed
+                    )
+                });
+                stalled = 0;
+                continue;
+            }
+        }
         if stalled >= stall_checks {
             break Err(Some(anyhow::anyhow!(
                 "run {run} has {} pending items but no messages left to process; \

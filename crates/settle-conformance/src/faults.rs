@@ -271,6 +271,9 @@ impl Ledger for FaultyLedger {
         let res = self.inner.commit(batch).await;
         self.faults.after("ledger.commit", res)
     }
+    fn atomic_commit(&self) -> bool {
+        self.inner.atomic_commit()
+    }
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
         self.inner.mark_settled(id, at).await
     }

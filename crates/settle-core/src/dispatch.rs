@@ -75,7 +75,18 @@ pub async fn dispatch(
         let n = items.len() as u64;
         let bodies: Vec<String> = items
             .into_iter()
-            .map(|item| WorkBody::new(run_id.clone(), item, run.config.max_receives).encode())
+            .enumerate()
+            // `enqueued` counts the items before `cursor`, so an item's seq
+            // is the same however often a resumed dispatch resends it.
+            .map(|(i, item)| {
+                WorkBody::new(
+                    run_id.clone(),
+                    item,
+                    enqueued + i as u64,
+                    run.config.max_receives,
+                )
+                .encode()
+            })
             .collect();
         // Owned chunks: borrowing ones trip a higher-ranked lifetime error in tokio::spawn.
         let sizes: Vec<usize> = bodies.iter().map(String::len).collect();

@@ -10,6 +10,7 @@ pub mod jsonl;
 pub mod message;
 pub mod ports;
 pub mod processor;
+pub mod reconcile;
 pub mod redrive;
 pub mod reduce;
 pub mod runner;

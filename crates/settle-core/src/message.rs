@@ -32,6 +32,10 @@ pub struct DeadLetter {
 pub struct WorkBody {
     pub run: RunId,
     pub item: ItemId,
+    /// The item's position in its run's claim order, from 0. A compact
+    /// per-run key: the DynamoDB ledger keeps each run's item statuses in
+    /// bitmaps indexed by it (see docs/aws.md).
+    pub seq: u64,
     /// Attempts made by earlier messages for this item (non-zero after a redrive).
     #[serde(default)]
     pub prior_attempts: u32,
@@ -44,10 +48,11 @@ pub struct WorkBody {
 }
 
 impl WorkBody {
-    pub fn new(run: RunId, item: Item, max_receives: u32) -> Self {
+    pub fn new(run: RunId, item: Item, seq: u64, max_receives: u32) -> Self {
         Self {
             run,
             item: item.id,
+            seq,
             prior_attempts: 0,
             max_receives,
             payload: item.payload,
@@ -74,6 +79,8 @@ impl WorkBody {
 pub struct ResultBody {
     pub run: RunId,
     pub item: ItemId,
+    /// The item's [`WorkBody::seq`].
+    pub seq: u64,
     #[serde(flatten)]
     pub attempt: Attempt,
 }
@@ -157,11 +164,13 @@ mod tests {
         let body = WorkBody::new(
             run.clone(),
             Item::new(ItemId::new("u1").unwrap(), payload),
+            7,
             3,
         );
         let text = body.encode();
         let back = WorkBody::decode(&text).unwrap();
         assert_eq!(back.run, run);
+        assert_eq!(back.seq, 7);
         assert_eq!(back.payload.get(), r#"{"b":1, "a":[true]}"#);
         assert!(!text.contains("dead"));
     }
@@ -169,9 +178,10 @@ mod tests {
     #[test]
     fn malformed_bodies_are_named() {
         assert!(WorkBody::decode("not json").is_err());
-        let err = WorkBody::decode(r#"{"run":"r1","item":"a","max_receives":3,"payload":null}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            WorkBody::decode(r#"{"run":"r1","item":"a","seq":0,"max_receives":3,"payload":null}"#)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("not a Settle run id"), "{err}");
         let big = "x".repeat(MAX_BODY_BYTES + 1);
         assert!(matches!(
@@ -185,6 +195,7 @@ mod tests {
         let r = ResultBody {
             run: RunId::generate(0),
             item: ItemId::new("a").unwrap(),
+            seq: 41,
             attempt: Attempt {
                 attempt: 2,
                 message_id: "m".into(),

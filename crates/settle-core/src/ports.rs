@@ -190,6 +190,8 @@ pub struct Versioned<T> {
 pub struct ItemPut {
     pub run: RunId,
     pub item: ItemId,
+    /// The item's position in the run's claim order ([`crate::message::WorkBody::seq`]).
+    pub seq: u64,
     /// The version read; `None` means the row must not exist yet.
     pub expected: Option<u64>,
     pub record: ItemRecord,
@@ -227,11 +229,27 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         &self,
         keys: &[(RunId, ItemId)],
     ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError>;
-    /// Writes every put and adds every tally delta, all or nothing: if any
-    /// put's `expected` version does not match, nothing is written and the
-    /// result is `PortError::Conflict`. At most [`MAX_COMMIT_ACTIONS`] puts
-    /// plus tally rows. Returns the touched runs as committed.
+    /// Writes every put whose `expected` version matches, and moves each
+    /// run's tally by exactly the status changes written; `PortError::Conflict`
+    /// if any put's version did not match. `tallies` must be those status
+    /// changes (what [`ItemRecord::apply`] returned). At most
+    /// [`MAX_COMMIT_ACTIONS`] puts plus tally rows. Returns the touched runs
+    /// as committed.
+    ///
+    /// If [`Ledger::atomic_commit`], a conflict writes nothing at all.
+    /// Otherwise the puts that matched are written and counted, and the
+    /// caller re-reads and re-applies the rest, as it does after any
+    /// conflict. Either way a status change is counted once: statuses only
+    /// move up (pending, failed, succeeded), so a ledger may count an item
+    /// by the highest status it has seen for it, whatever the order of writes.
     async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError>;
+    /// Whether [`Ledger::commit`] is all or nothing. A ledger on a store
+    /// whose transactions cost more per row (DynamoDB bills a transactional
+    /// write twice) may write rows one by one and keep the tally exact by
+    /// other means.
+    fn atomic_commit(&self) -> bool {
+        true
+    }
     /// Sets `settled_at` if unset; true if this call set it.
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError>;
     /// The run's failed items in id order, after `after`.

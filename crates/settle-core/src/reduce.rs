@@ -22,7 +22,9 @@ pub struct ReduceReport {
     pub response: BatchResponse,
     /// Results applied for the first time.
     pub applied: usize,
-    /// Results that had been applied before (duplicate deliveries).
+    /// Results that had been applied before (duplicate deliveries). On a
+    /// ledger without [`Ledger::atomic_commit`], a commit retried after a
+    /// conflict also counts here the rows its first try did write.
     pub duplicates: usize,
     /// Runs whose last pending item settled in this call.
     pub settled: Vec<RunRecord>,
@@ -122,6 +124,10 @@ async fn commit_chunk(
             .into_iter()
             .collect();
         let existing = ledger.items(&keys).await?;
+        let seqs: HashMap<(RunId, ItemId), u64> = chunk
+            .iter()
+            .map(|(_, r)| ((r.run.clone(), r.item.clone()), r.seq))
+            .collect();
         let now = now_millis();
         let mut rows: BTreeMap<(RunId, ItemId), (Option<u64>, ItemRecord)> = BTreeMap::new();
         let mut tallies: HashMap<RunId, TallyDelta> = HashMap::new();
@@ -147,11 +153,22 @@ async fn commit_chunk(
             }
         }
         if applied == 0 {
-            // Nothing new: no write at all, the cheapest duplicate.
+            // Nothing new: no write at all, the cheapest duplicate. But the
+            // runs are read for the settle check: the try that applied these
+            // results may have stopped before it (a crash, or a conflict
+            // after a non-atomic commit had counted them).
+            let mut runs = Vec::new();
+            for run in rows
+                .keys()
+                .map(|(run, _)| run)
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                runs.extend(ledger.run(run).await?);
+            }
             return Ok(Committed {
                 applied,
                 duplicates,
-                runs: Vec::new(),
+                runs,
             });
         }
         let batch = LedgerBatch {
@@ -162,6 +179,7 @@ async fn commit_chunk(
                     expected.is_none() || existing.get(k).map(|v| &v.value) != Some(record)
                 })
                 .map(|((run, item), (expected, record))| ItemPut {
+                    seq: seqs[&(run.clone(), item.clone())],
                     run,
                     item,
                     expected,

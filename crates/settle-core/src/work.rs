@@ -266,6 +266,7 @@ impl Worker {
                 result: ResultBody {
                     run: body.run.clone(),
                     item: body.item.clone(),
+                    seq: body.seq,
                     attempt: Attempt {
                         attempt,
                         message_id: d.message_id.clone(),

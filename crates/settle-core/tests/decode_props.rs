@@ -84,14 +84,14 @@ proptest! {
     }
 
     #[test]
-    fn work_bodies_round_trip(id in id_text(), p in payload(), prior in 0u32..1000, max in 1u32..1000) {
+    fn work_bodies_round_trip(id in id_text(), p in payload(), seq: u64, prior in 0u32..1000, max in 1u32..1000) {
         let item = Item::new(ItemId::new(id).unwrap(), RawValue::from_string(p.clone()).unwrap());
-        let mut body = WorkBody::new(run_id(), item, max);
+        let mut body = WorkBody::new(run_id(), item, seq, max);
         body.prior_attempts = prior;
         let back = WorkBody::decode(&body.encode()).unwrap();
         prop_assert_eq!(back.item, body.item);
         prop_assert_eq!(back.payload.get(), p.as_str());
-        prop_assert_eq!((back.prior_attempts, back.max_receives), (prior, max));
+        prop_assert_eq!((back.seq, back.prior_attempts, back.max_receives), (seq, prior, max));
     }
 
     #[test]
@@ -100,6 +100,7 @@ proptest! {
         let results: Vec<ResultBody> = ids.iter().enumerate().map(|(i, id)| ResultBody {
             run: run_id(),
             item: ItemId::new(id.clone()).unwrap(),
+            seq: i as u64,
             attempt: Attempt {
                 attempt,
                 message_id: format!("m{i}"),

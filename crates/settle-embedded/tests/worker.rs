@@ -36,6 +36,7 @@ fn body(run: &RunId, id: &str, script: &str, max: u32) -> String {
     WorkBody::new(
         run.clone(),
         Item::new(ItemId::new(id).unwrap(), payload),
+        0,
         max,
     )
     .encode()

@@ -31,11 +31,15 @@ use serde::{Deserialize, Serialize};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
 use settle_core::ports::BoxError;
+use settle_core::reconcile;
 use settle_core::{Backend, PortError, RunConfig, RunId, RunRecord};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The `detail-type` of an EventBridge schedule tick.
 pub const SCHEDULED_EVENT: &str = "Scheduled Event";
+
+/// The newest runs a scheduled tick checks for parked work messages.
+pub const RECONCILE_RECENT_RUNS: usize = 20;
 
 /// Dispatching needs at least this much time once the margin is set aside;
 /// less, and a chain of continuations could go on without making progress.
@@ -266,6 +270,19 @@ impl DispatcherFunction {
         request_id: &str,
         stop_at: Option<Instant>,
     ) -> Result<DispatchSummary, DispatchError> {
+        if matches!(request, DispatchRequest::Scheduled { .. }) {
+            // A tick is also the deployment's clock for the reconciler; its
+            // failure must not stop the dispatch, which is this tick's job.
+            match reconcile::sweep_when_quiet(&self.backend, RECONCILE_RECENT_RUNS).await {
+                Ok(r) if r.failed + r.dropped > 0 => tracing::warn!(
+                    failed = r.failed,
+                    dropped = r.dropped,
+                    "reconciled work messages the queue dead-lettered without a result"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not look for parked work messages"),
+            }
+        }
         let ledger = self.backend.ledger.as_ref();
         let run = match request {
             DispatchRequest::Resume(id) => ledger

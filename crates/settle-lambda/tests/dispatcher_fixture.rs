@@ -229,3 +229,44 @@ async fn bad_defaults_fail_at_cold_start_and_unknown_runs_are_named() {
     assert_eq!(summary.outcome, DispatchOutcome::NothingPending);
     assert!(e.store.runs(10).await.unwrap().is_empty());
 }
+
+/// A scheduled tick with nothing in flight reconciles a run whose work
+/// message the queue dead-lettered unanswered: the item is counted failed
+/// and the run settles, with no operator.
+#[tokio::test]
+async fn a_quiet_tick_reconciles_messages_the_queue_parked() {
+    use settle_core::reduce::reduce;
+    use std::time::Duration;
+    let e = embedded().await;
+    let run = fixture_run(&e, &[("sub-000001", "ok")]).await;
+    let body = WorkBody::new(run.clone(), item("sub-000001", "ok"), 0, 3).encode();
+    e.work.send(vec![body]).await.unwrap();
+    // Received to the queue's limit (6) and never answered.
+    let mut receives = 0;
+    while e.dlq.depth().await.unwrap().total() == 0 {
+        receives += e.work.receive(1, Duration::ZERO).await.unwrap().len();
+        assert!(receives <= 6, "the queue never parked the message");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(receives, 6);
+
+    let queue_max = e.work.max_receives().await.unwrap();
+    let f = DispatcherFunction::new(
+        e.backend(),
+        RunConfig::default(),
+        queue_max,
+        Arc::new(Recorded::default()),
+    )
+    .unwrap();
+    let tick = DispatchRequest::parse(&fixture_json("dispatcher-schedule.json")).unwrap();
+    let summary = f.handle(tick, "req-1", None).await.unwrap();
+    assert_eq!(summary.outcome, DispatchOutcome::NothingPending);
+    let results = drain(&e.results).await;
+    assert_eq!(results.len(), 1, "one terminal failure for the reducer");
+    reduce(&e.store, &results).await;
+    let r = e.store.run(&run).await.unwrap().unwrap();
+    assert_eq!((r.succeeded, r.failed, r.pending()), (0, 1, 0));
+    let dead = drain(&e.dlq).await;
+    let marked = WorkBody::decode(&dead[0].body).unwrap();
+    assert!(marked.dead.unwrap().error.contains("dead-lettered"));
+}

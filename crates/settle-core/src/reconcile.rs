@@ -1,0 +1,177 @@
+//! The reconciler: settles items whose work message the queue dead-lettered
+//! by itself.
+//!
+//! The worker records a terminal failure on an item's last receive
+//! (`max_receives`, below the queue's maxReceiveCount), so normally the
+//! ledger learns of every dead-lettered item. But if the worker reports
+//! nothing on the remaining receives either (it crashed, or the processor
+//! hung past the visibility timeout, every time), the queue's redrive
+//! policy parks the message in the DLQ unmarked and the item stays pending:
+//! its run would never settle. The reconciler finds such messages and turns
+//! each into what the worker would have reported: a terminal failure result
+//! for the reducer, and a marked copy in the DLQ that `redrive` moves back
+//! like any other.
+
+use crate::backend::Backend;
+use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
+use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
+use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use std::time::Duration;
+
+/// How long scanned DLQ messages stay hidden while one pass runs.
+const SCAN_VISIBILITY: Duration = Duration::from_secs(120);
+
+/// What a reconcile pass found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Parked messages reported as terminal failures (and marked in the DLQ).
+    pub failed: u64,
+    /// Parked messages of items that had succeeded after all (a result that
+    /// arrived late): removed from the DLQ, as there is nothing to redrive.
+    pub dropped: u64,
+}
+
+/// Reports the run's unmarked DLQ messages as terminal failures. Other
+/// runs' messages, marked ones and undecodable ones are left as they were.
+pub async fn reconcile_parked(
+    ledger: &dyn Ledger,
+    dlq: &dyn Queue,
+    results: &dyn Queue,
+    run: &RunId,
+) -> Result<ReconcileReport, PortError> {
+    let mut report = ReconcileReport::default();
+    let mut hidden: Vec<String> = Vec::new();
+    let outcome = scan(ledger, dlq, results, run, &mut report, &mut hidden).await;
+    // Give back what this pass hid and did not replace.
+    for receipt in &hidden {
+        if let Err(e) = dlq.change_visibility(receipt, Duration::ZERO).await {
+            tracing::warn!(error = %e, "could not release a DLQ message; it reappears after its visibility timeout");
+        }
+    }
+    outcome?;
+    if report.failed + report.dropped > 0 {
+        tracing::warn!(run = %run, failed = report.failed, dropped = report.dropped,
+            "reconciled work messages the queue dead-lettered without a result");
+    }
+    Ok(report)
+}
+
+/// The scheduled form, for a deployment with no operator watching: when
+/// nothing is in flight anywhere (work and results queues empty), any of
+/// the `recent` newest runs that finished dispatching and still has pending
+/// items can only be waiting for messages the queue parked; reconcile those.
+/// While anything is in flight it does nothing, so a busy deployment's
+/// running items are never mistaken for parked ones.
+pub async fn sweep_when_quiet(b: &Backend, recent: usize) -> Result<ReconcileReport, PortError> {
+    let mut total = ReconcileReport::default();
+    if b.work.depth().await?.total() > 0 || b.results.depth().await?.total() > 0 {
+        return Ok(total);
+    }
+    for run in b.ledger.runs(recent).await? {
+        if run.dispatched && run.pending() > 0 {
+            let r = reconcile_parked(
+                b.ledger.as_ref(),
+                b.dlq.as_ref(),
+                b.results.as_ref(),
+                &run.id,
+            )
+            .await?;
+            total.failed += r.failed;
+            total.dropped += r.dropped;
+        }
+    }
+    Ok(total)
+}
+
+async fn scan(
+    ledger: &dyn Ledger,
+    dlq: &dyn Queue,
+    results: &dyn Queue,
+    run: &RunId,
+    report: &mut ReconcileReport,
+    hidden: &mut Vec<String>,
+) -> Result<(), PortError> {
+    loop {
+        let batch = dlq.receive(MAX_QUEUE_BATCH, SCAN_VISIBILITY).await?;
+        if batch.is_empty() {
+            if dlq.depth().await?.visible == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let mut parked: Vec<(&Delivery, WorkBody)> = Vec::new();
+        for d in &batch {
+            match WorkBody::decode(&d.body) {
+                Ok(b) if &b.run == run && b.dead.is_none() => parked.push((d, b)),
+                _ => hidden.push(d.receipt.clone()),
+            }
+        }
+        if parked.is_empty() {
+            continue;
+        }
+        let keys: Vec<_> = parked
+            .iter()
+            .map(|(_, b)| (run.clone(), b.item.clone()))
+            .collect();
+        let rows = ledger.items(&keys).await?;
+        let succeeded = |b: &WorkBody| {
+            rows.get(&(run.clone(), b.item.clone()))
+                .is_some_and(|v| v.value.status == ItemStatus::Succeeded)
+        };
+        let now = now_millis();
+        let mut reports = Vec::new();
+        let mut marked = Vec::new();
+        for (d, b) in parked.iter().filter(|(_, b)| !succeeded(b)) {
+            let attempts = (b.prior_attempts + d.receive_count.saturating_sub(1)).max(1);
+            let error = format!(
+                "no result after {attempts} attempts: the work queue dead-lettered the message \
+                 (the worker crashed or timed out on each)"
+            );
+            reports.push(
+                ResultBody {
+                    run: run.clone(),
+                    item: b.item.clone(),
+                    seq: b.seq,
+                    attempt: Attempt {
+                        attempt: attempts,
+                        message_id: d.message_id.clone(),
+                        started_at: now,
+                        duration_ms: 0,
+                        outcome: AttemptOutcome::Failed {
+                            kind: ErrorKind::Retryable,
+                            error: error.clone(),
+                            terminal: true,
+                        },
+                    },
+                }
+                .encode(),
+            );
+            marked.push(
+                WorkBody {
+                    dead: Some(DeadLetter { error, attempts }),
+                    ..b.clone()
+                }
+                .encode(),
+            );
+        }
+        // Result, then the marked copy, then the delete: a crash between
+        // any two repeats a step on the next pass (the reducer counts a
+        // repeated result once), never skips one.
+        let packed: Vec<String> = pack_results(&reports).into_iter().map(|(b, _)| b).collect();
+        send_all(results, packed).await?;
+        send_all(dlq, marked.clone()).await?;
+        dlq.delete(parked.iter().map(|(d, _)| d.receipt.clone()).collect())
+            .await?;
+        report.failed += marked.len() as u64;
+        report.dropped += (parked.len() - marked.len()) as u64;
+    }
+}
+
+async fn send_all(q: &dyn Queue, bodies: Vec<String>) -> Result<(), PortError> {
+    let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
+    for range in send_batches(&sizes) {
+        q.send(bodies[range].to_vec()).await?;
+    }
+    Ok(())
+}
