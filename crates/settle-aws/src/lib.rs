@@ -6,6 +6,7 @@
 //! and `AWS_ENDPOINT_URL` (an emulator) come from aws-config's standard chain.
 
 mod ddb;
+mod idempotency;
 mod ledger;
 mod metrics;
 #[cfg(feature = "provision")]
@@ -14,6 +15,7 @@ mod segments;
 mod source;
 mod sqs;
 
+pub use idempotency::DynamoIdempotency;
 pub use ledger::DynamoLedger;
 pub use metrics::Metrics;
 pub use source::DynamoSource;
@@ -176,6 +178,7 @@ pub struct AwsBackend {
     results_dlq: SqsQueue,
     source: DynamoSource,
     ledger: DynamoLedger,
+    idempotency: DynamoIdempotency,
 }
 
 /// Connects to the queues and tables of `cfg`. Reads the work queue's
@@ -213,6 +216,7 @@ pub async fn connect_with(sdk: &SdkConfig, cfg: &AwsConfig) -> Result<AwsBackend
         results: queue(&cfg.results_queue_url),
         results_dlq: queue(&cfg.results_dlq_url),
         source: DynamoSource::new(tables.clone()),
+        idempotency: DynamoIdempotency::new(tables.clone()),
         ledger: DynamoLedger::new(tables),
         cfg: cfg.clone(),
         metrics,
@@ -230,6 +234,7 @@ impl AwsBackend {
             results_dlq: Arc::new(self.results_dlq.clone()),
             source: Arc::new(self.source.clone()),
             ledger: Arc::new(self.ledger.clone()),
+            idempotency: Arc::new(self.idempotency.clone()),
         }
     }
 
@@ -275,6 +280,9 @@ impl AwsBackend {
     }
     pub fn ledger(&self) -> &DynamoLedger {
         &self.ledger
+    }
+    pub fn idempotency(&self) -> &DynamoIdempotency {
+        &self.idempotency
     }
 }
 

@@ -3,12 +3,15 @@
 //! effect, or take effect and still report failure (the caller retries, so
 //! this makes duplicates); deletes may be lost; a received message may be
 //! made visible again at once, so a second worker gets it while the first is
-//! still on it. One seeded generator drives every decision.
+//! still on it. One seeded generator drives every decision. Every fault is
+//! counted by kind and by the port call it hit.
 
 use async_trait::async_trait;
-use settle_core::domain::{ItemId, ItemRecord, RunId, RunRecord};
+use settle_core::domain::{ItemId, ItemRecord, Millis, RunId, RunRecord};
+use settle_core::idempotency::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyStore};
 use settle_core::ports::{Delivery, Ledger, LedgerBatch, PortError, Queue, QueueDepth, Versioned};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,14 +23,84 @@ pub struct FaultCounts {
     pub failed_after: AtomicU64,
     pub lost_deletes: AtomicU64,
     pub redeliveries: AtomicU64,
+    /// Per kind and port call, e.g. ("failed before", "ledger.commit").
+    by_call: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl FaultCounts {
     pub fn total(&self) -> u64 {
-        self.failed_before.load(Ordering::Relaxed)
-            + self.failed_after.load(Ordering::Relaxed)
-            + self.lost_deletes.load(Ordering::Relaxed)
-            + self.redeliveries.load(Ordering::Relaxed)
+        self.tally().total()
+    }
+
+    fn count(&self, counter: &AtomicU64, kind: &'static str, call: &'static str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        *self
+            .by_call
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((kind, call))
+            .or_default() += 1;
+    }
+
+    /// A snapshot.
+    pub fn tally(&self) -> FaultTally {
+        FaultTally {
+            failed_before: self.failed_before.load(Ordering::Relaxed),
+            failed_after: self.failed_after.load(Ordering::Relaxed),
+            lost_deletes: self.lost_deletes.load(Ordering::Relaxed),
+            redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            by_call: self
+                .by_call
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((kind, call), n)| (format!("{kind} {call}"), *n))
+                .collect(),
+        }
+    }
+}
+
+/// Injected faults, by kind, and by kind and port call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultTally {
+    /// Calls that failed before taking effect.
+    pub failed_before: u64,
+    /// Calls that took effect and still reported failure.
+    pub failed_after: u64,
+    /// Deletes reported done and never done.
+    pub lost_deletes: u64,
+    /// Received messages made visible again at once (a duplicate delivery
+    /// while the first receiver works).
+    pub redeliveries: u64,
+    /// "<kind> <port>.<call>" → count.
+    pub by_call: BTreeMap<String, u64>,
+}
+
+impl FaultTally {
+    pub fn total(&self) -> u64 {
+        self.failed_before + self.failed_after + self.lost_deletes + self.redeliveries
+    }
+
+    /// Adds another tally to this one.
+    pub fn add(&mut self, other: &FaultTally) {
+        self.failed_before += other.failed_before;
+        self.failed_after += other.failed_after;
+        self.lost_deletes += other.lost_deletes;
+        self.redeliveries += other.redeliveries;
+        for (k, n) in &other.by_call {
+            *self.by_call.entry(k.clone()).or_default() += n;
+        }
+    }
+}
+
+impl fmt::Display for FaultTally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} failed before the call, {} failed after taking effect, {} lost deletes, \
+             {} early redeliveries",
+            self.failed_before, self.failed_after, self.lost_deletes, self.redeliveries
+        )
     }
 }
 
@@ -63,7 +136,8 @@ impl Faults {
 
     fn before(&self, op: &'static str) -> Result<(), PortError> {
         if self.roll() {
-            self.counts.failed_before.fetch_add(1, Ordering::Relaxed);
+            self.counts
+                .count(&self.counts.failed_before, "failed before", op);
             return Err(PortError::backend(op, "injected fault before the call"));
         }
         Ok(())
@@ -71,7 +145,8 @@ impl Faults {
 
     fn after<T>(&self, op: &'static str, res: Result<T, PortError>) -> Result<T, PortError> {
         if res.is_ok() && self.roll() {
-            self.counts.failed_after.fetch_add(1, Ordering::Relaxed);
+            self.counts
+                .count(&self.counts.failed_after, "failed after", op);
             return Err(PortError::backend(
                 op,
                 "injected fault after the call took effect",
@@ -101,21 +176,22 @@ impl Queue for FaultyQueue {
     }
 
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
-        self.faults.before("send")?;
+        self.faults.before("queue.send")?;
         let res = self.inner.send(bodies).await;
-        self.faults.after("send", res)
+        self.faults.after("queue.send", res)
     }
 
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError> {
-        self.faults.before("receive")?;
+        self.faults.before("queue.receive")?;
         let got = self.inner.receive(max, visibility).await?;
         for d in &got {
             // At-least-once: the message shows up again while this receiver works.
             if self.faults.roll() {
-                self.faults
-                    .counts
-                    .redeliveries
-                    .fetch_add(1, Ordering::Relaxed);
+                self.faults.counts.count(
+                    &self.faults.counts.redeliveries,
+                    "redelivered",
+                    "queue.receive",
+                );
                 let _ = self
                     .inner
                     .change_visibility(&d.receipt, Duration::ZERO)
@@ -126,21 +202,20 @@ impl Queue for FaultyQueue {
     }
 
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
-        self.faults.before("delete")?;
+        self.faults.before("queue.delete")?;
         if self.faults.roll() {
             // Reported done, never done: the message comes back after its timeout.
             self.faults
                 .counts
-                .lost_deletes
-                .fetch_add(1, Ordering::Relaxed);
+                .count(&self.faults.counts.lost_deletes, "lost", "queue.delete");
             return Ok(());
         }
         let res = self.inner.delete(receipts).await;
-        self.faults.after("delete", res)
+        self.faults.after("queue.delete", res)
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError> {
-        self.faults.before("change_visibility")?;
+        self.faults.before("queue.change_visibility")?;
         self.inner.change_visibility(receipt, timeout).await
     }
 
@@ -188,13 +263,13 @@ impl Ledger for FaultyLedger {
         &self,
         keys: &[(RunId, ItemId)],
     ) -> Result<HashMap<(RunId, ItemId), Versioned<ItemRecord>>, PortError> {
-        self.faults.before("items")?;
+        self.faults.before("ledger.items")?;
         self.inner.items(keys).await
     }
     async fn commit(&self, batch: LedgerBatch) -> Result<Vec<RunRecord>, PortError> {
-        self.faults.before("commit")?;
+        self.faults.before("ledger.commit")?;
         let res = self.inner.commit(batch).await;
-        self.faults.after("commit", res)
+        self.faults.after("ledger.commit", res)
     }
     fn atomic_commit(&self) -> bool {
         self.inner.atomic_commit()
@@ -209,5 +284,62 @@ impl Ledger for FaultyLedger {
         limit: usize,
     ) -> Result<Vec<(ItemId, ItemRecord)>, PortError> {
         self.inner.failures(run, after, limit).await
+    }
+}
+
+/// An idempotency store whose claims, completions and releases fail,
+/// before or after taking effect.
+#[derive(Debug)]
+pub struct FaultyIdempotency {
+    inner: Arc<dyn IdempotencyStore>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyIdempotency {
+    pub fn wrap(
+        inner: Arc<dyn IdempotencyStore>,
+        faults: Arc<Faults>,
+    ) -> Arc<dyn IdempotencyStore> {
+        Arc::new(Self { inner, faults })
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for FaultyIdempotency {
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+        payload_hash: &str,
+        token: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Claim, PortError> {
+        let op = "idempotency.claim";
+        self.faults.before(op)?;
+        let res = self
+            .inner
+            .claim(key, payload_hash, token, now, expires_at)
+            .await;
+        self.faults.after(op, res)
+    }
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: &str,
+        result: &str,
+    ) -> Result<(), PortError> {
+        let op = "idempotency.complete";
+        self.faults.before(op)?;
+        let res = self.inner.complete(key, token, result).await;
+        self.faults.after(op, res)
+    }
+    async fn release(&self, key: &IdempotencyKey, token: &str) -> Result<(), PortError> {
+        let op = "idempotency.release";
+        self.faults.before(op)?;
+        let res = self.inner.release(key, token).await;
+        self.faults.after(op, res)
+    }
+    async fn get(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>, PortError> {
+        self.inner.get(key).await
     }
 }

@@ -6,13 +6,17 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed clause.
 
 pub mod faults;
+mod idempotency;
 pub mod sim;
+
+pub use idempotency::*;
 
 use serde_json::value::RawValue;
 use settle_core::domain::{
     now_millis, Attempt, AttemptOutcome, ErrorKind, Item, ItemId, ItemRecord, ItemStatus,
     RunConfig, TallyDelta,
 };
+use settle_core::idempotency::IdempotencyStore;
 use settle_core::message::{ResultBody, WorkBody, MAX_BODY_BYTES};
 use settle_core::ports::{
     Delivery, ItemPut, Ledger, LedgerBatch, LoadError, PortError, Queue, Source,
@@ -31,6 +35,7 @@ pub struct Subject {
     pub results: Arc<dyn Queue>,
     pub source: Arc<dyn Source>,
     pub ledger: Arc<dyn Ledger>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
     /// The work queue's redrive limit: receives before a message moves to `dlq`.
     pub work_max_receives: u32,
 }
@@ -737,6 +742,13 @@ pub const CLAUSES: &[&str] = &[
     "ledger_redrive_success_moves_failed_to_succeeded",
     "ledger_bad_result_fails_alone",
     "reconcile_settles_messages_the_queue_parked",
+    "idempotency_first_execution_stores_result",
+    "idempotency_duplicate_returns_stored_result",
+    "idempotency_different_payload_is_refused",
+    "idempotency_expired_claim_is_reclaimed",
+    "idempotency_unexpired_claim_is_in_progress",
+    "idempotency_failure_releases_the_claim",
+    "idempotency_concurrent_claimers_execute_once",
 ];
 
 /// Expands to one `#[tokio::test]` per clause, each on a fresh subject from
@@ -760,7 +772,14 @@ macro_rules! conformance_tests {
             ledger_duplicate_results_count_once,
             ledger_redrive_success_moves_failed_to_succeeded,
             ledger_bad_result_fails_alone,
-            reconcile_settles_messages_the_queue_parked
+            reconcile_settles_messages_the_queue_parked,
+            idempotency_first_execution_stores_result,
+            idempotency_duplicate_returns_stored_result,
+            idempotency_different_payload_is_refused,
+            idempotency_expired_claim_is_reclaimed,
+            idempotency_unexpired_claim_is_in_progress,
+            idempotency_failure_releases_the_claim,
+            idempotency_concurrent_claimers_execute_once
         );
     };
     (@each $fresh:expr; $($clause:ident),*) => {

@@ -3,19 +3,27 @@
 //! queue and ledger call may fail, repeat, lose a delete or redeliver early.
 //! At the end the invariants are checked; then, with faults off, a redrive of
 //! every failure must bring the tally to the scripts' ground truth.
+//!
+//! The processor makes each item's work a side effect under the idempotency
+//! utility (over a faulty idempotency store too) and counts, per item, how
+//! often that side effect ran: never more than once, whatever the
+//! duplicates, redeliveries and faults.
 
-use crate::faults::{Faults, FaultyLedger, FaultyQueue};
+use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue};
 use crate::Subject;
+use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
-use settle_core::domain::{Item, ItemId, ItemStatus, RunConfig, RunId};
+use settle_core::domain::{Item, ItemId, ItemStatus, ProcessError, RunConfig, RunId};
+use settle_core::idempotency::{Idempotency, IdempotencyError};
 use settle_core::ports::{Ledger, Queue};
 use settle_core::redrive;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::Scripted;
+use settle_core::{AttemptContext, Processor, Scripted};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -24,7 +32,17 @@ use tokio::sync::watch;
 pub struct SimReport {
     pub seed: u64,
     pub items: u64,
+    /// Faults injected, all kinds.
     pub faults: u64,
+    pub faults_by_kind: FaultTally,
+    /// Side effects that ran to success under the idempotency utility.
+    pub effects_executed: u64,
+    /// Duplicates answered with a stored result, without running the effect.
+    pub effects_replayed: u64,
+    /// Duplicates refused because another attempt held the claim.
+    pub effects_in_progress: u64,
+    /// Items whose side effect ran more than once (checked to be 0).
+    pub double_executions: u64,
     /// Items the faults alone failed ("no outcome"), all put right by the redrive.
     pub failed_by_faults: u64,
     pub redriven: u64,
@@ -56,20 +74,85 @@ fn truth(script: &str) -> ItemStatus {
     }
 }
 
+/// How often the simulated side effects ran, per item and in all.
+#[derive(Debug, Default)]
+struct EffectCounts {
+    executions: Mutex<BTreeMap<ItemId, u64>>,
+    executed: AtomicU64,
+    replayed: AtomicU64,
+    in_progress: AtomicU64,
+}
+
+impl EffectCounts {
+    fn executions(&self) -> BTreeMap<ItemId, u64> {
+        self.executions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The simulated processor: the scripted work, then a counted side effect,
+/// both wrapped by the idempotency utility. A script's failure or panic
+/// happens before the effect, so only a success counts as an execution.
+#[derive(Debug)]
+struct CountedEffects {
+    idem: Idempotency,
+    counts: Arc<EffectCounts>,
+}
+
+#[async_trait]
+impl Processor for CountedEffects {
+    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError> {
+        let ran = AtomicBool::new(false);
+        let res = self
+            .idem
+            .run_for(ctx, item, || async {
+                Scripted.process(item, ctx).await?;
+                ran.store(true, Ordering::Relaxed);
+                let n = {
+                    let mut map = self
+                        .counts
+                        .executions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let n = map.entry(item.id.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                self.counts.executed.fetch_add(1, Ordering::Relaxed);
+                Ok(format!("effect {} #{n}", item.id))
+            })
+            .await;
+        match &res {
+            Ok(_) if !ran.load(Ordering::Relaxed) => {
+                self.counts.replayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(IdempotencyError::InProgress { .. }) => {
+                self.counts.in_progress.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        res.map(|_: String| ()).map_err(ProcessError::from)
+    }
+}
+
 fn runner(
+    item_timeout: Duration,
+    processor: Arc<CountedEffects>,
     work: Arc<dyn Queue>,
     dlq: Arc<dyn Queue>,
     results: Arc<dyn Queue>,
     ledger: Arc<dyn Ledger>,
 ) -> Runner {
     let worker = Worker::new(
-        Arc::new(Scripted),
+        processor,
         work.clone(),
         dlq,
         results.clone(),
         WorkerConfig {
             retry_delay: Duration::from_millis(5),
-            item_timeout: Some(Duration::from_millis(500)),
+            item_timeout: Some(item_timeout),
             ..WorkerConfig::default()
         },
     );
@@ -111,9 +194,27 @@ where
     task.await.expect("runner task").expect("runner");
 }
 
+/// The item timeout of [`simulate`]: an attempt's deadline, and so how long
+/// its idempotency claim lasts.
+pub const ITEM_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Simulates `n` items under fault `rate` with `seed`, checks every
 /// invariant, and panics with the seed in the message on any violation.
+/// Attempts time out after [`ITEM_TIMEOUT`].
 pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
+    simulate_with(s, seed, n, rate, ITEM_TIMEOUT).await
+}
+
+/// [`simulate`] with another item timeout, for a backend whose calls are
+/// slower: each attempt makes idempotency store calls, and an attempt that
+/// times out fails for a reason the scripts do not foresee.
+pub async fn simulate_with(
+    s: &Subject,
+    seed: u64,
+    n: u64,
+    rate: f64,
+    item_timeout: Duration,
+) -> SimReport {
     let mut rng = fastrand::Rng::with_seed(seed);
     let scripts: BTreeMap<ItemId, &str> = (0..n)
         .map(|i| {
@@ -150,6 +251,14 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
     let dlq = FaultyQueue::wrap(s.dlq.clone(), faults.clone());
     let results = FaultyQueue::wrap(s.results.clone(), faults.clone());
     let ledger = FaultyLedger::wrap(s.ledger.clone(), faults.clone());
+    let counts = Arc::new(EffectCounts::default());
+    let effects = Arc::new(CountedEffects {
+        idem: Idempotency::new(FaultyIdempotency::wrap(
+            s.idempotency.clone(),
+            faults.clone(),
+        )),
+        counts: counts.clone(),
+    });
 
     // Dispatch is resumable: a failed call is simply run again.
     let mut tries = 0;
@@ -183,7 +292,7 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
             }
         }
     };
-    let r = runner(work, dlq, results, ledger);
+    let r = runner(item_timeout, effects.clone(), work, dlq, results, ledger);
     run_until(
         r,
         Duration::from_secs(120),
@@ -191,7 +300,7 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
         &settled,
     )
     .await;
-    let injected = faults.counts.total();
+    let injected = faults.counts.tally();
     faults.disable();
 
     // Invariant 1: one bucket per item, the tally agrees with the rows.
@@ -208,6 +317,14 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
 
     // Invariant 3 and 4: outcomes follow the scripts; a fault can only fail an
     // item by starving it of receives, and says so.
+    // Besides starving an item of receives, a fault can leave its last
+    // receive a duplicate that found the claim of another delivery still in
+    // progress, or an idempotency store that failed every try.
+    let by_faults = |error: &str| {
+        error.starts_with("no outcome after")
+            || error.contains("already in progress in another attempt")
+            || error.contains("the idempotency store failed")
+    };
     let mut failed_by_faults = 0;
     for (id, script) in &scripts {
         let (status, error) = &rows[id];
@@ -217,7 +334,7 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
             }
             (ItemStatus::Succeeded, ItemStatus::Failed) => {
                 assert!(
-                    error.starts_with("no outcome after"),
+                    by_faults(error),
                     "seed {seed}: {id} ({script}) failed: {error}"
                 );
                 failed_by_faults += 1;
@@ -229,7 +346,7 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
                     "permanent failure"
                 };
                 assert!(
-                    error.starts_with(want) || error.starts_with("no outcome after"),
+                    error.starts_with(want) || by_faults(error),
                     "seed {seed}: {id} ({script}): {error}"
                 );
             }
@@ -276,7 +393,14 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
             }
         }
     };
+    // The same counts, over the store without faults.
+    let effects = Arc::new(CountedEffects {
+        idem: Idempotency::new(s.idempotency.clone()),
+        counts: counts.clone(),
+    });
     let r = runner(
+        item_timeout,
+        effects.clone(),
         s.work.clone(),
         s.dlq.clone(),
         s.results.clone(),
@@ -294,7 +418,8 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
         assert_eq!(
             rows[id].0,
             truth(script),
-            "seed {seed}: {id} ({script}) after the redrive"
+            "seed {seed}: {id} ({script}) after the redrive; last error: {}",
+            rows[id].1
         );
     }
     let want_failed = scripts
@@ -307,10 +432,32 @@ pub async fn simulate(s: &Subject, seed: u64, n: u64, rate: f64) -> SimReport {
         (n - want_failed, want_failed),
         "seed {seed}: final tally"
     );
+
+    // Idempotent side effects: an item that succeeded ran its effect exactly
+    // once, one that failed never completed it.
+    let executions = counts.executions();
+    let doubles: Vec<_> = executions.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        doubles.is_empty(),
+        "seed {seed}: side effects executed more than once: {doubles:?}"
+    );
+    for (id, script) in &scripts {
+        let ran = executions.get(id).copied().unwrap_or(0);
+        let want = u64::from(truth(script) == ItemStatus::Succeeded);
+        assert_eq!(
+            ran, want,
+            "seed {seed}: {id} ({script}) ran its effect {ran} times"
+        );
+    }
     SimReport {
         seed,
         items: n,
-        faults: injected,
+        faults: injected.total(),
+        faults_by_kind: injected,
+        effects_executed: counts.executed.load(Ordering::Relaxed),
+        effects_replayed: counts.replayed.load(Ordering::Relaxed),
+        effects_in_progress: counts.in_progress.load(Ordering::Relaxed),
+        double_executions: doubles.len() as u64,
         failed_by_faults,
         redriven: moved.items.len() as u64,
     }
@@ -330,4 +477,94 @@ async fn rows(
     }
     assert_eq!(out.len(), scripts.len(), "every item has a ledger row");
     out
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {}: {} items, {} faults ({}), side effects {} executed, {} replayed, \
+             {} refused in progress, {} double-executed; {} failed by faults, {} redriven",
+            self.seed,
+            self.items,
+            self.faults,
+            self.faults_by_kind,
+            self.effects_executed,
+            self.effects_replayed,
+            self.effects_in_progress,
+            self.double_executions,
+            self.failed_by_faults,
+            self.redriven
+        )
+    }
+}
+
+/// The sum of many seeds' reports, as `make soak` prints it. Items lost and
+/// double-counted, and double executions, are asserted to be 0 by every
+/// [`simulate`] that returns: a seed that breaks one panics instead.
+#[derive(Debug, Clone, Default)]
+pub struct SimTotals {
+    pub seeds: Vec<u64>,
+    pub items: u64,
+    pub faults: FaultTally,
+    pub failed_by_faults: u64,
+    pub redriven: u64,
+    pub effects_executed: u64,
+    pub effects_replayed: u64,
+    pub effects_in_progress: u64,
+    pub double_executions: u64,
+}
+
+impl SimTotals {
+    pub fn add(&mut self, r: &SimReport) {
+        self.seeds.push(r.seed);
+        self.items += r.items;
+        self.faults.add(&r.faults_by_kind);
+        self.failed_by_faults += r.failed_by_faults;
+        self.redriven += r.redriven;
+        self.effects_executed += r.effects_executed;
+        self.effects_replayed += r.effects_replayed;
+        self.effects_in_progress += r.effects_in_progress;
+        self.double_executions += r.double_executions;
+    }
+}
+
+impl std::fmt::Display for SimTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seeds = match (self.seeds.first(), self.seeds.last()) {
+            (Some(a), Some(b)) if self.seeds.len() > 1 => {
+                format!("{} seeds ({a} to {b})", self.seeds.len())
+            }
+            (Some(a), _) => format!("1 seed ({a})"),
+            _ => "0 seeds".to_owned(),
+        };
+        writeln!(f, "{seeds}, {} items", self.items)?;
+        writeln!(
+            f,
+            "faults injected: {} ({})",
+            self.faults.total(),
+            self.faults
+        )?;
+        let calls: Vec<String> = self
+            .faults
+            .by_call
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        writeln!(f, "faults by call: {}", calls.join(", "))?;
+        writeln!(
+            f,
+            "items lost: 0; items double-counted: 0; items failed by faults alone and put right by the redrive: {}",
+            self.failed_by_faults
+        )?;
+        write!(
+            f,
+            "idempotent side effects: {} executed, {} duplicates answered from the stored result, \
+             {} duplicates refused as in progress; side effects double-executed: {}",
+            self.effects_executed,
+            self.effects_replayed,
+            self.effects_in_progress,
+            self.double_executions
+        )
+    }
 }

@@ -2,6 +2,7 @@
 //! it: its queues and stores behind the ports. Each backend crate
 //! (`settle-embedded`, `settle-aws`) builds one of these.
 
+use crate::idempotency::IdempotencyStore;
 use crate::ports::{Ledger, Queue, Source};
 use std::sync::Arc;
 
@@ -18,4 +19,7 @@ pub struct Backend {
     pub results_dlq: Arc<dyn Queue>,
     pub source: Arc<dyn Source>,
     pub ledger: Arc<dyn Ledger>,
+    /// Idempotency records of processors' side effects (see
+    /// [`crate::idempotency::Idempotency`]), kept beside the ledger.
+    pub idempotency: Arc<dyn IdempotencyStore>,
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch; every timestamp Settle stores is one.
 pub type Millis = u64;
@@ -183,6 +183,9 @@ pub enum ErrorKind {
 pub struct ProcessError {
     pub kind: ErrorKind,
     pub message: String,
+    /// For a retryable error: the earliest a retry can help (the worker
+    /// waits at least this long, and at least its own backoff).
+    pub retry_after: Option<Duration>,
 }
 
 /// Longest error message kept, in bytes: it travels in the dead-letter copy
@@ -207,13 +210,20 @@ impl ProcessError {
         Self {
             kind: ErrorKind::Retryable,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             kind: ErrorKind::Permanent,
             message: message.into(),
+            retry_after: None,
         }
+    }
+    /// Asks the worker to retry no sooner than `after` from now.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod dispatch;
 pub mod domain;
+pub mod idempotency;
 pub mod jsonl;
 pub mod message;
 pub mod ports;
@@ -19,5 +20,6 @@ pub use backend::Backend;
 pub use domain::{
     Item, ItemId, ItemRecord, ItemStatus, ProcessError, RunConfig, RunId, RunRecord, RunStatus,
 };
+pub use idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
 pub use ports::{Ledger, PortError, Queue, Source};
 pub use processor::{AttemptContext, Processor, Scripted};

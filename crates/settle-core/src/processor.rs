@@ -4,7 +4,7 @@
 use crate::domain::{Item, ProcessError, RunId};
 use async_trait::async_trait;
 use serde::Deserialize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a processor knows about the attempt it is making.
 #[derive(Debug, Clone)]
@@ -16,6 +16,10 @@ pub struct AttemptContext {
     /// idempotent. A duplicate delivery in the same run carries the same
     /// key; the same item in a later run carries a new one.
     pub idempotency_key: String,
+    /// When this attempt will be cut off (the worker's item timeout or the
+    /// invocation's end, whichever is first), if it will be. A side effect
+    /// wrapped by [`crate::idempotency::Idempotency`] holds its claim until then.
+    pub deadline: Option<Instant>,
 }
 
 impl AttemptContext {
@@ -26,11 +30,15 @@ impl AttemptContext {
             run,
             attempt,
             idempotency_key,
+            deadline: None,
         }
     }
 }
 
-/// Does one item's work. Return `Err` with a [`ProcessError`] whose kind says
+/// Does one item's work. A side effect that must not happen twice for one
+/// item of a run (a duplicate delivery is always possible) goes through
+/// [`crate::idempotency::Idempotency::run_for`].
+/// Return `Err` with a [`ProcessError`] whose kind says
 /// whether trying again can help; a panic is caught and counts as retryable.
 #[async_trait]
 pub trait Processor: Send + Sync + 'static {

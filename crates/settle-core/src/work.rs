@@ -16,6 +16,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
+/// SQS's longest visibility timeout: the longest a retry can be put off.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
 /// Tuning of the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -217,7 +220,7 @@ impl Worker {
                     body.max_receives
                 )))
             } else {
-                self.run_processor(&body, attempt).await
+                self.run_processor(&body, attempt, deadline).await
             };
             let duration_ms = clock.elapsed().as_millis() as u64;
             let last = d.receive_count >= body.max_receives;
@@ -244,7 +247,13 @@ impl Worker {
                         }
                         .encode()
                     });
-                    let retry = (!terminal).then(|| self.retry_delay(d.receive_count));
+                    // A processor's hint (an idempotency claim that another
+                    // attempt holds until its deadline) can only lengthen it.
+                    let retry = (!terminal).then(|| {
+                        let delay = self.retry_delay(d.receive_count);
+                        e.retry_after
+                            .map_or(delay, |after| delay.max(after.min(MAX_VISIBILITY)))
+                    });
                     let outcome = AttemptOutcome::Failed {
                         kind: e.kind,
                         error: e.message,
@@ -274,16 +283,30 @@ impl Worker {
         .await
     }
 
-    async fn run_processor(&self, body: &WorkBody, attempt: u32) -> Result<(), ProcessError> {
+    async fn run_processor(
+        &self,
+        body: &WorkBody,
+        attempt: u32,
+        deadline: Option<Instant>,
+    ) -> Result<(), ProcessError> {
         let item = body.item();
-        let ctx = AttemptContext::new(body.run.clone(), &item, attempt);
+        let mut ctx = AttemptContext::new(body.run.clone(), &item, attempt);
+        // The attempt is cut off at the item timeout; the invocation ends at
+        // `deadline` (by then Lambda has stopped the process).
+        let timeout_at = self.config.item_timeout.map(|t| Instant::now() + t);
+        ctx.deadline = match (timeout_at, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let processor = self.processor.clone();
         let fut = PanicScope(Box::pin(
             async move { processor.process(&item, &ctx).await },
         ));
         let caught = AssertUnwindSafe(fut).catch_unwind();
-        let res = match self.config.item_timeout {
-            Some(t) => match tokio::time::timeout(t, caught).await {
+        let res = match self.config.item_timeout.zip(timeout_at) {
+            // The same instant as the context's deadline: an idempotency
+            // claim never expires while its attempt still runs.
+            Some((t, at)) => match tokio::time::timeout_at(at.into(), caught).await {
                 Ok(r) => r,
                 Err(_) => {
                     return Err(ProcessError::retryable(format!(

@@ -312,6 +312,19 @@ CREATE TABLE IF NOT EXISTS page_bodies (
     bodies BLOB NOT NULL,
     ids BLOB
 );
+-- Idempotency records of processors' side effects (settle_core::idempotency):
+-- state 'in_progress' (until expires_at) or 'completed' (with result JSON).
+-- Added without a schema version change: older builds ignore the table.
+CREATE TABLE IF NOT EXISTS idempotency (
+    run_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    payload_hash TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires_at INTEGER,
+    result TEXT,
+    PRIMARY KEY (run_id, item_id)
+) WITHOUT ROWID;
 COMMIT;
 "#;
 

@@ -3,10 +3,12 @@
 //! source and ledger) so that `settle run` needs no cloud account.
 
 mod db;
+mod idempotency;
 mod queue;
 mod store;
 
 pub use db::{Db, DbError};
+pub use idempotency::EmbeddedIdempotency;
 pub use queue::EmbeddedQueue;
 pub use store::EmbeddedStore;
 
@@ -30,6 +32,7 @@ pub const SAFETY_RECEIVES: u32 = 3;
 pub struct Embedded {
     pub db: Db,
     pub store: EmbeddedStore,
+    pub idempotency: EmbeddedIdempotency,
     pub work: EmbeddedQueue,
     pub dlq: EmbeddedQueue,
     pub results: EmbeddedQueue,
@@ -46,6 +49,7 @@ impl Embedded {
         let results_dlq = EmbeddedQueue::open(&db, "results-dlq").await?;
         let me = Self {
             store: EmbeddedStore::new(db.clone()),
+            idempotency: EmbeddedIdempotency::new(db.clone()),
             db,
             work,
             dlq,
@@ -70,6 +74,7 @@ impl Embedded {
             results_dlq: std::sync::Arc::new(self.results_dlq.clone()),
             source: std::sync::Arc::new(self.store.clone()),
             ledger: std::sync::Arc::new(self.store.clone()),
+            idempotency: std::sync::Arc::new(self.idempotency.clone()),
         }
     }
 

@@ -38,17 +38,11 @@ async fn faults_never_lose_or_double_count_an_item() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let (mut total_items, mut total_faults, mut by_faults) = (0, 0, 0);
+    let mut totals = sim::SimTotals::default();
     for seed in &seeds {
         let report = sim::simulate(&fresh().await, *seed, items, 0.03).await;
-        total_items += report.items;
-        total_faults += report.faults;
-        by_faults += report.failed_by_faults;
-        eprintln!("{report:?}");
+        eprintln!("{report}");
+        totals.add(&report);
     }
-    eprintln!(
-        "simulation: {} seeds, {total_items} items, {total_faults} faults injected, \
-         {by_faults} items failed by faults and put right by redrive; 0 lost, 0 double-counted",
-        seeds.len()
-    );
+    eprintln!("simulation (embedded): {totals}");
 }

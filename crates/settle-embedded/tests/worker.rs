@@ -224,3 +224,129 @@ async fn near_the_deadline_nothing_new_starts() {
     let back = e.work.receive(10, VIS).await.unwrap();
     assert_eq!(back.len(), 2, "released for retry at once");
 }
+
+/// Records the deadline each attempt was given.
+#[derive(Debug, Default)]
+struct SeesDeadline(std::sync::Mutex<Vec<Option<Instant>>>);
+
+#[async_trait::async_trait]
+impl settle_core::Processor for SeesDeadline {
+    async fn process(
+        &self,
+        _item: &Item,
+        ctx: &settle_core::AttemptContext,
+    ) -> Result<(), settle_core::ProcessError> {
+        self.0.lock().unwrap().push(ctx.deadline);
+        Ok(())
+    }
+}
+
+/// The attempt's deadline (which an idempotency claim lasts until) is the
+/// earlier of the item timeout and the invocation's end.
+#[tokio::test]
+async fn the_attempt_deadline_is_the_item_timeout_or_the_invocation_end() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let seen = Arc::new(SeesDeadline::default());
+    let run = RunId::generate(0);
+    for (timeout, invocation, lo, hi) in [
+        (Some(300), None, 250, 300),
+        (Some(300), Some(10_000), 250, 300),
+        (Some(60_000), Some(10_000), 9_950, 10_000),
+        (None, Some(10_000), 9_950, 10_000),
+    ] {
+        let worker = Worker::new(
+            seen.clone(),
+            Arc::new(e.work.clone()),
+            Arc::new(e.dlq.clone()),
+            Arc::new(e.results.clone()),
+            WorkerConfig {
+                item_timeout: timeout.map(Duration::from_millis),
+                ..WorkerConfig::default()
+            },
+        );
+        e.work.send(vec![body(&run, "x", "ok", 3)]).await.unwrap();
+        let batch = e.work.receive(10, VIS).await.unwrap();
+        let start = Instant::now();
+        let invocation = invocation.map(|ms| start + Duration::from_millis(ms));
+        let response = worker.handle(&batch, invocation).await;
+        delete_done(&e.work, &batch, &response).await.unwrap();
+        let deadline = seen.0.lock().unwrap().pop().unwrap().unwrap();
+        let left = deadline.duration_since(start).as_millis();
+        assert!(
+            (lo..=hi).contains(&left),
+            "{timeout:?}/{invocation:?}: {left} ms"
+        );
+    }
+    // Neither: no deadline.
+    let worker = Worker::new(
+        seen.clone(),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig::default(),
+    );
+    e.work.send(vec![body(&run, "y", "ok", 3)]).await.unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    worker.handle(&batch, None).await;
+    assert_eq!(seen.0.lock().unwrap().pop().unwrap(), None);
+}
+
+/// Fails every item as retryable; items whose id starts with "wait" ask
+/// for their retry no sooner than 2 s.
+#[derive(Debug)]
+struct AsksToWait;
+
+#[async_trait::async_trait]
+impl settle_core::Processor for AsksToWait {
+    async fn process(
+        &self,
+        item: &Item,
+        _ctx: &settle_core::AttemptContext,
+    ) -> Result<(), settle_core::ProcessError> {
+        let e = settle_core::ProcessError::retryable("busy");
+        if item.id.as_str().starts_with("wait") {
+            return Err(e.with_retry_after(Duration::from_secs(2)));
+        }
+        Err(e)
+    }
+}
+
+/// A processor's retry hint (an idempotency claim held elsewhere) puts the
+/// retry off past the worker's own backoff; without one, the backoff rules.
+#[tokio::test]
+async fn a_retry_hint_lengthens_the_retry_delay() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let worker = Worker::new(
+        Arc::new(AsksToWait),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            retry_delay: Duration::from_millis(10),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![
+            body(&run, "wait-1", "ok", 3),
+            body(&run, "now-1", "ok", 3),
+        ])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    let response = worker.handle(&batch, None).await;
+    assert_eq!(response.failures.len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let back: Vec<String> = e
+        .work
+        .receive(10, VIS)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| WorkBody::decode(&d.body).unwrap().item.to_string())
+        .collect();
+    assert_eq!(back, vec!["now-1".to_string()], "the hinted one waits");
+}

@@ -30,6 +30,7 @@ pub async fn fresh(work_max_receives: u32) -> Subject {
         results: b.results,
         source: b.source,
         ledger: b.ledger,
+        idempotency: b.idempotency,
         work_max_receives,
     }
 }

@@ -20,6 +20,7 @@ pub async fn fresh(work_max_receives: u32) -> Subject {
         results: Arc::new(e.results.clone()),
         source: Arc::new(e.store.clone()),
         ledger: Arc::new(e.store.clone()),
+        idempotency: Arc::new(e.idempotency.clone()),
         work_max_receives,
     }
 }
