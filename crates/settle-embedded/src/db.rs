@@ -29,11 +29,6 @@ const LINGER_GAP: Duration = Duration::from_micros(200);
 /// SQLite's per-commit work on its page cache grows with the cache: at 64 MiB
 /// it took a quarter of the writer's time on a 1M-item run.
 const WRITER_CACHE_KIB: i64 = 4 * 1024;
-/// The reader's page cache. SQLite empties a connection's cache whenever a
-/// read transaction starts after another connection's commit, which with
-/// the writer always committing is nearly every read: a large cache only
-/// makes that emptying slower (it showed in profiles at 8 MiB).
-const READER_CACHE_KIB: i64 = 1024;
 /// WAL pages between automatic checkpoints (4 KiB each).
 const WAL_CHECKPOINT_PAGES: i64 = 10_000;
 
@@ -97,7 +92,7 @@ impl Db {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_err(e.to_string()))?;
-        configure(&reader, READER_CACHE_KIB).map_err(|e| open_err(describe(&e)))?;
+        configure(&reader, 8 * 1024).map_err(|e| open_err(describe(&e)))?;
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("settle-db-writer".into())
@@ -333,30 +328,22 @@ CREATE TABLE IF NOT EXISTS idempotency (
 COMMIT;
 "#;
 
-/// Runs a statement without parameters from the statement cache: the
-/// writer runs its BEGIN, COMMIT and savepoint statements thousands of times
-/// a second, and `execute_batch` would parse them every time.
-fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([])?;
-    Ok(())
-}
-
 fn in_savepoint<R>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<R, DbError>,
 ) -> Result<R, DbError> {
-    exec(conn, "SAVEPOINT job")?;
+    conn.execute_batch("SAVEPOINT job")?;
     let res = f(conn);
     if res.is_err() {
-        exec(conn, "ROLLBACK TO job")?;
+        conn.execute_batch("ROLLBACK TO job")?;
     }
-    exec(conn, "RELEASE job")?;
+    conn.execute_batch("RELEASE job")?;
     res
 }
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             first(Err(&msg)).0(None);
             continue;
@@ -390,7 +377,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             let _ = conn.execute_batch("ROLLBACK");
             Err("rolled back: a write in the same transaction failed".to_owned())
         } else {
-            exec(&conn, "COMMIT").map_err(|e| {
+            conn.execute_batch("COMMIT").map_err(|e| {
                 let _ = conn.execute_batch("ROLLBACK");
                 e.to_string()
             })
