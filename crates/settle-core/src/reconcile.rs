@@ -15,7 +15,8 @@
 use crate::backend::Backend;
 use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
 use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
-use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue};
+use crate::redrive::next_scan_batch;
 use std::time::Duration;
 
 /// How long scanned DLQ messages stay hidden while one pass runs.
@@ -91,15 +92,7 @@ async fn scan(
     report: &mut ReconcileReport,
     hidden: &mut Vec<String>,
 ) -> Result<(), PortError> {
-    loop {
-        let batch = dlq.receive(MAX_QUEUE_BATCH, SCAN_VISIBILITY).await?;
-        if batch.is_empty() {
-            if dlq.depth().await?.visible == 0 {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
+    while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
         let mut parked: Vec<(&Delivery, WorkBody)> = Vec::new();
         for d in &batch {
             match WorkBody::decode(&d.body) {
@@ -166,6 +159,7 @@ async fn scan(
         report.failed += marked.len() as u64;
         report.dropped += (parked.len() - marked.len()) as u64;
     }
+    Ok(())
 }
 
 async fn send_all(q: &dyn Queue, bodies: Vec<String>) -> Result<(), PortError> {

@@ -94,17 +94,7 @@ async fn scan(
     report: &mut RedriveReport,
     hidden: &mut Vec<String>,
 ) -> Result<(), PortError> {
-    loop {
-        let batch = dlq.receive(MAX_QUEUE_BATCH, SCAN_VISIBILITY).await?;
-        if batch.is_empty() {
-            // SQS may answer empty while messages are visible: stop only when
-            // the queue agrees that nothing visible is left to scan.
-            if dlq.depth().await?.visible == 0 {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
+    while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
         let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
         for d in &batch {
             match WorkBody::decode(&d.body) {
@@ -148,5 +138,25 @@ async fn scan(
         }
         dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())
             .await?;
+    }
+    Ok(())
+}
+
+/// The next batch of a DLQ scan, hidden for `visibility`; `None` once the
+/// scan is over. SQS may answer empty while messages are visible, so a scan
+/// stops only when the queue agrees that nothing visible is left.
+pub(crate) async fn next_scan_batch(
+    dlq: &dyn Queue,
+    visibility: Duration,
+) -> Result<Option<Vec<Delivery>>, PortError> {
+    loop {
+        let batch = dlq.receive(MAX_QUEUE_BATCH, visibility).await?;
+        if !batch.is_empty() {
+            return Ok(Some(batch));
+        }
+        if dlq.depth().await?.visible == 0 {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
