@@ -7,7 +7,7 @@
 //! counted by kind and by the port call it hit.
 
 use async_trait::async_trait;
-use settle_core::domain::{ItemId, ItemRecord, Millis, RunId, RunRecord};
+use settle_core::domain::{now_millis, ItemId, ItemRecord, Millis, RunId, RunRecord};
 use settle_core::idempotency::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyStore};
 use settle_core::ports::{Delivery, Ledger, LedgerBatch, PortError, Queue, QueueDepth, Versioned};
 use std::collections::{BTreeMap, HashMap};
@@ -112,6 +112,43 @@ pub struct Faults {
     rate: f64,
     enabled: AtomicBool,
     pub counts: FaultCounts,
+    trace: Mutex<Trace>,
+}
+
+/// A digest of everything the decorators saw, in order: each decision with
+/// its call and the time, each delivery with its message id and receive
+/// count. Two runs with equal traces made the same calls in the same order
+/// at the same (simulated) times and got the same answers: how a replay
+/// shows it is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    pub events: u64,
+    pub digest: u64,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        // FNV-1a's offset basis.
+        Self {
+            events: 0,
+            digest: 0xcbf2_9ce4_8422_2325,
+        }
+    }
+}
+
+impl Trace {
+    fn add(&mut self, parts: &[&[u8]]) {
+        self.events += 1;
+        for byte in parts.iter().flat_map(|p| p.iter().chain(&[0xff])) {
+            self.digest = (self.digest ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+impl fmt::Display for Trace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} events, digest {:016x}", self.events, self.digest)
+    }
 }
 
 impl Faults {
@@ -121,6 +158,7 @@ impl Faults {
             rate,
             enabled: AtomicBool::new(true),
             counts: FaultCounts::default(),
+            trace: Mutex::new(Trace::default()),
         })
     }
 
@@ -129,13 +167,29 @@ impl Faults {
         self.enabled.store(false, Ordering::Relaxed);
     }
 
-    fn roll(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
-            && self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64() < self.rate
+    /// The trace so far.
+    pub fn trace(&self) -> Trace {
+        *self.trace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, parts: &[&[u8]]) {
+        self.trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(parts);
+    }
+
+    /// Decides whether `op` gets a fault, and traces the decision.
+    fn roll(&self, op: &'static str) -> bool {
+        let hit = self.enabled.load(Ordering::Relaxed)
+            && self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64() < self.rate;
+        let now = now_millis().to_le_bytes();
+        self.record(&[op.as_bytes(), &now, &[u8::from(hit)]]);
+        hit
     }
 
     fn before(&self, op: &'static str) -> Result<(), PortError> {
-        if self.roll() {
+        if self.roll(op) {
             self.counts
                 .count(&self.counts.failed_before, "failed before", op);
             return Err(PortError::backend(op, "injected fault before the call"));
@@ -144,7 +198,7 @@ impl Faults {
     }
 
     fn after<T>(&self, op: &'static str, res: Result<T, PortError>) -> Result<T, PortError> {
-        if res.is_ok() && self.roll() {
+        if res.is_ok() && self.roll(op) {
             self.counts
                 .count(&self.counts.failed_after, "failed after", op);
             return Err(PortError::backend(
@@ -185,8 +239,10 @@ impl Queue for FaultyQueue {
         self.faults.before("queue.receive")?;
         let got = self.inner.receive(max, visibility).await?;
         for d in &got {
+            self.faults
+                .record(&[d.message_id.as_bytes(), &d.receive_count.to_le_bytes()]);
             // At-least-once: the message shows up again while this receiver works.
-            if self.faults.roll() {
+            if self.faults.roll("queue.redeliver") {
                 self.faults.counts.count(
                     &self.faults.counts.redeliveries,
                     "redelivered",
@@ -203,7 +259,7 @@ impl Queue for FaultyQueue {
 
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
         self.faults.before("queue.delete")?;
-        if self.faults.roll() {
+        if self.faults.roll("queue.lose_delete") {
             // Reported done, never done: the message comes back after its timeout.
             self.faults
                 .counts

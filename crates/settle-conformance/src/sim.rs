@@ -9,12 +9,14 @@
 //! often that side effect ran: never more than once, whatever the
 //! duplicates, redeliveries and faults.
 
-use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue};
+use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue, Trace};
 use crate::Subject;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
-use settle_core::domain::{Item, ItemId, ItemStatus, ProcessError, RunConfig, RunId};
+use settle_core::domain::{
+    simulate_wall_clock, Item, ItemId, ItemStatus, Millis, ProcessError, RunConfig, RunId,
+};
 use settle_core::idempotency::{Idempotency, IdempotencyError};
 use settle_core::ports::{Ledger, Queue};
 use settle_core::redrive;
@@ -22,13 +24,15 @@ use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
 use settle_core::{AttemptContext, Processor, Scripted};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// What one simulation did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimReport {
     pub seed: u64,
     pub items: u64,
@@ -46,6 +50,8 @@ pub struct SimReport {
     /// Items the faults alone failed ("no outcome"), all put right by the redrive.
     pub failed_by_faults: u64,
     pub redriven: u64,
+    /// What the fault decorators saw, in order: equal on an exact replay.
+    pub trace: Trace,
 }
 
 const SCRIPTS: [(&str, u32); 4] = [
@@ -194,6 +200,37 @@ where
     task.await.expect("runner task").expect("runner");
 }
 
+/// The simulated clock's start (2026-01-01T00:00:00Z): run ids and
+/// timestamps replay too.
+const SIM_EPOCH: Millis = 1_767_225_600_000;
+
+/// Runs [`simulate`] so that the seed alone decides everything: on a
+/// current-thread runtime with paused time (tokio advances it whenever
+/// every task waits on a timer, so timeouts cost no real time), with this
+/// thread's random numbers (jitter, run ids, claim tokens) seeded by `seed`
+/// and its wall clock ([`simulate_wall_clock`]) following tokio's. `open`
+/// builds the subject inside that runtime, and every call it makes must
+/// complete on this thread (the embedded engine opened inline does); then
+/// the same seed replays exactly, [`SimReport::trace`] included. Not for a
+/// backend behind a network: its answers come back at the network's pace.
+pub fn simulate_deterministic<F, Fut>(seed: u64, n: u64, rate: f64, open: F) -> SimReport
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Subject>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    fastrand::seed(seed);
+    rt.block_on(async {
+        let _clock = simulate_wall_clock(SIM_EPOCH);
+        let subject = open().await;
+        simulate(&subject, seed, n, rate).await
+    })
+}
+
 /// The item timeout of [`simulate`]: an attempt's deadline, and so how long
 /// its idempotency claim lasts.
 pub const ITEM_TIMEOUT: Duration = Duration::from_millis(500);
@@ -301,6 +338,7 @@ pub async fn simulate_with(
     )
     .await;
     let injected = faults.counts.tally();
+    let trace = faults.trace();
     faults.disable();
 
     // Invariant 1: one bucket per item, the tally agrees with the rows.
@@ -460,6 +498,7 @@ pub async fn simulate_with(
         double_executions: doubles.len() as u64,
         failed_by_faults,
         redriven: moved.items.len() as u64,
+        trace,
     }
 }
 
@@ -484,7 +523,8 @@ impl std::fmt::Display for SimReport {
         write!(
             f,
             "seed {}: {} items, {} faults ({}), side effects {} executed, {} replayed, \
-             {} refused in progress, {} double-executed; {} failed by faults, {} redriven",
+             {} refused in progress, {} double-executed; {} failed by faults, {} redriven; \
+             trace {}",
             self.seed,
             self.items,
             self.faults,
@@ -494,7 +534,8 @@ impl std::fmt::Display for SimReport {
             self.effects_in_progress,
             self.double_executions,
             self.failed_by_faults,
-            self.redriven
+            self.redriven,
+            self.trace
         )
     }
 }

@@ -8,7 +8,7 @@ use crate::domain::{now_millis, RunConfig, RunId, RunRecord};
 use crate::message::WorkBody;
 use crate::ports::{send_batches, Ledger, PortError, Queue, Source};
 use futures::{StreamExt, TryStreamExt};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Items claimed per claim call.
 pub const CLAIM_CHUNK: usize = 1000;

@@ -13,7 +13,8 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// SQS's longest visibility timeout: the longest a retry can be put off.
@@ -306,7 +307,7 @@ impl Worker {
         let res = match self.config.item_timeout.zip(timeout_at) {
             // The same instant as the context's deadline: an idempotency
             // claim never expires while its attempt still runs.
-            Some((t, at)) => match tokio::time::timeout_at(at.into(), caught).await {
+            Some((t, at)) => match tokio::time::timeout_at(at, caught).await {
                 Ok(r) => r,
                 Err(_) => {
                     return Err(ProcessError::retryable(format!(

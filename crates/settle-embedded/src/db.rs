@@ -53,10 +53,19 @@ type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 /// it failed in a way that spoils the whole transaction.
 type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (Completion, bool) + Send>;
 
+/// Where writes run.
+#[derive(Debug, Clone)]
+enum Writer {
+    /// On the writer thread, in group transactions.
+    Thread(mpsc::Sender<Job>),
+    /// On the caller's thread, one write a transaction: see [`Db::open_inline`].
+    Inline(Arc<Mutex<Connection>>),
+}
+
 /// A handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Db {
-    jobs: mpsc::Sender<Job>,
+    writer: Writer,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
@@ -65,6 +74,21 @@ impl Db {
     /// Opens (creating if needed) the database at `path`, checks that it is a
     /// Settle database of a schema this build knows, and starts the writer.
     pub fn open(path: &Path) -> Result<Self, DbError> {
+        Self::open_as(path, false)
+    }
+
+    /// Like [`Db::open`], but every write and read runs on the calling
+    /// thread, each write in a transaction of its own, and no other thread
+    /// is involved. Slower; for the deterministic simulation, where a
+    /// current-thread runtime with paused time must see every call complete
+    /// in the same order on every replay (a writer thread would finish at
+    /// the OS scheduler's whim, and tokio would advance its paused clock
+    /// while waiting on it).
+    pub fn open_inline(path: &Path) -> Result<Self, DbError> {
+        Self::open_as(path, true)
+    }
+
+    fn open_as(path: &Path, inline: bool) -> Result<Self, DbError> {
         let open_err = |reason: String| DbError::Open {
             path: path.to_owned(),
             reason,
@@ -93,13 +117,18 @@ impl Db {
         )
         .map_err(|e| open_err(e.to_string()))?;
         configure(&reader, 8 * 1024).map_err(|e| open_err(describe(&e)))?;
-        let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("settle-db-writer".into())
-            .spawn(move || writer_loop(writer, rx))
-            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        let writer = if inline {
+            Writer::Inline(Arc::new(Mutex::new(writer)))
+        } else {
+            let (jobs, rx) = mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("settle-db-writer".into())
+                .spawn(move || writer_loop(writer, rx))
+                .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+            Writer::Thread(jobs)
+        };
         Ok(Self {
-            jobs,
+            writer,
             reader: Arc::new(Mutex::new(reader)),
             path: path.to_owned(),
         })
@@ -156,7 +185,13 @@ impl Db {
             });
             (done, poisons)
         });
-        self.jobs.send(job).map_err(|_| DbError::Closed)?;
+        match &self.writer {
+            Writer::Thread(jobs) => jobs.send(job).map_err(|_| DbError::Closed)?,
+            Writer::Inline(conn) => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                run_group(&conn, job, || None);
+            }
+        }
         rx.await.map_err(|_| DbError::Closed)?
     }
 
@@ -168,15 +203,19 @@ impl Db {
         F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
     {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
+        let read = move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.unchecked_transaction()?;
             let r = f(&tx)?;
             tx.finish()?;
             Ok(r)
-        })
-        .await
-        .map_err(|_| DbError::Closed)?
+        };
+        match self.writer {
+            Writer::Inline(_) => read(),
+            Writer::Thread(_) => tokio::task::spawn_blocking(read)
+                .await
+                .map_err(|_| DbError::Closed)?,
+        }
     }
 }
 
@@ -343,47 +382,53 @@ fn in_savepoint<R>(
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            first(Err(&msg)).0(None);
-            continue;
-        }
         let opened = Instant::now();
-        let mut completions: Vec<Completion> = Vec::new();
-        let mut poisoned = false;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            let (done, poisons) = job(Ok(&conn));
-            completions.push(done);
-            poisoned |= poisons;
-            // After an I/O or out-of-memory error SQLite may have rolled the
-            // whole transaction back itself; running more jobs would then
-            // commit each statement on its own.
-            if conn.is_autocommit() {
-                poisoned = true;
-                break;
-            }
-            if completions.len() >= MAX_GROUP || poisoned {
-                break;
-            }
-            next = match rx.try_recv() {
-                Ok(j) => Some(j),
-                Err(_) => rx
-                    .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
-                    .ok(),
-            };
+        run_group(&conn, first, || match rx.try_recv() {
+            Ok(j) => Some(j),
+            Err(_) => rx
+                .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
+                .ok(),
+        });
+    }
+}
+
+/// Runs `first` and the jobs `next` hands out (until it returns `None`)
+/// in one transaction, then answers each once the commit's fate is known.
+fn run_group(conn: &Connection, first: Job, mut next_job: impl FnMut() -> Option<Job>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        first(Err(&msg)).0(None);
+        return;
+    }
+    let mut completions: Vec<Completion> = Vec::new();
+    let mut poisoned = false;
+    let mut next = Some(first);
+    while let Some(job) = next.take() {
+        let (done, poisons) = job(Ok(conn));
+        completions.push(done);
+        poisoned |= poisons;
+        // After an I/O or out-of-memory error SQLite may have rolled the
+        // whole transaction back itself; running more jobs would then
+        // commit each statement on its own.
+        if conn.is_autocommit() {
+            poisoned = true;
+            break;
         }
-        let outcome = if poisoned {
+        if completions.len() >= MAX_GROUP || poisoned {
+            break;
+        }
+        next = next_job();
+    }
+    let outcome = if poisoned {
+        let _ = conn.execute_batch("ROLLBACK");
+        Err("rolled back: a write in the same transaction failed".to_owned())
+    } else {
+        conn.execute_batch("COMMIT").map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            Err("rolled back: a write in the same transaction failed".to_owned())
-        } else {
-            conn.execute_batch("COMMIT").map_err(|e| {
-                let _ = conn.execute_batch("ROLLBACK");
-                e.to_string()
-            })
-        };
-        for done in completions {
-            done(outcome.as_ref().err().map(String::as_str));
-        }
+            e.to_string()
+        })
+    };
+    for done in completions {
+        done(outcome.as_ref().err().map(String::as_str));
     }
 }

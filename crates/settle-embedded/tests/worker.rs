@@ -10,7 +10,8 @@ use settle_core::work::{delete_done, Worker, WorkerConfig};
 use settle_core::Scripted;
 use settle_embedded::Embedded;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const VIS: Duration = Duration::from_secs(30);
 
