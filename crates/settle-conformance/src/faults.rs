@@ -3,7 +3,8 @@
 //! effect, or take effect and still report failure (the caller retries, so
 //! this makes duplicates); deletes may be lost; a received message may be
 //! made visible again at once, so a second worker gets it while the first is
-//! still on it. One seeded generator drives every decision. Every fault is
+//! still on it; a work queue also gets malformed bodies beside real sends.
+//! One seeded generator drives every decision. Every fault is
 //! counted by kind and by the port call it hit.
 
 use async_trait::async_trait;
@@ -23,6 +24,7 @@ pub struct FaultCounts {
     pub failed_after: AtomicU64,
     pub lost_deletes: AtomicU64,
     pub redeliveries: AtomicU64,
+    pub malformed: AtomicU64,
     /// Per kind and port call, e.g. ("failed before", "ledger.commit").
     by_call: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
@@ -49,6 +51,7 @@ impl FaultCounts {
             failed_after: self.failed_after.load(Ordering::Relaxed),
             lost_deletes: self.lost_deletes.load(Ordering::Relaxed),
             redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
             by_call: self
                 .by_call
                 .lock()
@@ -72,13 +75,19 @@ pub struct FaultTally {
     /// Received messages made visible again at once (a duplicate delivery
     /// while the first receiver works).
     pub redeliveries: u64,
+    /// Malformed bodies sent to the work queue beside real sends.
+    pub malformed: u64,
     /// "<kind> <port>.<call>" → count.
     pub by_call: BTreeMap<String, u64>,
 }
 
 impl FaultTally {
     pub fn total(&self) -> u64 {
-        self.failed_before + self.failed_after + self.lost_deletes + self.redeliveries
+        self.failed_before
+            + self.failed_after
+            + self.lost_deletes
+            + self.redeliveries
+            + self.malformed
     }
 
     /// Adds another tally to this one.
@@ -87,6 +96,7 @@ impl FaultTally {
         self.failed_after += other.failed_after;
         self.lost_deletes += other.lost_deletes;
         self.redeliveries += other.redeliveries;
+        self.malformed += other.malformed;
         for (k, n) in &other.by_call {
             *self.by_call.entry(k.clone()).or_default() += n;
         }
@@ -98,8 +108,12 @@ impl fmt::Display for FaultTally {
         write!(
             f,
             "{} failed before the call, {} failed after taking effect, {} lost deletes, \
-             {} early redeliveries",
-            self.failed_before, self.failed_after, self.lost_deletes, self.redeliveries
+             {} early redeliveries, {} malformed bodies",
+            self.failed_before,
+            self.failed_after,
+            self.lost_deletes,
+            self.redeliveries,
+            self.malformed
         )
     }
 }
@@ -113,6 +127,8 @@ pub struct Faults {
     enabled: AtomicBool,
     pub counts: FaultCounts,
     trace: Mutex<Trace>,
+    /// The malformed bodies sent, each unique.
+    malformed: Mutex<Vec<String>>,
 }
 
 /// A digest of everything the decorators saw, in order: each decision with
@@ -159,12 +175,21 @@ impl Faults {
             enabled: AtomicBool::new(true),
             counts: FaultCounts::default(),
             trace: Mutex::new(Trace::default()),
+            malformed: Mutex::new(Vec::new()),
         })
     }
 
     /// Stops injecting (to let a run finish cleanly, e.g. before a final check).
     pub fn disable(&self) {
         self.enabled.store(false, Ordering::Relaxed);
+    }
+
+    /// The malformed bodies sent so far.
+    pub fn malformed(&self) -> Vec<String> {
+        self.malformed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The trace so far.
@@ -215,11 +240,55 @@ impl Faults {
 pub struct FaultyQueue {
     inner: Arc<dyn Queue>,
     faults: Arc<Faults>,
+    /// Whether sends are joined by malformed bodies (a work queue's are).
+    malformed: bool,
 }
 
 impl FaultyQueue {
     pub fn wrap(inner: Arc<dyn Queue>, faults: Arc<Faults>) -> Arc<dyn Queue> {
-        Arc::new(Self { inner, faults })
+        Arc::new(Self {
+            inner,
+            faults,
+            malformed: false,
+        })
+    }
+
+    /// A work queue: besides the faults of [`FaultyQueue::wrap`], a send is
+    /// sometimes joined by a malformed body of its own (not a work message,
+    /// and unique), as a bug or another producer would write. The worker
+    /// must dead-letter it alone and keep it.
+    pub fn wrap_work(inner: Arc<dyn Queue>, faults: Arc<Faults>) -> Arc<dyn Queue> {
+        Arc::new(Self {
+            inner,
+            faults,
+            malformed: true,
+        })
+    }
+
+    async fn send_malformed(&self) {
+        if !(self.malformed && self.faults.roll("queue.send_malformed")) {
+            return;
+        }
+        let body = {
+            let mut sent = self
+                .faults
+                .malformed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let body = format!("{{\"not a work message\": {}", sent.len() + 1);
+            sent.push(body.clone());
+            body
+        };
+        self.faults.counts.count(
+            &self.faults.counts.malformed,
+            "sent malformed",
+            "queue.send",
+        );
+        // Sent past the decorator: it must arrive, or the check would not know.
+        self.inner
+            .send(vec![body])
+            .await
+            .expect("sending a malformed body");
     }
 }
 
@@ -230,6 +299,7 @@ impl Queue for FaultyQueue {
     }
 
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
+        self.send_malformed().await;
         self.faults.before("queue.send")?;
         let res = self.inner.send(bodies).await;
         self.faults.after("queue.send", res)

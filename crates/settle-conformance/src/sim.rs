@@ -54,11 +54,16 @@ pub struct SimReport {
     pub trace: Trace,
 }
 
-const SCRIPTS: [(&str, u32); 4] = [
-    ("ok", 70),
+/// A hang: far past any item timeout, so every attempt is cut off (with
+/// paused time, at no cost in real time).
+const HANG: &str = "sleep:600000";
+
+const SCRIPTS: [(&str, u32); 5] = [
+    ("ok", 67),
     ("retryable:1", 15),
     ("permanent", 10),
     ("panic", 5),
+    (HANG, 3),
 ];
 
 fn pick_script(rng: &mut fastrand::Rng) -> &'static str {
@@ -75,7 +80,7 @@ fn pick_script(rng: &mut fastrand::Rng) -> &'static str {
 /// The status a script must end in, given enough attempts.
 fn truth(script: &str) -> ItemStatus {
     match script {
-        "permanent" | "panic" => ItemStatus::Failed,
+        "permanent" | "panic" | HANG => ItemStatus::Failed,
         _ => ItemStatus::Succeeded,
     }
 }
@@ -284,7 +289,7 @@ pub async fn simulate_with(
         .id;
 
     let faults = Faults::new(seed, rate);
-    let work = FaultyQueue::wrap(s.work.clone(), faults.clone());
+    let work = FaultyQueue::wrap_work(s.work.clone(), faults.clone());
     let dlq = FaultyQueue::wrap(s.dlq.clone(), faults.clone());
     let results = FaultyQueue::wrap(s.results.clone(), faults.clone());
     let ledger = FaultyLedger::wrap(s.ledger.clone(), faults.clone());
@@ -378,10 +383,10 @@ pub async fn simulate_with(
                 failed_by_faults += 1;
             }
             (ItemStatus::Failed, ItemStatus::Failed) => {
-                let want = if *script == "panic" {
-                    "panic: "
-                } else {
-                    "permanent failure"
+                let want = match *script {
+                    "panic" => "panic: ",
+                    HANG => "timed out after",
+                    _ => "permanent failure",
                 };
                 assert!(
                     error.starts_with(want) || by_faults(error),
@@ -470,6 +475,28 @@ pub async fn simulate_with(
         (n - want_failed, want_failed),
         "seed {seed}: final tally"
     );
+
+    // Invariant 4 for malformed messages: each was dead-lettered as it was,
+    // alone (the items' outcomes above are the scripts'), and kept there:
+    // the redrive moves only the run's own messages.
+    let mut dead_bodies = std::collections::BTreeSet::new();
+    loop {
+        let got = s
+            .dlq
+            .receive(10, Duration::from_secs(3600))
+            .await
+            .expect("receive from the DLQ");
+        if got.is_empty() {
+            break;
+        }
+        dead_bodies.extend(got.into_iter().map(|d| d.body));
+    }
+    for body in faults.malformed() {
+        assert!(
+            dead_bodies.contains(&body),
+            "seed {seed}: the malformed body {body:?} is not in the DLQ"
+        );
+    }
 
     // Idempotent side effects: an item that succeeded ran its effect exactly
     // once, one that failed never completed it.
