@@ -352,10 +352,17 @@ struct PanicScope<F>(Pin<Box<F>>);
 impl<F: Future> Future for PanicScope<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let was = IN_PROCESSOR.with(|f| f.replace(true));
-        let res = self.0.as_mut().poll(cx);
-        IN_PROCESSOR.with(|f| f.set(was));
-        res
+        // Restored by a guard: a panic unwinds through this poll to the
+        // worker's catch_unwind, and a flag left set would silence every
+        // later panic on this thread, bugs included.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                IN_PROCESSOR.with(|f| f.set(self.0));
+            }
+        }
+        let _restore = Restore(IN_PROCESSOR.with(|f| f.replace(true)));
+        self.0.as_mut().poll(cx)
     }
 }
 

@@ -87,6 +87,11 @@ async fn each_message_settles_on_its_own() {
         "the hang was cut off by the item timeout"
     );
 
+    // The panic was the processor's: this thread (the test's, on a
+    // current-thread runtime) is out of the processor again, so a panic of
+    // its own would be reported as a bug.
+    assert!(!settle_core::work::in_processor());
+
     // Retried: the panic, the retryable failure and the hang (timed out); nothing else.
     let id_of = |name: &str| {
         batch
