@@ -269,26 +269,26 @@ impl FaultyQueue {
         if !(self.malformed && self.faults.roll("queue.send_malformed")) {
             return;
         }
-        let body = {
-            let mut sent = self
-                .faults
-                .malformed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let body = format!("{{\"not a work message\": {}", sent.len() + 1);
-            sent.push(body.clone());
-            body
-        };
+        let n = self.faults.counts.malformed.load(Ordering::Relaxed) + 1;
+        let body = format!("{{\"not a work message\": {n}");
+        // Sent past the decorator: it must arrive, or the check would not know.
+        self.inner
+            .send(vec![body.clone()])
+            .await
+            .expect("sending a malformed body");
+        // Recorded once sent: the caller may drop this future mid-send (the
+        // dispatcher stops its other sends when one fails), and a body that
+        // never reached the queue is not one the worker must have kept.
         self.faults.counts.count(
             &self.faults.counts.malformed,
             "sent malformed",
             "queue.send",
         );
-        // Sent past the decorator: it must arrive, or the check would not know.
-        self.inner
-            .send(vec![body])
-            .await
-            .expect("sending a malformed body");
+        self.faults
+            .malformed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(body);
     }
 }
 
