@@ -380,6 +380,8 @@ fn in_savepoint<R>(
 /// Checkpoint passes that copy fewer WAL frames than this have caught up
 /// with the writer: the writer's own catch-up pass after it is short.
 const CAUGHT_UP_FRAMES: i64 = 2_000;
+/// Passes per round at most before the writer's catch-up pass.
+const MAX_PASSES: usize = 8;
 
 /// Copies the WAL into the database file beside the writer. Passes run back
 /// to back while each still has a lot to copy (the writer appends during a
@@ -396,7 +398,9 @@ fn checkpoint_loop(conn: Connection, ticked: mpsc::Receiver<()>, catch_up: Arc<A
     };
     let mut before = 0;
     while ticked.recv().is_ok() {
-        loop {
+        // A bounded number of passes: on a disk slower than the writer they
+        // might never get under CAUGHT_UP_FRAMES, and the WAL must restart.
+        for _ in 0..MAX_PASSES {
             let Some(now) = backfilled() else { break };
             // Fewer frames than before: the WAL restarted in between.
             let copied = if now >= before { now - before } else { now };
