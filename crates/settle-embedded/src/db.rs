@@ -264,8 +264,33 @@ fn check_identity(conn: &Connection) -> Result<(), DbError> {
 }
 
 fn init_schema(conn: &Connection) -> Result<(), DbError> {
-    conn.execute_batch(SCHEMA)?;
+    if !schema_is_current(conn)? {
+        conn.execute_batch(SCHEMA)?;
+    }
     Ok(())
+}
+
+/// Whether the file already has every object [`SCHEMA`] creates, at this
+/// schema version. Then opening takes no write lock: a `settle status`
+/// polled beside a running `settle run` would otherwise wait for the run's
+/// writer at every open, and hold the run's writer up in turn.
+fn schema_is_current(conn: &Connection) -> rusqlite::Result<bool> {
+    let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if app != APPLICATION_ID || version != SCHEMA_VERSION {
+        return Ok(false);
+    }
+    let mut exists = conn.prepare("SELECT 1 FROM sqlite_master WHERE name = ?1")?;
+    for name in SCHEMA
+        .split("IF NOT EXISTS ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next())
+    {
+        if !exists.exists([name])? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 const SCHEMA: &str = r#"
