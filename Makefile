@@ -89,8 +89,8 @@ bench: build-cli ## Throughput: 1,000,000 items (10% permanent failures), durabl
 bench-memory: build-cli ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
 	python3 scripts/bench.py 10000000 --concurrency 64
 
-soak: ## Fault simulation over many seeds (SEEDS=1000 by default, 300 items each; about 2 s a seed)
-	SETTLE_SIM_SEEDS=$${SEEDS:-1000} $(CARGO) test --release -p settle-embedded --test simulation -- --nocapture
+soak: ## Deterministic fault simulation over many seeds (SEEDS=1000 by default, 300 items each); SEED=N replays one
+	SETTLE_SIM_SEEDS=$${SEEDS:-1000} SETTLE_SIM_SEED=$${SEED:-} $(CARGO) test --release -p settle-embedded --test simulation faults_never_lose -- --nocapture
 
 clean: ## Remove build output, benchmark data and the local database
 	$(CARGO) clean

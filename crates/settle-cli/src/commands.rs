@@ -350,8 +350,29 @@ async fn redrive_cmd(
         RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
         other => input(other.to_string()),
     })?;
-    for m in &moved.missing {
-        eprintln!("note: item \"{m}\" has no message in the dead-letter queue (already redriven?)");
+    if only.is_some() {
+        for m in &moved.missing {
+            eprintln!(
+                "note: item \"{m}\" has no message in the dead-letter queue (already redriven?)"
+            );
+        }
+    } else if !moved.missing.is_empty() {
+        // Not an error: the rest moved. But say so, so that nobody takes
+        // the redrive for complete.
+        let shown: Vec<&str> = moved.missing.iter().take(5).map(ItemId::as_str).collect();
+        let more = moved.missing.len().saturating_sub(shown.len());
+        eprintln!(
+            "note: {} failed items have no message in the dead-letter queue to move: {}{}. \
+             They are in flight (already redriven), or hidden by another pass over the queue \
+             for up to 2 minutes; run the redrive again later to move them.",
+            moved.missing.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
     }
     let n = moved.items.len() as u64;
     if dry_run {

@@ -8,6 +8,8 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::Child;
 use std::time::Duration;
 
 /// One item of every scripted behaviour, plus two without a script.
@@ -483,8 +485,10 @@ fn run_takes_in_items_loaded_earlier() {
     assert_run(&out.json(), "partial", 5, 4, 1, 0);
 }
 
-/// Polls `settle status --json` (the latest run) until `done` holds.
-fn wait_for_status(env: &Env, done: impl Fn(&Value) -> bool) -> Value {
+/// Polls `settle status --json` (the latest run) until `done` holds, while
+/// `child` (the `settle run` under test) works. If the child ends first, or
+/// the state never comes, the panic shows what the child said.
+fn wait_for_status(env: &Env, child: &mut Child, done: impl Fn(&Value) -> bool) -> Value {
     let started = std::time::Instant::now();
     loop {
         let out = env.settle(&["status", "--json"]);
@@ -494,12 +498,22 @@ fn wait_for_status(env: &Env, done: impl Fn(&Value) -> bool) -> Value {
                 return v;
             }
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "status never got there; last: {} {}",
-            out.stdout,
-            out.stderr
-        );
+        let exited = child.try_wait().unwrap();
+        if exited.is_some() || started.elapsed() >= Duration::from_secs(60) {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let mut said = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut said);
+            }
+            panic!(
+                "status never got there in {:?}; last: {} {}; the child ({status}, {}) said: {said}",
+                started.elapsed(),
+                out.stdout,
+                out.stderr,
+                if exited.is_some() { "exited by itself" } else { "killed" },
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -526,8 +540,8 @@ fn interrupted_run_resumes_without_repeating_attempts() {
         "--visibility-timeout",
         "10",
     ];
-    let child = env.spawn(&args);
-    let before = wait_for_status(&env, |v| v["succeeded"] == 1);
+    let mut child = env.spawn(&args);
+    let before = wait_for_status(&env, &mut child, |v| v["succeeded"] == 1);
     assert_eq!(before["pending"], 2, "{before}");
     let killed = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -573,7 +587,7 @@ fn killed_run_resumes_and_redelivers_after_the_visibility_timeout() {
     ];
     let mut child = env.spawn(&args);
     // `o` done means `s1` (sent first) is in flight, sleeping.
-    let before = wait_for_status(&env, |v| v["succeeded"] == 1);
+    let before = wait_for_status(&env, &mut child, |v| v["succeeded"] == 1);
     child.kill().unwrap();
     let out = wait(child, &args);
     assert_ne!(out.code, 0);

@@ -3,11 +3,12 @@
 //! effect, or take effect and still report failure (the caller retries, so
 //! this makes duplicates); deletes may be lost; a received message may be
 //! made visible again at once, so a second worker gets it while the first is
-//! still on it. One seeded generator drives every decision. Every fault is
+//! still on it; a work queue also gets malformed bodies beside real sends.
+//! One seeded generator drives every decision. Every fault is
 //! counted by kind and by the port call it hit.
 
 use async_trait::async_trait;
-use settle_core::domain::{ItemId, ItemRecord, Millis, RunId, RunRecord};
+use settle_core::domain::{now_millis, ItemId, ItemRecord, Millis, RunId, RunRecord};
 use settle_core::idempotency::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyStore};
 use settle_core::ports::{Delivery, Ledger, LedgerBatch, PortError, Queue, QueueDepth, Versioned};
 use std::collections::{BTreeMap, HashMap};
@@ -23,6 +24,7 @@ pub struct FaultCounts {
     pub failed_after: AtomicU64,
     pub lost_deletes: AtomicU64,
     pub redeliveries: AtomicU64,
+    pub malformed: AtomicU64,
     /// Per kind and port call, e.g. ("failed before", "ledger.commit").
     by_call: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
@@ -49,6 +51,7 @@ impl FaultCounts {
             failed_after: self.failed_after.load(Ordering::Relaxed),
             lost_deletes: self.lost_deletes.load(Ordering::Relaxed),
             redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
             by_call: self
                 .by_call
                 .lock()
@@ -72,13 +75,19 @@ pub struct FaultTally {
     /// Received messages made visible again at once (a duplicate delivery
     /// while the first receiver works).
     pub redeliveries: u64,
+    /// Malformed bodies sent to the work queue beside real sends.
+    pub malformed: u64,
     /// "<kind> <port>.<call>" → count.
     pub by_call: BTreeMap<String, u64>,
 }
 
 impl FaultTally {
     pub fn total(&self) -> u64 {
-        self.failed_before + self.failed_after + self.lost_deletes + self.redeliveries
+        self.failed_before
+            + self.failed_after
+            + self.lost_deletes
+            + self.redeliveries
+            + self.malformed
     }
 
     /// Adds another tally to this one.
@@ -87,6 +96,7 @@ impl FaultTally {
         self.failed_after += other.failed_after;
         self.lost_deletes += other.lost_deletes;
         self.redeliveries += other.redeliveries;
+        self.malformed += other.malformed;
         for (k, n) in &other.by_call {
             *self.by_call.entry(k.clone()).or_default() += n;
         }
@@ -98,8 +108,12 @@ impl fmt::Display for FaultTally {
         write!(
             f,
             "{} failed before the call, {} failed after taking effect, {} lost deletes, \
-             {} early redeliveries",
-            self.failed_before, self.failed_after, self.lost_deletes, self.redeliveries
+             {} early redeliveries, {} malformed bodies",
+            self.failed_before,
+            self.failed_after,
+            self.lost_deletes,
+            self.redeliveries,
+            self.malformed
         )
     }
 }
@@ -112,6 +126,45 @@ pub struct Faults {
     rate: f64,
     enabled: AtomicBool,
     pub counts: FaultCounts,
+    trace: Mutex<Trace>,
+    /// The malformed bodies sent, each unique.
+    malformed: Mutex<Vec<String>>,
+}
+
+/// A digest of everything the decorators saw, in order: each decision with
+/// its call and the time, each delivery with its message id and receive
+/// count. Two runs with equal traces made the same calls in the same order
+/// at the same (simulated) times and got the same answers: how a replay
+/// shows it is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    pub events: u64,
+    pub digest: u64,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        // FNV-1a's offset basis.
+        Self {
+            events: 0,
+            digest: 0xcbf2_9ce4_8422_2325,
+        }
+    }
+}
+
+impl Trace {
+    fn add(&mut self, parts: &[&[u8]]) {
+        self.events += 1;
+        for byte in parts.iter().flat_map(|p| p.iter().chain(&[0xff])) {
+            self.digest = (self.digest ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+impl fmt::Display for Trace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} events, digest {:016x}", self.events, self.digest)
+    }
 }
 
 impl Faults {
@@ -121,6 +174,8 @@ impl Faults {
             rate,
             enabled: AtomicBool::new(true),
             counts: FaultCounts::default(),
+            trace: Mutex::new(Trace::default()),
+            malformed: Mutex::new(Vec::new()),
         })
     }
 
@@ -129,13 +184,37 @@ impl Faults {
         self.enabled.store(false, Ordering::Relaxed);
     }
 
-    fn roll(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
-            && self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64() < self.rate
+    /// The malformed bodies sent so far.
+    pub fn malformed(&self) -> Vec<String> {
+        self.malformed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The trace so far.
+    pub fn trace(&self) -> Trace {
+        *self.trace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, parts: &[&[u8]]) {
+        self.trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(parts);
+    }
+
+    /// Decides whether `op` gets a fault, and traces the decision.
+    fn roll(&self, op: &'static str) -> bool {
+        let hit = self.enabled.load(Ordering::Relaxed)
+            && self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64() < self.rate;
+        let now = now_millis().to_le_bytes();
+        self.record(&[op.as_bytes(), &now, &[u8::from(hit)]]);
+        hit
     }
 
     fn before(&self, op: &'static str) -> Result<(), PortError> {
-        if self.roll() {
+        if self.roll(op) {
             self.counts
                 .count(&self.counts.failed_before, "failed before", op);
             return Err(PortError::backend(op, "injected fault before the call"));
@@ -144,7 +223,7 @@ impl Faults {
     }
 
     fn after<T>(&self, op: &'static str, res: Result<T, PortError>) -> Result<T, PortError> {
-        if res.is_ok() && self.roll() {
+        if res.is_ok() && self.roll(op) {
             self.counts
                 .count(&self.counts.failed_after, "failed after", op);
             return Err(PortError::backend(
@@ -161,11 +240,55 @@ impl Faults {
 pub struct FaultyQueue {
     inner: Arc<dyn Queue>,
     faults: Arc<Faults>,
+    /// Whether sends are joined by malformed bodies (a work queue's are).
+    malformed: bool,
 }
 
 impl FaultyQueue {
     pub fn wrap(inner: Arc<dyn Queue>, faults: Arc<Faults>) -> Arc<dyn Queue> {
-        Arc::new(Self { inner, faults })
+        Arc::new(Self {
+            inner,
+            faults,
+            malformed: false,
+        })
+    }
+
+    /// A work queue: besides the faults of [`FaultyQueue::wrap`], a send is
+    /// sometimes joined by a malformed body of its own (not a work message,
+    /// and unique), as a bug or another producer would write. The worker
+    /// must dead-letter it alone and keep it.
+    pub fn wrap_work(inner: Arc<dyn Queue>, faults: Arc<Faults>) -> Arc<dyn Queue> {
+        Arc::new(Self {
+            inner,
+            faults,
+            malformed: true,
+        })
+    }
+
+    async fn send_malformed(&self) {
+        if !(self.malformed && self.faults.roll("queue.send_malformed")) {
+            return;
+        }
+        let n = self.faults.counts.malformed.load(Ordering::Relaxed) + 1;
+        let body = format!("{{\"not a work message\": {n}");
+        // Sent past the decorator: it must arrive, or the check would not know.
+        self.inner
+            .send(vec![body.clone()])
+            .await
+            .expect("sending a malformed body");
+        // Recorded once sent: the caller may drop this future mid-send (the
+        // dispatcher stops its other sends when one fails), and a body that
+        // never reached the queue is not one the worker must have kept.
+        self.faults.counts.count(
+            &self.faults.counts.malformed,
+            "sent malformed",
+            "queue.send",
+        );
+        self.faults
+            .malformed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(body);
     }
 }
 
@@ -176,6 +299,7 @@ impl Queue for FaultyQueue {
     }
 
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
+        self.send_malformed().await;
         self.faults.before("queue.send")?;
         let res = self.inner.send(bodies).await;
         self.faults.after("queue.send", res)
@@ -185,8 +309,10 @@ impl Queue for FaultyQueue {
         self.faults.before("queue.receive")?;
         let got = self.inner.receive(max, visibility).await?;
         for d in &got {
+            self.faults
+                .record(&[d.message_id.as_bytes(), &d.receive_count.to_le_bytes()]);
             // At-least-once: the message shows up again while this receiver works.
-            if self.faults.roll() {
+            if self.faults.roll("queue.redeliver") {
                 self.faults.counts.count(
                     &self.faults.counts.redeliveries,
                     "redelivered",
@@ -203,7 +329,7 @@ impl Queue for FaultyQueue {
 
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
         self.faults.before("queue.delete")?;
-        if self.faults.roll() {
+        if self.faults.roll("queue.lose_delete") {
             // Reported done, never done: the message comes back after its timeout.
             self.faults
                 .counts

@@ -9,7 +9,8 @@ use settle_core::idempotency::{
 use settle_core::ports::PortError;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 fn key(item: &str) -> IdempotencyKey {
     IdempotencyKey::new(RunId::generate(now_millis()), ItemId::new(item).unwrap())

@@ -715,6 +715,24 @@ pub async fn reconcile_settles_messages_the_queue_parked(s: &Subject) {
     .await
     .unwrap();
     assert_eq!(moved.messages, 1, "the marked copy redrives");
+    assert!(moved.missing.is_empty(), "{moved:?}");
+    // Redriving all again: t0 is failed in the ledger but has nothing in
+    // the DLQ to move (it is back on the work queue), and the report says so.
+    let again = redrive::redrive(
+        s.ledger.as_ref(),
+        s.dlq.as_ref(),
+        s.work.as_ref(),
+        &run,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.messages, 0);
+    assert_eq!(
+        again.missing.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
+        ["t0"]
+    );
     let back = receive_n(s.work.as_ref(), 1, VIS).await;
     let b = WorkBody::decode(&back[0].body).unwrap();
     assert_eq!((b.item.as_str(), b.seq, b.dead.is_none()), ("t0", 0, true));

@@ -9,26 +9,30 @@
 //! often that side effect ran: never more than once, whatever the
 //! duplicates, redeliveries and faults.
 
-use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue};
+use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue, Trace};
 use crate::Subject;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
-use settle_core::domain::{Item, ItemId, ItemStatus, ProcessError, RunConfig, RunId};
+use settle_core::domain::{
+    simulate_wall_clock, Item, ItemId, ItemStatus, Millis, ProcessError, RunConfig, RunId,
+};
 use settle_core::idempotency::{Idempotency, IdempotencyError};
 use settle_core::ports::{Ledger, Queue};
-use settle_core::redrive;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
+use settle_core::{reconcile, redrive};
 use settle_core::{AttemptContext, Processor, Scripted};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// What one simulation did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimReport {
     pub seed: u64,
     pub items: u64,
@@ -45,14 +49,24 @@ pub struct SimReport {
     pub double_executions: u64,
     /// Items the faults alone failed ("no outcome"), all put right by the redrive.
     pub failed_by_faults: u64,
+    /// Items whose message the queue's redrive policy parked without a
+    /// result, reported failed by the reconciler (and among those redriven).
+    pub reconciled: u64,
     pub redriven: u64,
+    /// What the fault decorators saw, in order: equal on an exact replay.
+    pub trace: Trace,
 }
 
-const SCRIPTS: [(&str, u32); 4] = [
-    ("ok", 70),
+/// A hang: far past any item timeout, so every attempt is cut off (with
+/// paused time, at no cost in real time).
+const HANG: &str = "sleep:600000";
+
+const SCRIPTS: [(&str, u32); 5] = [
+    ("ok", 67),
     ("retryable:1", 15),
     ("permanent", 10),
     ("panic", 5),
+    (HANG, 3),
 ];
 
 fn pick_script(rng: &mut fastrand::Rng) -> &'static str {
@@ -69,7 +83,7 @@ fn pick_script(rng: &mut fastrand::Rng) -> &'static str {
 /// The status a script must end in, given enough attempts.
 fn truth(script: &str) -> ItemStatus {
     match script {
-        "permanent" | "panic" => ItemStatus::Failed,
+        "permanent" | "panic" | HANG => ItemStatus::Failed,
         _ => ItemStatus::Succeeded,
     }
 }
@@ -173,8 +187,9 @@ fn runner(
     }
 }
 
-/// Runs `r` until `done` holds (checked every 20 ms), or panics after `limit`.
-async fn run_until<F, Fut>(r: Runner, limit: Duration, what: &str, done: F)
+/// Runs `r` until `done` holds (checked every 20 ms), or panics after
+/// `limit` with what `state` says of the subject.
+async fn run_until<F, Fut>(r: Runner, limit: Duration, what: &str, done: F, state: &Described<'_>)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -183,15 +198,96 @@ where
     let task = tokio::spawn(async move { r.run(rx).await });
     let started = Instant::now();
     while !done().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what}: not done after {limit:?}"
-        );
+        if started.elapsed() >= limit {
+            panic!(
+                "{what}: not done after {limit:?}; {}",
+                state.describe().await
+            );
+        }
         assert!(!task.is_finished(), "{what}: the runner stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop.send(true);
     task.await.expect("runner task").expect("runner");
+}
+
+/// What a simulation is over, to describe it when it gets stuck.
+struct Described<'a> {
+    s: &'a Subject,
+    run: &'a RunId,
+    scripts: &'a BTreeMap<ItemId, &'static str>,
+}
+
+impl Described<'_> {
+    /// The run row, the queues' depths, and the items not settled yet.
+    async fn describe(&self) -> String {
+        let run = self.s.ledger.run(self.run).await;
+        let depth = |q: &Arc<dyn Queue>| {
+            let q = q.clone();
+            async move { q.depth().await }
+        };
+        let (work, dlq, results) = (
+            depth(&self.s.work).await,
+            depth(&self.s.dlq).await,
+            depth(&self.s.results).await,
+        );
+        let keys: Vec<_> = self
+            .scripts
+            .keys()
+            .map(|id| (self.run.clone(), id.clone()))
+            .collect();
+        let mut unsettled = Vec::new();
+        for chunk in keys.chunks(100) {
+            if let Ok(rows) = self.s.ledger.items(chunk).await {
+                for (_, id) in chunk {
+                    match rows.get(&(self.run.clone(), id.clone())) {
+                        Some(v) if v.value.status != ItemStatus::Pending => {}
+                        row => unsettled.push(format!(
+                            "{id} ({}): {:?}",
+                            self.scripts[id],
+                            row.map(|v| &v.value)
+                        )),
+                    }
+                }
+            }
+        }
+        format!(
+            "run {run:?}; work queue {work:?}, DLQ {dlq:?}, results {results:?}; \
+             {} items not settled: {unsettled:#?}",
+            unsettled.len()
+        )
+    }
+}
+
+/// The simulated clock's start (2026-01-01T00:00:00Z): run ids and
+/// timestamps replay too.
+const SIM_EPOCH: Millis = 1_767_225_600_000;
+
+/// Runs [`simulate`] so that the seed alone decides everything: on a
+/// current-thread runtime with paused time (tokio advances it whenever
+/// every task waits on a timer, so timeouts cost no real time), with this
+/// thread's random numbers (jitter, run ids, claim tokens) seeded by `seed`
+/// and its wall clock ([`simulate_wall_clock`]) following tokio's. `open`
+/// builds the subject inside that runtime, and every call it makes must
+/// complete on this thread (the embedded engine opened inline does); then
+/// the same seed replays exactly, [`SimReport::trace`] included. Not for a
+/// backend behind a network: its answers come back at the network's pace.
+pub fn simulate_deterministic<F, Fut>(seed: u64, n: u64, rate: f64, open: F) -> SimReport
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Subject>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    fastrand::seed(seed);
+    rt.block_on(async {
+        let _clock = simulate_wall_clock(SIM_EPOCH);
+        let subject = open().await;
+        simulate(&subject, seed, n, rate).await
+    })
 }
 
 /// The item timeout of [`simulate`]: an attempt's deadline, and so how long
@@ -216,7 +312,7 @@ pub async fn simulate_with(
     item_timeout: Duration,
 ) -> SimReport {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let scripts: BTreeMap<ItemId, &str> = (0..n)
+    let scripts: BTreeMap<ItemId, &'static str> = (0..n)
         .map(|i| {
             (
                 ItemId::new(format!("s{seed}-{i:05}")).expect("id"),
@@ -247,7 +343,7 @@ pub async fn simulate_with(
         .id;
 
     let faults = Faults::new(seed, rate);
-    let work = FaultyQueue::wrap(s.work.clone(), faults.clone());
+    let work = FaultyQueue::wrap_work(s.work.clone(), faults.clone());
     let dlq = FaultyQueue::wrap(s.dlq.clone(), faults.clone());
     let results = FaultyQueue::wrap(s.results.clone(), faults.clone());
     let ledger = FaultyLedger::wrap(s.ledger.clone(), faults.clone());
@@ -278,17 +374,44 @@ pub async fn simulate_with(
         }
     }
 
+    // Settled, or else, once nothing is in flight, reconciled as `settle run`
+    // does when a run stalls: enough faults in a row on one message (four
+    // failed reports of its terminal outcome, say) let the queue's own
+    // redrive policy park it in the DLQ without a result.
+    let reconciled = Arc::new(AtomicU64::new(0));
     let settled = {
+        let (work, results) = (s.work.clone(), s.results.clone());
+        let (f_ledger, f_dlq, f_results) = (ledger.clone(), dlq.clone(), results.clone());
+        let (run, reconciled) = (run.clone(), reconciled.clone());
         let l = s.ledger.clone();
-        let run = run.clone();
         move || {
-            let (l, run) = (l.clone(), run.clone());
+            let (work, results, l, run) = (work.clone(), results.clone(), l.clone(), run.clone());
+            let (f_ledger, f_dlq, f_results) = (f_ledger.clone(), f_dlq.clone(), f_results.clone());
+            let reconciled = reconciled.clone();
             async move {
-                l.run(&run)
+                if l.run(&run)
                     .await
                     .ok()
                     .flatten()
                     .is_some_and(|r| r.is_settled())
+                {
+                    return true;
+                }
+                let quiet = work.depth().await.is_ok_and(|d| d.total() == 0)
+                    && results.depth().await.is_ok_and(|d| d.total() == 0);
+                if quiet {
+                    if let Ok(r) = reconcile::reconcile_parked(
+                        f_ledger.as_ref(),
+                        f_dlq.as_ref(),
+                        f_results.as_ref(),
+                        &run,
+                    )
+                    .await
+                    {
+                        reconciled.fetch_add(r.failed, Ordering::Relaxed);
+                    }
+                }
+                false
             }
         }
     };
@@ -298,9 +421,15 @@ pub async fn simulate_with(
         Duration::from_secs(120),
         &format!("seed {seed}: the faulty run"),
         &settled,
+        &Described {
+            s,
+            run: &run,
+            scripts: &scripts,
+        },
     )
     .await;
     let injected = faults.counts.tally();
+    let trace = faults.trace();
     faults.disable();
 
     // Invariant 1: one bucket per item, the tally agrees with the rows.
@@ -322,6 +451,7 @@ pub async fn simulate_with(
     // progress, or an idempotency store that failed every try.
     let by_faults = |error: &str| {
         error.starts_with("no outcome after")
+            || error.starts_with("no result after")
             || error.contains("already in progress in another attempt")
             || error.contains("the idempotency store failed")
     };
@@ -340,10 +470,10 @@ pub async fn simulate_with(
                 failed_by_faults += 1;
             }
             (ItemStatus::Failed, ItemStatus::Failed) => {
-                let want = if *script == "panic" {
-                    "panic: "
-                } else {
-                    "permanent failure"
+                let want = match *script {
+                    "panic" => "panic: ",
+                    HANG => "timed out after",
+                    _ => "permanent failure",
                 };
                 assert!(
                     error.starts_with(want) || by_faults(error),
@@ -356,16 +486,29 @@ pub async fn simulate_with(
 
     // Invariant 5: redriving every failure (faults off) moves exactly the
     // failed items and ends at the ground truth.
-    let moved = redrive::redrive(
-        s.ledger.as_ref(),
-        s.dlq.as_ref(),
-        s.work.as_ref(),
-        &run,
-        None,
-        false,
-    )
-    .await
-    .expect("redrive");
+    let redrive_all = || {
+        redrive::redrive(
+            s.ledger.as_ref(),
+            s.dlq.as_ref(),
+            s.work.as_ref(),
+            &run,
+            None,
+            false,
+        )
+    };
+    let mut moved = redrive_all().await.expect("redrive");
+    // A scan of the DLQ (the reconciler's) whose release failed every try
+    // leaves messages hidden until their timeout: the redrive reports them
+    // missing, and going again later moves them, as the CLI tells an
+    // operator to. A message still missing after that is lost.
+    let waiting = Instant::now();
+    while !moved.missing.is_empty() && waiting.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let again = redrive_all().await.expect("redrive");
+        moved.messages += again.messages;
+        moved.items.extend(again.items);
+        moved.missing = again.missing.difference(&moved.items).cloned().collect();
+    }
     let failed: std::collections::BTreeSet<ItemId> = rows
         .iter()
         .filter(|(_, (st, _))| *st == ItemStatus::Failed)
@@ -411,6 +554,11 @@ pub async fn simulate_with(
         Duration::from_secs(120),
         &format!("seed {seed}: the redrive"),
         &drained,
+        &Described {
+            s,
+            run: &run,
+            scripts: &scripts,
+        },
     )
     .await;
     let rows = self::rows(s, &run, &scripts).await;
@@ -432,6 +580,35 @@ pub async fn simulate_with(
         (n - want_failed, want_failed),
         "seed {seed}: final tally"
     );
+
+    // Invariant 4 for malformed messages: each was dead-lettered as it was,
+    // alone (the items' outcomes above are the scripts'), and kept there:
+    // the redrive moves only the run's own messages.
+    let mut dead_bodies = std::collections::BTreeSet::new();
+    loop {
+        let got = s
+            .dlq
+            .receive(10, Duration::from_secs(3600))
+            .await
+            .expect("receive from the DLQ");
+        if got.is_empty() {
+            // SQS may answer empty while messages are visible: done only
+            // when the queue agrees.
+            if s.dlq.depth().await.expect("DLQ depth").visible == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        dead_bodies.extend(got.into_iter().map(|d| d.body));
+    }
+    for body in faults.malformed() {
+        assert!(
+            dead_bodies.contains(&body),
+            "seed {seed}: the malformed body {body:?} is not in the DLQ ({} bodies there)",
+            dead_bodies.len()
+        );
+    }
 
     // Idempotent side effects: an item that succeeded ran its effect exactly
     // once, one that failed never completed it.
@@ -460,6 +637,8 @@ pub async fn simulate_with(
         double_executions: doubles.len() as u64,
         failed_by_faults,
         redriven: moved.items.len() as u64,
+        reconciled: reconciled.load(Ordering::Relaxed),
+        trace,
     }
 }
 
@@ -484,7 +663,8 @@ impl std::fmt::Display for SimReport {
         write!(
             f,
             "seed {}: {} items, {} faults ({}), side effects {} executed, {} replayed, \
-             {} refused in progress, {} double-executed; {} failed by faults, {} redriven",
+             {} refused in progress, {} double-executed; {} failed by faults ({} reconciled), \
+             {} redriven; trace {}",
             self.seed,
             self.items,
             self.faults,
@@ -494,7 +674,9 @@ impl std::fmt::Display for SimReport {
             self.effects_in_progress,
             self.double_executions,
             self.failed_by_faults,
-            self.redriven
+            self.reconciled,
+            self.redriven,
+            self.trace
         )
     }
 }
@@ -508,6 +690,7 @@ pub struct SimTotals {
     pub items: u64,
     pub faults: FaultTally,
     pub failed_by_faults: u64,
+    pub reconciled: u64,
     pub redriven: u64,
     pub effects_executed: u64,
     pub effects_replayed: u64,
@@ -521,6 +704,7 @@ impl SimTotals {
         self.items += r.items;
         self.faults.add(&r.faults_by_kind);
         self.failed_by_faults += r.failed_by_faults;
+        self.reconciled += r.reconciled;
         self.redriven += r.redriven;
         self.effects_executed += r.effects_executed;
         self.effects_replayed += r.effects_replayed;
@@ -554,8 +738,9 @@ impl std::fmt::Display for SimTotals {
         writeln!(f, "faults by call: {}", calls.join(", "))?;
         writeln!(
             f,
-            "items lost: 0; items double-counted: 0; items failed by faults alone and put right by the redrive: {}",
-            self.failed_by_faults
+            "items lost: 0; items double-counted: 0; items failed by faults alone and put right by the redrive: {}; \
+             messages the queue parked without a result, reported failed by the reconciler: {}",
+            self.failed_by_faults, self.reconciled
         )?;
         write!(
             f,

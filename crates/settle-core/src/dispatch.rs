@@ -9,7 +9,7 @@ use crate::message::WorkBody;
 use crate::ports::{send_batches, Ledger, PortError, Queue, Source};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Items claimed per claim call. A claim is one conditional write whatever
 /// its size, and each one costs the dispatch loop a pause (a claim, then a

@@ -4,7 +4,8 @@
 use crate::domain::{Item, ProcessError, RunId};
 use async_trait::async_trait;
 use serde::Deserialize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What a processor knows about the attempt it is making.
 #[derive(Debug, Clone)]

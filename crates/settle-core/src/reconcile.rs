@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
 use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue};
-use crate::redrive::next_scan_batch;
+use crate::redrive::{next_scan_batch, release};
 use std::time::Duration;
 
 /// How long scanned DLQ messages stay hidden while one pass runs.
@@ -44,11 +44,7 @@ pub async fn reconcile_parked(
     let mut hidden: Vec<String> = Vec::new();
     let outcome = scan(ledger, dlq, results, run, &mut report, &mut hidden).await;
     // Give back what this pass hid and did not replace.
-    for receipt in &hidden {
-        if let Err(e) = dlq.change_visibility(receipt, Duration::ZERO).await {
-            tracing::warn!(error = %e, "could not release a DLQ message; it reappears after its visibility timeout");
-        }
-    }
+    release(dlq, &hidden).await;
     outcome?;
     if report.failed + report.dropped > 0 {
         tracing::warn!(run = %run, failed = report.failed, dropped = report.dropped,

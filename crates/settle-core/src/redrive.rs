@@ -34,7 +34,9 @@ pub struct RedriveReport {
     pub items: BTreeSet<ItemId>,
     /// Messages moved (or that would be); can exceed `items` when the DLQ held duplicates.
     pub messages: u64,
-    /// Named items with no message in the DLQ (e.g. already redriven).
+    /// Failed items (the named ones, or all of the run's) with no message
+    /// the scan could move: already redriven, in flight, or hidden by
+    /// another scan of the DLQ for up to its visibility timeout.
     pub missing: BTreeSet<ItemId>,
 }
 
@@ -73,16 +75,48 @@ pub async fn redrive(
     let mut hidden: Vec<String> = Vec::new();
     let result = scan(dlq, work, run, only, dry_run, &mut report, &mut hidden).await;
     // Whatever happened, give back what this pass hid and did not move.
-    for receipt in &hidden {
-        if let Err(e) = dlq.change_visibility(receipt, Duration::ZERO).await {
-            tracing::warn!(error = %e, "could not release a DLQ message; it reappears after its visibility timeout");
+    release(dlq, &hidden).await;
+    result?;
+    report.missing = match only {
+        Some(only) => only.difference(&report.items).cloned().collect(),
+        None => {
+            let mut failed = BTreeSet::new();
+            let mut after: Option<ItemId> = None;
+            loop {
+                let page = ledger.failures(run, after.as_ref(), FAILURES_PAGE).await?;
+                let full = page.len() == FAILURES_PAGE;
+                after = page.last().map(|(id, _)| id.clone());
+                failed.extend(page.into_iter().map(|(id, _)| id));
+                if !full {
+                    break;
+                }
+            }
+            failed.difference(&report.items).cloned().collect()
+        }
+    };
+    Ok(report)
+}
+
+/// Failed items read per ledger call when redrive lists a run's failures.
+const FAILURES_PAGE: usize = 1000;
+
+/// Tries each release this many times: a message left hidden is invisible
+/// to the next scan (a redrive would miss it) until its timeout runs out.
+const RELEASE_TRIES: u32 = 3;
+
+/// Makes the DLQ messages a scan hid and did not take visible again.
+pub(crate) async fn release(dlq: &dyn Queue, hidden: &[String]) {
+    for receipt in hidden {
+        let mut tries = 0;
+        while let Err(e) = dlq.change_visibility(receipt, Duration::ZERO).await {
+            tries += 1;
+            if tries >= RELEASE_TRIES {
+                tracing::warn!(error = %e, "could not release a DLQ message; it reappears after its visibility timeout");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 << tries)).await;
         }
     }
-    result?;
-    if let Some(only) = only {
-        report.missing = only.difference(&report.items).cloned().collect();
-    }
-    Ok(report)
 }
 
 async fn scan(

@@ -142,7 +142,8 @@ async fn commit_chunk(
             .collect();
         let now = now_millis();
         let mut rows: BTreeMap<(RunId, ItemId), (Option<u64>, ItemRecord)> = BTreeMap::new();
-        let mut tallies: HashMap<RunId, TallyDelta> = HashMap::new();
+        // Ordered, so that the commit's actions come in the same order on every replay.
+        let mut tallies: BTreeMap<RunId, TallyDelta> = BTreeMap::new();
         let (mut applied, mut duplicates) = (0, 0);
         for (_, r) in chunk {
             let key = (r.run.clone(), r.item.clone());

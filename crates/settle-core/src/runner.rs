@@ -107,6 +107,9 @@ impl Runner {
         let mut result = Ok(());
         loop {
             tokio::select! {
+                // Biased (polled in order), here and below: tokio's random
+                // branch order would make a simulation's replay differ.
+                biased;
                 joined = tasks.join_next() => match joined {
                     None => break,
                     Some(Ok(Ok(()))) => {}
@@ -282,6 +285,7 @@ impl Runner {
                 }
             }
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(idle) => {}
                 _ = stop.changed() => {}
             }

@@ -13,7 +13,8 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// SQS's longest visibility timeout: the longest a retry can be put off.
@@ -306,7 +307,7 @@ impl Worker {
         let res = match self.config.item_timeout.zip(timeout_at) {
             // The same instant as the context's deadline: an idempotency
             // claim never expires while its attempt still runs.
-            Some((t, at)) => match tokio::time::timeout_at(at.into(), caught).await {
+            Some((t, at)) => match tokio::time::timeout_at(at, caught).await {
                 Ok(r) => r,
                 Err(_) => {
                     return Err(ProcessError::retryable(format!(
@@ -351,10 +352,17 @@ struct PanicScope<F>(Pin<Box<F>>);
 impl<F: Future> Future for PanicScope<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let was = IN_PROCESSOR.with(|f| f.replace(true));
-        let res = self.0.as_mut().poll(cx);
-        IN_PROCESSOR.with(|f| f.set(was));
-        res
+        // Restored by a guard: a panic unwinds through this poll to the
+        // worker's catch_unwind, and a flag left set would silence every
+        // later panic on this thread, bugs included.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                IN_PROCESSOR.with(|f| f.set(self.0));
+            }
+        }
+        let _restore = Restore(IN_PROCESSOR.with(|f| f.replace(true)));
+        self.0.as_mut().poll(cx)
     }
 }
 

@@ -68,10 +68,19 @@ type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 /// it failed in a way that spoils the whole transaction.
 type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (Completion, bool) + Send>;
 
+/// Where writes run.
+#[derive(Debug, Clone)]
+enum Writer {
+    /// On the writer thread, in group transactions.
+    Thread(mpsc::Sender<Job>),
+    /// On the caller's thread, one write a transaction: see [`Db::open_inline`].
+    Inline(Arc<Mutex<Connection>>),
+}
+
 /// A handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Db {
-    jobs: mpsc::Sender<Job>,
+    writer: Writer,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
@@ -80,6 +89,21 @@ impl Db {
     /// Opens (creating if needed) the database at `path`, checks that it is a
     /// Settle database of a schema this build knows, and starts the writer.
     pub fn open(path: &Path) -> Result<Self, DbError> {
+        Self::open_as(path, false)
+    }
+
+    /// Like [`Db::open`], but every write and read runs on the calling
+    /// thread, each write in a transaction of its own, and no other thread
+    /// is involved. Slower; for the deterministic simulation, where a
+    /// current-thread runtime with paused time must see every call complete
+    /// in the same order on every replay (a writer thread would finish at
+    /// the OS scheduler's whim, and tokio would advance its paused clock
+    /// while waiting on it).
+    pub fn open_inline(path: &Path) -> Result<Self, DbError> {
+        Self::open_as(path, true)
+    }
+
+    fn open_as(path: &Path, inline: bool) -> Result<Self, DbError> {
         let open_err = |reason: String| DbError::Open {
             path: path.to_owned(),
             reason,
@@ -97,10 +121,6 @@ impl Db {
             other => other,
         })?;
         configure(&writer, WRITER_CACHE_KIB).map_err(|e| open_err(describe(&e)))?;
-        // The checkpointer below does the checkpoints.
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|e| open_err(describe(&e)))?;
         init_schema(&writer).map_err(|e| match e {
             DbError::Sqlite(e) => open_err(describe(&e)),
             DbError::Open { reason, .. } => open_err(reason),
@@ -112,26 +132,37 @@ impl Db {
         )
         .map_err(|e| open_err(e.to_string()))?;
         configure(&reader, READER_CACHE_KIB).map_err(|e| open_err(describe(&e)))?;
-        let checkpointer = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| open_err(e.to_string()))?;
-        configure(&checkpointer, 256).map_err(|e| open_err(describe(&e)))?;
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ticks, ticked) = mpsc::sync_channel::<()>(1);
-        let catch_up = Arc::new(AtomicBool::new(false));
-        let caught = catch_up.clone();
-        std::thread::Builder::new()
-            .name("settle-db-ckpt".into())
-            .spawn(move || checkpoint_loop(checkpointer, ticked, caught))
-            .map_err(|e| open_err(format!("cannot start the checkpoint thread: {e}")))?;
-        std::thread::Builder::new()
-            .name("settle-db-writer".into())
-            .spawn(move || writer_loop(writer, rx, ticks, catch_up))
-            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        let writer = if inline {
+            // No checkpointer thread: SQLite checkpoints on the writer, by
+            // its default (every 1,000 WAL pages).
+            Writer::Inline(Arc::new(Mutex::new(writer)))
+        } else {
+            // The checkpointer below does the checkpoints.
+            writer
+                .pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| open_err(describe(&e)))?;
+            let checkpointer = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| open_err(e.to_string()))?;
+            configure(&checkpointer, 256).map_err(|e| open_err(describe(&e)))?;
+            let (jobs, rx) = mpsc::channel::<Job>();
+            let (ticks, ticked) = mpsc::sync_channel::<()>(1);
+            let catch_up = Arc::new(AtomicBool::new(false));
+            let caught = catch_up.clone();
+            std::thread::Builder::new()
+                .name("settle-db-ckpt".into())
+                .spawn(move || checkpoint_loop(checkpointer, ticked, caught))
+                .map_err(|e| open_err(format!("cannot start the checkpoint thread: {e}")))?;
+            std::thread::Builder::new()
+                .name("settle-db-writer".into())
+                .spawn(move || writer_loop(writer, rx, ticks, catch_up))
+                .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+            Writer::Thread(jobs)
+        };
         Ok(Self {
-            jobs,
+            writer,
             reader: Arc::new(Mutex::new(reader)),
             path: path.to_owned(),
         })
@@ -188,7 +219,13 @@ impl Db {
             });
             (done, poisons)
         });
-        self.jobs.send(job).map_err(|_| DbError::Closed)?;
+        match &self.writer {
+            Writer::Thread(jobs) => jobs.send(job).map_err(|_| DbError::Closed)?,
+            Writer::Inline(conn) => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                run_group(&conn, job, || None);
+            }
+        }
         rx.await.map_err(|_| DbError::Closed)?
     }
 
@@ -200,15 +237,19 @@ impl Db {
         F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
     {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
+        let read = move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.unchecked_transaction()?;
             let r = f(&tx)?;
             tx.finish()?;
             Ok(r)
-        })
-        .await
-        .map_err(|_| DbError::Closed)?
+        };
+        match self.writer {
+            Writer::Inline(_) => read(),
+            Writer::Thread(_) => tokio::task::spawn_blocking(read)
+                .await
+                .map_err(|_| DbError::Closed)?,
+        }
     }
 }
 
@@ -446,48 +487,13 @@ fn writer_loop(
     catch_up: Arc<AtomicBool>,
 ) {
     while let Ok(first) = rx.recv() {
-        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            first(Err(&msg)).0(None);
-            continue;
-        }
         let opened = Instant::now();
-        let mut completions: Vec<Completion> = Vec::new();
-        let mut poisoned = false;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            let (done, poisons) = job(Ok(&conn));
-            completions.push(done);
-            poisoned |= poisons;
-            // After an I/O or out-of-memory error SQLite may have rolled the
-            // whole transaction back itself; running more jobs would then
-            // commit each statement on its own.
-            if conn.is_autocommit() {
-                poisoned = true;
-                break;
-            }
-            if completions.len() >= MAX_GROUP || poisoned {
-                break;
-            }
-            next = match rx.try_recv() {
-                Ok(j) => Some(j),
-                Err(_) => rx
-                    .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
-                    .ok(),
-            };
-        }
-        let outcome = if poisoned {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err("rolled back: a write in the same transaction failed".to_owned())
-        } else {
-            exec(&conn, "COMMIT").map_err(|e| {
-                let _ = conn.execute_batch("ROLLBACK");
-                e.to_string()
-            })
-        };
-        for done in completions {
-            done(outcome.as_ref().err().map(String::as_str));
-        }
+        run_group(&conn, first, || match rx.try_recv() {
+            Ok(j) => Some(j),
+            Err(_) => rx
+                .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
+                .ok(),
+        });
         if catch_up.swap(false, Ordering::Relaxed) {
             // Short: the checkpointer has just copied all but the latest frames.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
@@ -496,5 +502,46 @@ fn writer_loop(
         }
         // A full channel means a tick is already waiting: nothing to add.
         let _ = ticks.try_send(());
+    }
+}
+
+/// Runs `first` and the jobs `next` hands out (until it returns `None`)
+/// in one transaction, then answers each once the commit's fate is known.
+fn run_group(conn: &Connection, first: Job, mut next_job: impl FnMut() -> Option<Job>) {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        first(Err(&msg)).0(None);
+        return;
+    }
+    let mut completions: Vec<Completion> = Vec::new();
+    let mut poisoned = false;
+    let mut next = Some(first);
+    while let Some(job) = next.take() {
+        let (done, poisons) = job(Ok(conn));
+        completions.push(done);
+        poisoned |= poisons;
+        // After an I/O or out-of-memory error SQLite may have rolled the
+        // whole transaction back itself; running more jobs would then
+        // commit each statement on its own.
+        if conn.is_autocommit() {
+            poisoned = true;
+            break;
+        }
+        if completions.len() >= MAX_GROUP || poisoned {
+            break;
+        }
+        next = next_job();
+    }
+    let outcome = if poisoned {
+        let _ = conn.execute_batch("ROLLBACK");
+        Err("rolled back: a write in the same transaction failed".to_owned())
+    } else {
+        exec(conn, "COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        })
+    };
+    for done in completions {
+        done(outcome.as_ref().err().map(String::as_str));
     }
 }

@@ -42,7 +42,16 @@ pub struct Embedded {
 impl Embedded {
     /// Opens or creates the database at `path` with its four queues.
     pub async fn open(path: &Path) -> Result<Self, DbError> {
-        let db = Db::open(path)?;
+        Self::over(Db::open(path)?).await
+    }
+
+    /// Opens the database with every call on the calling thread
+    /// ([`Db::open_inline`]): for the deterministic simulation.
+    pub async fn open_inline(path: &Path) -> Result<Self, DbError> {
+        Self::over(Db::open_inline(path)?).await
+    }
+
+    async fn over(db: Db) -> Result<Self, DbError> {
         let work = EmbeddedQueue::open(&db, "work").await?;
         let dlq = EmbeddedQueue::open(&db, "work-dlq").await?;
         let results = EmbeddedQueue::open(&db, "results").await?;

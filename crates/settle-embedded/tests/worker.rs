@@ -10,7 +10,8 @@ use settle_core::work::{delete_done, Worker, WorkerConfig};
 use settle_core::Scripted;
 use settle_embedded::Embedded;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const VIS: Duration = Duration::from_secs(30);
 
@@ -85,6 +86,11 @@ async fn each_message_settles_on_its_own() {
         started.elapsed() < Duration::from_secs(5),
         "the hang was cut off by the item timeout"
     );
+
+    // The panic was the processor's: this thread (the test's, on a
+    // current-thread runtime) is out of the processor again, so a panic of
+    // its own would be reported as a bug.
+    assert!(!settle_core::work::in_processor());
 
     // Retried: the panic, the retryable failure and the hang (timed out); nothing else.
     let id_of = |name: &str| {

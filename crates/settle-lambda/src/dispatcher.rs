@@ -33,7 +33,8 @@ use settle_core::domain::now_millis;
 use settle_core::ports::BoxError;
 use settle_core::reconcile;
 use settle_core::{Backend, PortError, RunConfig, RunId, RunRecord};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// The `detail-type` of an EventBridge schedule tick.
 pub const SCHEDULED_EVENT: &str = "Scheduled Event";

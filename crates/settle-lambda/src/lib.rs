@@ -21,7 +21,8 @@ pub use reducer::ReducerFunction;
 pub use settings::{DispatcherSettings, SettingsError, WorkerSettings};
 pub use worker::WorkerFunction;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// The Lambda event types the handlers take, re-exported for the binaries.
 pub use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};

@@ -10,7 +10,7 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use settle_core::work::{Worker, WorkerConfig};
 use settle_core::{Backend, Processor};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// The worker's handler, built once at cold start.
 #[derive(Debug)]

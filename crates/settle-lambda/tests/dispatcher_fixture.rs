@@ -14,7 +14,7 @@ use settle_lambda::dispatcher::{derived_run_id, DispatchError};
 use settle_lambda::{Continuation, DispatchOutcome, DispatchRequest, DispatcherFunction};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Records the runs handed to a fresh invocation instead of invoking one.
 #[derive(Debug, Default)]

@@ -21,7 +21,8 @@ use settle_lambda::records::deliveries;
 use settle_lambda::{DispatchRequest, SqsEvent, WorkerFunction};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// One change to a JSON tree, addressed by a path of random picks.
 #[derive(Debug, Clone)]

@@ -12,7 +12,8 @@ use settle_core::work::WorkerConfig;
 use settle_core::{Ledger, Scripted};
 use settle_lambda::{ReducerFunction, WorkerFunction};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const OK: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f601";
 const PANIC: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f603";

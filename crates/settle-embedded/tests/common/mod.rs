@@ -7,9 +7,20 @@ use std::sync::Arc;
 
 /// A new database whose work queue dead-letters after `work_max_receives`.
 pub async fn fresh(work_max_receives: u32) -> Subject {
+    fresh_with(work_max_receives, false).await
+}
+
+/// [`fresh`], opened inline ([`Embedded::open_inline`]) if `inline`.
+pub async fn fresh_with(work_max_receives: u32, inline: bool) -> Subject {
     // The directory lives as long as the test process.
     let dir = tempfile::tempdir().expect("temp dir").keep();
-    let e = Embedded::open(&dir.join("settle.db")).await.expect("open");
+    let path = dir.join("settle.db");
+    let e = if inline {
+        Embedded::open_inline(&path).await
+    } else {
+        Embedded::open(&path).await
+    }
+    .expect("open");
     e.work
         .set_redrive(&e.dlq, work_max_receives)
         .await
