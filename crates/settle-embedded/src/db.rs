@@ -89,7 +89,7 @@ impl Db {
     /// Opens (creating if needed) the database at `path`, checks that it is a
     /// Settle database of a schema this build knows, and starts the writer.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        Self::open_as(path, false)
+        Self::open_retrying(path, false)
     }
 
     /// Like [`Db::open`], but every write and read runs on the calling
@@ -100,7 +100,29 @@ impl Db {
     /// the OS scheduler's whim, and tokio would advance its paused clock
     /// while waiting on it).
     pub fn open_inline(path: &Path) -> Result<Self, DbError> {
-        Self::open_as(path, true)
+        Self::open_retrying(path, true)
+    }
+
+    /// Processes that open a new file at the same moment (a `settle run`
+    /// and the `settle status` polling it) race to switch it to WAL and to
+    /// create the schema, and SQLite answers one of them "database is
+    /// locked" at once instead of waiting (a lock upgrade that could
+    /// deadlock). Measured: 7 of 40 such `settle run`s failed to open on
+    /// the earlier code. Opening again finds the file finished.
+    fn open_retrying(path: &Path, inline: bool) -> Result<Self, DbError> {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Self::open_as(path, inline) {
+                Err(DbError::Open { reason, .. })
+                    if reason.contains("database is locked") && Instant::now() < give_up =>
+                {
+                    // Staggered by process, so two openers do not collide again.
+                    let ms = 5 + u64::from(std::process::id() % 40);
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                res => return res,
+            }
+        }
     }
 
     fn open_as(path: &Path, inline: bool) -> Result<Self, DbError> {
@@ -282,9 +304,15 @@ fn describe(e: &rusqlite::Error) -> String {
 /// Refuses a file that is not Settle's, or is from a newer Settle. Reads only.
 fn check_identity(conn: &Connection) -> Result<(), DbError> {
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
-    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    // One statement, so one snapshot: read apart, another process's schema
+    // commit could fall in between (no application id yet, but its tables).
+    let (app, version, tables): (i32, i32, i64) = conn.query_row(
+        "SELECT (SELECT application_id FROM pragma_application_id), \
+         (SELECT user_version FROM pragma_user_version), \
+         (SELECT count(*) FROM sqlite_master)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let refuse = |reason: String| {
         Err(DbError::Open {
             path: PathBuf::new(),
