@@ -7,15 +7,20 @@
 use crate::domain::{now_millis, RunConfig, RunId, RunRecord};
 use crate::message::WorkBody;
 use crate::ports::{send_batches, Ledger, PortError, Queue, Source};
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
 
-/// Items claimed per claim call.
-pub const CLAIM_CHUNK: usize = 1000;
+/// Items claimed per claim call. A claim is one conditional write whatever
+/// its size, and each one costs the dispatch loop a pause (a claim, then a
+/// read of what it claimed): ten pages per claim keeps those pauses rare.
+pub const CLAIM_CHUNK: usize = 10 * PAGE;
 /// Items read and enqueued between two progress saves.
 const PAGE: usize = 1000;
-/// Send calls in flight at once.
-const SEND_CONCURRENCY: usize = 16;
+/// Send calls in flight at once: a whole page. On the embedded engine the
+/// sends of a page then share one group commit instead of queueing behind
+/// each other for several; on SQS they are independent HTTP calls.
+const SEND_CONCURRENCY: usize = PAGE / crate::ports::MAX_QUEUE_BATCH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -55,12 +60,23 @@ pub async fn dispatch(
     let mut cursor = run.cursor.clone();
     let mut enqueued = run.enqueued;
     let mut dispatched = run.dispatched;
+    // The loop is pipelined, since each step is a round trip: while a page's
+    // messages are sent, the next page is read and the previous page's
+    // progress is saved. A save still follows its own page's sends.
+    let mut page = source.claimed(run_id, cursor.as_deref(), PAGE).await?;
+    let mut saved: Option<BoxFuture<'_, Result<(), PortError>>> = None;
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Some(save) = saved.take() {
+                save.await?;
+            }
             return Ok(Dispatched::Unfinished { enqueued });
         }
-        let (items, next) = source.claimed(run_id, cursor.as_deref(), PAGE).await?;
+        let (items, next) = page;
         if items.is_empty() {
+            if let Some(save) = saved.take() {
+                save.await?;
+            }
             if dispatched {
                 break;
             }
@@ -70,6 +86,7 @@ pub async fn dispatch(
                     .record_dispatch(run_id, enqueued, cursor.as_deref(), true)
                     .await?;
             }
+            page = source.claimed(run_id, cursor.as_deref(), PAGE).await?;
             continue;
         }
         let n = items.len() as u64;
@@ -94,16 +111,29 @@ pub async fn dispatch(
             .into_iter()
             .map(|r| bodies[r].to_vec())
             .collect();
-        futures::stream::iter(chunks)
+        let send = futures::stream::iter(chunks)
             .map(|chunk| queue.send(chunk))
             .buffer_unordered(SEND_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
+            .try_collect::<Vec<()>>();
+        let read = source.claimed(run_id, next.as_deref(), PAGE);
+        let previous = async {
+            match saved.take() {
+                Some(save) => save.await,
+                None => Ok(()),
+            }
+        };
+        let (sent, read, previous) = futures::join!(send, read, previous);
+        sent?;
+        previous?;
         enqueued += n;
         cursor = next;
-        ledger
-            .record_dispatch(run_id, enqueued, cursor.as_deref(), dispatched)
-            .await?;
+        page = read?;
+        let at = cursor.clone();
+        saved = Some(Box::pin(async move {
+            ledger
+                .record_dispatch(run_id, enqueued, at.as_deref(), dispatched)
+                .await
+        }));
     }
     let run = ledger
         .run(run_id)

@@ -1,7 +1,7 @@
 //! The JSON bodies that travel on the queues. Versioned by field names only:
 //! unknown fields are rejected so a body from another producer is caught, not guessed at.
 
-use crate::domain::{Attempt, Item, ItemId, RunId};
+use crate::domain::{Attempt, AttemptOutcome, ErrorKind, Item, ItemId, Millis, RunId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -73,16 +73,110 @@ impl WorkBody {
     }
 }
 
-/// A results-queue message: one attempt at one item, for the reducer.
-// No deny_unknown_fields here: serde does not support it with `flatten`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A results-queue message: one attempt at one item, for the reducer. On
+/// the wire the attempt's fields (and its outcome's) sit beside `run`,
+/// `item` and `seq` in one flat object; see [`WireResult`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultBody {
     pub run: RunId,
     pub item: ItemId,
     /// The item's [`WorkBody::seq`].
     pub seq: u64,
-    #[serde(flatten)]
     pub attempt: Attempt,
+}
+
+/// The wire form of a [`ResultBody`], spelled out field by field rather
+/// than with `#[serde(flatten)]`: flatten buffers every field into a map of
+/// its own before decoding it, which made decoding results the largest CPU
+/// cost of the reducer (a tenth of the runtime's time on a 1M-item run).
+/// Same JSON as the flattened form; unknown fields are ignored, as they
+/// were. No deny_unknown_fields: bodies written by earlier versions must
+/// still decode.
+#[derive(Serialize, Deserialize)]
+struct WireResult<R, I, S> {
+    run: R,
+    item: I,
+    seq: u64,
+    attempt: u32,
+    message_id: S,
+    started_at: Millis,
+    duration_ms: u64,
+    outcome: WireOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<ErrorKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<S>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    terminal: Option<bool>,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WireOutcome {
+    Succeeded,
+    Failed,
+}
+
+impl Serialize for ResultBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let a = &self.attempt;
+        let (outcome, kind, error, terminal) = match &a.outcome {
+            AttemptOutcome::Succeeded => (WireOutcome::Succeeded, None, None, None),
+            AttemptOutcome::Failed {
+                kind,
+                error,
+                terminal,
+            } => (
+                WireOutcome::Failed,
+                Some(*kind),
+                Some(error.as_str()),
+                Some(*terminal),
+            ),
+        };
+        WireResult {
+            run: &self.run,
+            item: &self.item,
+            seq: self.seq,
+            attempt: a.attempt,
+            message_id: a.message_id.as_str(),
+            started_at: a.started_at,
+            duration_ms: a.duration_ms,
+            outcome,
+            kind,
+            error,
+            terminal,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ResultBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let w = WireResult::<RunId, ItemId, String>::deserialize(d)?;
+        let outcome = match w.outcome {
+            WireOutcome::Succeeded => AttemptOutcome::Succeeded,
+            WireOutcome::Failed => AttemptOutcome::Failed {
+                kind: w.kind.ok_or_else(|| D::Error::missing_field("kind"))?,
+                error: w.error.ok_or_else(|| D::Error::missing_field("error"))?,
+                terminal: w
+                    .terminal
+                    .ok_or_else(|| D::Error::missing_field("terminal"))?,
+            },
+        };
+        Ok(Self {
+            run: w.run,
+            item: w.item,
+            seq: w.seq,
+            attempt: Attempt {
+                attempt: w.attempt,
+                message_id: w.message_id,
+                started_at: w.started_at,
+                duration_ms: w.duration_ms,
+                outcome,
+            },
+        })
+    }
 }
 
 impl ResultBody {
@@ -155,7 +249,6 @@ pub fn decode_results(body: &str) -> Result<Vec<ResultBody>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AttemptOutcome, ErrorKind};
 
     #[test]
     fn work_body_round_trips_payload_verbatim() {
@@ -209,6 +302,22 @@ mod tests {
             },
         };
         assert_eq!(ResultBody::decode(&r.encode()).unwrap(), r);
+        // The flat form that earlier versions wrote with serde's flatten.
+        assert_eq!(
+            r.encode(),
+            r#"{"run":"#.to_owned()
+                + &serde_json::to_string(&r.run).unwrap()
+                + r#","item":"a","seq":41,"attempt":2,"message_id":"m","started_at":7,"duration_ms":3,"outcome":"failed","kind":"permanent","error":"card declined","terminal":true}"#
+        );
+        let ok = r#"{"run":"#.to_owned()
+            + &serde_json::to_string(&r.run).unwrap()
+            + r#","item":"a","seq":1,"attempt":1,"message_id":"m","started_at":7,"duration_ms":3,"outcome":"succeeded","later":1}"#;
+        let ok = ResultBody::decode(&ok).unwrap();
+        assert_eq!(ok.attempt.outcome, AttemptOutcome::Succeeded);
+        let err = ResultBody::decode(&ok.encode().replace(r#""succeeded""#, r#""failed""#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `kind`"), "{err}");
         // The single form is still read as a results message.
         assert_eq!(decode_results(&r.encode()).unwrap(), vec![r.clone()]);
         let packed = pack_results(&[r.encode(), r.encode()]);

@@ -82,6 +82,9 @@ pub enum RunnerError {
     Task(String),
 }
 
+/// A batch's delete, run while the poller goes on (see [`Runner::poll`]).
+type Tail = futures::future::BoxFuture<'static, Result<(), PortError>>;
+
 /// Consecutive poll errors after which the runner gives up.
 const MAX_POLL_ERRORS: u32 = 20;
 const IDLE_MIN: Duration = Duration::from_millis(2);
@@ -124,7 +127,7 @@ impl Runner {
         self.poll(stop, |me| async move {
             let batch = me.work.receive(size, me.config.visibility).await?;
             if batch.is_empty() {
-                return Ok(false);
+                return Ok(None);
             }
             me.stats
                 .work_received
@@ -133,8 +136,11 @@ impl Runner {
             me.stats
                 .work_retried
                 .fetch_add(response.failures.len() as u64, Ordering::Relaxed);
-            delete_done(me.work.as_ref(), &batch, &response).await?;
-            Ok(true)
+            let delete: Tail = Box::pin(async move {
+                delete_done(me.work.as_ref(), &batch, &response).await?;
+                Ok(())
+            });
+            Ok(Some(delete))
         })
         .await
     }
@@ -143,7 +149,7 @@ impl Runner {
         self.poll(stop, |me| async move {
             let batch = me.fill_results_batch().await?;
             if batch.is_empty() {
-                return Ok(false);
+                return Ok(None);
             }
             let report = reduce(me.ledger.as_ref(), &batch).await;
             me.stats
@@ -152,8 +158,11 @@ impl Runner {
             me.stats
                 .results_duplicate
                 .fetch_add(report.duplicates as u64, Ordering::Relaxed);
-            delete_done(me.results.as_ref(), &batch, &report.response).await?;
-            Ok(true)
+            let delete: Tail = Box::pin(async move {
+                delete_done(me.results.as_ref(), &batch, &report.response).await?;
+                Ok(())
+            });
+            Ok(Some(delete))
         })
         .await
     }
@@ -219,7 +228,12 @@ impl Runner {
     }
 
     /// Runs `step` until `stop`; backs off while idle, gives up after many
-    /// consecutive errors.
+    /// consecutive errors. A step that got work returns its batch's delete,
+    /// which runs while the next step receives and processes: the event
+    /// source mapping, too, deletes after the handler has returned. Nothing
+    /// waits on a delete but the poller's next delete, so this saves a round
+    /// trip per batch; a delete lost to a crash means a redelivery, which
+    /// at-least-once delivery allows and the reducer counts once.
     async fn poll<F, Fut>(
         &self,
         mut stop: watch::Receiver<bool>,
@@ -227,24 +241,46 @@ impl Runner {
     ) -> Result<(), RunnerError>
     where
         F: Fn(Runner) -> Fut,
-        Fut: std::future::Future<Output = Result<bool, PortError>>,
+        Fut: std::future::Future<Output = Result<Option<Tail>, PortError>>,
     {
         let mut idle = IDLE_MIN;
         let mut errors = 0;
+        let mut tail: Option<Tail> = None;
+        let failed = |e: PortError, errors: &mut u32| {
+            *errors += 1;
+            self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, errors = *errors, "poll failed");
+            (*errors >= MAX_POLL_ERRORS).then(|| RunnerError::Polling(*errors, e))
+        };
         while !*stop.borrow_and_update() {
-            match step(self.clone()).await {
-                Ok(true) => {
+            let previous = async {
+                match tail.take() {
+                    Some(t) => t.await,
+                    None => Ok(()),
+                }
+            };
+            let (stepped, deleted) = futures::join!(step(self.clone()), previous);
+            let deleted = match deleted {
+                Ok(()) => true,
+                Err(e) => match failed(e, &mut errors) {
+                    Some(fatal) => return Err(fatal),
+                    None => false,
+                },
+            };
+            match stepped {
+                Ok(Some(delete)) => {
+                    tail = Some(delete);
                     idle = IDLE_MIN;
-                    errors = 0;
+                    if deleted {
+                        errors = 0;
+                    }
                     continue;
                 }
-                Ok(false) => errors = 0,
+                Ok(None) if deleted => errors = 0,
+                Ok(None) => {}
                 Err(e) => {
-                    errors += 1;
-                    self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, errors, "poll failed");
-                    if errors >= MAX_POLL_ERRORS {
-                        return Err(RunnerError::Polling(errors, e));
+                    if let Some(fatal) = failed(e, &mut errors) {
+                        return Err(fatal);
                     }
                 }
             }
@@ -254,6 +290,12 @@ impl Runner {
                 _ = stop.changed() => {}
             }
             idle = (idle * 2).min(IDLE_MAX);
+        }
+        if let Some(t) = tail {
+            if let Err(e) = t.await {
+                self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "delete failed");
+            }
         }
         Ok(())
     }

@@ -198,6 +198,22 @@ impl EmbeddedQueue {
     /// Opens the queue `name`, creating it if needed.
     pub(crate) async fn open(db: &Db, name: &str) -> Result<Self, DbError> {
         let owned = name.to_owned();
+        // A read first: an existing queue needs no write lock (see db::schema_is_current).
+        let found = db
+            .read(move |c| {
+                Ok(c.prepare_cached("SELECT id FROM queues WHERE name = ?1")?
+                    .query_row(params![owned], |r| r.get(0))
+                    .optional()?)
+            })
+            .await?;
+        if let Some(id) = found {
+            return Ok(Self {
+                db: db.clone(),
+                id,
+                name: name.to_owned(),
+            });
+        }
+        let owned = name.to_owned();
         let id = db
             .write(move |c| {
                 c.execute(

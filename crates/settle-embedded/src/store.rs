@@ -64,9 +64,46 @@ fn finish_run((mut run, config): (RunRecord, String)) -> Result<RunRecord, DbErr
     Ok(run)
 }
 
+/// Items parsed per chunk handed to the writer, and chunks parsed ahead.
+const PARSE_CHUNK: usize = 1024;
+const PARSE_AHEAD: usize = 4;
+
+/// Runs the input (reading and parsing the items file) on a thread of its
+/// own, a few chunks ahead of the consumer: a load is one transaction on the
+/// writer thread, which every other write waits for, so it should only
+/// insert. The thread stops at the input's first error or when the consumer
+/// goes away.
+fn parse_aside(items: LoadInput) -> LoadInput {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<_>>(PARSE_AHEAD);
+    let spawned = std::thread::Builder::new()
+        .name("settle-load-parse".into())
+        .spawn(move || {
+            let mut chunk = Vec::with_capacity(PARSE_CHUNK);
+            for entry in items {
+                let last = entry.is_err();
+                chunk.push(entry);
+                if chunk.len() == PARSE_CHUNK || last {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(PARSE_CHUNK));
+                    if tx.send(full).is_err() || last {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(chunk);
+        });
+    match spawned {
+        Ok(_) => Box::new(rx.into_iter().flatten()),
+        Err(e) => Box::new(std::iter::once(Err(LineError {
+            line: 0,
+            reason: format!("cannot start the parsing thread: {e}"),
+        }))),
+    }
+}
+
 #[async_trait]
 impl Source for EmbeddedStore {
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
+        let items = parse_aside(items);
         let res = self
             .db
             .write_atomic(move |c| {
