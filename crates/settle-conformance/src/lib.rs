@@ -704,30 +704,12 @@ pub async fn reconcile_settles_messages_the_queue_parked(s: &Subject) {
         reconcile::ReconcileReport::default(),
         "the marked copy is not reconciled twice"
     );
-    let moved = redrive::redrive(
-        s.ledger.as_ref(),
-        s.dlq.as_ref(),
-        s.work.as_ref(),
-        &run,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let moved = redrive_all(s, &run).await.unwrap();
     assert_eq!(moved.messages, 1, "the marked copy redrives");
     assert!(moved.missing.is_empty(), "{moved:?}");
     // Redriving all again: t0 is failed in the ledger but has nothing in
     // the DLQ to move (it is back on the work queue), and the report says so.
-    let again = redrive::redrive(
-        s.ledger.as_ref(),
-        s.dlq.as_ref(),
-        s.work.as_ref(),
-        &run,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let again = redrive_all(s, &run).await.unwrap();
     assert_eq!(again.messages, 0);
     assert_eq!(
         again.missing.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
@@ -740,6 +722,22 @@ pub async fn reconcile_settles_messages_the_queue_parked(s: &Subject) {
         b.prior_attempts >= 1,
         "attempts keep counting across the redrive"
     );
+}
+
+/// Redrives every dead-lettered message of `run` on `s`.
+pub async fn redrive_all(
+    s: &Subject,
+    run: &RunId,
+) -> Result<redrive::RedriveReport, redrive::RedriveError> {
+    redrive::redrive(
+        s.ledger.as_ref(),
+        s.dlq.as_ref(),
+        s.work.as_ref(),
+        run,
+        None,
+        false,
+    )
+    .await
 }
 
 /// Every clause, by name: a backend's test module must run all of them.

@@ -10,7 +10,7 @@
 //! duplicates, redeliveries and faults.
 
 use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue, Trace};
-use crate::Subject;
+use crate::{redrive_all, Subject};
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
@@ -19,9 +19,9 @@ use settle_core::domain::{
 };
 use settle_core::idempotency::{Idempotency, IdempotencyError};
 use settle_core::ports::{Ledger, Queue};
+use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{reconcile, redrive};
 use settle_core::{AttemptContext, Processor, Scripted};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -486,17 +486,7 @@ pub async fn simulate_with(
 
     // Invariant 5: redriving every failure (faults off) moves exactly the
     // failed items and ends at the ground truth.
-    let redrive_all = || {
-        redrive::redrive(
-            s.ledger.as_ref(),
-            s.dlq.as_ref(),
-            s.work.as_ref(),
-            &run,
-            None,
-            false,
-        )
-    };
-    let mut moved = redrive_all().await.expect("redrive");
+    let mut moved = redrive_all(s, &run).await.expect("redrive");
     // A scan of the DLQ (the reconciler's) whose release failed every try
     // leaves messages hidden until their timeout: the redrive reports them
     // missing, and going again later moves them, as the CLI tells an
@@ -504,7 +494,7 @@ pub async fn simulate_with(
     let waiting = Instant::now();
     while !moved.missing.is_empty() && waiting.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let again = redrive_all().await.expect("redrive");
+        let again = redrive_all(s, &run).await.expect("redrive");
         moved.messages += again.messages;
         moved.items.extend(again.items);
         moved.missing = again.missing.difference(&moved.items).cloned().collect();
