@@ -485,6 +485,37 @@ fn run_takes_in_items_loaded_earlier() {
     assert_run(&out.json(), "partial", 5, 4, 1, 0);
 }
 
+/// `settle run` and the `settle status` polling it open a new database file
+/// at the same moment. Both race to switch it to WAL and create the schema;
+/// SQLite answers one "database is locked" at once rather than wait, or the
+/// half-made schema reads as another program's. Before the open retried and
+/// read the file's identity in one statement, this pattern (two statuses
+/// started first) failed 4 of 80 rounds with release binaries.
+#[test]
+fn a_run_opens_its_new_database_beside_concurrent_status_calls() {
+    for round in 0..60 {
+        let env = Env::new();
+        let items = env.scripts("i.jsonl", &[("a", "ok"), ("b", "ok")]);
+        let mut args = vec!["run", "--items", &items, "--json"];
+        args.extend(FAST);
+        let mut statuses: Vec<_> = (0..2).map(|_| env.spawn(&["status", "--json"])).collect();
+        let run = env.spawn(&args);
+        statuses.push(env.spawn(&["status", "--json"]));
+        for s in statuses {
+            // "no runs yet" (exit 1) is fine; failing to open is not.
+            let out = wait(s, &["status", "--json"]);
+            assert!(
+                !out.stderr.contains("locked") && !out.stderr.contains("not a Settle database"),
+                "round {round}: status: {}",
+                out.stderr
+            );
+        }
+        let out = wait(run, &args);
+        out.expect_code(0);
+        assert_run(&out.json(), "succeeded", 2, 2, 0, 0);
+    }
+}
+
 /// Polls `settle status --json` (the latest run) until `done` holds, while
 /// `child` (the `settle run` under test) works. If the child ends first, or
 /// the state never comes, the panic shows what the child said.
