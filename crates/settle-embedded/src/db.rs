@@ -6,7 +6,7 @@
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -34,13 +34,20 @@ const WRITER_CACHE_KIB: i64 = 4 * 1024;
 ///
 /// Checkpoints run on a connection and thread of their own, never on the
 /// writer: a checkpoint ends in two fsyncs (the WAL, then the database),
-/// each 50-500 ms on this machine's disk, and on the writer thread every
+/// each 10-50 ms on this machine's disk, and on the writer thread every
 /// caller waited through them (3.5 s of fsync in a 200k-item run). A
 /// passive checkpoint does not block the writer, which goes on appending to
-/// the WAL; SQLite restarts the WAL from its start once a checkpoint has
-/// caught up. Durability is unchanged: a commit is durable against a killed
-/// process once it is in the WAL, checkpointed or not.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// the WAL. Only the last, short pass that lets SQLite restart the WAL from
+/// its start runs on the writer (see [`checkpoint_loop`]), once per round:
+/// a second between rounds made those passes 0.5 s of a 1M-item run rather
+/// than 1.5 s at 250 ms, for a WAL of a few hundred MB at the most.
+/// Durability is unchanged: a commit is durable against a killed process
+/// once it is in the WAL, checkpointed or not.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// A catch-up request older than this is dropped: the writer was inside a
+/// long transaction (a load) meanwhile, and the checkpointer had nothing of
+/// it to copy, so the writer would copy all of it itself.
+const CATCH_UP_FRESH: Duration = Duration::from_millis(50);
 /// The reader's page cache. SQLite empties a connection's cache whenever a
 /// read transaction starts after another connection's commit, which with
 /// the writer always committing is nearly every read: a large cache only
@@ -171,11 +178,12 @@ impl Db {
             configure(&checkpointer, 256).map_err(|e| open_err(describe(&e)))?;
             let (jobs, rx) = mpsc::channel::<Job>();
             let (ticks, ticked) = mpsc::sync_channel::<()>(1);
-            let catch_up = Arc::new(AtomicBool::new(false));
+            let catch_up = Arc::new(CatchUp::new());
             let caught = catch_up.clone();
+            let files = [wal_path(path), path.to_owned()];
             std::thread::Builder::new()
                 .name("settle-db-ckpt".into())
-                .spawn(move || checkpoint_loop(checkpointer, ticked, caught))
+                .spawn(move || checkpoint_loop(checkpointer, ticked, caught, files))
                 .map_err(|e| open_err(format!("cannot start the checkpoint thread: {e}")))?;
             std::thread::Builder::new()
                 .name("settle-db-writer".into())
@@ -477,13 +485,58 @@ const CAUGHT_UP_FRAMES: i64 = 2_000;
 /// Passes per round at most before the writer's catch-up pass.
 const MAX_PASSES: usize = 8;
 
+/// The checkpointer's request that the writer finish a round: when it was
+/// made, in microseconds after `base` (0: no request).
+#[derive(Debug)]
+struct CatchUp {
+    base: Instant,
+    at: AtomicU64,
+}
+
+impl CatchUp {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+
+    fn request(&self) {
+        let at = self.base.elapsed().as_micros().max(1) as u64;
+        self.at.store(at, Ordering::Relaxed);
+    }
+
+    /// Takes the request; true if there was a fresh one.
+    fn take(&self) -> bool {
+        let at = self.at.swap(0, Ordering::Relaxed);
+        at != 0 && self.base.elapsed().as_micros() as u64 - at <= CATCH_UP_FRESH.as_micros() as u64
+    }
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
 /// Copies the WAL into the database file beside the writer. Passes run back
 /// to back while each still has a lot to copy (the writer appends during a
 /// pass), then ask the writer for a last short pass: SQLite restarts the
 /// WAL from its start only once a checkpoint has caught up completely,
 /// which a writer that never pauses gives this thread no chance to see, and
 /// the WAL would grow without end. Ends with the writer.
-fn checkpoint_loop(conn: Connection, ticked: mpsc::Receiver<()>, catch_up: Arc<AtomicBool>) {
+///
+/// That last pass ends in an fsync of the WAL and one of the database file,
+/// which take as long as the data they flush: fsyncing both files here
+/// first (an fsync flushes a file whichever descriptor asks) leaves the
+/// writer's fsyncs only what was written after. Measured on a 1M-item run:
+/// the writer's passes took 35-56 ms each with this, 60-80 ms without.
+fn checkpoint_loop(
+    conn: Connection,
+    ticked: mpsc::Receiver<()>,
+    catch_up: Arc<CatchUp>,
+    files: [PathBuf; 2],
+) {
     // Frames of the WAL copied into the database so far (SQLite's count).
     let backfilled = || -> Option<i64> {
         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2))
@@ -503,7 +556,13 @@ fn checkpoint_loop(conn: Connection, ticked: mpsc::Receiver<()>, catch_up: Arc<A
                 break;
             }
         }
-        catch_up.store(true, Ordering::Relaxed);
+        for file in &files {
+            // Only an optimisation: SQLite fsyncs what it needs itself.
+            if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_data()) {
+                tracing::debug!(error = %e, file = %file.display(), "could not flush ahead of the checkpoint");
+            }
+        }
+        catch_up.request();
         std::thread::sleep(CHECKPOINT_EVERY);
     }
 }
@@ -512,7 +571,7 @@ fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Job>,
     ticks: mpsc::SyncSender<()>,
-    catch_up: Arc<AtomicBool>,
+    catch_up: Arc<CatchUp>,
 ) {
     while let Ok(first) = rx.recv() {
         let opened = Instant::now();
@@ -522,7 +581,7 @@ fn writer_loop(
                 .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
                 .ok(),
         });
-        if catch_up.swap(false, Ordering::Relaxed) {
+        if catch_up.take() {
             // Short: the checkpointer has just copied all but the latest frames.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
