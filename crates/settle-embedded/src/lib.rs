@@ -2,6 +2,7 @@
 //! (work queue, DLQ, results queue and its DLQ) and DynamoDB's role (item
 //! source and ledger) so that `settle run` needs no cloud account.
 
+mod bloom;
 mod db;
 mod idempotency;
 mod queue;

@@ -1,5 +1,6 @@
 //! The item source and the ledger on SQLite.
 
+use crate::bloom::Seen;
 use crate::db::{Db, DbError};
 use crate::port_err;
 use async_trait::async_trait;
@@ -68,20 +69,28 @@ fn finish_run((mut run, config): (RunRecord, String)) -> Result<RunRecord, DbErr
 const PARSE_CHUNK: usize = 1024;
 const PARSE_AHEAD: usize = 4;
 
+/// One parsed line, and whether its id may have come earlier in the input.
+type Parsed = Result<(u64, Item, bool), LineError>;
+
 /// Runs the input (reading and parsing the items file) on a thread of its
 /// own, a few chunks ahead of the consumer: a load is one transaction on the
 /// writer thread, which every other write waits for, so it should only
-/// insert. The thread stops at the input's first error or when the consumer
-/// goes away.
-fn parse_aside(items: LoadInput) -> LoadInput {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<_>>(PARSE_AHEAD);
+/// insert. The same thread tells which ids may repeat an earlier one
+/// ([`Seen`]), so that the writer looks up only those. The thread stops at
+/// the input's first error or when the consumer goes away.
+fn parse_aside(items: LoadInput) -> Box<dyn Iterator<Item = Parsed> + Send> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Parsed>>(PARSE_AHEAD);
     let spawned = std::thread::Builder::new()
         .name("settle-load-parse".into())
         .spawn(move || {
+            let mut seen = Seen::new();
             let mut chunk = Vec::with_capacity(PARSE_CHUNK);
             for entry in items {
                 let last = entry.is_err();
-                chunk.push(entry);
+                chunk.push(entry.map(|(line, item)| {
+                    let maybe = seen.insert(item.id.as_str());
+                    (line, item, maybe)
+                }));
                 if chunk.len() == PARSE_CHUNK || last {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(PARSE_CHUNK));
                     if tx.send(full).is_err() || last {
@@ -108,6 +117,13 @@ impl Source for EmbeddedStore {
             .db
             .write_atomic(move |c| {
                 let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
+                // Items still pending from an earlier load: then any id may
+                // repeat one of theirs, which the filter knows nothing of.
+                let pending_before: bool = c.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM items WHERE seq > ?1)",
+                    params![upto],
+                    |r| r.get(0),
+                )?;
                 let mut seen = c.prepare_cached(
                     "SELECT seq, line FROM items WHERE item_id = ?1 AND seq > ?2 LIMIT 1",
                 )?;
@@ -117,10 +133,13 @@ impl Source for EmbeddedStore {
                 let mut first_seq = None;
                 let mut n = 0u64;
                 for entry in items {
-                    let (line, item) = entry.map_err(|e| DbError::Refused(Box::new(e)))?;
-                    let earlier: Option<(i64, i64)> = seen
-                        .query_row(params![item.id.as_str(), upto], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?;
+                    let (line, item, maybe_seen) = entry.map_err(|e| DbError::Refused(Box::new(e)))?;
+                    let earlier: Option<(i64, i64)> = if maybe_seen || pending_before {
+                        seen.query_row(params![item.id.as_str(), upto], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()?
+                    } else {
+                        None
+                    };
                     if let Some((seq, first_line)) = earlier {
                         let reason = if first_seq.is_some_and(|f| seq >= f) {
                             format!("duplicate id {:?} (first on line {first_line})", item.id.as_str())
