@@ -186,6 +186,27 @@ fn load_page(c: &Connection, queue: i64, page: i64) -> Result<Option<(i64, Vec<S
     )
 }
 
+/// A message a receive took, before it is named for the caller.
+#[derive(Debug)]
+struct Taken {
+    page: i64,
+    slot: usize,
+    message: i64,
+    body: String,
+    receive_count: u32,
+}
+
+impl Taken {
+    fn into_delivery(self) -> Delivery {
+        Delivery {
+            message_id: format!("m{}", self.message),
+            receipt: format!("{}:{}:{}", self.page, self.slot, self.receive_count),
+            body: self.body,
+            receive_count: self.receive_count,
+        }
+    }
+}
+
 /// One named queue in the database.
 #[derive(Debug, Clone)]
 pub struct EmbeddedQueue {
@@ -336,7 +357,8 @@ impl Queue for EmbeddedQueue {
         check_batch("receive", max)?;
         let visibility = visibility.min(MAX_VISIBILITY).as_millis() as i64;
         let id = self.id;
-        self.db
+        let taken = self
+            .db
             .write(move |c| {
                 let now = now_millis() as i64;
                 let (dlq, limit): (Option<i64>, Option<i64>) = c
@@ -344,7 +366,7 @@ impl Queue for EmbeddedQueue {
                     .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 // The redrive policy: a message received this often moves to the DLQ.
                 let limit = dlq.and(limit);
-                let mut out = Vec::with_capacity(max);
+                let mut out: Vec<Taken> = Vec::with_capacity(max);
                 // Moved messages: id, receive count, body.
                 let mut dead: Vec<(i64, u32, String)> = Vec::new();
                 let mut pick = c.prepare_cached(
@@ -356,19 +378,30 @@ impl Queue for EmbeddedQueue {
                     c.prepare_cached("SELECT bodies, ids FROM page_bodies WHERE page = ?1")?;
                 while out.len() < max {
                     let want = max - out.len();
-                    let found: Vec<(i64, i64, Vec<u8>)> = pick
-                        .query_map(params![id, now, want as i64], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                        })?
-                        .collect::<Result<_, _>>()?;
+                    // Pages until they hold `want` due messages: a send's
+                    // page holds up to ten, so one page is often enough,
+                    // and reading the rest of `want` pages would be waste.
+                    let mut found: Vec<(i64, i64, Vec<Slot>)> = Vec::new();
+                    let mut due = 0;
+                    let mut rows = pick.query(params![id, now, want as i64])?;
+                    while due < want {
+                        let Some(r) = rows.next()? else { break };
+                        let blob = r.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
+                        let slots = decode_slots(blob);
+                        due += slots
+                            .iter()
+                            .filter(|s| s.live() && s.visible_at <= now)
+                            .count();
+                        found.push((r.get(0)?, r.get(1)?, slots));
+                    }
+                    drop(rows);
                     if found.is_empty() {
                         break;
                     }
-                    for (page, old_next, blob) in found {
+                    for (page, old_next, mut slots) in found {
                         if out.len() >= max {
                             break;
                         }
-                        let mut slots = decode_slots(&blob);
                         let (mut taken, mut moved) = (Vec::new(), Vec::new());
                         for (i, s) in slots.iter_mut().enumerate() {
                             if !s.live() || s.visible_at > now {
@@ -399,12 +432,12 @@ impl Queue for EmbeddedQueue {
                         let taken_bodies = decode_bodies(page, &blob, &taken)?;
                         let taken_ids = message_ids(page, ids, &taken);
                         for ((i, body), msg) in taken.iter().zip(taken_bodies).zip(taken_ids) {
-                            let n = slots[*i].count;
-                            out.push(Delivery {
-                                message_id: format!("m{msg}"),
-                                receipt: format!("{page}:{i}:{n}"),
+                            out.push(Taken {
+                                page,
+                                slot: *i,
+                                message: msg,
                                 body,
-                                receive_count: n,
+                                receive_count: slots[*i].count,
                             });
                         }
                         if !moved.is_empty() {
@@ -435,7 +468,10 @@ impl Queue for EmbeddedQueue {
                 Ok(out)
             })
             .await
-            .map_err(port_err("ReceiveMessage"))
+            .map_err(port_err("ReceiveMessage"))?;
+        // Named here rather than inside the write: the writer thread is what
+        // every caller waits on, and formatting is work any thread can do.
+        Ok(taken.into_iter().map(Taken::into_delivery).collect())
     }
 
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError> {
