@@ -3,9 +3,10 @@
 //! lookup it saves was a third of a load's time on the writer thread.
 //!
 //! Grows in layers, each twice the size of the one before, so that it
-//! needs no item count up front and costs about 1.2 bytes per id for a
-//! false-positive rate of about 1% per layer (10M ids: 15 MiB). A false
-//! positive only costs that lookup; there are no false negatives.
+//! needs no item count up front: 10 bits per id for a false-positive rate
+//! of about 1% per full layer, rounded up to a power of two per layer
+//! (10M ids: 30 MiB, the only memory of a load that grows with its size).
+//! A false positive only costs that lookup; there are no false negatives.
 
 /// Ids the first layer is sized for.
 const FIRST_CAPACITY: usize = 1 << 20;
