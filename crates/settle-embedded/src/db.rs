@@ -6,7 +6,7 @@
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -45,10 +45,12 @@ const WRITER_CACHE_KIB: i64 = 4 * 1024;
 /// Durability is unchanged: a commit is durable against a killed process
 /// once it is in the WAL, checkpointed or not.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// A catch-up request older than this is dropped: the writer was inside a
-/// long transaction (a load) meanwhile, and the checkpointer had nothing of
-/// it to copy, so the writer would copy all of it itself.
-const CATCH_UP_FRESH: Duration = Duration::from_millis(50);
+/// After a transaction that took longer than this (a load), the writer
+/// skips the catch-up pass the checkpointer asked for: the checkpointer had
+/// none of that transaction to copy, so the writer would copy all of it
+/// itself. The checkpointer's next round asks again. (Dropping requests by
+/// their age instead would starve a writer whose transactions are far apart.)
+const LONG_GROUP: Duration = Duration::from_millis(100);
 /// The reader's page cache. SQLite empties a connection's cache whenever a
 /// read transaction starts after another connection's commit, which with
 /// the writer always committing is nearly every read: a large cache only
@@ -179,7 +181,7 @@ impl Db {
             configure(&checkpointer, 256).map_err(|e| open_err(describe(&e)))?;
             let (jobs, rx) = mpsc::channel::<Job>();
             let (ticks, ticked) = mpsc::sync_channel::<()>(1);
-            let catch_up = Arc::new(CatchUp::new());
+            let catch_up = Arc::new(AtomicBool::new(false));
             let caught = catch_up.clone();
             let files = [wal_path(path), path.to_owned()];
             std::thread::Builder::new()
@@ -486,34 +488,6 @@ const CAUGHT_UP_FRAMES: i64 = 2_000;
 /// Passes per round at most before the writer's catch-up pass.
 const MAX_PASSES: usize = 8;
 
-/// The checkpointer's request that the writer finish a round: when it was
-/// made, in microseconds after `base` (0: no request).
-#[derive(Debug)]
-struct CatchUp {
-    base: Instant,
-    at: AtomicU64,
-}
-
-impl CatchUp {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            at: AtomicU64::new(0),
-        }
-    }
-
-    fn request(&self) {
-        let at = self.base.elapsed().as_micros().max(1) as u64;
-        self.at.store(at, Ordering::Relaxed);
-    }
-
-    /// Takes the request; true if there was a fresh one.
-    fn take(&self) -> bool {
-        let at = self.at.swap(0, Ordering::Relaxed);
-        at != 0 && self.base.elapsed().as_micros() as u64 - at <= CATCH_UP_FRESH.as_micros() as u64
-    }
-}
-
 fn wal_path(db: &Path) -> PathBuf {
     let mut wal = db.as_os_str().to_owned();
     wal.push("-wal");
@@ -535,7 +509,7 @@ fn wal_path(db: &Path) -> PathBuf {
 fn checkpoint_loop(
     conn: Connection,
     ticked: mpsc::Receiver<()>,
-    catch_up: Arc<CatchUp>,
+    catch_up: Arc<AtomicBool>,
     files: [PathBuf; 2],
 ) {
     // Frames of the WAL copied into the database so far (SQLite's count).
@@ -563,7 +537,7 @@ fn checkpoint_loop(
                 tracing::debug!(error = %e, file = %file.display(), "could not flush ahead of the checkpoint");
             }
         }
-        catch_up.request();
+        catch_up.store(true, Ordering::Relaxed);
         std::thread::sleep(CHECKPOINT_EVERY);
     }
 }
@@ -572,7 +546,7 @@ fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Job>,
     ticks: mpsc::SyncSender<()>,
-    catch_up: Arc<CatchUp>,
+    catch_up: Arc<AtomicBool>,
 ) {
     while let Ok(first) = rx.recv() {
         let opened = Instant::now();
@@ -582,7 +556,7 @@ fn writer_loop(
                 .recv_timeout(LINGER.saturating_sub(opened.elapsed()).min(LINGER_GAP))
                 .ok(),
         });
-        if catch_up.take() {
+        if catch_up.swap(false, Ordering::Relaxed) && opened.elapsed() < LONG_GROUP {
             // Short: the checkpointer has just copied all but the latest frames.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
@@ -631,5 +605,50 @@ fn run_group(conn: &Connection, first: Job, mut next_job: impl FnMut() -> Option
     };
     for done in completions {
         done(outcome.as_ref().err().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The WAL header's salt-1, which SQLite changes each time it restarts the WAL.
+    fn wal_salt(db: &Path) -> Option<[u8; 4]> {
+        let header = std::fs::read(wal_path(db)).ok()?;
+        header.get(16..20)?.try_into().ok()
+    }
+
+    /// Writes far apart (a slow processor's results) must still let the
+    /// WAL restart: the writer's catch-up pass may not depend on a write
+    /// following the checkpointer's request closely.
+    #[tokio::test]
+    async fn the_wal_restarts_under_writes_far_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settle.db");
+        let db = Db::open(&path).unwrap();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE IF NOT EXISTS t (v BLOB)")?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let first = wal_salt(&path).expect("a WAL after a write");
+        let mut restarted = false;
+        // Up to 5 checkpoint rounds, a write every 150 ms.
+        for _ in 0..(5 * CHECKPOINT_EVERY.as_millis() / 150) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            db.write(|c| {
+                c.execute("INSERT INTO t VALUES (zeroblob(8000))", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+            if wal_salt(&path).is_some_and(|s| s != first) {
+                restarted = true;
+                break;
+            }
+        }
+        assert!(restarted, "the WAL never restarted");
     }
 }
