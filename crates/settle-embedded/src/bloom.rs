@@ -48,10 +48,9 @@ impl Layer {
             .all(|b| self.words[b / 64] & (1 << (b % 64)) != 0)
     }
 
-    fn insert(&mut self, (h1, h2): (u64, u64)) {
-        let mask = (self.words.len() * 64 - 1) as u64;
-        for i in 0..HASHES {
-            let b = (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize;
+    fn insert(&mut self, h: (u64, u64)) {
+        // `bits` borrows nothing of `self`: its iterator owns the mask.
+        for b in self.bits(h) {
             self.words[b / 64] |= 1 << (b % 64);
         }
         self.len += 1;
