@@ -350,10 +350,11 @@ fn init_schema(conn: &Connection) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Whether the file already has every object [`SCHEMA`] creates, at this
-/// schema version. Then opening takes no write lock: a `settle status`
-/// polled beside a running `settle run` would otherwise wait for the run's
-/// writer at every open, and hold the run's writer up in turn.
+/// Whether the file already has every object [`SCHEMA`] creates, and none
+/// it drops, at this schema version. Then opening takes no write lock: a
+/// `settle status` polled beside a running `settle run` would otherwise
+/// wait for the run's writer at every open, and hold the run's writer up
+/// in turn.
 fn schema_is_current(conn: &Connection) -> rusqlite::Result<bool> {
     let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -361,6 +362,9 @@ fn schema_is_current(conn: &Connection) -> rusqlite::Result<bool> {
         return Ok(false);
     }
     let mut exists = conn.prepare("SELECT 1 FROM sqlite_master WHERE name = ?1")?;
+    if exists.exists(["items_by_id"])? {
+        return Ok(false);
+    }
     for name in SCHEMA
         .split("IF NOT EXISTS ")
         .skip(1)
@@ -379,13 +383,16 @@ PRAGMA application_id = 1397052492;
 PRAGMA user_version = 1;
 -- Pending and claimed items, in load order. Claimed ones are those at or
 -- below source.claimed_upto; claims says which run took which seq range.
+-- No index on item_id: a load finds repeated ids without one (see
+-- store::load_items), and its upkeep was a third of a load's time.
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL,
     payload TEXT NOT NULL,
     line INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS items_by_id ON items (item_id, seq);
+-- Dropped from files of earlier builds (see schema_is_current).
+DROP INDEX IF EXISTS items_by_id;
 CREATE TABLE IF NOT EXISTS source (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     claimed_upto INTEGER NOT NULL
@@ -617,6 +624,33 @@ mod tests {
     fn wal_salt(db: &Path) -> Option<[u8; 4]> {
         let header = std::fs::read(wal_path(db)).ok()?;
         header.get(16..20)?.try_into().ok()
+    }
+
+    /// A file from a build that indexed item ids loses the index on open:
+    /// kept, it would cost every load its upkeep for nothing.
+    #[tokio::test]
+    async fn opening_drops_the_item_id_index_of_earlier_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settle.db");
+        let index = |c: &Connection| -> bool {
+            c.prepare("SELECT 1 FROM sqlite_master WHERE name = 'items_by_id'")
+                .unwrap()
+                .exists([])
+                .unwrap()
+        };
+        {
+            let db = Db::open(&path).unwrap();
+            let had = db
+                .write(move |c| {
+                    c.execute_batch("CREATE INDEX items_by_id ON items (item_id, seq)")?;
+                    Ok(index(c))
+                })
+                .await
+                .unwrap();
+            assert!(had);
+        }
+        let db = Db::open(&path).unwrap();
+        assert!(!db.read(move |c| Ok(index(c))).await.unwrap());
     }
 
     /// Writes far apart (a slow processor's results) must still let the
