@@ -86,7 +86,10 @@ impl Seen {
 
     /// Whether `id` may have been recorded (always true if it was).
     pub(crate) fn contains(&self, id: &str) -> bool {
-        let h = hashes(id.as_bytes());
+        self.contains_hashes(hashes(id.as_bytes()))
+    }
+
+    fn contains_hashes(&self, h: (u64, u64)) -> bool {
         self.layers.iter().any(|l| l.contains(h))
     }
 
@@ -94,7 +97,7 @@ impl Seen {
     /// (always true if it was).
     pub(crate) fn insert(&mut self, id: &str) -> bool {
         let h = hashes(id.as_bytes());
-        let maybe = self.layers.iter().any(|l| l.contains(h));
+        let maybe = self.contains_hashes(h);
         let last = self.layers.last().expect("at least one layer");
         if last.len >= last.capacity {
             let capacity = last.capacity * 2;
