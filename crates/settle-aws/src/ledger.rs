@@ -250,7 +250,7 @@ impl DynamoLedger {
     /// Writes one item row if its version still is the one read; `Ok(false)` if not.
     async fn put_item_row(&self, p: &ItemPut) -> Result<bool, PortError> {
         let op = "DynamoDB.PutItem";
-        let rec = serde_json::to_string(&p.record).map_err(|e| PortError::backend(op, e))?;
+        let rec = p.record.encode();
         let mut row = HashMap::from([
             ("pk".to_owned(), s(items_pk(&p.run))),
             ("sk".to_owned(), s(p.item.as_str())),

@@ -122,19 +122,21 @@ impl RunId {
         ))
     }
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        let ok = s.len() == 24
+        if Self::is_valid(s) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::BadRun(s.to_owned()))
+        }
+    }
+    fn is_valid(s: &str) -> bool {
+        s.len() == 24
             && s.starts_with('r')
             && s.as_bytes()[9] == b'T'
             && s.as_bytes()[16] == b'Z'
             && s.as_bytes()[17] == b'-'
             && s[1..9].bytes().all(|b| b.is_ascii_digit())
             && s[10..16].bytes().all(|b| b.is_ascii_digit())
-            && s[18..].bytes().all(|b| b.is_ascii_hexdigit());
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(IdError::BadRun(s.to_owned()))
-        }
+            && s[18..].bytes().all(|b| b.is_ascii_hexdigit())
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -144,7 +146,12 @@ impl RunId {
 impl TryFrom<String> for RunId {
     type Error = IdError;
     fn try_from(s: String) -> Result<Self, IdError> {
-        Self::parse(&s)
+        // Keeps the decoded string: every result message carries run ids.
+        if Self::is_valid(&s) {
+            Ok(Self(s))
+        } else {
+            Err(IdError::BadRun(s))
+        }
     }
 }
 impl From<RunId> for String {
@@ -344,6 +351,13 @@ pub struct ItemRecord {
     /// Every attempt reported, in attempt order.
     pub history: Vec<Attempt>,
     pub updated_at: Millis,
+}
+
+impl ItemRecord {
+    /// The record's JSON, as serde_json writes it (only faster).
+    pub fn encode(&self) -> String {
+        crate::json::item_record(self)
+    }
 }
 
 impl Default for ItemRecord {

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod dispatch;
 pub mod domain;
 pub mod idempotency;
+mod json;
 pub mod jsonl;
 pub mod message;
 pub mod ports;

@@ -60,7 +60,7 @@ impl WorkBody {
         }
     }
     pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("WorkBody always serializes")
+        crate::json::work_body(self)
     }
     pub fn decode(body: &str) -> Result<Self, DecodeError> {
         if body.len() > MAX_BODY_BYTES {
@@ -181,7 +181,7 @@ impl<'de> Deserialize<'de> for ResultBody {
 
 impl ResultBody {
     pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("ResultBody always serializes")
+        crate::json::result_body(self)
     }
     pub fn decode(body: &str) -> Result<Self, DecodeError> {
         if body.len() > MAX_BODY_BYTES {

@@ -26,7 +26,8 @@ pub struct AttemptContext {
 impl AttemptContext {
     pub fn new(run: RunId, item: &Item, attempt: u32) -> Self {
         // Run ids never contain ':', so the key splits back unambiguously.
-        let idempotency_key = format!("{}:{}", run, item.id);
+        // Concatenated, not format!ted: this runs once per item.
+        let idempotency_key = [run.as_str(), item.id.as_str()].join(":");
         Self {
             run,
             attempt,

@@ -541,7 +541,7 @@ impl Ledger for EmbeddedStore {
             .puts
             .iter()
             .map(|p| {
-                let record = serde_json::to_string(&p.record).expect("record serializes");
+                let record = p.record.encode();
                 (
                     p.run.to_string(),
                     p.item.to_string(),
