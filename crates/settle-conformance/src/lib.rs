@@ -448,7 +448,7 @@ async fn fresh_run(s: &Subject, total: u64) -> RunId {
 /// moves by exactly the rows written: nothing at all if the ledger's commit
 /// is atomic, else the rows whose versions held.
 pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
-    let run = fresh_run(s, 2).await;
+    let run = fresh_run(s, 24).await;
     let id = |n: &str| ItemId::new(n).unwrap();
     let rec = |status| ItemRecord {
         status,
@@ -532,10 +532,66 @@ pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
     s.ledger.commit(next).await.unwrap();
     let after = s.ledger.items(&[(run.clone(), id("t0"))]).await.unwrap();
     assert_ne!(
-        after[&(run, id("t0"))].version,
+        after[&(run.clone(), id("t0"))].version,
         v,
         "a write moves the version"
     );
+
+    // A larger commit, as a reducer's are: twenty new rows, and an existing
+    // row among them refuses it all the same.
+    let fresh: Vec<String> = (2..22).map(|i| format!("t{i}")).collect();
+    let keys: Vec<_> = fresh.iter().map(|n| (run.clone(), id(n))).collect();
+    let mut puts: Vec<ItemPut> = fresh
+        .iter()
+        .map(|n| put(n, None, ItemStatus::Succeeded))
+        .collect();
+    puts.insert(9, put("t0", None, ItemStatus::Succeeded));
+    let tally = |succeeded| {
+        vec![(
+            run.clone(),
+            TallyDelta {
+                succeeded,
+                failed: 0,
+            },
+        )]
+    };
+    let refused = LedgerBatch {
+        puts,
+        tallies: tally(21),
+    };
+    assert!(matches!(
+        s.ledger.commit(refused).await,
+        Err(PortError::Conflict)
+    ));
+    if s.ledger.atomic_commit() {
+        assert!(
+            s.ledger.items(&keys).await.unwrap().is_empty(),
+            "a refused commit writes none of its new rows"
+        );
+    }
+    // Without the existing row it goes through (on a non-atomic ledger the
+    // refused try has written these rows already).
+    let before = s.ledger.run(&run).await.unwrap().unwrap().succeeded;
+    if s.ledger.atomic_commit() {
+        let puts: Vec<ItemPut> = fresh
+            .iter()
+            .map(|n| put(n, None, ItemStatus::Succeeded))
+            .collect();
+        s.ledger
+            .commit(LedgerBatch {
+                puts,
+                tallies: tally(20),
+            })
+            .await
+            .unwrap();
+        let after = s.ledger.run(&run).await.unwrap().unwrap().succeeded;
+        assert_eq!(after, before + 20);
+    }
+    let rows = s.ledger.items(&keys).await.unwrap();
+    assert_eq!(rows.len(), 20, "every new row of a commit is written");
+    assert!(rows
+        .values()
+        .all(|r| r.value.status == ItemStatus::Succeeded && r.version == 1));
 }
 
 fn result(run: &RunId, item: &str, attempt: u32, msg: &str, outcome: AttemptOutcome) -> Delivery {

@@ -188,6 +188,21 @@ fn load_items(
 /// from 110-115k to 113-119k items/s (interleaved pairs).
 const INSERT_ROWS: usize = 16;
 
+/// A ledger insert of `rows` rows, each skipped if its key exists.
+fn ledger_insert_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, 1, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO ledger (run_id, item_id, status, version, record) VALUES {values} \
+         ON CONFLICT DO NOTHING"
+    )
+}
+
+/// New ledger rows go in [`INSERT_ROWS`] to a statement, as the load's
+/// items do: a ledger commit is mostly inserts, and per statement SQLite
+/// and rusqlite's statement cache cost as much as a row does.
+static LEDGER_INSERT_FULL: LazyLock<String> = LazyLock::new(|| ledger_insert_sql(INSERT_ROWS));
+static LEDGER_INSERT_ONE: LazyLock<String> = LazyLock::new(|| ledger_insert_sql(1));
+
 /// Items held back until a multi-row INSERT of [`INSERT_ROWS`] takes them.
 #[derive(Default)]
 struct Rows(Vec<(u64, Item)>);
@@ -555,22 +570,38 @@ impl Ledger for EmbeddedStore {
         let res = self
             .db
             .write_atomic(move |c| {
-                // Each put is one conditional statement: insert-if-absent, or
-                // update-if-version-matches; no change means someone else won.
-                let mut insert = c.prepare_cached(
-                    "INSERT INTO ledger (run_id, item_id, status, version, record) \
-                     VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT DO NOTHING",
-                )?;
+                // Each put is conditional: insert-if-absent, or
+                // update-if-version-matches; a row left unchanged means
+                // someone else won, and the whole commit is refused.
+                let (inserts, updates): (Vec<_>, Vec<_>) =
+                    rows.iter().partition(|(.., expected, _)| expected.is_none());
+                let mut at = 0;
+                while at < inserts.len() {
+                    // Full statements while they fill, then one row at a time.
+                    let n = if inserts.len() - at >= INSERT_ROWS { INSERT_ROWS } else { 1 };
+                    let mut st = if n == INSERT_ROWS {
+                        c.prepare_cached(&LEDGER_INSERT_FULL)?
+                    } else {
+                        c.prepare_cached(&LEDGER_INSERT_ONE)?
+                    };
+                    for (i, (run, item, status, _, record)) in inserts[at..at + n].iter().enumerate() {
+                        st.raw_bind_parameter(4 * i + 1, run.as_str())?;
+                        st.raw_bind_parameter(4 * i + 2, item.as_str())?;
+                        st.raw_bind_parameter(4 * i + 3, *status)?;
+                        st.raw_bind_parameter(4 * i + 4, record.as_str())?;
+                    }
+                    if st.raw_execute()? < n {
+                        return Err(DbError::Refused(Box::new(Conflict)));
+                    }
+                    at += n;
+                }
                 let mut update = c.prepare_cached(
                     "UPDATE ledger SET status = ?3, version = version + 1, record = ?4 \
                      WHERE run_id = ?1 AND item_id = ?2 AND version = ?5",
                 )?;
-                for (run, item, status, expected, record) in &rows {
-                    let changed = match expected {
-                        None => insert.execute(params![run, item, status, record])?,
-                        Some(v) => update.execute(params![run, item, status, record, *v as i64])?,
-                    };
-                    if changed == 0 {
+                for (run, item, status, expected, record) in updates {
+                    let v = expected.unwrap_or_default() as i64;
+                    if update.execute(params![run, item, status, record, v])? == 0 {
                         return Err(DbError::Refused(Box::new(Conflict)));
                     }
                 }
