@@ -9,7 +9,7 @@
 //! value (the tests compare the two on arbitrary values), so every reader
 //! keeps using serde, and bodies from either writer read the same.
 
-use crate::domain::{Attempt, AttemptOutcome, ErrorKind, ItemRecord};
+use crate::domain::{Attempt, AttemptOutcome, ErrorKind, ItemId, ItemRecord, RunId};
 use crate::message::{ResultBody, WorkBody};
 
 /// A JSON text being written.
@@ -47,6 +47,15 @@ impl Out {
     }
     fn bool(&mut self, b: bool) -> &mut Self {
         self.raw(if b { "true" } else { "false" })
+    }
+    /// Opens a body with the fields both kinds of message start with.
+    fn open_item(&mut self, run: &RunId, item: &ItemId, seq: u64) -> &mut Self {
+        self.raw(r#"{"run":"#)
+            .str(run.as_str())
+            .raw(r#","item":"#)
+            .str(item.as_str())
+            .raw(r#","seq":"#)
+            .num(seq)
     }
     /// The fields of an outcome, as `#[serde(tag = "outcome")]` flattens them.
     fn outcome(&mut self, outcome: &AttemptOutcome) -> &mut Self {
@@ -88,12 +97,7 @@ fn kind_str(kind: ErrorKind) -> &'static str {
 pub(crate) fn work_body(b: &WorkBody) -> String {
     let payload = b.payload.get();
     let mut o = Out::with_capacity(128 + payload.len() + b.item.as_str().len());
-    o.raw(r#"{"run":"#)
-        .str(b.run.as_str())
-        .raw(r#","item":"#)
-        .str(b.item.as_str())
-        .raw(r#","seq":"#)
-        .num(b.seq)
+    o.open_item(&b.run, &b.item, b.seq)
         .raw(r#","prior_attempts":"#)
         .num(b.prior_attempts.into())
         .raw(r#","max_receives":"#)
@@ -113,12 +117,7 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
 
 pub(crate) fn result_body(r: &ResultBody) -> String {
     let mut o = Out::with_capacity(192 + r.item.as_str().len());
-    o.raw(r#"{"run":"#)
-        .str(r.run.as_str())
-        .raw(r#","item":"#)
-        .str(r.item.as_str())
-        .raw(r#","seq":"#)
-        .num(r.seq)
+    o.open_item(&r.run, &r.item, r.seq)
         .raw(r#","attempt":"#)
         .num(r.attempt.attempt.into())
         .attempt_rest(&r.attempt)
