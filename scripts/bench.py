@@ -21,6 +21,14 @@ def main():
             workdir = value
     os.makedirs(workdir, exist_ok=True)
     items = os.path.join(workdir, f"bench-{count}.jsonl")
+    # The items file takes about 50 bytes per item, the database and its WAL
+    # about 500 at their largest (4.6 GiB at 10M items). A disk that fills
+    # mid-run only wastes the run, so say so before starting.
+    need = count * (600 if os.path.exists(items) else 660)
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        sys.exit(f"not enough free disk in {workdir}: {free / 2**30:.1f} GiB free; "
+                 f"a run of {count} items needs about {need / 2**30:.1f} GiB")
     if not os.path.exists(items):
         with open(items + ".tmp", "w") as out:
             subprocess.run([settle, "generate", "--count", str(count), "--mix", "bench"], stdout=out, check=True)

@@ -4,7 +4,7 @@
 use crate::cli::ProcessArgs;
 use crate::cli::Workers;
 use crate::deployment::Deployment;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
@@ -212,10 +212,16 @@ pub async fn process(
         }
         Err(None) => Ok(Finish::Interrupted(record)),
         Err(Some(err)) => {
-            if let Ok(Err(runner_err)) = polled {
-                bail!("{err:#}; runner: {runner_err}");
-            }
-            Err(err)
+            // What was committed stays (a full disk, say, stops the run but
+            // loses nothing): tell the operator how to go on once it is fixed.
+            let err = match polled {
+                Ok(Err(runner_err)) => anyhow::anyhow!("{err:#}; runner: {runner_err}"),
+                _ => err,
+            };
+            Err(err.context(format!(
+                "run {run} stopped before it settled; once the cause is fixed, \
+                 `settle resume {run}` continues it"
+            )))
         }
     }
 }
