@@ -513,6 +513,15 @@ fn wal_path(db: &Path) -> PathBuf {
 /// first (an fsync flushes a file whichever descriptor asks) leaves the
 /// writer's fsyncs only what was written after. Measured on a 1M-item run:
 /// the writer's passes took 35-56 ms each with this, 60-80 ms without.
+///
+/// The files are opened once and held until the writer has stopped: closing
+/// any descriptor of the database file drops every POSIX lock this process
+/// holds on it, SQLite's included. Opened and closed each round, as they
+/// once were, another process's closing connection could then take the
+/// file for its own, checkpoint, and delete the WAL under this process's
+/// writer, whose later commits went to the deleted file: `settle run`
+/// beside `settle status` calls lost its new run about once in 60 tries
+/// under load ("run ... not found", "run vanished").
 fn checkpoint_loop(
     conn: Connection,
     ticked: mpsc::Receiver<()>,
@@ -525,6 +534,16 @@ fn checkpoint_loop(
             .map_err(|e| tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"))
             .ok()
     };
+    let held: Vec<(std::fs::File, &PathBuf)> = files
+        .iter()
+        .filter_map(|path| match std::fs::File::open(path) {
+            Ok(f) => Some((f, path)),
+            Err(e) => {
+                tracing::debug!(error = %e, file = %path.display(), "cannot flush ahead of checkpoints");
+                None
+            }
+        })
+        .collect();
     let mut before = 0;
     while ticked.recv().is_ok() {
         // A bounded number of passes: on a disk slower than the writer they
@@ -538,10 +557,10 @@ fn checkpoint_loop(
                 break;
             }
         }
-        for file in &files {
+        for (file, path) in &held {
             // Only an optimisation: SQLite fsyncs what it needs itself.
-            if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_data()) {
-                tracing::debug!(error = %e, file = %file.display(), "could not flush ahead of the checkpoint");
+            if let Err(e) = file.sync_data() {
+                tracing::debug!(error = %e, file = %path.display(), "could not flush ahead of the checkpoint");
             }
         }
         catch_up.store(true, Ordering::Relaxed);
