@@ -84,16 +84,17 @@ fn chunks(results: &[(String, ResultBody)]) -> Vec<&[(String, ResultBody)]> {
     // The usual case, without hashing every key: a batch of fewer results
     // than a commit holds, from a run or two (each result is at most one
     // item row, each distinct run one tally row).
+    const FEW_RUNS: usize = 4;
     let mut runs: Vec<&RunId> = Vec::new();
     for (_, r) in results {
         if !runs.contains(&&r.run) {
             runs.push(&r.run);
-            if runs.len() > 4 {
+            if runs.len() > FEW_RUNS {
                 break;
             }
         }
     }
-    if runs.len() <= 4 && results.len() + runs.len() <= MAX_COMMIT_ACTIONS {
+    if runs.len() <= FEW_RUNS && results.len() + runs.len() <= MAX_COMMIT_ACTIONS {
         return if results.is_empty() {
             Vec::new()
         } else {

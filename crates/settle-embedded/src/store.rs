@@ -195,19 +195,73 @@ fn load_items(
 /// for an existing key, and a short count is an error or a conflict.
 const INSERT_ROWS: usize = 16;
 
-/// A ledger insert of `rows` rows, each skipped if its key exists.
-fn ledger_insert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, 1, ?)"; rows].join(", ");
-    format!(
-        "INSERT OR IGNORE INTO ledger (run_id, item_id, status, version, record) VALUES {values}"
-    )
+/// A multi-row INSERT OR IGNORE of one table (see [`INSERT_ROWS`]).
+struct MultiInsert {
+    /// The statement for [`INSERT_ROWS`] rows, and the one for a single row.
+    full: String,
+    one: String,
+    /// Parameters per row.
+    params: usize,
 }
+
+impl MultiInsert {
+    /// `head` is `INSERT OR IGNORE INTO t (cols) VALUES`, `row` one row's `(?, ...)`.
+    fn new(head: &str, row: &str) -> Self {
+        Self {
+            full: format!("{head} {}", vec![row; INSERT_ROWS].join(", ")),
+            one: format!("{head} {row}"),
+            params: row.matches('?').count(),
+        }
+    }
+
+    /// Inserts `rows` in order, full statements while they fill and then one
+    /// row at a time; `bind` binds a row from parameter index `first` on.
+    /// Returns the rows written.
+    fn run<T>(
+        &self,
+        c: &Connection,
+        rows: &[T],
+        bind: impl Fn(&mut rusqlite::Statement<'_>, usize, &T) -> rusqlite::Result<()>,
+    ) -> Result<usize, DbError> {
+        let mut written = 0;
+        let mut at = 0;
+        while at < rows.len() {
+            let n = if rows.len() - at >= INSERT_ROWS {
+                INSERT_ROWS
+            } else {
+                1
+            };
+            let mut st = c.prepare_cached(if n == INSERT_ROWS {
+                &self.full
+            } else {
+                &self.one
+            })?;
+            for (i, row) in rows[at..at + n].iter().enumerate() {
+                bind(&mut st, self.params * i + 1, row)?;
+            }
+            written += st.raw_execute()?;
+            at += n;
+        }
+        Ok(written)
+    }
+}
+
+static ITEMS_INSERT: LazyLock<MultiInsert> = LazyLock::new(|| {
+    MultiInsert::new(
+        "INSERT OR IGNORE INTO items (item_id, payload, line) VALUES",
+        "(?, ?, ?)",
+    )
+});
 
 /// New ledger rows go in [`INSERT_ROWS`] to a statement, as the load's
 /// items do: a ledger commit is mostly inserts, and per statement SQLite
 /// and rusqlite's statement cache cost as much as a row does.
-static LEDGER_INSERT_FULL: LazyLock<String> = LazyLock::new(|| ledger_insert_sql(INSERT_ROWS));
-static LEDGER_INSERT_ONE: LazyLock<String> = LazyLock::new(|| ledger_insert_sql(1));
+static LEDGER_INSERT: LazyLock<MultiInsert> = LazyLock::new(|| {
+    MultiInsert::new(
+        "INSERT OR IGNORE INTO ledger (run_id, item_id, status, version, record) VALUES",
+        "(?, ?, ?, 1, ?)",
+    )
+});
 
 /// Items held back until a multi-row INSERT of [`INSERT_ROWS`] takes them.
 #[derive(Default)]
@@ -224,31 +278,16 @@ impl Rows {
 
     /// Inserts the rows held, in order (so their seqs follow file order).
     fn insert(&mut self, c: &Connection) -> Result<(), DbError> {
-        static FULL: LazyLock<String> = LazyLock::new(|| {
-            let values = vec!["(?, ?, ?)"; INSERT_ROWS].join(", ");
-            format!("INSERT OR IGNORE INTO items (item_id, payload, line) VALUES {values}")
-        });
         // A full set in one statement; the load's last few one by one.
-        let (sql, per_statement) = match self.0.len() {
-            INSERT_ROWS => (FULL.as_str(), INSERT_ROWS),
-            _ => (
-                "INSERT OR IGNORE INTO items (item_id, payload, line) VALUES (?, ?, ?)",
-                1,
-            ),
-        };
-        let mut st = c.prepare_cached(sql)?;
-        for chunk in self.0.chunks(per_statement) {
-            for (i, (line, item)) in chunk.iter().enumerate() {
-                st.raw_bind_parameter(3 * i + 1, item.id.as_str())?;
-                st.raw_bind_parameter(3 * i + 2, item.payload.get())?;
-                st.raw_bind_parameter(3 * i + 3, *line as i64)?;
-            }
-            let written = st.raw_execute()?;
-            if written != chunk.len() {
-                return Err(DbError::Refused(
-                    format!("an insert of {} items wrote {written}", chunk.len()).into(),
-                ));
-            }
+        let written = ITEMS_INSERT.run(c, &self.0, |st, first, (line, item)| {
+            st.raw_bind_parameter(first, item.id.as_str())?;
+            st.raw_bind_parameter(first + 1, item.payload.get())?;
+            st.raw_bind_parameter(first + 2, *line as i64)
+        })?;
+        if written != self.0.len() {
+            return Err(DbError::Refused(
+                format!("an insert of {} items wrote {written}", self.0.len()).into(),
+            ));
         }
         self.0.clear();
         Ok(())
@@ -586,25 +625,15 @@ impl Ledger for EmbeddedStore {
                 // someone else won, and the whole commit is refused.
                 let (inserts, updates): (Vec<_>, Vec<_>) =
                     rows.iter().partition(|(.., expected, _)| expected.is_none());
-                let mut at = 0;
-                while at < inserts.len() {
-                    // Full statements while they fill, then one row at a time.
-                    let n = if inserts.len() - at >= INSERT_ROWS { INSERT_ROWS } else { 1 };
-                    let mut st = if n == INSERT_ROWS {
-                        c.prepare_cached(&LEDGER_INSERT_FULL)?
-                    } else {
-                        c.prepare_cached(&LEDGER_INSERT_ONE)?
-                    };
-                    for (i, (run, item, status, _, record)) in inserts[at..at + n].iter().enumerate() {
-                        st.raw_bind_parameter(4 * i + 1, run.as_str())?;
-                        st.raw_bind_parameter(4 * i + 2, item.as_str())?;
-                        st.raw_bind_parameter(4 * i + 3, *status)?;
-                        st.raw_bind_parameter(4 * i + 4, record.as_str())?;
-                    }
-                    if st.raw_execute()? < n {
-                        return Err(DbError::Refused(Box::new(Conflict)));
-                    }
-                    at += n;
+                let written = LEDGER_INSERT.run(c, &inserts, |st, first, row| {
+                    let (run, item, status, _, record) = row;
+                    st.raw_bind_parameter(first, run.as_str())?;
+                    st.raw_bind_parameter(first + 1, item.as_str())?;
+                    st.raw_bind_parameter(first + 2, *status)?;
+                    st.raw_bind_parameter(first + 3, record.as_str())
+                })?;
+                if written < inserts.len() {
+                    return Err(DbError::Refused(Box::new(Conflict)));
                 }
                 let mut update = c.prepare_cached(
                     "UPDATE ledger SET status = ?3, version = version + 1, record = ?4 \
