@@ -336,6 +336,7 @@ fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
             .ok_or_else(|| corrupt(op, &what, "failed"))?
             .max(0) as u64,
         settled_at: get_n(row, "settled_at"),
+        redriving: get_bool(row, "redriving").unwrap_or(false),
     })
 }
 
@@ -358,25 +359,31 @@ fn record_from_row(
     Ok((id, Versioned { value, version }))
 }
 
+/// A new run's row, as [`Ledger::create_run`] writes it.
+pub(crate) fn new_run_row(run: &RunRecord) -> Result<Row, PortError> {
+    let config = serde_json::to_string(&run.config)
+        .map_err(|e| PortError::backend("DynamoDB.PutItem", e))?;
+    let mut row = run_key(&run.id);
+    row.insert("created_at".into(), n(run.created_at));
+    row.insert("config".into(), s(config));
+    row.insert("total".into(), n(run.total));
+    row.insert("enqueued".into(), n(run.enqueued));
+    row.insert("dispatched".into(), AttributeValue::Bool(run.dispatched));
+    row.insert("succeeded".into(), n(run.succeeded));
+    row.insert("failed".into(), n(run.failed));
+    if let Some(c) = &run.cursor {
+        row.insert("cursor".into(), s(c));
+    }
+    if let Some(at) = run.settled_at {
+        row.insert("settled_at".into(), n(at));
+    }
+    Ok(row)
+}
+
 #[async_trait]
 impl Ledger for DynamoLedger {
     async fn create_run(&self, run: &RunRecord) -> Result<(), PortError> {
-        let config = serde_json::to_string(&run.config)
-            .map_err(|e| PortError::backend("DynamoDB.PutItem", e))?;
-        let mut row = run_key(&run.id);
-        row.insert("created_at".into(), n(run.created_at));
-        row.insert("config".into(), s(config));
-        row.insert("total".into(), n(run.total));
-        row.insert("enqueued".into(), n(run.enqueued));
-        row.insert("dispatched".into(), AttributeValue::Bool(run.dispatched));
-        row.insert("succeeded".into(), n(run.succeeded));
-        row.insert("failed".into(), n(run.failed));
-        if let Some(c) = &run.cursor {
-            row.insert("cursor".into(), s(c));
-        }
-        if let Some(at) = run.settled_at {
-            row.insert("settled_at".into(), n(at));
-        }
+        let row = new_run_row(run)?;
         let guard = self.t.shared().await;
         let res = self
             .t
@@ -568,6 +575,27 @@ impl Ledger for DynamoLedger {
 
     fn atomic_commit(&self) -> bool {
         false
+    }
+
+    async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
+        let t = &self.t;
+        let set = t
+            .update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("SET redriving = :o")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":o", AttributeValue::Bool(open)),
+            )
+            .await?;
+        if set {
+            Ok(())
+        } else {
+            Err(PortError::NotFound(format!("run {id}")))
+        }
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {

@@ -21,7 +21,7 @@ use crate::ddb::{
     corrupt, get_bool, get_n, get_s, n, random_suffix, s, sdk_err, tx_failure, Row, Tables,
     TxFailure,
 };
-use crate::ledger::run_key;
+use crate::ledger::{new_run_row, run_key};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, Put, PutRequest, ReturnConsumedCapacity, TransactWriteItem,
@@ -29,7 +29,7 @@ use aws_sdk_dynamodb::types::{
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::value::RawValue;
-use settle_core::domain::{now_millis, Item, ItemId, RunId};
+use settle_core::domain::{now_millis, Item, ItemId, RunId, RunRecord};
 use settle_core::ports::{LineError, LoadError, LoadInput, PortError, Source};
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{BTreeMap, HashMap};
@@ -313,6 +313,7 @@ impl DynamoSource {
         &self,
         load: &str,
         items: LoadInput,
+        run: Option<&RunRecord>,
         written: &mut Vec<HashMap<String, AttributeValue>>,
     ) -> Result<u64, LoadError> {
         let meta = self.meta("load").await?;
@@ -457,7 +458,7 @@ impl DynamoSource {
         if index == 0 {
             return Ok(0);
         }
-        self.publish(load, meta.published, index).await?;
+        self.publish(load, meta.published, index, run).await?;
         Ok(index)
     }
 
@@ -470,52 +471,152 @@ impl DynamoSource {
 
     /// Maps `published+1 ..= published+n` to the load and releases the lease,
     /// in one transaction: the load's items become pending all at once.
-    async fn publish(&self, load: &str, published: u64, count: u64) -> Result<(), PortError> {
+    /// With `run`, the same transaction creates the run and claims every
+    /// pending item for it (see [`Source::load_run`]); a claim by another
+    /// run that moves the head meanwhile makes it read the head again.
+    async fn publish(
+        &self,
+        load: &str,
+        published: u64,
+        count: u64,
+        run: Option<&RunRecord>,
+    ) -> Result<(), PortError> {
         let op = "DynamoDB.TransactWriteItems";
         let hi = published + count;
-        let meta = Update::builder()
+        let mut head = match run {
+            Some(_) => Some(self.meta(op).await?.head),
+            None => None,
+        };
+        let mut tries = 0;
+        loop {
+            let mut actions = vec![self.publish_meta(load, published, hi, head)?];
+            let mut seg = key(SEG_PK, hi);
+            seg.insert("lo".into(), n(published + 1));
+            seg.insert("load".into(), s(load));
+            let seg = Put::builder()
+                .table_name(&self.t.items)
+                .set_item(Some(seg))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(|e| PortError::backend(op, e))?;
+            actions.push(TransactWriteItem::builder().put(seg).build());
+            if let (Some(run), Some(head)) = (run, head) {
+                actions.extend(self.claim_all(run, head, hi)?);
+            }
+            let guard = self.t.exclusive().await;
+            let res = self
+                .t
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(actions))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            drop(guard);
+            let reasons = match res {
+                Ok(out) => {
+                    self.t.capacity(op, out.consumed_capacity());
+                    return Ok(());
+                }
+                Err(e) => match tx_failure(&self.t.items, e) {
+                    TxFailure::Cancelled(reasons) => reasons,
+                    TxFailure::Other(e) => return Err(e),
+                },
+            };
+            // Another run's claim may have moved the head; anything else
+            // (the lease lost, the run's id taken) will not change by retrying.
+            let Some(used) = head else {
+                return Err(lost_lease(load));
+            };
+            let now = self.meta(op).await?.head;
+            if now == used || tries >= CLAIM_RETRIES {
+                return Err(match run {
+                    Some(run) if now == used => PortError::backend(
+                        op,
+                        format!(
+                            "load {load} could not create run {} (cancelled: {reasons:?}); \
+                             nothing was published",
+                            run.id
+                        ),
+                    ),
+                    _ => lost_lease(load),
+                });
+            }
+            tries += 1;
+            head = Some(now);
+        }
+    }
+
+    /// The meta row's update of a publish: `published` moves to `hi` and
+    /// the lease is released; with `head`, the head moves to `hi` as well
+    /// (everything pending is claimed), on condition that it is still `head`.
+    fn publish_meta(
+        &self,
+        load: &str,
+        published: u64,
+        hi: u64,
+        head: Option<u64>,
+    ) -> Result<TransactWriteItem, PortError> {
+        let mut update = Update::builder()
             .table_name(&self.t.items)
             .set_key(Some(meta_key()))
-            .update_expression("SET #pub = :hi REMOVE lock_owner, lock_until")
-            .condition_expression(
-                "lock_owner = :me AND (attribute_not_exists(#pub) OR #pub = :old)",
-            )
             .expression_attribute_names("#pub", "published")
             .expression_attribute_values(":hi", n(hi))
             .expression_attribute_values(":me", s(load))
-            .expression_attribute_values(":old", n(published))
+            .expression_attribute_values(":old", n(published));
+        let published_cond = "lock_owner = :me AND (attribute_not_exists(#pub) OR #pub = :old)";
+        update = match head {
+            None => update
+                .update_expression("SET #pub = :hi REMOVE lock_owner, lock_until")
+                .condition_expression(published_cond),
+            Some(head) => update
+                .update_expression("SET #pub = :hi, #hd = :hi REMOVE lock_owner, lock_until")
+                .condition_expression(format!(
+                    "{published_cond} AND ({})",
+                    if head == 0 {
+                        "attribute_not_exists(#hd) OR #hd = :head"
+                    } else {
+                        "#hd = :head"
+                    }
+                ))
+                .expression_attribute_names("#hd", "head")
+                .expression_attribute_values(":head", n(head)),
+        };
+        let update = update
             .build()
-            .map_err(|e| PortError::backend(op, e))?;
-        let mut seg = key(SEG_PK, hi);
-        seg.insert("lo".into(), n(published + 1));
-        seg.insert("load".into(), s(load));
-        let seg = Put::builder()
-            .table_name(&self.t.items)
-            .set_item(Some(seg))
+            .map_err(|e| PortError::backend("DynamoDB.TransactWriteItems", e))?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// The new run's row, with `head+1 ..= hi` claimed and its claims over,
+    /// and the claim row of that range.
+    fn claim_all(
+        &self,
+        run: &RunRecord,
+        head: u64,
+        hi: u64,
+    ) -> Result<[TransactWriteItem; 2], PortError> {
+        let op = "DynamoDB.TransactWriteItems";
+        let mut row = new_run_row(run)?;
+        row.insert("total".into(), n(hi - head));
+        row.insert("claim_bound".into(), n(hi));
+        let row = Put::builder()
+            .table_name(&self.t.ledger)
+            .set_item(Some(row))
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(|e| PortError::backend(op, e))?;
-        let guard = self.t.exclusive().await;
-        let res = self
-            .t
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().update(meta).build())
-            .transact_items(TransactWriteItem::builder().put(seg).build())
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        drop(guard);
-        match res {
-            Ok(out) => {
-                self.t.capacity(op, out.consumed_capacity());
-                Ok(())
-            }
-            Err(e) => Err(match tx_failure(&self.t.items, e) {
-                TxFailure::Cancelled(_) => lost_lease(load),
-                TxFailure::Other(e) => e,
-            }),
-        }
+        let mut range = key(claims_pk(&run.id), hi);
+        range.insert("lo".into(), n(head + 1));
+        let range = Put::builder()
+            .table_name(&self.t.items)
+            .set_item(Some(range))
+            .build()
+            .map_err(|e| PortError::backend(op, e))?;
+        Ok([
+            TransactWriteItem::builder().put(row).build(),
+            TransactWriteItem::builder().put(range).build(),
+        ])
     }
 
     /// Best effort: the blocks of a load that will never be published.
@@ -630,31 +731,11 @@ async fn send_batch_write(t: &Tables, mut requests: Vec<WriteRequest>) -> Result
 #[async_trait]
 impl Source for DynamoSource {
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
-        let load = format!("l{}-{}", now_millis(), random_suffix());
-        let waited = Instant::now();
-        let mut tries = 0u32;
-        while !self.lease(&load, true).await? {
-            if waited.elapsed() >= LOAD_LOCK_WAIT {
-                return Err(PortError::backend(
-                    "load",
-                    format!(
-                        "table {}: another load holds the load lease; waited {}s",
-                        self.t.items,
-                        LOAD_LOCK_WAIT.as_secs()
-                    ),
-                )
-                .into());
-            }
-            tries += 1;
-            tokio::time::sleep(Duration::from_millis(50 << tries.min(5))).await;
-        }
-        let mut written = Vec::new();
-        let res = self.load_locked(&load, items, &mut written).await;
-        if res.is_err() || matches!(res, Ok(0)) {
-            self.release(&load).await;
-            self.clean_up(&load, written).await;
-        }
-        res
+        self.load_as(items, None).await
+    }
+
+    async fn load_run(&self, run: &RunRecord, items: LoadInput) -> Result<u64, LoadError> {
+        self.load_as(items, Some(run)).await
     }
 
     async fn pending(&self) -> Result<u64, PortError> {
@@ -817,6 +898,35 @@ impl Source for DynamoSource {
 }
 
 impl DynamoSource {
+    /// A load under the lease; with `run`, published into that new run.
+    async fn load_as(&self, items: LoadInput, run: Option<&RunRecord>) -> Result<u64, LoadError> {
+        let load = format!("l{}-{}", now_millis(), random_suffix());
+        let waited = Instant::now();
+        let mut tries = 0u32;
+        while !self.lease(&load, true).await? {
+            if waited.elapsed() >= LOAD_LOCK_WAIT {
+                return Err(PortError::backend(
+                    "load",
+                    format!(
+                        "table {}: another load holds the load lease; waited {}s",
+                        self.t.items,
+                        LOAD_LOCK_WAIT.as_secs()
+                    ),
+                )
+                .into());
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(50 << tries.min(5))).await;
+        }
+        let mut written = Vec::new();
+        let res = self.load_locked(&load, items, run, &mut written).await;
+        if res.is_err() || matches!(res, Ok(0)) {
+            self.release(&load).await;
+            self.clean_up(&load, written).await;
+        }
+        res
+    }
+
     async fn set_bound(&self, run: &RunId, bound: u64) -> Result<(), PortError> {
         let t = &self.t;
         let req = t

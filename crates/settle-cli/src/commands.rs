@@ -4,6 +4,7 @@ use crate::cli::{Cli, Command, ProcessArgs, RunArgs, RunSettings};
 use crate::deployment::Deployment;
 use crate::process::{process, Finish, Until};
 use crate::report;
+use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use settle_core::dispatch;
@@ -12,7 +13,7 @@ use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
 use settle_core::{ItemId, RunConfig, RunId, RunRecord};
 use std::collections::BTreeSet;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -23,6 +24,15 @@ pub struct InputError(pub String);
 
 pub fn input(msg: impl Into<String>) -> anyhow::Error {
     InputError(msg.into()).into()
+}
+
+/// A command stopped by a signal before it changed anything: exits 130
+/// (SIGINT) or 143 (SIGTERM).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {}: {what}", signal.name())]
+pub struct Interrupted {
+    pub signal: Signal,
+    pub what: String,
 }
 
 pub async fn execute(cli: Cli) -> Result<ExitCode> {
@@ -37,7 +47,17 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let d = &Deployment::open(&cli).await?;
-    let code = command(d, cli.command).await;
+    // The commands that write take over SIGINT and SIGTERM to stop cleanly;
+    // the others die of them as usual.
+    let stop = match cli.command {
+        Command::Run(_)
+        | Command::Load { .. }
+        | Command::Dispatch { .. }
+        | Command::Resume { .. }
+        | Command::Redrive { .. } => Stop::install().context("cannot handle SIGINT and SIGTERM")?,
+        _ => Stop::never(),
+    };
+    let code = command(d, cli.command, &stop).await;
     if let Some(path) = &cli.report_calls {
         let report = json!({
             "calls": d.call_counts(),
@@ -49,11 +69,11 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
     code
 }
 
-async fn command(d: &Deployment, command: Command) -> Result<ExitCode> {
+async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCode> {
     match command {
-        Command::Run(args) => run(d, args).await,
+        Command::Run(args) => run(d, args, stop).await,
         Command::Load { items, json } => {
-            let n = load(d, &items).await?;
+            let n = load(d, &items, None, stop).await?;
             emit(
                 json,
                 json!({ "loaded": n, "pending": d.backend.source.pending().await? }),
@@ -69,14 +89,22 @@ async fn command(d: &Deployment, command: Command) -> Result<ExitCode> {
             }
             let record = new_run(d, &run).await?;
             let b = &d.backend;
-            dispatch::dispatch(
+            let dispatched = dispatch::dispatch(
                 b.source.as_ref(),
                 b.ledger.as_ref(),
                 b.work.as_ref(),
                 &record.id,
                 None,
-            )
-            .await?;
+            );
+            // Dispatch saves its progress page by page: cut off anywhere, a
+            // resume goes on from the last page saved (a resent message is
+            // counted once).
+            tokio::select! {
+                res = dispatched => { res?; }
+                signal = stop.stopped() => {
+                    return finish(d, Finish::Interrupted(get_run(d, &record.id).await?, signal), json, None).await;
+                }
+            }
             let record = get_run(d, &record.id).await?;
             emit(json, report::run_json(&record), || {
                 format!("Dispatched run {} with {} items\n", record.id, record.total)
@@ -91,7 +119,7 @@ async fn command(d: &Deployment, command: Command) -> Result<ExitCode> {
             let run = resolve(d, run_id.as_deref()).await?;
             finish(
                 d,
-                process(d, &run.id, &p, Until::Settled).await?,
+                process(d, &run.id, &p, Until::Settled, stop).await?,
                 json,
                 None,
             )
@@ -132,7 +160,7 @@ async fn command(d: &Deployment, command: Command) -> Result<ExitCode> {
             dry_run,
             process: p,
             json,
-        } => redrive_cmd(d, &run_id, items, dry_run, &p, json).await,
+        } => redrive_cmd(d, &run_id, items, dry_run, &p, json, stop).await,
         Command::Show {
             run_id,
             item_id,
@@ -179,45 +207,70 @@ fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
     }
 }
 
-async fn run(d: &Deployment, args: RunArgs) -> Result<ExitCode> {
+async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
     let before = d.backend.source.pending().await?;
-    load(d, &args.items).await?;
+    d.prepare_for(args.run.max_receives).await?;
+    // The run is created with its items, in one step: killed at any moment,
+    // `settle run` leaves either nothing or a run that owns all its items.
+    let record = dispatch::new_run(run_config(&args.run));
+    load(d, &args.items, Some(&record), stop).await?;
     if before > 0 {
         eprintln!("note: {before} items loaded earlier were pending and join this run");
     }
-    let record = new_run(d, &args.run).await?;
     eprintln!("Run {} started", record.id);
-    let finished = process(d, &record.id, &args.process, Until::Settled).await?;
+    let finished = process(d, &record.id, &args.process, Until::Settled, stop).await?;
     finish(d, finished, args.json, None).await
+}
+
+fn run_config(s: &RunSettings) -> RunConfig {
+    RunConfig {
+        max_receives: s.max_receives,
+        tolerated_failure_percent: s.tolerated_failure_percent,
+    }
 }
 
 async fn new_run(d: &Deployment, s: &RunSettings) -> Result<RunRecord> {
     d.prepare_for(s.max_receives).await?;
-    let config = RunConfig {
-        max_receives: s.max_receives,
-        tolerated_failure_percent: s.tolerated_failure_percent,
-    };
-    Ok(dispatch::create_run(d.backend.ledger.as_ref(), config).await?)
+    Ok(dispatch::create_run(d.backend.ledger.as_ref(), run_config(s)).await?)
 }
 
-/// Loads a JSONL file in one transaction; a bad line names the file and line.
-async fn load(d: &Deployment, path: &Path) -> Result<u64> {
-    let reader: Box<dyn BufRead + Send> = if path == Path::new("-") {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
+/// Loads a JSONL file in one transaction (with `run`, creating that run
+/// with its items); a bad line names the file and line.
+///
+/// A signal stops the reading, and with it the load: nothing is loaded.
+async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop) -> Result<u64> {
+    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
     } else {
         let f = std::fs::File::open(path)
             .map_err(|err| input(format!("cannot open items file {}: {err}", path.display())))?;
-        Box::new(std::io::BufReader::with_capacity(1 << 16, f))
+        Box::new(f)
     };
+    let reader: Box<dyn BufRead + Send> = Box::new(std::io::BufReader::with_capacity(
+        1 << 16,
+        StopReader {
+            inner: raw,
+            stop: stop.clone(),
+        },
+    ));
     let spinner =
         indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let res = d
-        .backend
-        .source
-        .load(Box::new(JsonlItems::new(reader)))
-        .await;
+    let items = Box::new(JsonlItems::new(reader));
+    let res = match run {
+        Some(run) => d.backend.source.load_run(run, items).await,
+        None => d.backend.source.load(items).await,
+    };
     spinner.finish_and_clear();
+    if res.is_err() {
+        if let Some(signal) = stop.signal() {
+            return Err(Interrupted {
+                signal,
+                what: format!("nothing of {} was loaded", path.display()),
+            }
+            .into());
+        }
+    }
     match res {
         Ok(0) => Err(input(format!(
             "{}: no items (the file is empty)",
@@ -233,6 +286,25 @@ async fn load(d: &Deployment, path: &Path) -> Result<u64> {
         Err(LoadError::Port(p)) => {
             Err(anyhow::Error::new(p).context("loading failed; nothing was loaded"))
         }
+    }
+}
+
+/// A reader that fails once a stop is asked for, which ends a load's
+/// transaction with nothing written.
+struct StopReader {
+    inner: Box<dyn Read + Send>,
+    stop: Stop,
+}
+
+impl Read for StopReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(signal) = self.stop.signal() {
+            return Err(std::io::Error::other(format!(
+                "stopped by {}",
+                signal.name()
+            )));
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -279,11 +351,12 @@ async fn all_failures(
     }
 }
 
+/// Prints how processing ended; `extra` fields join the run's JSON.
 async fn finish(
     d: &Deployment,
     f: Finish,
     json: bool,
-    extra: Option<(&str, Value)>,
+    extra: Option<serde_json::Map<String, Value>>,
 ) -> Result<ExitCode> {
     match f {
         Finish::Done(run, took, count) => {
@@ -293,7 +366,7 @@ async fn finish(
                 .failures(&run.id, None, report::FIRST_FAILURES)
                 .await?;
             let mut value = report::run_json(&run);
-            if let Some((k, v)) = extra {
+            for (k, v) in extra.into_iter().flatten() {
                 value[k] = v;
             }
             emit(json, value, || {
@@ -301,17 +374,27 @@ async fn finish(
             });
             Ok(ExitCode::SUCCESS)
         }
-        Finish::Interrupted(run) => {
+        Finish::Interrupted(run, signal) => {
+            let dispatching = if run.dispatched {
+                String::new()
+            } else {
+                " so far (dispatch unfinished)".into()
+            };
             eprintln!(
-                "interrupted: {} of {} items settled; continue with: settle resume {}",
+                "interrupted by {}: {} of {} items{dispatching} settled; continue with: settle resume {}",
+                signal.name(),
                 run.succeeded + run.failed,
                 run.total,
                 run.id
             );
             if json {
-                println!("{}", report::run_json(&run));
+                let mut value = report::run_json(&run);
+                for (k, v) in extra.into_iter().flatten() {
+                    value[k] = v;
+                }
+                println!("{value}");
             }
-            Ok(ExitCode::from(130))
+            Ok(signal.exit_code())
         }
     }
 }
@@ -323,6 +406,7 @@ async fn redrive_cmd(
     dry_run: bool,
     p: &ProcessArgs,
     json: bool,
+    stop: &Stop,
 ) -> Result<ExitCode> {
     let run = resolve(d, Some(run_id)).await?;
     let only: Option<BTreeSet<ItemId>> = if items.is_empty() {
@@ -337,6 +421,22 @@ async fn redrive_cmd(
                 .collect::<Result<_>>()?,
         )
     };
+    if run.redriving && !dry_run {
+        // An earlier redrive was cut off: its messages are back in the work
+        // queue while their items still count as failed. Processing them
+        // first keeps this redrive from taking them for missing.
+        eprintln!(
+            "Finishing an earlier redrive of run {} first (it was interrupted)",
+            run.id
+        );
+        if let Finish::Interrupted(run, signal) = process(d, &run.id, p, Until::Drained, stop)
+            .await
+            .context("processing an earlier redrive's items")?
+        {
+            return finish(d, Finish::Interrupted(run, signal), json, None).await;
+        }
+    }
+    let should_stop = || stop.signal().is_some();
     let moved = redrive::redrive(
         d.backend.ledger.as_ref(),
         d.backend.dlq.as_ref(),
@@ -344,64 +444,102 @@ async fn redrive_cmd(
         &run.id,
         only.as_ref(),
         dry_run,
+        &should_stop,
     )
     .await
     .map_err(|err| match err {
         RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
         other => input(other.to_string()),
     })?;
-    if only.is_some() {
-        for m in &moved.missing {
-            eprintln!(
-                "note: item \"{m}\" has no message in the dead-letter queue (already redriven?)"
-            );
-        }
-    } else if !moved.missing.is_empty() {
+    let n = moved.items.len() as u64;
+    if !moved.missing.is_empty() {
         // Not an error: the rest moved. But say so, so that nobody takes
         // the redrive for complete.
         let shown: Vec<&str> = moved.missing.iter().take(5).map(ItemId::as_str).collect();
         let more = moved.missing.len().saturating_sub(shown.len());
         eprintln!(
-            "note: {} failed items have no message in the dead-letter queue to move: {}{}. \
-             They are in flight (already redriven), or hidden by another pass over the queue \
-             for up to 2 minutes; run the redrive again later to move them.",
+            "note: {} failed {} no message in the dead-letter queue to move: {}{}. \
+             Another pass over the queue (a redrive or reconciliation running now, or one \
+             that was cut off) hides its messages for up to 2 minutes; run the redrive \
+             again after that to move {}.",
             moved.missing.len(),
+            if moved.missing.len() == 1 {
+                "item has"
+            } else {
+                "items have"
+            },
             shown.join(", "),
             if more > 0 {
                 format!(" and {more} more")
             } else {
                 String::new()
-            }
+            },
+            if moved.missing.len() == 1 {
+                "it"
+            } else {
+                "them"
+            },
         );
     }
-    let n = moved.items.len() as u64;
+    let extra = |value: &mut Value| {
+        value["redriven"] = json!(if dry_run { 0 } else { n });
+        value["not_moved"] = json!(moved.missing.len());
+        value["complete"] = json!(moved.is_complete());
+    };
     if dry_run {
         let ids: Vec<&str> = moved.items.iter().map(ItemId::as_str).collect();
         let mut value = report::run_json(&run);
-        value["redriven"] = json!(0);
+        extra(&mut value);
         value["would_redrive"] = json!(n);
         value["items"] = json!(ids);
-        emit(json, value, || {
-            format!(
-                "Dry run: would redrive {n} items of run {}: {}\n",
-                run.id,
-                ids.join(", ")
-            )
-        });
-        return Ok(ExitCode::SUCCESS);
+        emit(json, value, || report::dry_run_human(&run.id, &ids));
+        return Ok(redrive_exit(&moved));
     }
-    eprintln!("Redriving {n} items of run {}", run.id);
-    let finished = if n == 0 {
-        Finish::Done(run, std::time::Duration::ZERO, 0)
+    if moved.stopped {
+        eprintln!(
+            "Redrive of run {} stopped after moving {n} items; the rest of its failed items \
+             stay in the dead-letter queue (run the redrive again to move them)",
+            run.id
+        );
     } else {
-        match process(d, &run.id, p, Until::Drained)
-            .await
-            .context("processing the redriven items")?
-        {
-            // A redrive moves items between buckets; what it processed is what it moved.
-            Finish::Done(run, took, _) => Finish::Done(run, took, n),
-            other => other,
-        }
+        eprintln!("Redriving {n} items of run {}", run.id);
+    }
+    // Even with nothing moved: the run's redrive is open until the queues
+    // drain, and this closes it.
+    let finished = match process(d, &run.id, p, Until::Drained, stop)
+        .await
+        .context("processing the redriven items")?
+    {
+        // A redrive moves items between buckets; what it processed is what it moved.
+        Finish::Done(run, took, _) => Finish::Done(run, took, n),
+        other => other,
     };
-    finish(d, finished, json, Some(("redriven", json!(n)))).await
+    let finished = match (finished, stop.signal()) {
+        (Finish::Done(run, ..), Some(signal)) => Finish::Interrupted(run, signal),
+        (other, _) => other,
+    };
+    let mut value = Value::Null;
+    extra(&mut value);
+    let code = finish(
+        d,
+        finished,
+        json,
+        Some(value.as_object().cloned().unwrap_or_default()),
+    )
+    .await?;
+    Ok(if code == ExitCode::SUCCESS {
+        redrive_exit(&moved)
+    } else {
+        code
+    })
+}
+
+/// 0 when every failed item asked for was moved, 3 when some were not
+/// (documented: a script must not take a partial redrive for a complete one).
+fn redrive_exit(moved: &redrive::RedriveReport) -> ExitCode {
+    if moved.is_complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }

@@ -6,6 +6,7 @@ mod deployment;
 mod generate;
 mod process;
 mod report;
+mod signals;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
             // Bad input (a file, a flag, an unknown id) exits 2; anything else 1.
             if e.downcast_ref::<commands::InputError>().is_some() {
                 ExitCode::from(2)
+            } else if let Some(i) = e.downcast_ref::<commands::Interrupted>() {
+                i.signal.exit_code()
             } else {
                 ExitCode::FAILURE
             }

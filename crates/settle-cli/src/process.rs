@@ -1,9 +1,10 @@
 //! Processing until done: dispatch (if unfinished) beside the local runner,
-//! a progress bar on stderr, and a clean stop on Ctrl-C.
+//! a progress bar on stderr, and a clean stop on SIGINT or SIGTERM.
 
 use crate::cli::ProcessArgs;
 use crate::cli::Workers;
 use crate::deployment::Deployment;
+use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
@@ -21,7 +22,8 @@ use tokio::sync::watch;
 pub enum Until {
     /// The run has settled (dispatch included).
     Settled,
-    /// The work and results queues are empty: everything sent has been processed.
+    /// The work and results queues are empty: everything sent has been
+    /// processed (a redrive's messages, say).
     Drained,
 }
 
@@ -31,7 +33,14 @@ pub enum Finish {
     /// The run as it ended, how long processing took, and how many items
     /// settled during it.
     Done(RunRecord, Duration, u64),
-    Interrupted(RunRecord),
+    /// Stopped by a signal before the end; the run as it was then.
+    Interrupted(RunRecord, Signal),
+}
+
+/// Why processing stopped before the end.
+enum Cut {
+    Failed(anyhow::Error),
+    Signal(Signal),
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -74,11 +83,15 @@ pub fn runner(d: &Deployment, args: &ProcessArgs) -> Runner {
 }
 
 /// Dispatches the rest of `run` (if any) and processes until `until`.
+///
+/// A run with an open redrive ([`RunRecord::redriving`]) is not settled
+/// until the queues have drained: then its redrive is closed here.
 pub async fn process(
     d: &Deployment,
     run: &RunId,
     args: &ProcessArgs,
     until: Until,
+    stop: &Stop,
 ) -> Result<Finish> {
     let started = Instant::now();
     let b = &d.backend;
@@ -112,13 +125,13 @@ pub async fn process(
     let stall_checks =
         (d.stall_after().as_millis() / (TICK * STALL_CHECK_EVERY).as_millis()).max(1) as u32;
     let bar = progress_bar(&record);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let stopped = stop.stopped();
+    tokio::pin!(stopped);
     let mut stalled = 0;
     let mut tick: u32 = 0;
     let outcome = loop {
         tokio::select! {
-            _ = &mut ctrl_c => break Err(None),
+            signal = &mut stopped => break Err(Cut::Signal(signal)),
             _ = tokio::time::sleep(TICK) => {}
         }
         if let Some(d) = &dispatching {
@@ -128,13 +141,15 @@ pub async fn process(
                     Ok(Dispatched::Done { .. }) => {}
                     Ok(Dispatched::Unfinished { .. }) => unreachable!("no deadline given"),
                     Err(err) => {
-                        break Err(Some(anyhow::Error::new(err).context("dispatch failed")))
+                        break Err(Cut::Failed(
+                            anyhow::Error::new(err).context("dispatch failed"),
+                        ))
                     }
                 }
             }
         }
         if poll.as_ref().is_some_and(|p| p.is_finished()) {
-            break Err(Some(anyhow::anyhow!(
+            break Err(Cut::Failed(anyhow::anyhow!(
                 "the local runner stopped unexpectedly"
             )));
         }
@@ -143,10 +158,12 @@ pub async fn process(
         if dispatching.is_some() {
             continue;
         }
-        let settled = now.is_settled();
-        if until == Until::Settled && settled {
+        if until == Until::Settled && now.is_settled() {
             break Ok(now);
         }
+        // Every item has an outcome, though a redrive's messages may still
+        // be on their way to changing some.
+        let settled = now.dispatched && now.pending() == 0;
         // Counting a queue scans it: do it when it decides something (draining),
         // or now and then to notice a stall, not on every tick.
         tick += 1;
@@ -155,6 +172,10 @@ pub async fn process(
         }
         let empty = b.work.depth().await?.total() == 0 && b.results.depth().await?.total() == 0;
         if empty && (until == Until::Drained || settled) {
+            if now.redriving {
+                // Whatever the redrive moved has been processed.
+                b.ledger.set_redriving(run, false).await?;
+            }
             break Ok(now);
         }
         stalled = if empty && !settled { stalled + 1 } else { 0 };
@@ -182,7 +203,7 @@ pub async fn process(
             }
         }
         if stalled >= stall_checks {
-            break Err(Some(anyhow::anyhow!(
+            break Err(Cut::Failed(anyhow::anyhow!(
                 "run {run} has {} pending items but no messages left to process; \
                  the database may have been changed by hand",
                 now.pending()
@@ -210,8 +231,8 @@ pub async fn process(
             let count = settled(&record).saturating_sub(settled(&before));
             Ok(Finish::Done(record, started.elapsed(), count))
         }
-        Err(None) => Ok(Finish::Interrupted(record)),
-        Err(Some(err)) => {
+        Err(Cut::Signal(signal)) => Ok(Finish::Interrupted(record, signal)),
+        Err(Cut::Failed(err)) => {
             // What was committed stays (a full disk, say, stops the run but
             // loses nothing): tell the operator how to go on once it is fixed.
             let err = match polled {

@@ -17,7 +17,28 @@ pub fn run_json(run: &RunRecord) -> Value {
         "succeeded": run.succeeded,
         "failed": run.failed,
         "pending": run.pending(),
+        "redriving": run.redriving,
     })
+}
+
+/// Ids a dry run lists before it points to `--json` for the rest.
+const DRY_RUN_SHOWN: usize = 20;
+
+pub fn dry_run_human(run: &settle_core::RunId, ids: &[&str]) -> String {
+    let shown = &ids[..ids.len().min(DRY_RUN_SHOWN)];
+    let mut out = format!("Dry run: would redrive {} items of run {run}", ids.len());
+    if !shown.is_empty() {
+        out.push_str(": ");
+        out.push_str(&shown.join(", "));
+    }
+    if ids.len() > shown.len() {
+        out.push_str(&format!(
+            " ... and {} more (--json lists them all)",
+            ids.len() - shown.len()
+        ));
+    }
+    out.push('\n');
+    out
 }
 
 pub fn time(ms: Millis) -> String {
@@ -82,8 +103,24 @@ pub fn run_human(
                 run.id
             ));
         }
+        if run.is_settled() {
+            out.push_str(&format!(
+                "Retry them: settle redrive {} [--item ID]\n",
+                run.id
+            ));
+        }
+    }
+    if run.redriving {
         out.push_str(&format!(
-            "Retry them: settle redrive {} [--item ID]\n",
+            "A redrive of this run is still in flight: its items count as failed until \
+             they are processed. If no settle command is processing it now (it was \
+             stopped), finish it with: settle resume {}\n",
+            run.id
+        ));
+    } else if !run.is_settled() {
+        out.push_str(&format!(
+            "Not settled yet. If no settle command is processing it now (it was stopped), \
+             continue with: settle resume {}\n",
             run.id
         ));
     }

@@ -51,7 +51,7 @@ fn aws_run_then_redrive_one_then_all_keeps_exact_tallies() {
     let mut args = vec!["redrive", id.as_str(), "--item", "r4", "--json"];
     args.extend(FAST);
     let one = env.ok_json(&args);
-    assert_run_extra(&one, &["redriven"], "partial", 7, 5, 2, 0);
+    assert_run_extra(&one, &REDRIVE_KEYS, "partial", 7, 5, 2, 0);
     assert_eq!(one["redriven"], 1);
     assert_eq!(env.show(&id, "r4")["attempts"], 5);
 
@@ -59,7 +59,7 @@ fn aws_run_then_redrive_one_then_all_keeps_exact_tallies() {
     let mut args = vec!["redrive", id.as_str(), "--json"];
     args.extend(FAST);
     let all = env.ok_json(&args);
-    assert_run_extra(&all, &["redriven"], "partial", 7, 5, 2, 0);
+    assert_run_extra(&all, &REDRIVE_KEYS, "partial", 7, 5, 2, 0);
     assert_eq!(all["redriven"], 2);
     assert_eq!(env.show(&id, "perm")["attempts"], 2);
 

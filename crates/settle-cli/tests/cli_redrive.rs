@@ -52,7 +52,7 @@ fn redriving_one_item_moves_exactly_that_item() {
     out.expect_code(0)
         .stderr_has(&format!("Redriving 1 items of run {id}"));
     let v = out.json();
-    assert_run_extra(&v, &["redriven"], "partial", 6, 3, 3, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 6, 3, 3, 0);
     assert_eq!(v["redriven"], 1);
     assert_eq!(run_id(&v), id);
 
@@ -104,7 +104,7 @@ fn redriving_all_moves_every_failed_item() {
     let out = redrive(&env, &id, &[]);
     out.expect_code(0);
     let v = out.json();
-    assert_run_extra(&v, &["redriven"], "partial", 6, 3, 3, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 6, 3, 3, 0);
     assert_eq!(v["redriven"], 4);
 
     // Permanent failures fail again on their one more attempt; the panic
@@ -135,7 +135,7 @@ fn redriving_all_moves_every_failed_item() {
     let again = redrive(&env, &id, &[]);
     again.expect_code(0);
     let v = again.json();
-    assert_run_extra(&v, &["redriven"], "partial", 6, 3, 3, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 6, 3, 3, 0);
     assert_eq!(v["redriven"], 3);
     assert_eq!(
         env.failures(&id),
@@ -156,7 +156,7 @@ fn redriving_a_run_without_failures_moves_nothing() {
     let out = redrive(&env, &id, &[]);
     out.expect_code(0);
     let v = out.json();
-    assert_run_extra(&v, &["redriven"], "succeeded", 2, 2, 0, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "succeeded", 2, 2, 0, 0);
     assert_eq!(v["redriven"], 0);
     assert_eq!(env.status(&id), run);
 }
@@ -223,7 +223,7 @@ fn dry_run_reports_and_moves_nothing() {
     let v = out.json();
     assert_run_extra(
         &v,
-        &["redriven", "would_redrive", "items"],
+        &["complete", "not_moved", "redriven", "would_redrive", "items"],
         "partial",
         6,
         2,
@@ -250,7 +250,7 @@ fn dry_run_reports_and_moves_nothing() {
     // Dry runs left every message where it was: a real redrive moves them all.
     let v = redrive(&env, &id, &[]).expect_code(0).json();
     assert_eq!(v["redriven"], 4);
-    assert_run_extra(&v, &["redriven"], "partial", 6, 3, 3, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 6, 3, 3, 0);
 }
 
 #[test]
@@ -276,7 +276,7 @@ fn redrive_touches_only_the_named_run() {
     );
 
     let v = redrive(&env, &a, &[]).expect_code(0).json();
-    assert_run_extra(&v, &["redriven"], "partial", 3, 2, 1, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 3, 2, 1, 0);
     assert_eq!(v["redriven"], 2);
     assert_eq!(
         env.failures(&a),
@@ -289,7 +289,7 @@ fn redrive_touches_only_the_named_run() {
     assert_eq!(env.failures(&b), b_failures);
     let v = redrive(&env, &b, &["--item", "r"]).expect_code(0).json();
     assert_eq!(v["redriven"], 1);
-    assert_run_extra(&v, &["redriven"], "partial", 3, 2, 1, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 3, 2, 1, 0);
     assert_eq!(env.status(&a)["succeeded"], 2);
 }
 
@@ -302,14 +302,14 @@ fn redrive_after_max_receives_one_counts_attempts_on() {
     let id = run_id(&run);
     // One receive per round: attempt 2 fails, attempt 3 succeeds.
     let v = redrive(&env, &id, &["--item", "r"]).expect_code(0).json();
-    assert_run_extra(&v, &["redriven"], "partial", 2, 1, 1, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 2, 1, 1, 0);
     assert_eq!(v["redriven"], 1);
     assert_eq!(
         env.failures(&id),
         json!({"run_id": id, "failures": [failure("r", 2, "retryable failure 2 of 2 (scripted)")]})
     );
     let v = redrive(&env, &id, &["--item", "r"]).expect_code(0).json();
-    assert_run_extra(&v, &["redriven"], "succeeded", 2, 2, 0, 0);
+    assert_run_extra(&v, &REDRIVE_KEYS, "succeeded", 2, 2, 0, 0);
     assert_eq!(
         history(&env.show(&id, "r")),
         vec![

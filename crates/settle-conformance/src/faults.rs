@@ -400,6 +400,9 @@ impl Ledger for FaultyLedger {
     fn atomic_commit(&self) -> bool {
         self.inner.atomic_commit()
     }
+    async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
+        self.inner.set_redriving(id, open).await
+    }
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
         self.inner.mark_settled(id, at).await
     }

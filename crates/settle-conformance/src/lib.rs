@@ -792,6 +792,7 @@ pub async fn redrive_all(
         run,
         None,
         false,
+        &|| false,
     )
     .await
 }

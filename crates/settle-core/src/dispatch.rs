@@ -30,10 +30,15 @@ pub enum DispatchError {
     Port(#[from] PortError),
 }
 
+/// A new run's record, with a fresh id and nothing claimed yet.
+pub fn new_run(config: RunConfig) -> RunRecord {
+    let now = now_millis();
+    RunRecord::new(RunId::generate(now), config, now)
+}
+
 /// Creates a new run (nothing claimed yet).
 pub async fn create_run(ledger: &dyn Ledger, config: RunConfig) -> Result<RunRecord, PortError> {
-    let now = now_millis();
-    let run = RunRecord::new(RunId::generate(now), config, now);
+    let run = new_run(config);
     ledger.create_run(&run).await?;
     Ok(run)
 }

@@ -441,7 +441,8 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
-    /// Items still pending, or the dispatcher has not finished claiming.
+    /// Items still pending, the dispatcher has not finished claiming, or a
+    /// redrive's messages are still being processed.
     Running,
     /// Every item succeeded.
     Succeeded,
@@ -486,6 +487,11 @@ pub struct RunRecord {
     pub failed: u64,
     /// When pending first reached 0 after dispatch.
     pub settled_at: Option<Millis>,
+    /// A redrive moved failed items' messages back to the work queue and
+    /// has not yet seen them all processed: their items still count as
+    /// failed, so the tally alone would call the run settled.
+    #[serde(default)]
+    pub redriving: bool,
 }
 
 impl RunRecord {
@@ -501,6 +507,7 @@ impl RunRecord {
             succeeded: 0,
             failed: 0,
             settled_at: None,
+            redriving: false,
         }
     }
 
@@ -508,9 +515,10 @@ impl RunRecord {
         self.total.saturating_sub(self.succeeded + self.failed)
     }
 
-    /// Every item of a fully dispatched run has an outcome.
+    /// Every item of a fully dispatched run has an outcome, and no redrive
+    /// of it has messages left to process.
     pub fn is_settled(&self) -> bool {
-        self.dispatched && self.pending() == 0
+        self.dispatched && self.pending() == 0 && !self.redriving
     }
 
     pub fn status(&self) -> RunStatus {

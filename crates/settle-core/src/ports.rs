@@ -160,6 +160,16 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     /// (a [`LineError`] from the input, or an id that is already pending
     /// or repeated within the input) nothing is added and that line is named.
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError>;
+    /// Loads the items as [`Source::load`] does and, in the same atomic
+    /// step, creates `run` (as [`Ledger::create_run`] would, with nothing
+    /// claimed yet) and claims for it every pending item: this load's and
+    /// any left pending by earlier loads. The run's claims are then over:
+    /// a later [`Source::claim`] for it claims nothing, and items loaded
+    /// later are never its own. So a process killed at any moment leaves
+    /// either nothing (no items, no run) or a run that owns all its items,
+    /// never items that a later run could take. Returns the items loaded;
+    /// with none, nothing is created.
+    async fn load_run(&self, run: &RunRecord, items: LoadInput) -> Result<u64, LoadError>;
     /// How many items are pending (loaded and not yet claimed).
     async fn pending(&self) -> Result<u64, PortError>;
     /// Atomically claims up to `limit` pending items for `run` and adds their
@@ -250,6 +260,13 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn atomic_commit(&self) -> bool {
         true
     }
+    /// Opens or closes the run's redrive ([`RunRecord::redriving`]): a
+    /// redrive opens it before it moves the first message back to the work
+    /// queue, and whoever then sees the queues drained closes it. A redrive
+    /// cut off in between leaves it open, so the run does not pass for
+    /// settled until a resume has processed what was moved.
+    /// `PortError::NotFound` if the run does not exist.
+    async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError>;
     /// Sets `settled_at` if unset; true if this call set it.
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError>;
     /// The run's failed items in id order, after `after`.

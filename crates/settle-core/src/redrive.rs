@@ -35,14 +35,28 @@ pub struct RedriveReport {
     /// Messages moved (or that would be); can exceed `items` when the DLQ held duplicates.
     pub messages: u64,
     /// Failed items (the named ones, or all of the run's) with no message
-    /// the scan could move: already redriven, in flight, or hidden by
-    /// another scan of the DLQ for up to its visibility timeout.
+    /// the scan could move: hidden by another scan of the DLQ (one still
+    /// running, or one cut off) for up to its visibility timeout. Empty
+    /// after a scan that was stopped, which looked at only part of the DLQ.
     pub missing: BTreeSet<ItemId>,
+    /// The scan stopped early, when asked to: some of the run's DLQ
+    /// messages may not have been looked at.
+    pub stopped: bool,
+}
+
+impl RedriveReport {
+    /// Every failed item asked for was moved (or would be, on a dry run).
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && !self.stopped
+    }
 }
 
 /// Moves the run's DLQ messages, or only those of `only`, to the work queue.
 /// Named items are checked first: an unknown or not-failed item is an error
-/// and nothing moves.
+/// and nothing moves. Before it moves anything it opens the run's redrive
+/// ([`Ledger::set_redriving`]); closing it, once the moved messages have
+/// been processed, is the caller's. `stop` is asked between DLQ batches: a
+/// redrive told to stop keeps what it moved and gives back what it hid.
 pub async fn redrive(
     ledger: &dyn Ledger,
     dlq: &dyn Queue,
@@ -50,6 +64,7 @@ pub async fn redrive(
     run: &RunId,
     only: Option<&BTreeSet<ItemId>>,
     dry_run: bool,
+    stop: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<RedriveReport, RedriveError> {
     if ledger.run(run).await?.is_none() {
         return Err(RedriveError::UnknownRun(run.clone()));
@@ -71,12 +86,26 @@ pub async fn redrive(
             }
         }
     }
+    if !dry_run {
+        ledger.set_redriving(run, true).await?;
+    }
     let mut report = RedriveReport::default();
     let mut hidden: Vec<String> = Vec::new();
-    let result = scan(dlq, work, run, only, dry_run, &mut report, &mut hidden).await;
+    let scan = Scan {
+        dlq,
+        work,
+        run,
+        only,
+        dry_run,
+        stop,
+    };
+    let result = scan.run(&mut report, &mut hidden).await;
     // Whatever happened, give back what this pass hid and did not move.
     release(dlq, &hidden).await;
     result?;
+    if report.stopped {
+        return Ok(report);
+    }
     report.missing = match only {
         Some(only) => only.difference(&report.items).cloned().collect(),
         None => {
@@ -119,61 +148,83 @@ pub(crate) async fn release(dlq: &dyn Queue, hidden: &[String]) {
     }
 }
 
-async fn scan(
-    dlq: &dyn Queue,
-    work: &dyn Queue,
-    run: &RunId,
-    only: Option<&BTreeSet<ItemId>>,
+/// One pass over the DLQ.
+struct Scan<'a> {
+    dlq: &'a dyn Queue,
+    work: &'a dyn Queue,
+    run: &'a RunId,
+    only: Option<&'a BTreeSet<ItemId>>,
     dry_run: bool,
-    report: &mut RedriveReport,
-    hidden: &mut Vec<String>,
-) -> Result<(), PortError> {
-    while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
-        let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
-        for d in &batch {
-            match WorkBody::decode(&d.body) {
-                Ok(b) if &b.run == run && only.is_none_or(|o| o.contains(&b.item)) => {
-                    moves.push((d, b))
-                }
-                // Other runs' messages, and bodies that belong to no run, stay.
-                _ => hidden.push(d.receipt.clone()),
+    stop: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+impl Scan<'_> {
+    async fn run(
+        &self,
+        report: &mut RedriveReport,
+        hidden: &mut Vec<String>,
+    ) -> Result<(), PortError> {
+        let Self {
+            dlq,
+            work,
+            run,
+            only,
+            dry_run,
+            stop,
+        } = *self;
+        while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
+            if stop() {
+                // Not taken: given back with the rest of what this pass hid.
+                hidden.extend(batch.into_iter().map(|d| d.receipt));
+                report.stopped = true;
+                break;
             }
-        }
-        for (d, b) in &moves {
-            report.items.insert(b.item.clone());
-            report.messages += 1;
-            if dry_run {
-                hidden.push(d.receipt.clone());
-            }
-        }
-        if dry_run || moves.is_empty() {
-            continue;
-        }
-        let bodies: Vec<String> = moves
-            .iter()
-            .map(|(d, b)| {
-                // Attempts keep counting across the redrive.
-                let prior = match &b.dead {
-                    Some(dead) => dead.attempts,
-                    None => b.prior_attempts + d.receive_count.saturating_sub(1),
-                };
-                WorkBody {
-                    prior_attempts: prior,
-                    dead: None,
-                    ..b.clone()
+            let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
+            for d in &batch {
+                match WorkBody::decode(&d.body) {
+                    Ok(b) if &b.run == run && only.is_none_or(|o| o.contains(&b.item)) => {
+                        moves.push((d, b))
+                    }
+                    // Other runs' messages, and bodies that belong to no run, stay.
+                    _ => hidden.push(d.receipt.clone()),
                 }
-                .encode()
-            })
-            .collect();
-        // Send before delete: a crash between them leaves a duplicate, never a loss.
-        let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
-        for range in crate::ports::send_batches(&sizes) {
-            work.send(bodies[range].to_vec()).await?;
+            }
+            for (d, b) in &moves {
+                report.items.insert(b.item.clone());
+                report.messages += 1;
+                if dry_run {
+                    hidden.push(d.receipt.clone());
+                }
+            }
+            if dry_run || moves.is_empty() {
+                continue;
+            }
+            let bodies: Vec<String> = moves
+                .iter()
+                .map(|(d, b)| {
+                    // Attempts keep counting across the redrive.
+                    let prior = match &b.dead {
+                        Some(dead) => dead.attempts,
+                        None => b.prior_attempts + d.receive_count.saturating_sub(1),
+                    };
+                    WorkBody {
+                        prior_attempts: prior,
+                        dead: None,
+                        ..b.clone()
+                    }
+                    .encode()
+                })
+                .collect();
+            // Send before delete: a crash between them leaves a duplicate, never a loss.
+            let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
+            for range in crate::ports::send_batches(&sizes) {
+                work.send(bodies[range].to_vec()).await?;
+            }
+            dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())
+                .await?;
         }
-        dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())
-            .await?;
+        Ok(())
     }
-    Ok(())
 }
 
 /// The next batch of a DLQ scan, hidden for `visibility`; `None` once the

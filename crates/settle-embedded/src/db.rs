@@ -418,6 +418,13 @@ CREATE TABLE IF NOT EXISTS runs (
     -- The highest item seq the run may claim, fixed at its first claim.
     claim_bound INTEGER
 ) WITHOUT ROWID;
+-- Runs with an open redrive (RunRecord::redriving): messages moved back to
+-- the work queue that nobody has yet seen processed. Added without a schema
+-- version change: older builds ignore the table.
+CREATE TABLE IF NOT EXISTS redrives (
+    run_id TEXT PRIMARY KEY,
+    opened_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL,
     item_id TEXT NOT NULL,

@@ -46,12 +46,14 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
         succeeded: r.get::<_, i64>(7)? as u64,
         failed: r.get::<_, i64>(8)? as u64,
         settled_at: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+        redriving: r.get(10)?,
     };
     Ok((run, config))
 }
 
 const RUN_COLUMNS: &str =
-    "run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at";
+    "run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at, \
+     EXISTS (SELECT 1 FROM redrives WHERE redrives.run_id = runs.run_id)";
 
 fn get_run(c: &Connection, id: &str) -> Result<Option<RunRecord>, DbError> {
     let row = c
@@ -335,9 +337,99 @@ fn find_duplicate(
     Ok(None)
 }
 
+/// Claims up to `limit` pending items for `run` (see [`Source::claim`]).
+fn claim_in(c: &Connection, run: &RunId, limit: u64) -> Result<u64, DbError> {
+    let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
+    // A run claims only what was loaded before its first claim: an
+    // item loaded later (tomorrow's file, with the same ids) is
+    // another run's work, and could repeat an id this run has.
+    c.execute(
+        "UPDATE runs SET claim_bound = (SELECT coalesce(max(seq), 0) FROM items) \
+             WHERE run_id = ?1 AND claim_bound IS NULL",
+        params![run.as_str()],
+    )?;
+    let bound: Option<i64> = c
+        .query_row(
+            "SELECT claim_bound FROM runs WHERE run_id = ?1",
+            params![run.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let Some(bound) = bound else {
+        return Err(DbError::Refused(format!("run {run} does not exist").into()));
+    };
+    let hi: Option<i64> = c
+            .query_row(
+                "SELECT max(seq) FROM (SELECT seq FROM items WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2)",
+                params![upto, limit.min(i64::MAX as u64) as i64, bound],
+                |r| r.get(0),
+            )?;
+    let Some(hi) = hi else { return Ok(0) };
+    let n: i64 = c.query_row(
+        "SELECT count(*) FROM items WHERE seq > ?1 AND seq <= ?2",
+        params![upto, hi],
+        |r| r.get(0),
+    )?;
+    let changed = c.execute(
+        "UPDATE runs SET total = total + ?2 WHERE run_id = ?1 AND dispatched = 0",
+        params![run.as_str(), n],
+    )?;
+    if changed == 0 {
+        return Err(DbError::Refused(
+            format!("run {run} does not exist or has finished dispatching").into(),
+        ));
+    }
+    // Extend the run's last segment when it ends where this claim
+    // starts (one dispatcher: one segment), so reading stays cheap.
+    let extended = c.execute(
+        "UPDATE claims SET hi = ?3 WHERE run_id = ?1 AND hi = ?2",
+        params![run.as_str(), upto, hi],
+    )?;
+    if extended == 0 {
+        c.execute(
+            "INSERT INTO claims (run_id, lo, hi) VALUES (?1, ?2, ?3)",
+            params![run.as_str(), upto + 1, hi],
+        )?;
+    }
+    c.execute("UPDATE source SET claimed_upto = ?1", params![hi])?;
+    Ok(n as u64)
+}
+
+/// Inserts a new run's row; refused if the id exists.
+fn insert_run(c: &Connection, run: &RunRecord) -> Result<(), DbError> {
+    let config = serde_json::to_string(&run.config).map_err(|e| DbError::Refused(Box::new(e)))?;
+    let added = c.execute(
+        "INSERT OR IGNORE INTO runs (run_id, created_at, config, total, enqueued, cursor, \
+         dispatched, succeeded, failed, settled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            run.id.as_str(), run.created_at as i64, config, run.total as i64,
+            run.enqueued as i64, run.cursor, run.dispatched, run.succeeded as i64,
+            run.failed as i64, run.settled_at.map(|v| v as i64)
+        ],
+    )?;
+    if added == 0 {
+        return Err(DbError::Refused(
+            format!("run {} already exists", run.id).into(),
+        ));
+    }
+    Ok(())
+}
+
 impl From<LineError> for DbError {
     fn from(e: LineError) -> Self {
         DbError::Refused(Box::new(e))
+    }
+}
+
+/// A load's refusal of a line, or the database's failure.
+fn load_err(e: DbError) -> LoadError {
+    match e {
+        DbError::Refused(e) => match e.downcast::<LineError>() {
+            Ok(line) => LoadError::Line(*line),
+            Err(e) => LoadError::Port(PortError::backend("load", e)),
+        },
+        e => LoadError::Port(port_err("load")(e)),
     }
 }
 
@@ -345,18 +437,26 @@ impl From<LineError> for DbError {
 impl Source for EmbeddedStore {
     async fn load(&self, items: LoadInput) -> Result<u64, LoadError> {
         let items = parse_aside(items);
-        let res = self
-            .db
+        self.db
             .write_atomic(move |c| load_items(c, items, SUSPECTS_MAX))
-            .await;
-        match res {
-            Ok(n) => Ok(n),
-            Err(DbError::Refused(e)) => match e.downcast::<LineError>() {
-                Ok(line) => Err(LoadError::Line(*line)),
-                Err(e) => Err(LoadError::Port(PortError::backend("load", e))),
-            },
-            Err(e) => Err(LoadError::Port(port_err("load")(e))),
-        }
+            .await
+            .map_err(load_err)
+    }
+
+    async fn load_run(&self, run: &RunRecord, items: LoadInput) -> Result<u64, LoadError> {
+        let items = parse_aside(items);
+        let run = run.clone();
+        self.db
+            .write_atomic(move |c| {
+                let n = load_items(c, items, SUSPECTS_MAX)?;
+                if n > 0 {
+                    insert_run(c, &run)?;
+                    claim_in(c, &run.id, u64::MAX)?;
+                }
+                Ok(n)
+            })
+            .await
+            .map_err(load_err)
     }
 
     async fn pending(&self) -> Result<u64, PortError> {
@@ -375,59 +475,7 @@ impl Source for EmbeddedStore {
     async fn claim(&self, run: &RunId, limit: usize) -> Result<u64, PortError> {
         let run = run.clone();
         self.db
-            .write(move |c| {
-                let upto: i64 = c.query_row("SELECT claimed_upto FROM source", [], |r| r.get(0))?;
-                // A run claims only what was loaded before its first claim: an
-                // item loaded later (tomorrow's file, with the same ids) is
-                // another run's work, and could repeat an id this run has.
-                c.execute(
-                    "UPDATE runs SET claim_bound = (SELECT coalesce(max(seq), 0) FROM items) \
-                     WHERE run_id = ?1 AND claim_bound IS NULL",
-                    params![run.as_str()],
-                )?;
-                let bound: Option<i64> = c
-                    .query_row("SELECT claim_bound FROM runs WHERE run_id = ?1", params![run.as_str()], |r| r.get(0))
-                    .optional()?
-                    .flatten();
-                let Some(bound) = bound else {
-                    return Err(DbError::Refused(format!("run {run} does not exist").into()));
-                };
-                let hi: Option<i64> = c
-                    .query_row(
-                        "SELECT max(seq) FROM (SELECT seq FROM items WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2)",
-                        params![upto, limit as i64, bound],
-                        |r| r.get(0),
-                    )?;
-                let Some(hi) = hi else { return Ok(0) };
-                let n: i64 = c.query_row(
-                    "SELECT count(*) FROM items WHERE seq > ?1 AND seq <= ?2",
-                    params![upto, hi],
-                    |r| r.get(0),
-                )?;
-                let changed = c.execute(
-                    "UPDATE runs SET total = total + ?2 WHERE run_id = ?1 AND dispatched = 0",
-                    params![run.as_str(), n],
-                )?;
-                if changed == 0 {
-                    return Err(DbError::Refused(
-                        format!("run {run} does not exist or has finished dispatching").into(),
-                    ));
-                }
-                // Extend the run's last segment when it ends where this claim
-                // starts (one dispatcher: one segment), so reading stays cheap.
-                let extended = c.execute(
-                    "UPDATE claims SET hi = ?3 WHERE run_id = ?1 AND hi = ?2",
-                    params![run.as_str(), upto, hi],
-                )?;
-                if extended == 0 {
-                    c.execute(
-                        "INSERT INTO claims (run_id, lo, hi) VALUES (?1, ?2, ?3)",
-                        params![run.as_str(), upto + 1, hi],
-                    )?;
-                }
-                c.execute("UPDATE source SET claimed_upto = ?1", params![hi])?;
-                Ok(n as u64)
-            })
+            .write(move |c| claim_in(c, &run, limit as u64))
             .await
             .map_err(port_err("claim"))
     }
@@ -486,23 +534,8 @@ impl Source for EmbeddedStore {
 impl Ledger for EmbeddedStore {
     async fn create_run(&self, run: &RunRecord) -> Result<(), PortError> {
         let run = run.clone();
-        let config = serde_json::to_string(&run.config).expect("config serializes");
         self.db
-            .write(move |c| {
-                let added = c.execute(
-                    "INSERT OR IGNORE INTO runs (run_id, created_at, config, total, enqueued, cursor, \
-                     dispatched, succeeded, failed, settled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                    params![
-                        run.id.as_str(), run.created_at as i64, config, run.total as i64,
-                        run.enqueued as i64, run.cursor, run.dispatched, run.succeeded as i64,
-                        run.failed as i64, run.settled_at.map(|v| v as i64)
-                    ],
-                )?;
-                if added == 0 {
-                    return Err(DbError::Refused(format!("run {} already exists", run.id).into()));
-                }
-                Ok(())
-            })
+            .write(move |c| insert_run(c, &run))
             .await
             .map_err(|e| match e {
                 DbError::Refused(e) => PortError::Invalid(e.to_string()),
@@ -662,6 +695,38 @@ impl Ledger for EmbeddedStore {
             DbError::Refused(e) if e.is::<Conflict>() => PortError::Conflict,
             e => port_err("commit")(e),
         })
+    }
+
+    async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
+        let id = id.clone();
+        self.db
+            .write(move |c| {
+                if get_run(c, id.as_str())?.is_none() {
+                    return Err(DbError::Refused(Box::new(PortError::NotFound(format!(
+                        "run {id}"
+                    )))));
+                }
+                if open {
+                    c.execute(
+                        "INSERT OR IGNORE INTO redrives (run_id, opened_at) VALUES (?1, ?2)",
+                        params![id.as_str(), settle_core::domain::now_millis() as i64],
+                    )?;
+                } else {
+                    c.execute(
+                        "DELETE FROM redrives WHERE run_id = ?1",
+                        params![id.as_str()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                DbError::Refused(e) => match e.downcast::<PortError>() {
+                    Ok(p) => *p,
+                    Err(e) => PortError::backend("set_redriving", e),
+                },
+                e => port_err("set_redriving")(e),
+            })
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {

@@ -14,14 +14,18 @@ use std::time::{Duration, Instant};
 pub const FAST: [&str; 4] = ["--retry-delay-ms", "20", "--visibility-timeout", "5"];
 
 /// The keys of a run's JSON (run, status, resume, dispatch).
-pub const RUN_KEYS: [&str; 6] = [
+pub const RUN_KEYS: [&str; 7] = [
     "failed",
     "pending",
+    "redriving",
     "run_id",
     "status",
     "succeeded",
     "total",
 ];
+
+/// The keys `redrive` adds to a run's JSON.
+pub const REDRIVE_KEYS: [&str; 3] = ["complete", "not_moved", "redriven"];
 
 /// No single command of these tests may take longer than this.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
