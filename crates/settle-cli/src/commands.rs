@@ -88,6 +88,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                 ));
             }
             let record = new_run(d, &run).await?;
+            eprintln!("Dispatching run {}", record.id);
             let b = &d.backend;
             let dispatched = dispatch::dispatch(
                 b.source.as_ref(),
@@ -117,6 +118,19 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             json,
         } => {
             let run = resolve(d, run_id.as_deref()).await?;
+            eprintln!(
+                "Resuming run {}: {} of {} items settled{}",
+                run.id,
+                run.succeeded + run.failed,
+                run.total,
+                if run.redriving {
+                    ", a redrive in flight"
+                } else if !run.dispatched {
+                    ", dispatch unfinished"
+                } else {
+                    ""
+                }
+            );
             finish(
                 d,
                 process(d, &run.id, &p, Until::Settled, stop).await?,
@@ -376,9 +390,9 @@ async fn finish(
         }
         Finish::Interrupted(run, signal) => {
             let dispatching = if run.dispatched {
-                String::new()
+                ""
             } else {
-                " so far (dispatch unfinished)".into()
+                " (claimed so far; dispatch unfinished)"
             };
             eprintln!(
                 "interrupted by {}: {} of {} items{dispatching} settled; continue with: settle resume {}",

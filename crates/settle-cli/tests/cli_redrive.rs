@@ -223,7 +223,13 @@ fn dry_run_reports_and_moves_nothing() {
     let v = out.json();
     assert_run_extra(
         &v,
-        &["complete", "not_moved", "redriven", "would_redrive", "items"],
+        &[
+            "complete",
+            "not_moved",
+            "redriven",
+            "would_redrive",
+            "items",
+        ],
         "partial",
         6,
         2,

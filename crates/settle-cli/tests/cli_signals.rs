@@ -1,0 +1,435 @@
+//! Kills and signals at the moments that matter, on the real CLI: a run
+//! killed once it exists keeps its items from the next run; an interrupted
+//! redrive is finished by one resume (or the next redrive) with a final
+//! tally and empty queues; SIGINT and SIGTERM stop every long command
+//! cleanly, saying how to continue.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Child;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running `settle` whose stderr is read line by line as it comes.
+struct Watched {
+    child: Child,
+    args: Vec<String>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watched {
+    fn start(env: &Env, args: &[&str]) -> Self {
+        Self::from_child(env.spawn(args), args)
+    }
+
+    fn from_child(mut child: Child, args: &[&str]) -> Self {
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a line of stderr contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "`settle {}` never said {needle:?}; it said:\n{}",
+                    self.args.join(" "),
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name}");
+    }
+
+    fn finish(mut self) -> Out {
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        Out {
+            code: status.code().unwrap_or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                128 + status.signal().unwrap_or(0)
+            }),
+            stdout,
+            stderr: self.seen.join("\n"),
+            args: self.args,
+        }
+    }
+}
+
+/// The work, results and dead-letter queues' message counts, hidden ones
+/// included, read from the database while no command runs.
+fn queues(env: &Env) -> (u64, u64, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let e = settle_embedded::Embedded::open(&env.db()).await.unwrap();
+        let b = e.backend();
+        (
+            b.work.depth().await.unwrap().total(),
+            b.results.depth().await.unwrap().total(),
+            b.dlq.depth().await.unwrap().total(),
+        )
+    })
+}
+
+/// `n` items, every second of which fails its first three attempts: with
+/// the default 3 receives it fails, and a redrive makes it succeed.
+fn half_retryable(env: &Env, n: usize) -> String {
+    let text: String = (0..n)
+        .map(|i| {
+            let script = if i % 2 == 1 { "retryable:3" } else { "ok" };
+            format!(
+                "{}\n",
+                json!({"id": format!("i{i:05}"), "payload": {"script": script}})
+            )
+        })
+        .collect();
+    env.write("items.jsonl", text)
+}
+
+/// One item at a time, so that a signal lands while work remains.
+const SLOW: [&str; 4] = ["--concurrency", "1", "--batch-size", "1"];
+
+#[test]
+fn a_run_killed_once_it_exists_keeps_its_items_from_the_next_run() {
+    const N: u64 = 20_000;
+    let env = Env::new();
+    let gen = env.settle(&["generate", "--count", &N.to_string(), "--mix", "bench"]);
+    gen.expect_code(0);
+    let failing = gen
+        .stdout
+        .lines()
+        .filter(|l| l.contains("permanent"))
+        .count() as u64;
+    let items = env.write("items.jsonl", &gen.stdout);
+    let mut args = vec!["run", "--items", items.as_str(), "--json"];
+    args.extend(FAST);
+    let mut first = Watched::start(&env, &args);
+    // The run exists from this line on, with all its items; dispatch and
+    // processing have barely begun.
+    first.wait_for("started");
+    first.signal("KILL");
+    let killed = first.finish();
+    assert_eq!(killed.code, 128 + 9, "{killed:?}");
+    let run = env.runs()["runs"][0]["run_id"].as_str().unwrap().to_owned();
+    let before = env.status(&run);
+    assert_eq!(
+        before["total"], N,
+        "the killed run owns all its items: {before}"
+    );
+
+    // The next run counts its own file and nothing of the killed one's.
+    let other = env.scripts("other.jsonl", &[("x1", "ok"), ("x2", "permanent")]);
+    let second = env.run(&other, &[]);
+    assert_run(&second, "partial", 2, 1, 1, 0);
+
+    let mut resume = vec!["resume", run.as_str(), "--json"];
+    resume.extend(FAST);
+    let done = env.ok_json(&resume);
+    assert_run(&done, "partial", N, N - failing, failing, 0);
+    assert_eq!(
+        queues(&env),
+        (0, 0, failing + 1),
+        "one dead letter per failed item"
+    );
+}
+
+/// Redrives a run of half-failing items, stops the redrive with `signal`
+/// while it processes, and returns the env, the run id and the stopped
+/// redrive's output.
+fn interrupted_redrive(signal: &str) -> (Env, String, Out) {
+    const N: usize = 600;
+    let env = Env::new();
+    let items = half_retryable(&env, N);
+    let run = env.run(&items, &[]);
+    assert_run(&run, "partial", N as u64, N as u64 / 2, N as u64 / 2, 0);
+    let id = run_id(&run);
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    args.extend(SLOW);
+    let mut redrive = Watched::start(&env, &args);
+    redrive.wait_for("Redriving 300 items");
+    std::thread::sleep(Duration::from_millis(300));
+    redrive.signal(signal);
+    let out = redrive.finish();
+
+    // Cut off mid-way: the run is not settled while the redrive's messages
+    // wait, whatever its tally says.
+    let status = env.status(&id);
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["redriving"], true, "{status}");
+    let human = env.settle(&["status", &id]);
+    human.expect_code(0);
+    assert!(
+        human.stdout.contains(&format!("settle resume {id}")),
+        "status must point to resume: {}",
+        human.stdout
+    );
+    (env, id, out)
+}
+
+/// One resume finishes the cut-off redrive: a final tally, and nothing left
+/// in any queue. A second resume changes nothing.
+fn resume_finishes(env: &Env, id: &str) {
+    let mut args = vec!["resume", id, "--json"];
+    args.extend(FAST);
+    let done = env.ok_json(&args);
+    assert_run(&done, "succeeded", 600, 600, 0, 0);
+    assert_eq!(done["redriving"], false);
+    assert_eq!(queues(env), (0, 0, 0), "queues after the resume");
+    let again = env.ok_json(&args);
+    assert_eq!(again, done, "a second resume moves nothing");
+}
+
+#[test]
+fn a_redrive_stopped_by_sigint_is_finished_by_one_resume() {
+    let (env, id, out) = interrupted_redrive("INT");
+    out.expect_code(130)
+        .stderr_has("interrupted by SIGINT")
+        .stderr_has(&format!("continue with: settle resume {id}"));
+    let v = out.json();
+    assert_eq!(
+        (v["status"].clone(), v["redriving"].clone()),
+        (json!("running"), json!(true)),
+        "{v}"
+    );
+    resume_finishes(&env, &id);
+}
+
+#[test]
+fn a_redrive_stopped_by_sigterm_is_finished_by_one_resume() {
+    let (env, id, out) = interrupted_redrive("TERM");
+    out.expect_code(143)
+        .stderr_has("interrupted by SIGTERM")
+        .stderr_has(&format!("continue with: settle resume {id}"));
+    resume_finishes(&env, &id);
+}
+
+#[test]
+fn a_redrive_killed_outright_is_finished_by_one_resume() {
+    let (env, id, out) = interrupted_redrive("KILL");
+    assert_eq!(out.code, 128 + 9, "{out:?}");
+    resume_finishes(&env, &id);
+}
+
+#[test]
+fn a_redrive_after_a_killed_one_finishes_it_and_misses_nothing() {
+    let (env, id, _) = interrupted_redrive("KILL");
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let out = env.settle(&args);
+    out.expect_code(0)
+        .stderr_has("Finishing an earlier redrive")
+        .stderr_has("Redriving 0 items");
+    assert!(
+        !out.stderr.contains("no message in the dead-letter queue"),
+        "nothing is missing: {}",
+        out.stderr
+    );
+    let v = out.json();
+    assert_run_extra(&v, &REDRIVE_KEYS, "succeeded", 600, 600, 0, 0);
+    assert_eq!(
+        (v["not_moved"].clone(), v["complete"].clone()),
+        (json!(0), json!(true))
+    );
+    assert_eq!(queues(&env), (0, 0, 0));
+}
+
+#[test]
+fn a_redrive_that_cannot_move_an_item_says_so_and_exits_3() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "retryable:3"), ("b", "retryable:3")]);
+    let id = run_id(&env.run(&items, &[]));
+    // Another pass over the DLQ holds one of the two messages hidden.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let e = settle_embedded::Embedded::open(&env.db()).await.unwrap();
+        let got = e
+            .backend()
+            .dlq
+            .receive(1, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    });
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let out = env.settle(&args);
+    out.expect_code(3)
+        .stderr_has("1 failed item has no message in the dead-letter queue");
+    let v = out.json();
+    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 2, 1, 1, 0);
+    assert_eq!(
+        (
+            v["redriven"].clone(),
+            v["not_moved"].clone(),
+            v["complete"].clone()
+        ),
+        (json!(1), json!(1), json!(false))
+    );
+}
+
+#[test]
+fn sigterm_stops_run_and_resume_cleanly() {
+    const N: usize = 600;
+    let env = Env::new();
+    let items = half_retryable(&env, N);
+    let mut args = vec!["run", "--items", items.as_str(), "--json"];
+    args.extend(FAST);
+    args.extend(SLOW);
+    let mut run = Watched::start(&env, &args);
+    run.wait_for("started");
+    std::thread::sleep(Duration::from_millis(300));
+    run.signal("TERM");
+    let out = run.finish();
+    let v = out.json();
+    let id = run_id(&v);
+    out.expect_code(143)
+        .stderr_has("interrupted by SIGTERM")
+        .stderr_has(&format!("continue with: settle resume {id}"));
+    assert_eq!(v["status"], "running", "{v}");
+
+    let mut resume = vec!["resume", id.as_str(), "--json"];
+    resume.extend(FAST);
+    resume.extend(SLOW);
+    let mut again = Watched::start(&env, &resume);
+    again.wait_for("Resuming run");
+    std::thread::sleep(Duration::from_millis(300));
+    again.signal("TERM");
+    let out = again.finish();
+    out.expect_code(143)
+        .stderr_has("interrupted by SIGTERM")
+        .stderr_has(&format!("continue with: settle resume {id}"));
+    assert_eq!(out.json()["status"], "running");
+
+    let mut resume = vec!["resume", id.as_str(), "--json"];
+    resume.extend(FAST);
+    let done = env.ok_json(&resume);
+    assert_run(&done, "partial", N as u64, N as u64 / 2, N as u64 / 2, 0);
+    assert_eq!(queues(&env), (0, 0, N as u64 / 2));
+}
+
+#[test]
+fn sigint_and_sigterm_stop_a_dispatch_cleanly() {
+    // Enough that a dispatch takes a while: about 0.7 s in a debug build.
+    const N: usize = 100_000;
+    for signal in ["INT", "TERM"] {
+        let env = Env::new();
+        let text: String = (0..N).map(|i| format!("{{\"id\":\"d{i}\"}}\n")).collect();
+        let items = env.write("items.jsonl", text);
+        env.settle(&["load", "--items", &items]).expect_code(0);
+        let args = ["dispatch", "--json"];
+        let mut dispatch = Watched::start(&env, &args);
+        dispatch.wait_for("Dispatching run");
+        dispatch.signal(signal);
+        let out = dispatch.finish();
+        let v = out.json();
+        let id = run_id(&v);
+        let (code, name) = if signal == "INT" {
+            (130, "SIGINT")
+        } else {
+            (143, "SIGTERM")
+        };
+        out.expect_code(code)
+            .stderr_has(&format!("interrupted by {name}"))
+            .stderr_has("dispatch unfinished")
+            .stderr_has(&format!("continue with: settle resume {id}"));
+        assert_eq!(v["status"], "running", "{v}");
+        let mut resume = vec!["resume", id.as_str(), "--json"];
+        resume.extend(FAST);
+        let done = env.ok_json(&resume);
+        assert_run(&done, "succeeded", N as u64, N as u64, 0, 0);
+        assert_eq!(queues(&env), (0, 0, 0));
+    }
+}
+
+#[test]
+fn sigint_stops_a_load_with_nothing_loaded() {
+    let env = Env::new();
+    let args = ["load", "--items", "-", "--json"];
+    let mut child = env
+        .command(&args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..100 {
+        writeln!(stdin, "{{\"id\":\"l{i}\"}}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let load = Watched::from_child(child, &args);
+    // The load now waits for more input, its signal handlers in place.
+    std::thread::sleep(Duration::from_millis(500));
+    load.signal("INT");
+    std::thread::sleep(Duration::from_millis(200));
+    writeln!(stdin, "{{\"id\":\"last\"}}").unwrap();
+    drop(stdin);
+    let out = load.finish();
+    out.expect_code(130)
+        .stderr_has("interrupted by SIGINT: nothing of - was loaded");
+    env.settle(&["dispatch", "--json"])
+        .expect_code(2)
+        .stderr_has("nothing is pending");
+}
+
+/// A run's JSON says whether a redrive is in flight, and a settled run's
+/// human summary points to redrive, an unsettled one's to resume.
+#[test]
+fn a_settled_run_points_to_redrive_and_not_to_resume() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "ok"), ("b", "permanent")]);
+    let id = run_id(&env.run(&items, &[]));
+    let out = env.settle(&["status", &id]);
+    out.expect_code(0);
+    assert!(out
+        .stdout
+        .contains(&format!("Retry them: settle redrive {id}")));
+    assert!(!out.stdout.contains("settle resume"), "{}", out.stdout);
+    let v: Value = env.status(&id);
+    assert_eq!(v["redriving"], false);
+}
