@@ -19,7 +19,7 @@ use settle_core::domain::{
 use settle_core::idempotency::IdempotencyStore;
 use settle_core::message::{ResultBody, WorkBody, MAX_BODY_BYTES};
 use settle_core::ports::{
-    Delivery, ItemPut, Ledger, LedgerBatch, LoadError, PortError, Queue, Source,
+    Delivery, ItemPut, Ledger, LedgerBatch, LineError, LoadError, PortError, Queue, Source,
 };
 use settle_core::{dispatch, reconcile, redrive, reduce, RunId};
 use std::collections::BTreeSet;
@@ -383,6 +383,111 @@ pub async fn source_claims_stop_at_the_first_claims_bound(s: &Subject) {
         .await
         .unwrap();
     assert_eq!(s.source.claim(&r2.id, 10).await.unwrap(), 2);
+}
+
+/// A run loaded with its items owns them, and the pending items before
+/// them, from the moment the load returns; a failed or empty load leaves
+/// no run and no items; what is loaded later is never that run's.
+pub async fn source_load_run_owns_its_items(s: &Subject) {
+    s.source
+        .load(Box::new(
+            vec![Ok((1, item("early-1", "1"))), Ok((2, item("early-2", "2")))].into_iter(),
+        ))
+        .await
+        .unwrap();
+
+    // A bad line: neither the run nor any item.
+    let bad = dispatch::new_run(RunConfig::default());
+    let input = vec![Ok((1, item("a", "1"))), Ok((2, item("a", "2")))];
+    match s.source.load_run(&bad, Box::new(input.into_iter())).await {
+        Err(LoadError::Line(e)) => assert_eq!(e.line, 2, "{}", e.reason),
+        other => panic!("expected a line error, got {other:?}"),
+    }
+    assert!(s.ledger.run(&bad.id).await.unwrap().is_none(), "no run");
+    assert_eq!(s.source.pending().await.unwrap(), 2, "nothing loaded");
+
+    // Nothing to load: nothing created.
+    let empty = dispatch::new_run(RunConfig::default());
+    let none: Vec<Result<(u64, Item), LineError>> = Vec::new();
+    assert_eq!(
+        s.source
+            .load_run(&empty, Box::new(none.into_iter()))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(s.ledger.run(&empty.id).await.unwrap().is_none());
+
+    let run = dispatch::new_run(RunConfig::default());
+    let input = vec![
+        Ok((1, item("a", "1"))),
+        Ok((2, item("b", "2"))),
+        Ok((3, item("c", "3"))),
+    ];
+    let n = s
+        .source
+        .load_run(&run, Box::new(input.into_iter()))
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    let r = s
+        .ledger
+        .run(&run.id)
+        .await
+        .unwrap()
+        .expect("the run exists");
+    assert_eq!((r.total, r.dispatched), (5, false), "{r:?}");
+    assert_eq!(s.source.pending().await.unwrap(), 0, "all claimed");
+
+    // Tomorrow's file, loaded before the run dispatches: not the run's.
+    s.source
+        .load(Box::new(vec![Ok((1, item("a", "9")))].into_iter()))
+        .await
+        .unwrap();
+    assert_eq!(s.source.claim(&run.id, 100).await.unwrap(), 0);
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (page, next) = s
+            .source
+            .claimed(&run.id, cursor.as_deref(), 2)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        ids.extend(page.into_iter().map(|i| i.id.as_str().to_owned()));
+        cursor = next;
+    }
+    assert_eq!(ids, ["early-1", "early-2", "a", "b", "c"]);
+    assert_eq!(s.source.pending().await.unwrap(), 1);
+    let other = dispatch::create_run(s.ledger.as_ref(), RunConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.source.claim(&other.id, 100).await.unwrap(), 1);
+}
+
+/// An open redrive keeps a settled run from passing for settled until it
+/// is closed; an unknown run is `NotFound`.
+pub async fn ledger_redriving_keeps_a_run_open(s: &Subject) {
+    let run = fresh_run(s, 0).await;
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert!(r.is_settled() && !r.redriving, "{r:?}");
+    s.ledger.set_redriving(&run, true).await.unwrap();
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert!(r.redriving && !r.is_settled(), "{r:?}");
+    assert_eq!(r.status(), settle_core::domain::RunStatus::Running);
+    let listed = s.ledger.runs(10).await.unwrap();
+    assert!(listed.iter().any(|l| l.id == run && l.redriving));
+    s.ledger.set_redriving(&run, false).await.unwrap();
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert!(r.is_settled() && !r.redriving, "{r:?}");
+    let ghost = dispatch::new_run(RunConfig::default()).id;
+    match s.ledger.set_redriving(&ghost, true).await {
+        Err(PortError::NotFound(_)) => {}
+        other => panic!("an unknown run must be NotFound, got {other:?}"),
+    }
+    assert!(s.ledger.run(&ghost).await.unwrap().is_none());
 }
 
 /// Dispatch progress never moves backwards, and a finished dispatch stays finished.
@@ -809,8 +914,10 @@ pub const CLAUSES: &[&str] = &[
     "source_claims_are_exclusive",
     "source_ids_recur_across_runs",
     "source_claims_stop_at_the_first_claims_bound",
+    "source_load_run_owns_its_items",
     "ledger_commit_is_conditional_and_atomic",
     "ledger_dispatch_progress_only_moves_forward",
+    "ledger_redriving_keeps_a_run_open",
     "ledger_duplicate_results_count_once",
     "ledger_redrive_success_moves_failed_to_succeeded",
     "ledger_bad_result_fails_alone",
@@ -840,8 +947,10 @@ macro_rules! conformance_tests {
             source_claims_are_exclusive,
             source_ids_recur_across_runs,
             source_claims_stop_at_the_first_claims_bound,
+            source_load_run_owns_its_items,
             ledger_commit_is_conditional_and_atomic,
             ledger_dispatch_progress_only_moves_forward,
+            ledger_redriving_keeps_a_run_open,
             ledger_duplicate_results_count_once,
             ledger_redrive_success_moves_failed_to_succeeded,
             ledger_bad_result_fails_alone,
