@@ -37,7 +37,13 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let d = &Deployment::open(&cli).await?;
+    let writes = !cli.command.read_only();
     let code = command(d, cli.command).await;
+    if writes {
+        // A read-only command's checkpoint would only take the write lock
+        // from a run it is watching, for nothing of its own.
+        d.close().await;
+    }
     if let Some(path) = &cli.report_calls {
         let report = json!({
             "calls": d.call_counts(),
@@ -202,15 +208,20 @@ async fn new_run(d: &Deployment, s: &RunSettings) -> Result<RunRecord> {
 
 /// Loads a JSONL file in one transaction; a bad line names the file and line.
 async fn load(d: &Deployment, path: &Path) -> Result<u64> {
-    let reader: Box<dyn BufRead + Send> = if path == Path::new("-") {
+    let stdin = path == Path::new("-");
+    let name = if stdin {
+        "stdin".into()
+    } else {
+        path.display().to_string()
+    };
+    let reader: Box<dyn BufRead + Send> = if stdin {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         let f = std::fs::File::open(path)
             .map_err(|err| input(format!("cannot open items file {}: {err}", path.display())))?;
         Box::new(std::io::BufReader::with_capacity(1 << 16, f))
     };
-    let spinner =
-        indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("loading {name}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let res = d
         .backend
@@ -219,16 +230,15 @@ async fn load(d: &Deployment, path: &Path) -> Result<u64> {
         .await;
     spinner.finish_and_clear();
     match res {
+        // Blank lines are skipped, so "empty" would not always be true.
         Ok(0) => Err(input(format!(
-            "{}: no items (the file is empty)",
-            path.display()
+            "{name}: no items ({} has no item lines)",
+            if stdin { "the input" } else { "the file" }
         ))),
         Ok(n) => Ok(n),
         Err(LoadError::Line(l)) => Err(input(format!(
-            "{} line {}: {}; nothing was loaded",
-            path.display(),
-            l.line,
-            l.reason
+            "{name} line {}: {}; nothing was loaded",
+            l.line, l.reason
         ))),
         Err(LoadError::Port(p)) => {
             Err(anyhow::Error::new(p).context("loading failed; nothing was loaded"))
@@ -381,13 +391,7 @@ async fn redrive_cmd(
         value["redriven"] = json!(0);
         value["would_redrive"] = json!(n);
         value["items"] = json!(ids);
-        emit(json, value, || {
-            format!(
-                "Dry run: would redrive {n} items of run {}: {}\n",
-                run.id,
-                ids.join(", ")
-            )
-        });
+        emit(json, value, || report::dry_run_human(&run.id, &ids));
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("Redriving {n} items of run {}", run.id);
