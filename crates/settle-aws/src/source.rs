@@ -361,7 +361,7 @@ impl DynamoSource {
                 return Err(LineError {
                     line,
                     reason: format!(
-                        "id {id:?} is already pending from an earlier load; dispatch or drop that first"
+                        "id {id:?} is already pending from an earlier load; dispatch them first (settle dispatch), or remove this line"
                     ),
                 }
                 .into());

@@ -3,6 +3,10 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// The worker's cap on a retry's delay: a first delay beyond it would not
+/// be honoured.
+const MAX_RETRY_DELAY_MS: u64 = settle_core::work::MAX_RETRY_DELAY.as_millis() as u64;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "settle",
@@ -115,6 +119,49 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command was given `--json`: then even its error is one
+    /// JSON object on stdout.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Run(args) => args.json,
+            Command::Load { json, .. }
+            | Command::Dispatch { json, .. }
+            | Command::Resume { json, .. }
+            | Command::Status { json, .. }
+            | Command::Failures { json, .. }
+            | Command::Redrive { json, .. }
+            | Command::Show { json, .. }
+            | Command::Runs { json, .. } => *json,
+            Command::Generate { .. } => false,
+        }
+    }
+
+    /// Whether the command only reads: it leaves nothing in the database's
+    /// WAL to checkpoint on exit (see `Deployment::close`).
+    pub fn read_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Status { .. }
+                | Command::Failures { .. }
+                | Command::Show { .. }
+                | Command::Runs { .. }
+                | Command::Redrive { dry_run: true, .. }
+        )
+    }
+
+    /// Whether the command may create the embedded database. Those that
+    /// look at runs, or continue one, have nothing to do without one, and
+    /// run in the wrong directory they must not leave an empty database
+    /// behind. `dispatch` creates it to say that nothing is pending.
+    pub fn creates_database(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_) | Command::Load { .. } | Command::Dispatch { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     /// One SQLite file on this machine.
@@ -172,11 +219,14 @@ pub struct ProcessArgs {
     /// Messages per worker batch.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10))]
     pub batch_size: u64,
-    /// Seconds a received message stays hidden; an item running longer times out and is retried.
+    /// Seconds a received message stays hidden. An item's attempt times out
+    /// (and is retried) after half of it: the other half is for the rest of
+    /// its batch, its result and its delete.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=43200))]
     pub visibility_timeout: u64,
-    /// Delay before the first retry of a retryable failure, in ms; doubles per receive.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    /// Delay before the first retry of a retryable failure, in ms. It
+    /// doubles per receive, up to the worker's cap of 60 s (so at most 60000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=MAX_RETRY_DELAY_MS))]
     pub retry_delay_ms: u64,
 }
 

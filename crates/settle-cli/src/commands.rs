@@ -57,7 +57,13 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         | Command::Redrive { .. } => Stop::install().context("cannot handle SIGINT and SIGTERM")?,
         _ => Stop::never(),
     };
+    let writes = !cli.command.read_only();
     let code = command(d, cli.command, &stop).await;
+    if writes {
+        // A read-only command's checkpoint would only take the write lock
+        // from a run it is watching, for nothing of its own.
+        d.close().await;
+    }
     if let Some(path) = &cli.report_calls {
         let report = json!({
             "calls": d.call_counts(),
@@ -253,7 +259,13 @@ async fn new_run(d: &Deployment, s: &RunSettings) -> Result<RunRecord> {
 ///
 /// A signal stops the reading, and with it the load: nothing is loaded.
 async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop) -> Result<u64> {
-    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+    let stdin = path == Path::new("-");
+    let name = if stdin {
+        "stdin".into()
+    } else {
+        path.display().to_string()
+    };
+    let raw: Box<dyn Read + Send> = if stdin {
         Box::new(std::io::stdin())
     } else {
         let f = std::fs::File::open(path)
@@ -267,8 +279,7 @@ async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop)
             stop: stop.clone(),
         },
     ));
-    let spinner =
-        indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("loading {name}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let items = Box::new(JsonlItems::new(reader));
     let res = match run {
@@ -280,22 +291,21 @@ async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop)
         if let Some(signal) = stop.signal() {
             return Err(Interrupted {
                 signal,
-                what: format!("nothing of {} was loaded", path.display()),
+                what: format!("nothing of {name} was loaded"),
             }
             .into());
         }
     }
     match res {
+        // Blank lines are skipped, so "empty" would not always be true.
         Ok(0) => Err(input(format!(
-            "{}: no items (the file is empty)",
-            path.display()
+            "{name}: no items ({} has no item lines)",
+            if stdin { "the input" } else { "the file" }
         ))),
         Ok(n) => Ok(n),
         Err(LoadError::Line(l)) => Err(input(format!(
-            "{} line {}: {}; nothing was loaded",
-            path.display(),
-            l.line,
-            l.reason
+            "{name} line {}: {}; nothing was loaded",
+            l.line, l.reason
         ))),
         Err(LoadError::Port(p)) => {
             Err(anyhow::Error::new(p).context("loading failed; nothing was loaded"))

@@ -6,7 +6,7 @@ use crate::cli::{BackendKind, Cli, Workers};
 use crate::commands::input;
 use anyhow::Result;
 use settle_core::Backend;
-use settle_embedded::Embedded;
+use settle_embedded::{DbError, Embedded};
 use std::time::Duration;
 
 /// An opened backend and how its work gets processed.
@@ -33,9 +33,19 @@ impl Deployment {
                         "--workers deployed needs --backend aws: the embedded engine has no deployed functions",
                     ));
                 }
-                let e = Embedded::open(&cli.db)
-                    .await
-                    .map_err(|err| input(format!("cannot open the database: {err}")))?;
+                let opened = if cli.command.creates_database() {
+                    Embedded::open(&cli.db).await
+                } else {
+                    Embedded::open_existing(&cli.db).await
+                };
+                let e = opened.map_err(|err| match err {
+                    DbError::Missing(path) => input(format!(
+                        "no database at {} (nothing has run here yet; \
+                         `settle run --items FILE` creates it)",
+                        path.display()
+                    )),
+                    err => input(format!("cannot open the database: {err}")),
+                })?;
                 Ok(Self {
                     backend: e.backend(),
                     workers: Workers::Local,
@@ -53,6 +63,15 @@ impl Deployment {
                     kind: Kind::Aws(Box::new(aws)),
                 })
             }
+        }
+    }
+
+    /// Leaves the embedded database whole in its main file (see
+    /// [`settle_embedded::Db::checkpoint_on_exit`]), so that a copy of that
+    /// file alone, taken while no command runs, holds everything.
+    pub async fn close(&self) {
+        if let Kind::Embedded(e) = &self.kind {
+            e.db.checkpoint_on_exit().await;
         }
     }
 

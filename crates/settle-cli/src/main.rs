@@ -35,12 +35,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.command.json();
     match rt.block_on(commands::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if json {
+                // A script reading stdout learns of the failure there too.
+                println!("{}", json_error(&e));
+            }
             // Bad input (a file, a flag, an unknown id) exits 2; anything else 1.
-            if e.downcast_ref::<commands::InputError>().is_some() {
+            if is_input(&e) {
                 ExitCode::from(2)
             } else if let Some(i) = e.downcast_ref::<commands::Interrupted>() {
                 i.signal.exit_code()
@@ -49,6 +54,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn is_input(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<commands::InputError>().is_some()
+}
+
+/// A failed command's error as `--json` prints it: the message with its
+/// causes, and whether it was bad input (exit 2) or an operational failure.
+fn json_error(e: &anyhow::Error) -> serde_json::Value {
+    let kind = if is_input(e) { "input" } else { "operational" };
+    serde_json::json!({ "error": format!("{e:#}"), "kind": kind })
 }
 
 /// The runtime's worker threads: one fewer than the cores, at least one.
@@ -74,6 +90,9 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: in a log file or a pipe they
+        // are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -88,4 +107,24 @@ fn quiet_contained_panics() {
             default(info);
         }
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_name_their_kind_and_keep_their_causes() {
+        let input = commands::input("run r1 not found");
+        assert_eq!(
+            json_error(&input),
+            serde_json::json!({"error": "run r1 not found", "kind": "input"})
+        );
+        let io = std::io::Error::other("disk full");
+        let operational = anyhow::Error::new(io).context("loading failed");
+        assert_eq!(
+            json_error(&operational),
+            serde_json::json!({"error": "loading failed: disk full", "kind": "operational"})
+        );
+    }
 }

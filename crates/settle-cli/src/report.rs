@@ -2,8 +2,9 @@
 //! last line of stdout with `--json`.
 
 use serde_json::{json, Value};
-use settle_core::domain::{AttemptOutcome, Millis};
+use settle_core::domain::{AttemptOutcome, ItemStatus, Millis};
 use settle_core::{ItemId, ItemRecord, RunRecord};
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Failed items listed under a human summary before "and N more".
@@ -21,24 +22,24 @@ pub fn run_json(run: &RunRecord) -> Value {
     })
 }
 
-/// Ids a dry run lists before it points to `--json` for the rest.
-const DRY_RUN_SHOWN: usize = 20;
-
-pub fn dry_run_human(run: &settle_core::RunId, ids: &[&str]) -> String {
-    let shown = &ids[..ids.len().min(DRY_RUN_SHOWN)];
-    let mut out = format!("Dry run: would redrive {} items of run {run}", ids.len());
-    if !shown.is_empty() {
-        out.push_str(": ");
-        out.push_str(&shown.join(", "));
+/// Text from outside (a processor's error, an id stored by an older build)
+/// as it may reach a terminal: each control character escaped as Rust
+/// writes it (`\n`, `\u{1b}`), so that a newline cannot forge a line of the
+/// listing and an escape sequence cannot drive the terminal. JSON output
+/// keeps the text as it is; JSON escapes it anyway.
+pub fn clean(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
     }
-    if ids.len() > shown.len() {
-        out.push_str(&format!(
-            " ... and {} more (--json lists them all)",
-            ids.len() - shown.len()
-        ));
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
     }
-    out.push('\n');
-    out
+    Cow::Owned(out)
 }
 
 pub fn time(ms: Millis) -> String {
@@ -91,9 +92,10 @@ pub fn run_human(
         ));
         for (id, rec) in first_failures {
             out.push_str(&format!(
-                "  {id}  after {}: {}\n",
+                "  {}  after {}: {}\n",
+                clean(id.as_str()),
                 plural(u64::from(rec.attempts), "attempt"),
-                rec.last_error.as_deref().unwrap_or("(no error recorded)")
+                clean(rec.last_error.as_deref().unwrap_or("(no error recorded)"))
             ));
         }
         if run.failed > first_failures.len() as u64 {
@@ -147,7 +149,7 @@ pub fn failures_human(run: &RunRecord, failures: &[(ItemId, ItemRecord)]) -> Str
     );
     let width = failures
         .iter()
-        .map(|(id, _)| id.as_str().len())
+        .map(|(id, _)| clean(id.as_str()).chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -157,9 +159,9 @@ pub fn failures_human(run: &RunRecord, failures: &[(ItemId, ItemRecord)]) -> Str
     for (id, r) in failures {
         out.push_str(&format!(
             "{:width$}  {:>8}  {}\n",
-            id.as_str(),
+            clean(id.as_str()),
             r.attempts,
-            r.last_error.as_deref().unwrap_or("")
+            clean(r.last_error.as_deref().unwrap_or(""))
         ));
     }
     out
@@ -209,18 +211,21 @@ use settle_core::RunId;
 
 pub fn item_human(run: &RunId, id: &ItemId, rec: &ItemRecord) -> String {
     let mut out = format!(
-        "Item {id} of run {run}: {} after {}\n",
+        "Item {} of run {run}: {} after {}\n",
+        clean(id.as_str()),
         rec.status.as_str(),
         plural(u64::from(rec.attempts), "attempt")
     );
-    if let Some(e) = &rec.last_error {
-        out.push_str(&format!("Last error: {e}\n"));
+    // Only a failed item's last error says why it is where it is; a
+    // succeeded item's earlier errors stay in the history below.
+    if let (ItemStatus::Failed, Some(e)) = (rec.status, &rec.last_error) {
+        out.push_str(&format!("Last error: {}\n", clean(e)));
     }
     out.push_str("attempt  started (UTC)             took       outcome\n");
     for a in &rec.history {
         let (outcome, kind, error, terminal) = outcome_parts(&a.outcome);
         let mut what = match (kind, error) {
-            (Some(k), Some(e)) => format!("{outcome} ({k}): {e}"),
+            (Some(k), Some(e)) => format!("{outcome} ({k}): {}", clean(e)),
             _ => outcome.to_owned(),
         };
         if terminal {
@@ -233,6 +238,25 @@ pub fn item_human(run: &RunId, id: &ItemId, rec: &ItemRecord) -> String {
             a.duration_ms
         ));
     }
+    out
+}
+
+/// Ids listed by a human dry-run redrive before "... and N more".
+pub const DRY_RUN_IDS: usize = 20;
+
+/// What a dry-run redrive would move: the first [`DRY_RUN_IDS`] ids, as a
+/// run may have thousands of failed items.
+pub fn dry_run_human(run: &RunId, ids: &[&str]) -> String {
+    let shown: Vec<Cow<'_, str>> = ids.iter().take(DRY_RUN_IDS).map(|id| clean(id)).collect();
+    let more = ids.len() - shown.len();
+    let mut out = format!("Dry run: would redrive {} items of run {run}", ids.len());
+    if !shown.is_empty() {
+        out.push_str(&format!(": {}", shown.join(", ")));
+    }
+    if more > 0 {
+        out.push_str(&format!(" ... and {more} more (--json lists them all)"));
+    }
+    out.push('\n');
     out
 }
 
@@ -253,4 +277,137 @@ pub fn runs_human(runs: &[RunRecord]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use settle_core::domain::{Attempt, ErrorKind};
+    use settle_core::RunConfig;
+
+    fn run(failed: u64) -> RunRecord {
+        let mut run = RunRecord::new(
+            RunId::parse("r20261123T235300Z-0a1b2c").unwrap(),
+            RunConfig {
+                max_receives: 3,
+                tolerated_failure_percent: 100.0,
+            },
+            0,
+        );
+        run.dispatched = true;
+        run.total = 2 + failed;
+        run.succeeded = 2;
+        run.failed = failed;
+        run
+    }
+
+    fn failed(error: &str) -> Attempt {
+        Attempt {
+            attempt: 1,
+            message_id: "m1".into(),
+            started_at: 0,
+            duration_ms: 3,
+            outcome: AttemptOutcome::Failed {
+                kind: ErrorKind::Retryable,
+                error: error.into(),
+                terminal: false,
+            },
+        }
+    }
+
+    fn record(status: ItemStatus, error: &str, history: Vec<Attempt>) -> ItemRecord {
+        ItemRecord {
+            status,
+            attempts: history.len() as u32,
+            last_error: Some(error.into()),
+            history,
+            updated_at: 0,
+        }
+    }
+
+    const FORGED: &str = "boom\nRun r20261123T235300Z-0a1b2c: succeeded\u{1b}[31m";
+    const ESCAPED: &str = "boom\\nRun r20261123T235300Z-0a1b2c: succeeded\\u{1b}[31m";
+
+    #[test]
+    fn clean_escapes_control_characters_only() {
+        assert!(matches!(clean("plain é ✓"), Cow::Borrowed("plain é ✓")));
+        assert_eq!(clean(FORGED), ESCAPED);
+        assert_eq!(clean("a\tb\r\0\u{7f}\u{9f}"), "a\\tb\\r\\0\\u{7f}\\u{9f}");
+    }
+
+    #[test]
+    fn processor_errors_print_on_one_line_without_escapes() {
+        let rec = record(ItemStatus::Failed, FORGED, vec![failed(FORGED)]);
+        let id = ItemId::new("a1").unwrap();
+        let one = [(id.clone(), rec.clone())];
+        let texts = [
+            run_human(&run(1), &one, None),
+            failures_human(&run(1), &one),
+            item_human(&run(1).id, &id, &rec),
+        ];
+        for text in texts {
+            assert!(!text.contains('\u{1b}'), "{text}");
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("boom")).collect();
+            assert!(!lines.is_empty(), "{text}");
+            for line in lines {
+                assert!(line.ends_with(ESCAPED), "{line:?} in\n{text}");
+            }
+            assert_eq!(
+                text.lines().filter(|l| l.starts_with("Run ")).count(),
+                usize::from(!text.starts_with("Item ")),
+                "no forged line: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn show_prints_the_last_error_of_a_failed_item_only() {
+        let id = ItemId::new("a1").unwrap();
+        let history = vec![failed("flaky"), {
+            let mut ok = failed("");
+            ok.attempt = 2;
+            ok.outcome = AttemptOutcome::Succeeded;
+            ok
+        }];
+        let succeeded = item_human(
+            &run(0).id,
+            &id,
+            &record(ItemStatus::Succeeded, "flaky", history.clone()),
+        );
+        assert!(!succeeded.contains("Last error"), "{succeeded}");
+        assert!(
+            succeeded.contains("failed (retryable): flaky"),
+            "the history keeps it: {succeeded}"
+        );
+        let failed = item_human(
+            &run(1).id,
+            &id,
+            &record(ItemStatus::Failed, "flaky", history),
+        );
+        assert!(failed.contains("Last error: flaky\n"), "{failed}");
+    }
+
+    #[test]
+    fn a_dry_run_lists_at_most_20_ids() {
+        let id = run(0).id;
+        let few = dry_run_human(&id, &["a", "b"]);
+        assert_eq!(
+            few,
+            "Dry run: would redrive 2 items of run r20261123T235300Z-0a1b2c: a, b\n"
+        );
+        let names: Vec<String> = (0..2500).map(|i| format!("i{i}")).collect();
+        let many: Vec<&str> = names.iter().map(String::as_str).collect();
+        let text = dry_run_human(&id, &many);
+        assert!(text.contains(": i0, i1, "), "{text}");
+        assert!(
+            text.contains(", i19 ... and 2480 more (--json lists them all)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("i20"), "{text}");
+        assert_eq!(
+            dry_run_human(&id, &[]),
+            "Dry run: would redrive 0 items of run r20261123T235300Z-0a1b2c\n"
+        );
+    }
 }

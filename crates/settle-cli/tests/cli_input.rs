@@ -18,16 +18,15 @@ fn refused(bytes: &[u8], line: Option<u64>, reason: &str) {
     args.extend(FAST);
     let out = env.settle(&args);
     out.expect_code(2);
-    assert!(
-        out.stdout.is_empty(),
-        "no JSON on a refusal: {}",
-        out.stdout
-    );
     let want = match line {
         Some(n) => format!("{bad} line {n}: {reason}"),
         None => format!("{bad}: {reason}"),
     };
     out.stderr_has(&want);
+    assert!(
+        out.json_error("input").starts_with(&want),
+        "the JSON error says the same"
+    );
     if line.is_some() {
         out.stderr_has("nothing was loaded");
     }
@@ -169,12 +168,12 @@ fn unknown_field() {
 
 #[test]
 fn empty_file() {
-    refused(b"", None, "no items (the file is empty)");
+    refused(b"", None, "no items (the file has no item lines)");
 }
 
 #[test]
 fn blank_lines_only() {
-    refused(b"\n  \n\r\n", None, "no items");
+    refused(b"\n  \n\r\n", None, "no items (the file has no item lines)");
 }
 
 #[test]
@@ -240,10 +239,10 @@ fn bad_flags_exit_2_and_create_nothing() {
 #[test]
 fn an_item_that_loads_can_be_dispatched() {
     // The size check at load counts the id's characters, but the queue
-    // message JSON-escapes them: 256 control characters take 1536 bytes.
+    // message JSON-escapes them: 256 quotes take 512 bytes.
     // A line that fits the limit must either be refused at load or run.
     let env = Env::new();
-    let id = "\u{1}".repeat(256);
+    let id = "\"".repeat(256);
     let base = json!({"id": id, "payload": ""}).to_string().len();
     let max_line = 256 * 1024;
     let line = json!({"id": id, "payload": "x".repeat(max_line - base)}).to_string();
@@ -329,4 +328,197 @@ fn a_database_of_another_kind_is_refused_and_left_alone() {
             "{name}: no WAL created"
         );
     }
+}
+
+#[test]
+fn ids_with_control_characters_are_refused() {
+    refused(
+        b"{\"id\":\"a\"}\n{\"id\":\"a\\nb\"}\n",
+        Some(2),
+        "id \"a\\nb\" contains a control character (U+000A); nothing was loaded",
+    );
+    refused(
+        b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"\\u001b[31m\"}\n",
+        Some(3),
+        "id \"\\u{1b}[31m\" contains a control character (U+001B); nothing was loaded",
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let env = Env::new();
+    let items = env.write(
+        "bom.jsonl",
+        b"\xEF\xBB\xBF{\"id\":\"a\"}\n{\"id\":\"b\",\"payload\":{\"script\":\"permanent\"}}\n",
+    );
+    let run = env.run(&items, &[]);
+    assert_run(&run, "partial", 2, 1, 1, 0);
+    assert_eq!(env.show(&run_id(&run), "a")["status"], "succeeded");
+}
+
+#[test]
+fn empty_stdin_has_no_items() {
+    let env = Env::new();
+    let out = env.settle(&["load", "--items", "-", "--json"]);
+    out.expect_code(2)
+        .stderr_has("stdin: no items (the input has no item lines)");
+    out.json_error("input");
+}
+
+#[test]
+fn read_only_commands_create_no_database() {
+    let env = Env::new();
+    let run = "r20200101T000000Z-000000";
+    // Not through `env.settle`, which passes a --db of its own.
+    for (dir, cmd) in [
+        ("a", &["status"][..]),
+        ("b", &["status", run, "--json"]),
+        ("c", &["runs"]),
+        ("d", &["failures", run]),
+        ("e", &["show", run, "x", "--json"]),
+        ("f", &["resume", run]),
+        ("g", &["redrive", run, "--dry-run"]),
+    ] {
+        let top = env.path(dir);
+        let db = top.join("no/such/x.db");
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_settle"));
+        c.arg("--db").arg(&db).args(cmd).current_dir(env.dir.path());
+        for var in ["RUST_LOG", "SETTLE_DB", "SETTLE_BACKEND", "SETTLE_WORKERS"] {
+            c.env_remove(var);
+        }
+        let out = c.output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {stderr}");
+        let want = format!(
+            "no database at {} (nothing has run here yet; `settle run --items FILE` creates it)",
+            db.display()
+        );
+        assert!(stderr.contains(&want), "{cmd:?}: {stderr}");
+        if cmd.contains(&"--json") {
+            assert!(stdout.contains("\"kind\":\"input\""), "{cmd:?}: {stdout}");
+        }
+        assert!(!top.exists(), "{cmd:?} created {}", top.display());
+    }
+    // Nor the default one, in the working directory.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+        .arg("status")
+        .current_dir(env.dir.path())
+        .env_remove("SETTLE_DB")
+        .env_remove("SETTLE_BACKEND")
+        .env_remove("SETTLE_WORKERS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no database at .settle/settle.db"));
+    assert!(!env.path(".settle").exists());
+}
+
+#[test]
+fn a_retry_delay_beyond_the_workers_cap_is_refused() {
+    let env = Env::new();
+    let good = env.scripts("good.jsonl", &[("g1", "ok")]);
+    let out = env.settle(&["run", "--items", &good, "--retry-delay-ms", "3600000"]);
+    out.expect_code(2).stderr_has("0..=60000");
+    assert!(!env.db().exists(), "refused before anything was opened");
+    let out = env.settle(&["run", "--items", &good, "--retry-delay-ms", "60000"]);
+    out.expect_code(0);
+}
+
+#[test]
+fn json_errors_are_one_object_on_stdout() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "ok")]);
+    env.run(&items, &[]);
+    let out = env.settle(&["status", "NOPE", "--json"]);
+    out.expect_code(2);
+    assert!(
+        out.json_error("input").contains("\"NOPE\""),
+        "{}",
+        out.stdout
+    );
+    // Without --json, stdout stays empty.
+    let out = env.settle(&["status", "NOPE"]);
+    out.expect_code(2);
+    assert_eq!(out.stdout, "");
+}
+
+#[test]
+fn show_prints_no_last_error_for_a_succeeded_item() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("r1", "retryable:1"), ("p", "permanent")]);
+    let run = env.run(&items, &[]);
+    let id = run_id(&run);
+    let out = env.settle(&["show", &id, "r1"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains("succeeded after 2 attempts"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("Last error"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("failed (retryable): retryable failure 1 of 1"),
+        "the history keeps the attempt's error: {}",
+        out.stdout
+    );
+    let out = env.settle(&["show", &id, "p"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .contains("Last error: permanent failure (scripted)\n"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn a_dry_run_lists_20_ids_and_counts_the_rest() {
+    let env = Env::new();
+    let names: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
+    let failing: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "permanent")).collect();
+    let items = env.scripts("i.jsonl", &failing);
+    let id = run_id(&env.run(&items, &[]));
+    let out = env.settle(&["redrive", &id, "--dry-run"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout.lines().count(), 1, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("would redrive 25 items")
+            && out
+                .stdout
+                .contains(" ... and 5 more (--json lists them all)"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.stdout.matches(", ").count(), 19, "{}", out.stdout);
+    let all = env.ok_json(&["redrive", &id, "--dry-run", "--json"]);
+    assert_eq!(all["items"].as_array().unwrap().len(), 25);
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "ok"), ("b", "permanent")]);
+    let mut args = vec!["-v", "run", "--items", &items];
+    args.extend(FAST);
+    let out = env.settle(&args);
+    out.expect_code(0).stderr_has("INFO");
+    assert!(!out.stderr.contains('\u{1b}'), "{:?}", out.stderr);
+}
+
+#[test]
+fn the_database_file_alone_holds_everything_after_a_command() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "ok"), ("b", "permanent")]);
+    let run = env.run(&items, &[]);
+    let wal = env.path("settle.db-wal");
+    let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(wal_bytes, 0, "the WAL was checkpointed into the file");
+    // A copy of the main file alone shows the run.
+    let copy = Env::new();
+    std::fs::copy(env.db(), copy.db()).unwrap();
+    assert_eq!(copy.status(&run_id(&run)), run);
 }

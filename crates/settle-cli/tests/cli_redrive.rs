@@ -174,7 +174,7 @@ fn redrive_errors_exit_2_and_move_nothing() {
     let out = redrive(&env, missing, &[]);
     out.expect_code(2)
         .stderr_has(&format!("run {missing} not found"));
-    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    out.json_error("input");
     unchanged(&env);
 
     redrive(&env, "r2020-bogus", &[])

@@ -411,7 +411,7 @@ fn sigint_stops_a_load_with_nothing_loaded() {
     drop(stdin);
     let out = load.finish();
     out.expect_code(130)
-        .stderr_has("interrupted by SIGINT: nothing of - was loaded");
+        .stderr_has("interrupted by SIGINT: nothing of stdin was loaded");
     env.settle(&["dispatch", "--json"])
         .expect_code(2)
         .stderr_has("nothing is pending");

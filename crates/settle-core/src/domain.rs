@@ -62,12 +62,17 @@ pub enum IdError {
     Empty,
     #[error("id is {0} characters long; at most {MAX_ITEM_ID_CHARS} are allowed")]
     TooLong(usize),
+    /// Ids are printed in summaries and listings: a newline would forge a
+    /// line there, an escape sequence would drive the terminal.
+    #[error("id {0:?} contains a control character (U+{code:04X})", code = u32::from(*.1))]
+    Control(String, char),
     #[error("run id {0:?} is not a Settle run id (expected e.g. r20261123T235300Z-0a1b2c)")]
     BadRun(String),
 }
 
-/// An item's id: 1 to 256 characters, unique within a run. The same id comes
-/// back in later runs (tonight's renewals are last night's users).
+/// An item's id: 1 to 256 characters, none of them a control character
+/// (Unicode category Cc), unique within a run. The same id comes back in
+/// later runs (tonight's renewals are last night's users).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ItemId(String);
@@ -80,6 +85,8 @@ impl ItemId {
             Err(IdError::Empty)
         } else if chars > MAX_ITEM_ID_CHARS {
             Err(IdError::TooLong(chars))
+        } else if let Some(c) = id.chars().find(|c| c.is_control()) {
+            Err(IdError::Control(id, c))
         } else {
             Ok(Self(id))
         }
@@ -578,6 +585,29 @@ mod tests {
         assert_eq!(ItemId::new("x".repeat(257)), Err(IdError::TooLong(257)));
         let err = serde_json::from_str::<ItemId>("\"\"").unwrap_err();
         assert!(err.to_string().contains("id is empty"), "{err}");
+    }
+
+    #[test]
+    fn item_ids_refuse_control_characters() {
+        for (id, code) in [
+            ("a\nb", "U+000A"),
+            ("\u{1b}[31mred", "U+001B"),
+            ("nul\0", "U+0000"),
+            ("del\u{7f}", "U+007F"),
+            ("c1\u{9f}", "U+009F"),
+        ] {
+            let err = ItemId::new(id).unwrap_err();
+            let first = id.chars().find(|c| c.is_control()).unwrap();
+            assert_eq!(err, IdError::Control(id.into(), first));
+            assert!(err.to_string().contains(code), "{err}");
+        }
+        assert_eq!(
+            ItemId::new("a\nb").unwrap_err().to_string(),
+            "id \"a\\nb\" contains a control character (U+000A)"
+        );
+        // Only category Cc: a no-break space, a zero-width space and a line
+        // separator are not control characters.
+        assert!(ItemId::new("\u{a0}\u{200b}\u{2028}é").is_ok());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::io::{BufRead, Read};
 /// on its dead-letter copy the error (bounded, then JSON-escaped at worst 6x).
 const ENVELOPE_BYTES: usize = 512 + 6 * crate::domain::MAX_ERROR_BYTES;
 
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line<'a> {
@@ -90,6 +92,11 @@ impl<R: BufRead> Iterator for JsonlItems<R> {
             }
             if self.buf.last() == Some(&b'\r') {
                 self.buf.pop();
+            }
+            // Editors on Windows start UTF-8 files with a byte order mark;
+            // it is not part of the first item.
+            if self.line == 1 && self.buf.starts_with(UTF8_BOM) {
+                self.buf.drain(..UTF8_BOM.len());
             }
             if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -240,10 +247,12 @@ mod tests {
             err(b"{\"id\":null}").reason,
             "\"id\" must be a string, found null"
         );
+        // 256 quotes take 512 bytes escaped: this item fits only if its id
+        // is counted as 258 bytes.
         let escaped = format!(
             "{{\"id\":\"{}\",\"payload\":\"{}\"}}",
-            "\\u0001".repeat(256),
-            "x".repeat(MAX_BODY_BYTES - 8000)
+            "\\\"".repeat(256),
+            "x".repeat(MAX_BODY_BYTES - 7044)
         );
         assert!(
             err(escaped.as_bytes()).reason.contains("too large"),
@@ -277,6 +286,36 @@ mod tests {
             1,
             "brackets in strings do not count"
         );
+    }
+
+    #[test]
+    fn refuses_ids_with_control_characters() {
+        let e = err(b"{\"id\":\"ok\"}\n{\"id\":\"a\\nb\"}\n");
+        assert_eq!(e.line, 2);
+        assert_eq!(
+            e.reason,
+            "id \"a\\nb\" contains a control character (U+000A)"
+        );
+        let e = err(b"{\"id\":\"\\u001b[31mred\"}\n");
+        assert_eq!(
+            e.reason,
+            "id \"\\u{1b}[31mred\" contains a control character (U+001B)"
+        );
+    }
+
+    #[test]
+    fn skips_a_byte_order_mark_at_the_start_only() {
+        let got = read(b"\xEF\xBB\xBF{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+        assert_eq!(
+            got,
+            vec![
+                Ok((1, "a".into(), "null".into())),
+                Ok((2, "b".into(), "null".into()))
+            ]
+        );
+        let e = err(b"{\"id\":\"a\"}\n\xEF\xBB\xBF{\"id\":\"b\"}\n");
+        assert_eq!(e.line, 2, "a mark inside the file is an error");
+        assert_eq!(read(b"\xEF\xBB\xBF\n"), vec![], "a mark alone is no item");
     }
 
     #[test]

@@ -20,6 +20,9 @@ use tracing::Instrument;
 /// SQS's longest visibility timeout: the longest a retry can be put off.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
+/// The default cap on a retry's delay ([`WorkerConfig::max_retry_delay`]).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
 /// Tuning of the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -37,7 +40,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             retry_delay: Duration::from_secs(1),
-            max_retry_delay: Duration::from_secs(60),
+            max_retry_delay: MAX_RETRY_DELAY,
             item_timeout: None,
             deadline_margin: Duration::from_secs(2),
         }

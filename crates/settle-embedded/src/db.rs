@@ -51,6 +51,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// itself. The checkpointer's next round asks again. (Dropping requests by
 /// their age instead would starve a writer whose transactions are far apart.)
 const LONG_GROUP: Duration = Duration::from_millis(100);
+/// How long the checkpoint at exit waits for the database's other users:
+/// this process's checkpointer may be in a pass, and another process's
+/// writer would be held up while it waits.
+const EXIT_CHECKPOINT_WAIT: Duration = Duration::from_millis(250);
 /// The reader's page cache. SQLite empties a connection's cache whenever a
 /// read transaction starts after another connection's commit, which with
 /// the writer always committing is nearly every read: a large cache only
@@ -61,6 +65,9 @@ const READER_CACHE_KIB: i64 = 1024;
 pub enum DbError {
     #[error("{path}: {reason}")]
     Open { path: PathBuf, reason: String },
+    /// [`Db::open_existing`] found no file there.
+    #[error("no database at {}", .0.display())]
+    Missing(PathBuf),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("commit failed: {0}")]
@@ -99,7 +106,15 @@ impl Db {
     /// Opens (creating if needed) the database at `path`, checks that it is a
     /// Settle database of a schema this build knows, and starts the writer.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        Self::open_retrying(path, false)
+        Self::open_retrying(path, false, true)
+    }
+
+    /// Like [`Db::open`], but only an existing file: creates neither the
+    /// file nor its directory, and answers [`DbError::Missing`] instead.
+    /// For commands that only look at what is there: run in the wrong
+    /// directory, they must not leave an empty database behind.
+    pub fn open_existing(path: &Path) -> Result<Self, DbError> {
+        Self::open_retrying(path, false, false)
     }
 
     /// Like [`Db::open`], but every write and read runs on the calling
@@ -110,7 +125,7 @@ impl Db {
     /// the OS scheduler's whim, and tokio would advance its paused clock
     /// while waiting on it).
     pub fn open_inline(path: &Path) -> Result<Self, DbError> {
-        Self::open_retrying(path, true)
+        Self::open_retrying(path, true, true)
     }
 
     /// Processes that open a new file at the same moment (a `settle run`
@@ -119,10 +134,10 @@ impl Db {
     /// locked" at once instead of waiting (a lock upgrade that could
     /// deadlock). Measured: 7 of 40 such `settle run`s failed to open on
     /// the earlier code. Opening again finds the file finished.
-    fn open_retrying(path: &Path, inline: bool) -> Result<Self, DbError> {
+    fn open_retrying(path: &Path, inline: bool, create: bool) -> Result<Self, DbError> {
         let give_up = Instant::now() + Duration::from_secs(30);
         loop {
-            match Self::open_as(path, inline) {
+            match Self::open_as(path, inline, create) {
                 Err(DbError::Open { reason, .. })
                     if reason.contains("database is locked") && Instant::now() < give_up =>
                 {
@@ -135,16 +150,27 @@ impl Db {
         }
     }
 
-    fn open_as(path: &Path, inline: bool) -> Result<Self, DbError> {
+    fn open_as(path: &Path, inline: bool, create: bool) -> Result<Self, DbError> {
         let open_err = |reason: String| DbError::Open {
             path: path.to_owned(),
             reason,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
+        let mut flags = OpenFlags::default();
+        if create {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    open_err(format!("cannot create directory {}: {e}", dir.display()))
+                })?;
+            }
+        } else {
+            if !path.exists() {
+                return Err(DbError::Missing(path.to_owned()));
+            }
+            // Should the file go between the check and the open.
+            flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
         }
-        let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        let writer =
+            Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
         // Identify the file before changing anything: switching a file to WAL
         // rewrites its header, and another program's file must stay as it was.
         check_identity(&writer).map_err(|e| match e {
@@ -203,6 +229,49 @@ impl Db {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Copies the whole WAL into the database file and empties the WAL, so
+    /// that the database file alone holds every commit: for a process about
+    /// to exit, whose connections are not closed (which would do the same).
+    /// Best effort, waiting at most [`EXIT_CHECKPOINT_WAIT`]: while another
+    /// process keeps writing, or reads an older snapshot, it does nothing
+    /// (that process's own checkpoints and exit take care of it).
+    pub async fn checkpoint_on_exit(&self) {
+        let reader = self.reader.clone();
+        let truncate = move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            // SQLite answers "busy" at once, without its busy handler, while
+            // another connection checkpoints (this process's checkpointer
+            // among them): ask again until the wait is over.
+            let until = Instant::now() + EXIT_CHECKPOINT_WAIT;
+            let _ = conn.busy_timeout(EXIT_CHECKPOINT_WAIT);
+            loop {
+                match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                    Ok(0) => break,
+                    Ok(_) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Ok(_) => {
+                        tracing::debug!("WAL busy at exit; left to its checkpoints");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "WAL checkpoint at exit failed");
+                        break;
+                    }
+                }
+            }
+            let _ = conn.busy_timeout(Duration::from_secs(30));
+        };
+        match self.writer {
+            Writer::Inline(_) => truncate(),
+            Writer::Thread(_) => {
+                let _ = tokio::task::spawn_blocking(truncate).await;
+            }
+        }
     }
 
     /// Runs `f` in the next group transaction; returns once it is committed.
@@ -677,6 +746,44 @@ mod tests {
         }
         let db = Db::open(&path).unwrap();
         assert!(!db.read(move |c| Ok(index(c))).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn open_existing_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/settle.db");
+        match Db::open_existing(&path) {
+            Err(DbError::Missing(p)) => assert_eq!(p, path),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+        assert!(!dir.path().join("no").exists());
+        drop(Db::open(&path).unwrap());
+        Db::open_existing(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_on_exit_empties_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settle.db");
+        let db = Db::open(&path).unwrap();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE t (v BLOB); INSERT INTO t VALUES (zeroblob(100000))")?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let wal = || std::fs::metadata(wal_path(&path)).map_or(0, |m| m.len());
+        assert!(wal() > 0, "the write is in the WAL");
+        db.checkpoint_on_exit().await;
+        assert_eq!(wal(), 0);
+        // The file alone now has it, read by a connection of its own.
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&path, &copy).unwrap();
+        let n: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row("SELECT length(v) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 100_000);
     }
 
     /// Writes far apart (a slow processor's results) must still let the

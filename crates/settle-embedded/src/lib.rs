@@ -46,6 +46,11 @@ impl Embedded {
         Self::over(Db::open(path)?).await
     }
 
+    /// Opens the database at `path` only if it exists ([`Db::open_existing`]).
+    pub async fn open_existing(path: &Path) -> Result<Self, DbError> {
+        Self::over(Db::open_existing(path)?).await
+    }
+
     /// Opens the database with every call on the calling thread
     /// ([`Db::open_inline`]): for the deterministic simulation.
     pub async fn open_inline(path: &Path) -> Result<Self, DbError> {

@@ -325,7 +325,7 @@ fn find_duplicate(
                 let reason = if first >= first_seq {
                     format!("duplicate id {id:?} (first on line {first_line})")
                 } else {
-                    format!("id {id:?} is already pending from an earlier load; dispatch or drop that first")
+                    format!("id {id:?} is already pending from an earlier load; dispatch them first (settle dispatch), or remove this line")
                 };
                 return Ok(Some(LineError {
                     line: line as u64,

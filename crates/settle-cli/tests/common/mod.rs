@@ -78,6 +78,29 @@ impl Out {
         v
     }
 
+    /// Asserts that stdout is exactly the JSON error object of a failed
+    /// `--json` command, of this kind ("input" or "operational"), and
+    /// returns its message.
+    pub fn json_error(&self, kind: &str) -> String {
+        assert_eq!(
+            self.stdout.lines().count(),
+            1,
+            "`settle {}`: one line on stdout: {:?}",
+            self.args.join(" "),
+            self.stdout
+        );
+        let v = self.json();
+        assert_eq!(keys(&v), ["error", "kind"], "{v}");
+        assert_eq!(v["kind"], kind, "{v}");
+        let error = v["error"].as_str().unwrap().to_owned();
+        assert!(
+            self.stderr.contains(&format!("error: {error}")),
+            "the same message on stderr: {error:?}\nstderr:\n{}",
+            self.stderr
+        );
+        error
+    }
+
     /// Asserts that stderr contains `needle`.
     pub fn stderr_has(&self, needle: &str) -> &Self {
         assert!(
@@ -226,8 +249,17 @@ impl Env {
         self.ok_json(&["show", run, item, "--json"])
     }
 
+    /// The runs, `{"runs": []}` while there is no database at all (which
+    /// `runs` does not create).
     pub fn runs(&self) -> Value {
-        self.ok_json(&["runs", "--json"])
+        if !self.vars.is_empty() || self.db().exists() {
+            return self.ok_json(&["runs", "--json"]);
+        }
+        self.settle(&["runs", "--json"])
+            .expect_code(2)
+            .stderr_has("no database at");
+        assert!(!self.db().exists(), "`runs` created the database");
+        json!({ "runs": [] })
     }
 
     /// Asserts the database holds no run at all.
