@@ -313,6 +313,8 @@ mod tests {
                 error: error.into(),
                 terminal: false,
             },
+            output: None,
+            log: None,
         }
     }
 

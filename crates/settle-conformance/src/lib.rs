@@ -711,6 +711,8 @@ fn result(run: &RunId, item: &str, attempt: u32, msg: &str, outcome: AttemptOutc
             started_at: now_millis(),
             duration_ms: 1,
             outcome,
+            output: None,
+            log: None,
         },
     };
     Delivery {

@@ -117,7 +117,11 @@ struct CountedEffects {
 
 #[async_trait]
 impl Processor for CountedEffects {
-    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError> {
+    async fn process(
+        &self,
+        item: &Item,
+        ctx: &AttemptContext,
+    ) -> Result<Option<settle_core::domain::Output>, ProcessError> {
         let ran = AtomicBool::new(false);
         let res = self
             .idem
@@ -147,7 +151,10 @@ impl Processor for CountedEffects {
             }
             _ => {}
         }
-        res.map(|_: String| ()).map_err(ProcessError::from)
+        // The effect's stored result is the item's output: a duplicate
+        // answered from the store returns what the first execution did.
+        res.map(|effect: String| settle_core::domain::Output::json(&effect).ok())
+            .map_err(ProcessError::from)
     }
 }
 

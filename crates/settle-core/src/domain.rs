@@ -317,6 +317,107 @@ pub enum AttemptOutcome {
     },
 }
 
+/// The largest output a processor may return for one item, as JSON text:
+/// it travels in a results message (SQS: 256 KiB, shared by a batch's
+/// results) and is kept in the item's ledger row (DynamoDB: 400 KB). An
+/// attempt whose output is larger fails permanently, naming both sizes.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// What a processor returns for an item that succeeded: any JSON value,
+/// kept as its text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Output(Box<RawValue>);
+
+impl Output {
+    /// JSON text, as it is.
+    pub fn raw(json: Box<RawValue>) -> Self {
+        Self(json)
+    }
+
+    /// Any serializable value.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(Self)
+    }
+
+    /// Text that is JSON stays JSON; anything else becomes a JSON string.
+    pub fn from_text(text: &str) -> Self {
+        let trimmed = text.trim();
+        match RawValue::from_string(trimmed.to_owned()) {
+            Ok(raw) if !trimmed.is_empty() => Self(raw),
+            _ => Self::json(text).expect("a string always serializes"),
+        }
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Output {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Output {}
+
+/// The most of an attempt's log that is kept: its last this many bytes,
+/// after a line saying how many were cut before them.
+pub const MAX_LOG_BYTES: usize = 8 * 1024;
+
+/// Attempts of one item that keep their logs: the latest ones. An item
+/// retried hundreds of times must still fit one ledger row.
+pub const LOGGED_ATTEMPTS: usize = 16;
+
+/// An attempt's log while it is written: the tail of what the processor
+/// wrote, within [`MAX_LOG_BYTES`] once finished, and how much was cut
+/// before it. Memory stays bounded however much a processor writes.
+#[derive(Debug, Default)]
+pub struct LogBuf {
+    cut: usize,
+    buf: Vec<u8>,
+}
+
+impl LogBuf {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > 2 * MAX_LOG_BYTES {
+            let over = self.buf.len() - MAX_LOG_BYTES;
+            self.buf.drain(..over);
+            self.cut += over;
+        }
+    }
+
+    /// The log as it is kept, behind a marker if anything was cut; `None`
+    /// if nothing was written.
+    pub fn finish(mut self) -> Option<String> {
+        if self.buf.len() > MAX_LOG_BYTES {
+            let over = self.buf.len() - MAX_LOG_BYTES;
+            self.buf.drain(..over);
+            self.cut += over;
+        }
+        if self.cut > 0 {
+            // Start on a character (UTF-8 continuation bytes are 0b10xxxxxx).
+            let skip = self.buf.iter().take_while(|&&b| b & 0xC0 == 0x80).count();
+            self.buf.drain(..skip);
+            self.cut += skip;
+        }
+        if self.buf.is_empty() && self.cut == 0 {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&self.buf);
+        Some(if self.cut > 0 {
+            format!(
+                "[settle: {} earlier bytes of this attempt's log were cut]\n{text}",
+                self.cut
+            )
+        } else {
+            text.into_owned()
+        })
+    }
+}
+
 /// One attempt, as reported by a worker and kept in the item's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -329,6 +430,13 @@ pub struct Attempt {
     pub duration_ms: u64,
     #[serde(flatten)]
     pub outcome: AttemptOutcome,
+    /// What the processor returned, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Output>,
+    /// What the processor wrote while working on this item and nothing
+    /// else, bounded by [`bounded_log`]; `None` if it wrote nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 /// How a result changed a run's tally.
@@ -365,6 +473,14 @@ impl ItemRecord {
     pub fn encode(&self) -> String {
         crate::json::item_record(self)
     }
+
+    /// The output of the item's success (the first, if duplicates succeeded too).
+    pub fn output(&self) -> Option<&Output> {
+        self.history
+            .iter()
+            .find(|a| a.outcome == AttemptOutcome::Succeeded)
+            .and_then(|a| a.output.as_ref())
+    }
 }
 
 impl Default for ItemRecord {
@@ -396,6 +512,16 @@ impl ItemRecord {
         }
         let pos = self.history.partition_point(|h| h.attempt <= a.attempt);
         self.history.insert(pos, a.clone());
+        // Only the latest attempts keep their logs, so the row stays bounded.
+        let logged = self.history.iter().filter(|h| h.log.is_some()).count();
+        for h in self
+            .history
+            .iter_mut()
+            .filter(|h| h.log.is_some())
+            .take(logged.saturating_sub(LOGGED_ATTEMPTS))
+        {
+            h.log = None;
+        }
         self.attempts = self.attempts.max(a.attempt);
         self.updated_at = now;
         let mut delta = TallyDelta::default();
@@ -565,6 +691,8 @@ mod tests {
             started_at: 0,
             duration_ms: 1,
             outcome,
+            output: None,
+            log: None,
         }
     }
     fn fail(terminal: bool) -> AttemptOutcome {

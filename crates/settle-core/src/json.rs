@@ -83,7 +83,14 @@ impl Out {
             .num(a.started_at)
             .raw(r#","duration_ms":"#)
             .num(a.duration_ms)
-            .outcome(&a.outcome)
+            .outcome(&a.outcome);
+        if let Some(output) = &a.output {
+            self.raw(r#","output":"#).raw(output.get());
+        }
+        if let Some(log) = &a.log {
+            self.raw(r#","log":"#).str(log);
+        }
+        self
     }
 }
 
@@ -155,7 +162,7 @@ pub(crate) fn item_record(rec: &ItemRecord) -> String {
 mod tests {
     use crate::domain::{
         null_payload, Attempt, AttemptOutcome, ErrorKind, Item, ItemId, ItemRecord, ItemStatus,
-        RunId,
+        Output, RunId,
     };
     use crate::message::{DeadLetter, ResultBody, WorkBody};
     use proptest::prelude::*;
@@ -187,16 +194,39 @@ mod tests {
         ]
     }
 
-    fn attempt() -> impl Strategy<Value = Attempt> {
-        (any::<u32>(), text(), any::<u64>(), any::<u64>(), outcome()).prop_map(
-            |(attempt, message_id, started_at, duration_ms, outcome)| Attempt {
-                attempt,
-                message_id,
-                started_at,
-                duration_ms,
-                outcome,
-            },
+    fn output() -> impl Strategy<Value = Option<Output>> {
+        proptest::option::of(
+            prop_oneof![
+                // No "null": an output of null is no output (the worker drops it).
+                Just(r#"{"charge":"ch_1","amount":[1, 2.5e3]}"#),
+                Just(r#""a\"b\nc""#),
+                Just("42"),
+            ]
+            .prop_map(|j| Output::raw(RawValue::from_string(j.to_owned()).unwrap())),
         )
+    }
+
+    fn attempt() -> impl Strategy<Value = Attempt> {
+        (
+            any::<u32>(),
+            text(),
+            any::<u64>(),
+            any::<u64>(),
+            outcome(),
+            output(),
+            proptest::option::of(text()),
+        )
+            .prop_map(
+                |(attempt, message_id, started_at, duration_ms, outcome, output, log)| Attempt {
+                    attempt,
+                    message_id,
+                    started_at,
+                    duration_ms,
+                    outcome,
+                    output,
+                    log,
+                },
+            )
     }
 
     fn item_id() -> impl Strategy<Value = ItemId> {
@@ -219,9 +249,9 @@ mod tests {
         }
 
         #[test]
-        fn result_bodies_match_serde(item in item_id(), seq in any::<u64>(), attempt in attempt()) {
+        fn result_bodies_round_trip(item in item_id(), seq in any::<u64>(), attempt in attempt()) {
             let r = ResultBody { run: RunId::generate(1_795_000_000_000), item, seq, attempt };
-            prop_assert_eq!(super::result_body(&r), serde_json::to_string(&r).unwrap());
+            prop_assert_eq!(ResultBody::decode(&super::result_body(&r)).unwrap(), r);
         }
 
         #[test]

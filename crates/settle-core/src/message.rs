@@ -1,7 +1,7 @@
 //! The JSON bodies that travel on the queues. Versioned by field names only:
 //! unknown fields are rejected so a body from another producer is caught, not guessed at.
 
-use crate::domain::{Attempt, AttemptOutcome, ErrorKind, Item, ItemId, Millis, RunId};
+use crate::domain::{Attempt, AttemptOutcome, ErrorKind, Item, ItemId, Millis, Output, RunId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -85,75 +85,46 @@ pub struct ResultBody {
     pub attempt: Attempt,
 }
 
-/// The wire form of a [`ResultBody`], spelled out field by field rather
-/// than with `#[serde(flatten)]`: flatten buffers every field into a map of
-/// its own before decoding it, which made decoding results the largest CPU
-/// cost of the reducer (a tenth of the runtime's time on a 1M-item run).
-/// Same JSON as the flattened form; unknown fields are ignored, as they
-/// were. No deny_unknown_fields: bodies written by earlier versions must
-/// still decode.
-#[derive(Serialize, Deserialize)]
-struct WireResult<R, I, S> {
-    run: R,
-    item: I,
+/// How a [`ResultBody`] is read. It is written by [`crate::json`] alone
+/// (one encoder for the wire type); this is the same JSON, spelled out
+/// field by field rather than with `#[serde(flatten)]`: flatten buffers
+/// every field into a map of its own before decoding it, which made
+/// decoding results the largest CPU cost of the reducer (a tenth of the
+/// runtime's time on a 1M-item run). Unknown fields are ignored: bodies
+/// written by earlier versions must still decode.
+#[derive(Deserialize)]
+struct WireResult {
+    run: RunId,
+    item: ItemId,
     seq: u64,
     attempt: u32,
-    message_id: S,
+    message_id: String,
     started_at: Millis,
     duration_ms: u64,
     outcome: WireOutcome,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     kind: Option<ErrorKind>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<S>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
     terminal: Option<bool>,
+    #[serde(default)]
+    output: Option<Output>,
+    #[serde(default)]
+    log: Option<String>,
 }
 
-#[derive(Clone, Copy, Serialize, Deserialize)]
+#[derive(Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum WireOutcome {
     Succeeded,
     Failed,
 }
 
-impl Serialize for ResultBody {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let a = &self.attempt;
-        let (outcome, kind, error, terminal) = match &a.outcome {
-            AttemptOutcome::Succeeded => (WireOutcome::Succeeded, None, None, None),
-            AttemptOutcome::Failed {
-                kind,
-                error,
-                terminal,
-            } => (
-                WireOutcome::Failed,
-                Some(*kind),
-                Some(error.as_str()),
-                Some(*terminal),
-            ),
-        };
-        WireResult {
-            run: &self.run,
-            item: &self.item,
-            seq: self.seq,
-            attempt: a.attempt,
-            message_id: a.message_id.as_str(),
-            started_at: a.started_at,
-            duration_ms: a.duration_ms,
-            outcome,
-            kind,
-            error,
-            terminal,
-        }
-        .serialize(s)
-    }
-}
-
 impl<'de> Deserialize<'de> for ResultBody {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let w = WireResult::<RunId, ItemId, String>::deserialize(d)?;
+        let w = WireResult::deserialize(d)?;
         let outcome = match w.outcome {
             WireOutcome::Succeeded => AttemptOutcome::Succeeded,
             WireOutcome::Failed => AttemptOutcome::Failed {
@@ -174,6 +145,8 @@ impl<'de> Deserialize<'de> for ResultBody {
                 started_at: w.started_at,
                 duration_ms: w.duration_ms,
                 outcome,
+                output: w.output,
+                log: w.log,
             },
         })
     }
@@ -299,6 +272,8 @@ mod tests {
                     error: "card declined".into(),
                     terminal: true,
                 },
+                output: None,
+                log: None,
             },
         };
         assert_eq!(ResultBody::decode(&r.encode()).unwrap(), r);

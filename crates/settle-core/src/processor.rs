@@ -1,14 +1,15 @@
 //! The processor: the user code that does one item's work, and the built-in
 //! `scripted` processor that the demo and the tests drive.
 
-use crate::domain::{Item, ProcessError, RunId};
+use crate::domain::{Item, LogBuf, Output, ProcessError, RunId};
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// What a processor knows about the attempt it is making.
-#[derive(Debug, Clone)]
+/// What a processor knows about the attempt it is making, and where it
+/// writes the attempt's own log.
+#[derive(Debug)]
 pub struct AttemptContext {
     pub run: RunId,
     /// 1 for the first attempt; counts across redeliveries and redrives.
@@ -21,6 +22,7 @@ pub struct AttemptContext {
     /// invocation's end, whichever is first), if it will be. A side effect
     /// wrapped by [`crate::idempotency::Idempotency`] holds its claim until then.
     pub deadline: Option<Instant>,
+    log: std::sync::Mutex<LogBuf>,
 }
 
 impl AttemptContext {
@@ -33,18 +35,49 @@ impl AttemptContext {
             attempt,
             idempotency_key,
             deadline: None,
+            log: std::sync::Mutex::default(),
         }
+    }
+
+    /// Adds to this attempt's log, which is kept with the attempt (its last
+    /// [`crate::domain::MAX_LOG_BYTES`]) and shown by `settle show` and
+    /// `settle logs`: what went wrong with this item, apart from every other.
+    pub fn log(&self, text: impl AsRef<[u8]>) {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(text.as_ref());
+    }
+
+    /// The log written so far, as it is kept; leaves it empty.
+    pub fn take_log(&self) -> Option<String> {
+        std::mem::take(
+            &mut *self
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .finish()
     }
 }
 
 /// Does one item's work. A side effect that must not happen twice for one
 /// item of a run (a duplicate delivery is always possible) goes through
 /// [`crate::idempotency::Idempotency::run_for`].
-/// Return `Err` with a [`ProcessError`] whose kind says
-/// whether trying again can help; a panic is caught and counts as retryable.
+///
+/// Return the item's output (any JSON value, at most
+/// [`crate::domain::MAX_OUTPUT_BYTES`]; `None` for none), or `Err` with a
+/// [`ProcessError`] whose kind says whether trying again can help (and,
+/// optionally, not before when). A panic is caught and counts as
+/// retryable. What the attempt should keep as its log goes to
+/// [`AttemptContext::log`].
 #[async_trait]
 pub trait Processor: Send + Sync + 'static {
-    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError>;
+    async fn process(
+        &self,
+        item: &Item,
+        ctx: &AttemptContext,
+    ) -> Result<Option<Output>, ProcessError>;
 }
 
 /// Follows each item's `payload.script`, for demos and tests:
@@ -109,19 +142,23 @@ impl Script {
 
 #[async_trait]
 impl Processor for Scripted {
-    async fn process(&self, item: &Item, ctx: &AttemptContext) -> Result<(), ProcessError> {
+    async fn process(
+        &self,
+        item: &Item,
+        ctx: &AttemptContext,
+    ) -> Result<Option<Output>, ProcessError> {
         match Script::of(item) {
-            Script::Ok => Ok(()),
+            Script::Ok => Ok(None),
             Script::Permanent => Err(ProcessError::permanent("permanent failure (scripted)")),
             Script::Retryable(n) if ctx.attempt <= n => Err(ProcessError::retryable(format!(
                 "retryable failure {} of {n} (scripted)",
                 ctx.attempt
             ))),
-            Script::Retryable(_) => Ok(()),
+            Script::Retryable(_) => Ok(None),
             Script::Panic => panic!("scripted panic for item {}", item.id),
             Script::Sleep(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok(())
+                Ok(None)
             }
             Script::Unknown(s) => Err(ProcessError::permanent(format!("unknown script {s:?}"))),
         }

@@ -132,6 +132,8 @@ async fn scan(
                             error: error.clone(),
                             terminal: true,
                         },
+                        output: None,
+                        log: None,
                     },
                 }
                 .encode(),

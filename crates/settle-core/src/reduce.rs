@@ -272,6 +272,8 @@ mod tests {
                         started_at: 0,
                         duration_ms: 0,
                         outcome: AttemptOutcome::Succeeded,
+                        output: None,
+                        log: None,
                     },
                 };
                 (r.attempt.message_id.clone(), r)

@@ -2,7 +2,10 @@
 //! response out. Each message settles on its own: a processor error, a
 //! panic, a timeout or an undecodable body affects only that message.
 
-use crate::domain::{bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ProcessError};
+use crate::domain::{
+    bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError,
+    MAX_OUTPUT_BYTES,
+};
 use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use crate::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::processor::{AttemptContext, Processor};
@@ -218,19 +221,31 @@ impl Worker {
             let clock = Instant::now();
             // A receive past the limit means the last attempt never reported
             // (a crash or a kill); record that as terminal rather than run again.
-            let outcome = if d.receive_count > body.max_receives {
-                Err(ProcessError::retryable(format!(
+            let (outcome, log) = if d.receive_count > body.max_receives {
+                let e = ProcessError::retryable(format!(
                     "no outcome after {} receives (the worker crashed or timed out)",
                     body.max_receives
-                )))
+                ));
+                (Err(e), None)
             } else {
                 self.run_processor(&body, attempt, deadline).await
             };
+            let outcome = outcome.and_then(|output| match output {
+                Some(o) if o.get().len() > MAX_OUTPUT_BYTES => Err(ProcessError::permanent(format!(
+                    "the output is {} bytes; an item's output may be at most {MAX_OUTPUT_BYTES}",
+                    o.get().len()
+                ))),
+                // JSON null reads back as no output: say so from the start.
+                Some(o) if o.get() == "null" => Ok(None),
+                other => Ok(other),
+            });
             let duration_ms = clock.elapsed().as_millis() as u64;
             let last = d.receive_count >= body.max_receives;
+            let mut output = None;
             let (outcome, dead_letter, retry) = match outcome {
-                Ok(()) => {
+                Ok(out) => {
                     tracing::info!(duration_ms, "succeeded");
+                    output = out;
                     (AttemptOutcome::Succeeded, None, None)
                 }
                 Err(mut e) => {
@@ -277,6 +292,8 @@ impl Worker {
                         started_at,
                         duration_ms,
                         outcome,
+                        output,
+                        log,
                     },
                 },
                 dead_letter,
@@ -287,12 +304,14 @@ impl Worker {
         .await
     }
 
+    /// Runs the processor on one item; returns its outcome and the log the
+    /// attempt wrote (also when it timed out or panicked).
     async fn run_processor(
         &self,
         body: &WorkBody,
         attempt: u32,
         deadline: Option<Instant>,
-    ) -> Result<(), ProcessError> {
+    ) -> (Result<Option<Output>, ProcessError>, Option<String>) {
         let item = body.item();
         let mut ctx = AttemptContext::new(body.run.clone(), &item, attempt);
         // The attempt is cut off at the item timeout; the invocation ends at
@@ -302,10 +321,12 @@ impl Worker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let ctx = Arc::new(ctx);
         let processor = self.processor.clone();
-        let fut = PanicScope(Box::pin(
-            async move { processor.process(&item, &ctx).await },
-        ));
+        let in_attempt = ctx.clone();
+        let fut = PanicScope(Box::pin(async move {
+            processor.process(&item, &in_attempt).await
+        }));
         let caught = AssertUnwindSafe(fut).catch_unwind();
         let res = match self.config.item_timeout.zip(timeout_at) {
             // The same instant as the context's deadline: an idempotency
@@ -313,22 +334,22 @@ impl Worker {
             Some((t, at)) => match tokio::time::timeout_at(at, caught).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Err(ProcessError::retryable(format!(
-                        "timed out after {} ms",
-                        t.as_millis()
-                    )))
+                    let e =
+                        ProcessError::retryable(format!("timed out after {} ms", t.as_millis()));
+                    return (Err(e), ctx.take_log());
                 }
             },
             None => caught.await,
         };
-        res.unwrap_or_else(|panic| {
+        let res = res.unwrap_or_else(|panic| {
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_owned());
             Err(ProcessError::retryable(format!("panic: {msg}")))
-        })
+        });
+        (res, ctx.take_log())
     }
 
     fn retry_delay(&self, receive_count: u32) -> Duration {

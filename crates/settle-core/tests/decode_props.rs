@@ -111,6 +111,8 @@ proptest! {
                 } else {
                     AttemptOutcome::Failed { kind: ErrorKind::Retryable, error: error.clone(), terminal: false }
                 },
+                output: None,
+                log: None,
             },
         }).collect();
         let encoded: Vec<String> = results.iter().map(ResultBody::encode).collect();

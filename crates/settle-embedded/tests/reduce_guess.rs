@@ -22,6 +22,8 @@ fn result(run: &RunId, item: &str, attempt: u32, outcome: AttemptOutcome) -> Del
             started_at: 1,
             duration_ms: 1,
             outcome,
+            output: None,
+            log: None,
         },
     };
     Delivery {

@@ -241,9 +241,9 @@ impl settle_core::Processor for SeesDeadline {
         &self,
         _item: &Item,
         ctx: &settle_core::AttemptContext,
-    ) -> Result<(), settle_core::ProcessError> {
+    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
         self.0.lock().unwrap().push(ctx.deadline);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -309,7 +309,7 @@ impl settle_core::Processor for AsksToWait {
         &self,
         item: &Item,
         _ctx: &settle_core::AttemptContext,
-    ) -> Result<(), settle_core::ProcessError> {
+    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
         let e = settle_core::ProcessError::retryable("busy");
         if item.id.as_str().starts_with("wait") {
             return Err(e.with_retry_after(Duration::from_secs(2)));
@@ -355,4 +355,114 @@ async fn a_retry_hint_lengthens_the_retry_delay() {
         .map(|d| WorkBody::decode(&d.body).unwrap().item.to_string())
         .collect();
     assert_eq!(back, vec!["now-1".to_string()], "the hinted one waits");
+}
+
+/// Writes a line naming its item to the attempt's log, then: "big" returns
+/// an output over the limit, "hang" outlives the item timeout, "boom"
+/// panics; anything else returns `{"id": ...}`.
+#[derive(Debug)]
+struct Logs;
+
+#[async_trait::async_trait]
+impl settle_core::Processor for Logs {
+    async fn process(
+        &self,
+        item: &Item,
+        ctx: &settle_core::AttemptContext,
+    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
+        ctx.log(format!("working on {}\n", item.id));
+        match item.id.as_str() {
+            "big" => Ok(Some(
+                settle_core::domain::Output::json(&"x".repeat(70_000)).unwrap(),
+            )),
+            "hang" => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(None)
+            }
+            "boom" => panic!("boom"),
+            id => Ok(Some(
+                settle_core::domain::Output::json(&serde_json::json!({ "id": id })).unwrap(),
+            )),
+        }
+    }
+}
+
+/// Each attempt carries its own output and log to the results, also when
+/// it timed out or panicked; an output over the limit fails permanently.
+#[tokio::test]
+async fn attempts_carry_their_output_and_their_own_log() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let worker = Worker::new(
+        Arc::new(Logs),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            item_timeout: Some(Duration::from_millis(200)),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    let ids = ["a", "b", "big", "hang", "boom"];
+    e.work
+        .send(ids.iter().map(|id| body(&run, id, "ok", 3)).collect())
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(batch.len(), ids.len());
+    worker.handle(&batch, None).await;
+    let got = e.results.receive(10, VIS).await.unwrap();
+    let results: Vec<_> = got
+        .iter()
+        .flat_map(|d| settle_core::message::decode_results(&d.body).unwrap())
+        .collect();
+    assert_eq!(results.len(), ids.len());
+    for r in &results {
+        let a = &r.attempt;
+        let id = r.item.as_str();
+        assert_eq!(
+            a.log.as_deref(),
+            Some(format!("working on {id}\n").as_str()),
+            "{id}: only its own line"
+        );
+        match id {
+            "a" | "b" => {
+                assert_eq!(a.outcome, AttemptOutcome::Succeeded);
+                assert_eq!(
+                    a.output.as_ref().map(|o| o.get().to_owned()),
+                    Some(format!(r#"{{"id":"{id}"}}"#))
+                );
+            }
+            "big" => match &a.outcome {
+                AttemptOutcome::Failed {
+                    kind,
+                    error,
+                    terminal,
+                } => {
+                    assert_eq!(*kind, settle_core::domain::ErrorKind::Permanent);
+                    assert!(*terminal);
+                    assert!(
+                        error.contains("70002 bytes") && error.contains("65536"),
+                        "{error}"
+                    );
+                    assert!(a.output.is_none());
+                }
+                other => panic!("big: {other:?}"),
+            },
+            "hang" | "boom" => match &a.outcome {
+                AttemptOutcome::Failed { kind, error, .. } => {
+                    assert_eq!(*kind, settle_core::domain::ErrorKind::Retryable);
+                    let want = if id == "hang" {
+                        "timed out"
+                    } else {
+                        "panic: boom"
+                    };
+                    assert!(error.contains(want), "{id}: {error}");
+                }
+                other => panic!("{id}: {other:?}"),
+            },
+            other => panic!("unexpected item {other}"),
+        }
+    }
 }
