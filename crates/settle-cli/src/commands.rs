@@ -246,6 +246,7 @@ fn run_config(s: &RunSettings) -> RunConfig {
     RunConfig {
         max_receives: s.max_receives,
         tolerated_failure_percent: s.tolerated_failure_percent,
+        processor: None,
     }
 }
 

@@ -289,10 +289,7 @@ mod tests {
     fn run(failed: u64) -> RunRecord {
         let mut run = RunRecord::new(
             RunId::parse("r20261123T235300Z-0a1b2c").unwrap(),
-            RunConfig {
-                max_receives: 3,
-                tolerated_failure_percent: 100.0,
-            },
+            RunConfig::default(),
             0,
         );
         run.dispatched = true;

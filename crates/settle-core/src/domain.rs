@@ -559,6 +559,10 @@ pub struct RunConfig {
     pub max_receives: u32,
     /// The run is `partial` (not `failed`) while failures stay at or under this share of items.
     pub tolerated_failure_percent: f64,
+    /// The processor that does the run's work, where the run was started
+    /// with one (a run dispatched for deployed workers uses theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor: Option<crate::processor::ProcessorSpec>,
 }
 
 impl Default for RunConfig {
@@ -566,6 +570,7 @@ impl Default for RunConfig {
         Self {
             max_receives: 3,
             tolerated_failure_percent: 100.0,
+            processor: None,
         }
     }
 }

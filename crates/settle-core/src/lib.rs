@@ -23,4 +23,4 @@ pub use domain::{
 };
 pub use idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
 pub use ports::{Ledger, PortError, Queue, Source};
-pub use processor::{AttemptContext, Processor, Scripted};
+pub use processor::{AttemptContext, ExecProtocol, Processor, ProcessorSpec, Scripted};

@@ -3,7 +3,7 @@
 
 use crate::domain::{Item, LogBuf, Output, ProcessError, RunId};
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -78,6 +78,79 @@ pub trait Processor: Send + Sync + 'static {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError>;
+}
+
+/// Which processor a run uses, recorded with the run so that `resume` and
+/// `redrive` use the same one. Data only: the processors themselves live
+/// in the `settle-processors` crate. Header values are kept (a resume needs
+/// them) but never shown: see [`ProcessorSpec::describe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ProcessorSpec {
+    /// The built-in [`Scripted`] processor, for tests and benchmarks.
+    Scripted,
+    /// The user's command, run by `sh -c`.
+    Exec {
+        command: String,
+        #[serde(default)]
+        protocol: ExecProtocol,
+        /// Exit codes that fail an item permanently (per-item protocol).
+        #[serde(default = "default_permanent_exit_codes")]
+        permanent_exit_codes: Vec<i32>,
+    },
+    /// One POST per attempt to the user's endpoint.
+    Http {
+        url: String,
+        /// `(name, value)` pairs sent with every request.
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+    },
+}
+
+/// How an [`ProcessorSpec::Exec`] command is run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecProtocol {
+    /// A process per attempt: the item on stdin, the output on stdout.
+    #[default]
+    #[serde(rename = "per-item")]
+    PerItem,
+    /// Long-lived processes, one JSON line in and one out per item.
+    Jsonl,
+}
+
+/// EX_DATAERR from sysexits.h: "the input data was incorrect".
+pub const EXIT_PERMANENT: i32 = 65;
+
+fn default_permanent_exit_codes() -> Vec<i32> {
+    vec![EXIT_PERMANENT]
+}
+
+impl ProcessorSpec {
+    /// How the processor is named to people: never a header's value.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Scripted => "--processor scripted".into(),
+            Self::Exec {
+                command,
+                protocol: ExecProtocol::PerItem,
+                ..
+            } => format!("--exec {command:?}"),
+            Self::Exec {
+                command,
+                protocol: ExecProtocol::Jsonl,
+                ..
+            } => format!("--exec {command:?} --protocol jsonl"),
+            Self::Http { url, headers } => {
+                let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+                if names.is_empty() {
+                    format!("--http {url}")
+                } else {
+                    format!("--http {url} (headers: {})", names.join(", "))
+                }
+            }
+        }
+    }
 }
 
 /// Follows each item's `payload.script`, for demos and tests:

@@ -306,6 +306,8 @@ impl DispatcherFunction {
                     max_receives: max_receives.unwrap_or(self.defaults.max_receives),
                     tolerated_failure_percent: tolerated_failure_percent
                         .unwrap_or(self.defaults.tolerated_failure_percent),
+                    // The deployed worker function's processor does the work.
+                    processor: None,
                 };
                 let id = derived_run_id(now_millis(), request_id);
                 match self.open_or_create(id, config).await? {

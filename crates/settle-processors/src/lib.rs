@@ -1,0 +1,85 @@
+//! The user's processors, in any language: a command run once per attempt
+//! ([`exec`]), long-lived processes speaking JSON lines ([`jsonl`]), and an
+//! HTTP endpoint ([`http`]). Each turns one attempt into the item's output
+//! or a retryable or permanent failure, and keeps what the user's code
+//! wrote about that item, and nothing else, as the attempt's log.
+
+pub mod exec;
+
+use settle_core::{ProcessorSpec, Scripted};
+use std::sync::Arc;
+
+/// Why a processor cannot be set up: said before anything is created.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("--exec {command:?}: {reason}")]
+    Command { command: String, reason: String },
+    #[error("--http {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("--http-header {header:?}: {reason}")]
+    Header { header: String, reason: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// How many items the processor works on at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Parallelism(pub usize);
+
+/// Builds the processor `spec` names, checking what can be checked now (a
+/// command that does not exist, a malformed URL).
+pub fn build(
+    spec: &ProcessorSpec,
+    parallelism: Parallelism,
+) -> Result<Arc<dyn settle_core::Processor>, SpecError> {
+    Ok(match spec {
+        ProcessorSpec::Scripted => Arc::new(Scripted),
+        ProcessorSpec::Exec {
+            command,
+            protocol: settle_core::ExecProtocol::PerItem,
+            permanent_exit_codes,
+        } => Arc::new(exec::Exec::new(
+            command,
+            permanent_exit_codes.clone(),
+            parallelism.0,
+        )?),
+        other => {
+            return Err(SpecError::Unsupported(format!(
+                "{} is not available in this build",
+                other.describe()
+            )))
+        }
+    })
+}
+
+/// The item as a processor process receives it: one JSON object.
+pub(crate) fn item_json(
+    item: &settle_core::domain::Item,
+    ctx: &settle_core::AttemptContext,
+    deadline_ms: Option<u64>,
+) -> String {
+    let mut v = serde_json::json!({
+        "id": item.id.as_str(),
+        "payload": item.payload,
+        "run_id": ctx.run.as_str(),
+        "attempt": ctx.attempt,
+        "idempotency_key": ctx.idempotency_key,
+    });
+    if let Some(ms) = deadline_ms {
+        v["deadline_ms"] = ms.into();
+    }
+    v.to_string()
+}
+
+/// The attempt's deadline as Unix epoch milliseconds, if it has one.
+pub(crate) fn deadline_epoch_ms(ctx: &settle_core::AttemptContext) -> Option<u64> {
+    ctx.deadline.map(|d| {
+        let left = d.saturating_duration_since(tokio::time::Instant::now());
+        settle_core::domain::now_millis() + left.as_millis() as u64
+    })
+}
+
+/// The last non-empty line of `text`, for an error message.
+pub(crate) fn last_line(text: &str) -> Option<&str> {
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty())
+}
