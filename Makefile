@@ -22,7 +22,7 @@ build: venv ## Release build of the three Lambda functions for arm64 (cargo lamb
 demo: build-cli ## Run 10,000 demo items (realistic failures) on the embedded engine, then redrive the failures
 	@mkdir -p .settle
 	$(SETTLE_RELEASE) generate --count 10000 --mix demo > $(DEMO_ITEMS)
-	$(SETTLE_RELEASE) run --items $(DEMO_ITEMS)
+	$(SETTLE_RELEASE) run --processor scripted --items $(DEMO_ITEMS)
 	@echo; echo "== Redriving the run's failures (the slow-to-recover items now succeed) =="
 	$(SETTLE_RELEASE) redrive "$$($(SETTLE_RELEASE) status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')"
 
@@ -84,10 +84,10 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 bench: build-cli ## Throughput: 1,000,000 items (10% permanent failures), durable, load included
-	python3 scripts/bench.py 1000000 --concurrency 64
+	python3 scripts/bench.py 1000000 --processor scripted
 
 bench-memory: build-cli ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
-	python3 scripts/bench.py 10000000 --concurrency 64
+	python3 scripts/bench.py 10000000 --processor scripted
 
 soak: ## Deterministic fault simulation over many seeds (SEEDS=1000 by default, 300 items each); SEED=N replays one
 	SETTLE_SIM_SEEDS=$${SEEDS:-1000} SETTLE_SIM_SEED=$${SEED:-} $(CARGO) test --release -p settle-embedded --test simulation faults_never_lose -- --nocapture

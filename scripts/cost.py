@@ -90,7 +90,8 @@ def main():
         run, rep = settle(binary, ["dispatch", "--json"], os.path.join(tmp, "dispatch.json"), stack)
         add("dispatch", rep)
         done, rep = settle(
-            binary, ["resume", run["run_id"], "--json", "--concurrency", "8", "--retry-delay-ms", "100"],
+            binary, ["resume", run["run_id"], "--json", "--processor", "scripted", "--concurrency", "80",
+                     "--retry-delay-ms", "100"],
             os.path.join(tmp, "process.json"), stack)
         add("process", rep)
         if done["total"] != per_run or done["pending"] != 0 or done["failed"] != expected_failed:

@@ -54,6 +54,9 @@ pub enum Command {
     Dispatch {
         #[command(flatten)]
         run: RunSettings,
+        /// The processor `resume` will use (recorded with the run).
+        #[command(flatten)]
+        processor: ProcessorArgs,
         #[arg(long)]
         json: bool,
     },
@@ -100,6 +103,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every item's outcome as JSON lines, in the input's order: its output,
+    /// or its error.
+    Results {
+        run_id: String,
+        /// Only the items that ended so.
+        #[arg(long, value_enum)]
+        status: Option<ResultStatus>,
+        /// Write to FILE rather than stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// What the processor wrote while working on one item, attempt by attempt.
+    Logs {
+        run_id: String,
+        item_id: String,
+        /// Only this attempt.
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent runs, newest first.
     Runs {
         #[arg(long, default_value_t = 20)]
@@ -132,8 +156,9 @@ impl Command {
             | Command::Failures { json, .. }
             | Command::Redrive { json, .. }
             | Command::Show { json, .. }
+            | Command::Logs { json, .. }
             | Command::Runs { json, .. } => *json,
-            Command::Generate { .. } => false,
+            Command::Generate { .. } | Command::Results { .. } => false,
         }
     }
 
@@ -145,6 +170,8 @@ impl Command {
             Command::Status { .. }
                 | Command::Failures { .. }
                 | Command::Show { .. }
+                | Command::Logs { .. }
+                | Command::Results { .. }
                 | Command::Runs { .. }
                 | Command::Redrive { dry_run: true, .. }
         )
@@ -160,6 +187,12 @@ impl Command {
             Command::Run(_) | Command::Load { .. } | Command::Dispatch { .. }
         )
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResultStatus {
+    Succeeded,
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,9 +246,13 @@ pub struct RunSettings {
 /// How the local runner processes.
 #[derive(Debug, Args)]
 pub struct ProcessArgs {
-    /// Worker batches processed at once.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub concurrency: u64,
+    #[command(flatten)]
+    pub processor: ProcessorArgs,
+    /// Items the processor works on at once. Default: 4 per core for
+    /// --exec (a process each; most per-item commands wait on the network),
+    /// 64 requests for --http, and 640 for the scripted processor.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=40960))]
+    pub concurrency: Option<u64>,
     /// Messages per worker batch.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10))]
     pub batch_size: u64,
@@ -228,6 +265,49 @@ pub struct ProcessArgs {
     /// doubles per receive, up to the worker's cap of 60 s (so at most 60000).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=MAX_RETRY_DELAY_MS))]
     pub retry_delay_ms: u64,
+}
+
+/// Which processor does the work; the run records it, so that `resume`
+/// and `redrive` use it again without these flags.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ProcessorArgs {
+    /// A built-in processor: `scripted` follows each item's payload.script
+    /// (for tests and benchmarks).
+    #[arg(long, env = "SETTLE_PROCESSOR", value_enum, conflicts_with_all = ["exec", "http"])]
+    pub processor: Option<BuiltIn>,
+    /// Run CMD (with `sh -c`) for each item: the item as JSON on stdin, its
+    /// output on stdout, its log on stderr; exit 0 succeeds, 65 fails for
+    /// good, anything else is retried. See docs/processors.md.
+    #[arg(long, value_name = "CMD", conflicts_with = "http")]
+    pub exec: Option<String>,
+    /// How --exec runs CMD: a process per item, or long-lived processes
+    /// answering one JSON line per item (docs/protocol-jsonl.md).
+    #[arg(long, value_enum, requires = "exec")]
+    pub protocol: Option<Protocol>,
+    /// Exit codes of --exec that fail an item for good, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "exec")]
+    pub permanent_exit_codes: Option<Vec<i32>>,
+    /// POST each item to URL: 2xx succeeds, 408, 425, 429 and 5xx are
+    /// retried (after Retry-After), any other status fails for good.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
+    /// A header for --http, as 'Name: value' (repeatable; values are never shown).
+    #[arg(long = "http-header", value_name = "HEADER", requires = "http")]
+    pub http_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BuiltIn {
+    /// Follows payload.script: ok, permanent, retryable:N, panic, sleep:MS.
+    Scripted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// One process per attempt (the default).
+    PerItem,
+    /// Long-lived processes, one JSON line in and one out per item.
+    Jsonl,
 }
 
 fn percent(s: &str) -> Result<f64, String> {

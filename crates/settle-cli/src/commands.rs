@@ -1,8 +1,9 @@
 //! One function per subcommand.
 
-use crate::cli::{Cli, Command, ProcessArgs, RunArgs, RunSettings};
+use crate::cli::{BackendKind, Cli, Command, ProcessArgs, RunArgs, RunSettings, Workers};
 use crate::deployment::Deployment;
 use crate::process::{process, Finish, Until};
+use crate::processors;
 use crate::report;
 use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
@@ -11,7 +12,7 @@ use settle_core::dispatch;
 use settle_core::jsonl::JsonlItems;
 use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
-use settle_core::{ItemId, RunConfig, RunId, RunRecord};
+use settle_core::{ItemId, ProcessorSpec, RunConfig, RunId, RunRecord};
 use std::collections::BTreeSet;
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -45,6 +46,18 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             seed,
         )?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Run(args) = &cli.command {
+        // A run's processor is checked before anything is created, the
+        // database included.
+        let local = cli.backend == BackendKind::Embedded || cli.workers == Some(Workers::Local);
+        match processors::named(&args.process.processor)? {
+            Some(spec) => {
+                processors::build(&spec, &args.process)?;
+            }
+            None if local => return Err(input(processors::NO_PROCESSOR)),
+            None => {}
+        }
     }
     let d = &Deployment::open(&cli).await?;
     // The commands that write take over SIGINT and SIGTERM to stop cleanly;
@@ -87,13 +100,18 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dispatch { run, json } => {
+        Command::Dispatch {
+            run,
+            processor,
+            json,
+        } => {
+            let spec = processors::named(&processor)?;
             if d.backend.source.pending().await? == 0 {
                 return Err(input(
                     "nothing is pending: load items first (settle load --items FILE)",
                 ));
             }
-            let record = new_run(d, &run).await?;
+            let record = new_run(d, &run, spec).await?;
             eprintln!("Dispatching run {}", record.id);
             let b = &d.backend;
             let dispatched = dispatch::dispatch(
@@ -137,9 +155,10 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                     ""
                 }
             );
+            let chosen = local_processor(d, &run, &p)?;
             finish(
                 d,
-                process(d, &run.id, &p, Until::Settled, stop).await?,
+                process(d, &run.id, &p, chosen.as_ref(), Until::Settled, stop).await?,
                 json,
                 None,
             )
@@ -187,22 +206,49 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             json,
         } => {
             let run = resolve(d, Some(&run_id)).await?;
-            let id = ItemId::new(item_id.clone())
-                .map_err(|err| input(format!("item id {item_id:?}: {err}")))?;
-            let rows = d
-                .backend
-                .ledger
-                .items(&[(run.id.clone(), id.clone())])
-                .await?;
-            let rec = rows.into_values().next().ok_or_else(|| {
-                input(format!(
-                    "no record of item \"{id}\" in run {} (not in the run, or not attempted yet)",
-                    run.id
-                ))
-            })?;
-            emit(json, report::item_json(&run.id, &id, &rec.value), || {
-                report::item_human(&run.id, &id, &rec.value)
+            let (id, rec) = item_record(d, &run, &item_id).await?;
+            emit(json, report::item_json(&run.id, &id, &rec), || {
+                report::item_human(&run.id, &id, &rec)
             });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Results {
+            run_id,
+            status,
+            output,
+        } => {
+            let run = resolve(d, Some(&run_id)).await?;
+            let n = crate::results::export(d, &run.id, status, output.as_deref()).await?;
+            if let Some(path) = &output {
+                eprintln!("Wrote {n} results of run {} to {}", run.id, path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            run_id,
+            item_id,
+            attempt,
+            json,
+        } => {
+            let run = resolve(d, Some(&run_id)).await?;
+            let (id, rec) = item_record(d, &run, &item_id).await?;
+            if let Some(n) = attempt {
+                if !rec.history.iter().any(|a| a.attempt == n) {
+                    return Err(input(format!(
+                        "item \"{id}\" of run {} has no attempt {n} (it has {})",
+                        run.id, rec.attempts
+                    )));
+                }
+            }
+            let value = json!({
+                "run_id": run.id,
+                "item_id": id,
+                "attempts": rec.history.iter()
+                    .filter(|a| attempt.is_none_or(|n| a.attempt == n))
+                    .map(|a| json!({"attempt": a.attempt, "log": a.log}))
+                    .collect::<Vec<_>>(),
+            });
+            emit(json, value, || report::logs_human(&rec, attempt));
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { limit, json } => {
@@ -228,31 +274,65 @@ fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
 }
 
 async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
+    // The processor is checked before anything is created.
+    let spec = processors::named(&args.process.processor)?;
+    let chosen = match (&spec, d.workers) {
+        (Some(spec), Workers::Local) => Some(processors::build(spec, &args.process)?),
+        (None, Workers::Local) => return Err(input(processors::NO_PROCESSOR)),
+        // The deployed worker function brings its own.
+        (_, Workers::Deployed) => None,
+    };
     let before = d.backend.source.pending().await?;
     d.prepare_for(args.run.max_receives).await?;
     // The run is created with its items, in one step: killed at any moment,
     // `settle run` leaves either nothing or a run that owns all its items.
-    let record = dispatch::new_run(run_config(&args.run));
+    let record = dispatch::new_run(run_config(&args.run, spec));
     load(d, &args.items, Some(&record), stop).await?;
     if before > 0 {
         eprintln!("note: {before} items loaded earlier were pending and join this run");
     }
     eprintln!("Run {} started", record.id);
-    let finished = process(d, &record.id, &args.process, Until::Settled, stop).await?;
+    let finished = process(
+        d,
+        &record.id,
+        &args.process,
+        chosen.as_ref(),
+        Until::Settled,
+        stop,
+    )
+    .await?;
     finish(d, finished, args.json, None).await
 }
 
-fn run_config(s: &RunSettings) -> RunConfig {
+fn run_config(s: &RunSettings, processor: Option<ProcessorSpec>) -> RunConfig {
     RunConfig {
         max_receives: s.max_receives,
         tolerated_failure_percent: s.tolerated_failure_percent,
-        processor: None,
+        processor,
     }
 }
 
-async fn new_run(d: &Deployment, s: &RunSettings) -> Result<RunRecord> {
+async fn new_run(
+    d: &Deployment,
+    s: &RunSettings,
+    processor: Option<ProcessorSpec>,
+) -> Result<RunRecord> {
     d.prepare_for(s.max_receives).await?;
-    Ok(dispatch::create_run(d.backend.ledger.as_ref(), run_config(s)).await?)
+    Ok(dispatch::create_run(d.backend.ledger.as_ref(), run_config(s, processor)).await?)
+}
+
+/// The processor for local work on `run`; none with deployed workers,
+/// which bring their own.
+fn local_processor(
+    d: &Deployment,
+    run: &RunRecord,
+    p: &ProcessArgs,
+) -> Result<Option<processors::Chosen>> {
+    if d.workers != Workers::Local {
+        return Ok(None);
+    }
+    let spec = processors::for_run(run, &p.processor)?;
+    Ok(Some(processors::build(&spec, p)?))
 }
 
 /// Loads a JSONL file in one transaction (with `run`, creating that run
@@ -331,6 +411,29 @@ impl Read for StopReader {
         }
         self.inner.read(buf)
     }
+}
+
+/// One item's ledger row in `run`.
+async fn item_record(
+    d: &Deployment,
+    run: &RunRecord,
+    item_id: &str,
+) -> Result<(ItemId, settle_core::ItemRecord)> {
+    let id = ItemId::new(item_id.to_owned())
+        .map_err(|err| input(format!("item id {item_id:?}: {err}")))?;
+    let rows = d
+        .backend
+        .ledger
+        .items(&[(run.id.clone(), id.clone())])
+        .await?;
+    let rec = rows.into_values().next().ok_or_else(|| {
+        input(format!(
+            "no record of item \"{}\" in run {} (not in the run, or not attempted yet)",
+            report::clean(id.as_str()),
+            run.id
+        ))
+    })?;
+    Ok((id, rec.value))
 }
 
 async fn get_run(d: &Deployment, id: &RunId) -> Result<RunRecord> {
@@ -446,6 +549,11 @@ async fn redrive_cmd(
                 .collect::<Result<_>>()?,
         )
     };
+    let chosen = if dry_run {
+        None
+    } else {
+        local_processor(d, &run, p)?
+    };
     if run.redriving && !dry_run {
         // An earlier redrive was cut off: its messages are back in the work
         // queue while their items still count as failed. Processing them
@@ -454,9 +562,10 @@ async fn redrive_cmd(
             "Finishing an earlier redrive of run {} first (it was interrupted)",
             run.id
         );
-        if let Finish::Interrupted(run, signal) = process(d, &run.id, p, Until::Drained, stop)
-            .await
-            .context("processing an earlier redrive's items")?
+        if let Finish::Interrupted(run, signal) =
+            process(d, &run.id, p, chosen.as_ref(), Until::Drained, stop)
+                .await
+                .context("processing an earlier redrive's items")?
         {
             return finish(d, Finish::Interrupted(run, signal), json, None).await;
         }
@@ -531,7 +640,7 @@ async fn redrive_cmd(
     }
     // Even with nothing moved: the run's redrive is open until the queues
     // drain, and this closes it.
-    let finished = match process(d, &run.id, p, Until::Drained, stop)
+    let finished = match process(d, &run.id, p, chosen.as_ref(), Until::Drained, stop)
         .await
         .context("processing the redriven items")?
     {

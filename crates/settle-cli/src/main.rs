@@ -5,7 +5,9 @@ mod commands;
 mod deployment;
 mod generate;
 mod process;
+mod processors;
 mod report;
+mod results;
 mod signals;
 
 use clap::Parser;

@@ -4,6 +4,7 @@
 use crate::cli::ProcessArgs;
 use crate::cli::Workers;
 use crate::deployment::Deployment;
+use crate::processors::Chosen;
 use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,7 +13,7 @@ use settle_core::domain::now_millis;
 use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{RunId, RunRecord, Scripted};
+use settle_core::{RunId, RunRecord};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -47,12 +48,12 @@ const TICK: Duration = Duration::from_millis(100);
 /// While waiting for a run to settle, the queues are counted every this many ticks.
 const STALL_CHECK_EVERY: u32 = 10;
 
-pub fn runner(d: &Deployment, args: &ProcessArgs) -> Runner {
+pub fn runner(d: &Deployment, args: &ProcessArgs, chosen: &Chosen) -> Runner {
     let b = &d.backend;
     let work = b.work.clone();
     let visibility = Duration::from_secs(args.visibility_timeout);
     let worker = Worker::new(
-        Arc::new(Scripted),
+        chosen.processor.clone(),
         work.clone(),
         b.dlq.clone(),
         b.results.clone(),
@@ -71,7 +72,7 @@ pub fn runner(d: &Deployment, args: &ProcessArgs) -> Runner {
         results: b.results.clone(),
         ledger: b.ledger.clone(),
         config: RunnerConfig {
-            concurrency: args.concurrency as usize,
+            concurrency: chosen.batches,
             batch_size: args.batch_size as usize,
             visibility,
             results_visibility: d.results_visibility(visibility),
@@ -86,10 +87,14 @@ pub fn runner(d: &Deployment, args: &ProcessArgs) -> Runner {
 ///
 /// A run with an open redrive ([`RunRecord::redriving`]) is not settled
 /// until the queues have drained: then its redrive is closed here.
+///
+/// `chosen` is the processor that works locally; `None` with deployed
+/// workers, which bring their own.
 pub async fn process(
     d: &Deployment,
     run: &RunId,
     args: &ProcessArgs,
+    chosen: Option<&Chosen>,
     until: Until,
     stop: &Stop,
 ) -> Result<Finish> {
@@ -105,10 +110,12 @@ pub async fn process(
     let (stop_tx, stop_rx) = watch::channel(false);
     // With deployed workers the Lambda functions process; this process
     // only dispatches and follows the tally.
-    let poll = (d.workers == Workers::Local).then(|| {
-        let runner = runner(d, args);
-        tokio::spawn(async move { runner.run(stop_rx).await })
-    });
+    let poll = chosen
+        .filter(|_| d.workers == Workers::Local)
+        .map(|chosen| {
+            let runner = runner(d, args, chosen);
+            tokio::spawn(async move { runner.run(stop_rx).await })
+        });
     let mut dispatching = (!record.dispatched).then(|| {
         let (b, run) = (b.clone(), run.clone());
         tokio::spawn(async move {

@@ -191,6 +191,7 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
         "status": rec.status,
         "attempts": rec.attempts,
         "last_error": rec.last_error,
+        "output": rec.output(),
         "history": rec.history.iter().map(|a| {
             let (outcome, kind, error, terminal) = outcome_parts(&a.outcome);
             json!({
@@ -202,9 +203,57 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
                 "kind": kind,
                 "error": error,
                 "terminal": terminal,
+                "output": a.output,
+                "log": a.log,
             })
         }).collect::<Vec<_>>(),
     })
+}
+
+/// An attempt's log as it may reach a terminal: lines stay lines, but
+/// every other control character is escaped (see [`clean`]).
+pub fn clean_log(text: &str) -> Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Each attempt's log under a line naming the attempt.
+pub fn logs_human(rec: &ItemRecord, only: Option<u32>) -> String {
+    let mut out = String::new();
+    for a in rec
+        .history
+        .iter()
+        .filter(|a| only.is_none_or(|n| a.attempt == n))
+    {
+        let (outcome, ..) = outcome_parts(&a.outcome);
+        out.push_str(&format!(
+            "== attempt {} ({outcome}, {} ms) ==\n",
+            a.attempt, a.duration_ms
+        ));
+        match &a.log {
+            Some(log) => {
+                out.push_str(&clean_log(log));
+                if !log.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            None => out.push_str("(nothing written)\n"),
+        }
+    }
+    out
 }
 
 use settle_core::RunId;
@@ -237,6 +286,13 @@ pub fn item_human(run: &RunId, id: &ItemId, rec: &ItemRecord) -> String {
             time(a.started_at),
             a.duration_ms
         ));
+    }
+    if let Some(o) = rec.output() {
+        out.push_str(&format!("Output: {}\n", clean(o.get())));
+    }
+    if rec.history.iter().any(|a| a.log.is_some()) {
+        out.push('\n');
+        out.push_str(&logs_human(rec, None));
     }
     out
 }

@@ -51,21 +51,24 @@ fn every_failures(run: &str) -> Value {
     })
 }
 
-const ITEM_KEYS: [&str; 6] = [
+const ITEM_KEYS: [&str; 7] = [
     "attempts",
     "history",
     "item_id",
     "last_error",
+    "output",
     "run_id",
     "status",
 ];
-const HISTORY_KEYS: [&str; 8] = [
+const HISTORY_KEYS: [&str; 10] = [
     "attempt",
     "duration_ms",
     "error",
     "kind",
+    "log",
     "message_id",
     "outcome",
+    "output",
     "started_at",
     "terminal",
 ];

@@ -340,12 +340,17 @@ impl Output {
         serde_json::value::to_raw_value(value).map(Self)
     }
 
-    /// Text that is JSON stays JSON; anything else becomes a JSON string.
+    /// Text that is JSON stays JSON; anything else becomes a JSON string,
+    /// without its final line break (what a program's `print` adds).
     pub fn from_text(text: &str) -> Self {
         let trimmed = text.trim();
         match RawValue::from_string(trimmed.to_owned()) {
             Ok(raw) if !trimmed.is_empty() => Self(raw),
-            _ => Self::json(text).expect("a string always serializes"),
+            _ => {
+                let line = text.strip_suffix('\n').unwrap_or(text);
+                let line = line.strip_suffix('\r').unwrap_or(line);
+                Self::json(line).expect("a string always serializes")
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! | stderr | the attempt's log |
 //! | exit 0 | succeeded |
 //! | exit 65 (EX_DATAERR), or a code of `--permanent-exit-codes` | failed permanently |
-//! | any other exit, death by a signal | failed, retryable |
+//! | any other exit, death by a signal (or the shell's exit 128 + N for a command killed by signal N) | failed, retryable |
 //! | the item timeout | the whole process group is sent SIGTERM, then SIGKILL after [`KILL_GRACE`]; retryable |
 //!
 //! The error is the last non-empty line of stderr, else the exit status.
@@ -210,6 +210,10 @@ impl Processor for Exec {
             Some(code) if self.permanent.contains(&code) => {
                 Err(ProcessError::permanent(why(format!("exit {code}"))))
             }
+            // The shell reports a command killed by signal N as 128 + N.
+            Some(code) if (129..=128 + 64).contains(&code) => Err(ProcessError::retryable(why(
+                format!("killed by signal {}", code - 128),
+            ))),
             Some(code) => Err(ProcessError::retryable(why(format!("exit {code}")))),
             None => {
                 use std::os::unix::process::ExitStatusExt;

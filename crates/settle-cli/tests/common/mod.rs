@@ -204,7 +204,15 @@ impl Env {
             .env_remove("SETTLE_DB")
             .env_remove("SETTLE_BACKEND")
             .env_remove("SETTLE_WORKERS")
+            .env_remove("SETTLE_PROCESSOR")
             .envs(self.vars.iter().map(|(k, v)| (k, v)))
+            // The scripted processor, unless the command names one.
+            .envs(
+                (!args
+                    .iter()
+                    .any(|a| matches!(*a, "--exec" | "--http" | "--processor")))
+                .then_some(("SETTLE_PROCESSOR", "scripted")),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -1,0 +1,122 @@
+//! `settle results`: every item's outcome as one JSON line, in the order
+//! the run claimed its items (a `settle run`'s: the file's order).
+//!
+//! | status | line |
+//! |---|---|
+//! | succeeded | `{"id", "status": "succeeded", "attempts", "output"}` (`output` is null when there was none) |
+//! | failed | `{"id", "status": "failed", "attempts", "error"}` |
+//! | not settled yet | `{"id", "status": "pending", "attempts"}` |
+
+use crate::cli::ResultStatus;
+use crate::deployment::Deployment;
+use anyhow::{Context, Result};
+use serde_json::json;
+use settle_core::domain::ItemStatus;
+use settle_core::RunId;
+use std::io::Write;
+use std::path::Path;
+
+/// Items read, and ledger rows looked up, per page.
+const PAGE: usize = 100;
+
+/// Writes the run's results to `to` (stdout if `None`); returns the lines
+/// written. A file is written beside its place and renamed into it when
+/// complete, so it is never seen half-written.
+pub async fn export(
+    d: &Deployment,
+    run: &RunId,
+    only: Option<ResultStatus>,
+    to: Option<&Path>,
+) -> Result<u64> {
+    match to {
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            let n = write(d, run, only, &mut w).await?;
+            w.flush()?;
+            Ok(n)
+        }
+        Some(path) => {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let tmp = tempfile_in(dir, path)?;
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot write {}", tmp.display()))?,
+            );
+            let res = write(d, run, only, &mut w).await;
+            let res = res.and_then(|n| {
+                w.flush()?;
+                w.get_ref().sync_all()?;
+                Ok(n)
+            });
+            drop(w);
+            match res {
+                Ok(n) => {
+                    std::fs::rename(&tmp, path).with_context(|| {
+                        format!("cannot move {} to {}", tmp.display(), path.display())
+                    })?;
+                    Ok(n)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+fn tempfile_in(dir: &Path, path: &Path) -> Result<std::path::PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "results".into());
+    Ok(dir.join(format!(".{name}.{}.partial", std::process::id())))
+}
+
+async fn write(
+    d: &Deployment,
+    run: &RunId,
+    only: Option<ResultStatus>,
+    w: &mut impl Write,
+) -> Result<u64> {
+    let b = &d.backend;
+    let mut cursor: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let (items, next) = b.source.claimed(run, cursor.as_deref(), PAGE).await?;
+        if items.is_empty() {
+            return Ok(n);
+        }
+        let keys: Vec<_> = items.iter().map(|i| (run.clone(), i.id.clone())).collect();
+        let rows = b.ledger.items(&keys).await?;
+        for key in &keys {
+            let line = match rows.get(key).map(|v| &v.value) {
+                Some(rec) if rec.status == ItemStatus::Succeeded => {
+                    if only == Some(ResultStatus::Failed) {
+                        continue;
+                    }
+                    json!({"id": key.1, "status": "succeeded", "attempts": rec.attempts, "output": rec.output()})
+                }
+                Some(rec) if rec.status == ItemStatus::Failed => {
+                    if only == Some(ResultStatus::Succeeded) {
+                        continue;
+                    }
+                    json!({"id": key.1, "status": "failed", "attempts": rec.attempts, "error": rec.last_error})
+                }
+                other => {
+                    if only.is_some() {
+                        continue;
+                    }
+                    json!({"id": key.1, "status": "pending", "attempts": other.map_or(0, |r| r.attempts)})
+                }
+            };
+            writeln!(w, "{line}")?;
+            n += 1;
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,292 @@
+//! The user's own processors through the real CLI: every row of the
+//! `--exec` contract, outputs exported in input order, each attempt's own
+//! log, the processor recorded with the run, and bad configuration refused
+//! before anything is created.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A per-item command in sh: what it does follows `payload.action`.
+const WORKER: &str = r#"#!/bin/sh
+item=$(cat)
+echo "start $SETTLE_ITEM_ID attempt $SETTLE_ATTEMPT key $SETTLE_IDEMPOTENCY_KEY" >&2
+case "$item" in
+  *'"ok"'*) echo "{\"charged\":\"$SETTLE_ITEM_ID\"}" ;;
+  *'"text"'*) echo "plain words" ;;
+  *'"silent"'*) ;;
+  *'"decline"'*) echo "card declined for $SETTLE_ITEM_ID" >&2; exit 65 ;;
+  *'"flaky"'*) if [ "$SETTLE_ATTEMPT" -lt 3 ]; then echo "gateway timeout" >&2; exit 1; fi; echo '"late"' ;;
+  *'"crash"'*) kill -9 $$ ;;
+  *'"hang"'*) sleep 30 ;;
+  *'"three"'*) echo "custom permanent" >&2; exit 3 ;;
+  *) echo "unknown action" >&2; exit 2 ;;
+esac
+"#;
+
+fn worker(env: &Env) -> String {
+    let path = env.path("worker.sh");
+    std::fs::write(&path, WORKER).unwrap();
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&path, perms).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn items(env: &Env, actions: &[(&str, &str)]) -> String {
+    let text: String = actions
+        .iter()
+        .map(|(id, action)| format!("{}\n", json!({"id": id, "payload": {"action": action}})))
+        .collect();
+    env.write("items.jsonl", text)
+}
+
+fn results(env: &Env, run: &str) -> Vec<Value> {
+    let out = env.settle(&["results", run]);
+    out.expect_code(0);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_row_of_the_exec_contract_through_the_cli() {
+    let env = Env::new();
+    let cmd = worker(&env);
+    let file = items(
+        &env,
+        &[
+            ("i-ok", "ok"),
+            ("i-text", "text"),
+            ("i-silent", "silent"),
+            ("i-decline", "decline"),
+            ("i-flaky", "flaky"),
+            ("i-crash", "crash"),
+            ("i-hang", "hang"),
+        ],
+    );
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--json",
+    ];
+    // The item timeout is half the visibility timeout: 1 s.
+    args.extend(["--retry-delay-ms", "20", "--visibility-timeout", "2"]);
+    let out = env.settle(&args);
+    out.expect_code(0);
+    let run = out.json();
+    assert_run(&run, "partial", 7, 4, 3, 0);
+    let id = run_id(&run);
+
+    // In the file's order, with outputs and errors.
+    let got = results(&env, &id);
+    let want = vec![
+        json!({"id": "i-ok", "status": "succeeded", "attempts": 1, "output": {"charged": "i-ok"}}),
+        json!({"id": "i-text", "status": "succeeded", "attempts": 1, "output": "plain words"}),
+        json!({"id": "i-silent", "status": "succeeded", "attempts": 1, "output": null}),
+        json!({"id": "i-decline", "status": "failed", "attempts": 1, "error": "exit 65: card declined for i-decline"}),
+        json!({"id": "i-flaky", "status": "succeeded", "attempts": 3, "output": "late"}),
+        json!({"id": "i-crash", "status": "failed", "attempts": 3, "error": "killed by signal 9: Killed"}),
+        json!({"id": "i-hang", "status": "failed", "attempts": 3, "error": "timed out after 1000 ms"}),
+    ];
+    assert_eq!(got, want);
+    let failed = env.settle(&["results", &id, "--status", "failed"]);
+    assert_eq!(failed.stdout.lines().count(), 3, "{}", failed.stdout);
+
+    // Each attempt keeps its own log; the flaky item's tell its story.
+    let v = env.show(&id, "i-flaky");
+    let logs: Vec<String> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["log"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        logs,
+        (1..=3)
+            .map(|n| {
+                let mut l = format!("start i-flaky attempt {n} key {id}:i-flaky\n");
+                if n < 3 {
+                    l.push_str("gateway timeout\n");
+                }
+                l
+            })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(v["output"], "late");
+    let human = env.settle(&["logs", &id, "i-flaky", "--attempt", "2"]);
+    human.expect_code(0);
+    assert_eq!(
+        human.stdout.lines().collect::<Vec<_>>()[1..],
+        [
+            format!("start i-flaky attempt 2 key {id}:i-flaky").as_str(),
+            "gateway timeout"
+        ]
+    );
+    env.settle(&["logs", &id, "i-flaky", "--attempt", "9"])
+        .expect_code(2)
+        .stderr_has("has no attempt 9");
+    // A hang's log is kept too, although its attempt was cut off.
+    let hang = env.show(&id, "i-hang");
+    assert!(hang["history"][0]["log"]
+        .as_str()
+        .unwrap()
+        .starts_with("start i-hang attempt 1"));
+}
+
+#[test]
+fn permanent_exit_codes_can_be_named() {
+    let env = Env::new();
+    let cmd = worker(&env);
+    let file = items(&env, &[("a", "three"), ("b", "decline")]);
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--permanent-exit-codes",
+        "3",
+        "--json",
+    ];
+    args.extend(FAST);
+    let run = env.ok_json(&args);
+    let id = run_id(&run);
+    let got = results(&env, &id);
+    // 3 is now permanent (one attempt); 65 is no longer, so it is retried.
+    assert_eq!(got[0]["attempts"], 1, "{got:?}");
+    assert_eq!(got[1]["attempts"], 3, "{got:?}");
+}
+
+#[test]
+fn a_run_without_a_processor_is_refused_before_anything_is_created() {
+    let env = Env::new();
+    let file = items(&env, &[("a", "ok")]);
+    let out = env
+        .command(&["run", "--items", &file])
+        .env_remove("SETTLE_PROCESSOR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for choice in [
+        "--exec CMD",
+        "--protocol jsonl",
+        "--http URL",
+        "--processor scripted",
+    ] {
+        assert!(err.contains(choice), "{err}");
+    }
+    assert!(!env.db().exists(), "nothing created");
+
+    for (flags, says) in [
+        (
+            vec!["--exec", "no-such-program-xyz --flag"],
+            "not found on the PATH",
+        ),
+        (vec!["--exec", "/no/such/worker"], "does not exist"),
+        (vec!["--http", "ftp://example.com/x"], "--http"),
+        (
+            vec!["--http", "http://127.0.0.1:9/x", "--http-header", "NoColon"],
+            "--http-header",
+        ),
+    ] {
+        let mut args = vec!["run", "--items", file.as_str()];
+        args.extend(flags);
+        env.settle(&args).expect_code(2).stderr_has(says);
+        assert!(!env.db().exists(), "nothing created for {args:?}");
+    }
+    // Two processors at once.
+    env.settle(&[
+        "run",
+        "--items",
+        &file,
+        "--exec",
+        "cat",
+        "--processor",
+        "scripted",
+    ])
+    .expect_code(2)
+    .stderr_has("cannot be used with");
+}
+
+#[test]
+fn resume_and_redrive_use_the_processor_the_run_recorded() {
+    let env = Env::new();
+    let cmd = worker(&env);
+    let file = items(&env, &[("a", "ok"), ("b", "decline")]);
+    env.settle(&["load", "--items", &file]).expect_code(0);
+    let run = env.ok_json(&["dispatch", "--exec", &cmd, "--json"]);
+    let id = run_id(&run);
+    let mut resume = vec!["resume", id.as_str(), "--json"];
+    resume.extend(FAST);
+    let out = env
+        .command(&resume)
+        .env_remove("SETTLE_PROCESSOR")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        results(&env, &id)[0]["output"],
+        json!({"charged": "a"}),
+        "the run's own --exec did the work"
+    );
+    // A redrive with another processor (a fixed version, say) says so.
+    let mut redrive = vec!["redrive", id.as_str(), "--json", "--processor", "scripted"];
+    redrive.extend(FAST);
+    let out = env.settle(&redrive);
+    out.expect_code(0).stderr_has("rather than its own --exec");
+    assert_run_extra(&out.json(), &REDRIVE_KEYS, "succeeded", 2, 2, 0, 0);
+}
+
+/// The complaint Settle answers: the logs of concurrent items never mix.
+#[test]
+fn concurrent_items_keep_their_own_logs() {
+    const N: usize = 60;
+    let env = Env::new();
+    let script = env.path("chatty.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat >/dev/null\ni=0\nwhile [ $i -lt 100 ]; do echo \"$SETTLE_ITEM_ID line $i\" >&2; i=$((i+1)); done\necho '{}'\n",
+    )
+    .unwrap();
+    let file: String = (0..N)
+        .map(|i| format!("{{\"id\":\"c{i:02}\"}}\n"))
+        .collect();
+    let file = env.write("items.jsonl", file);
+    let cmd = format!("sh {}", script.display());
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--concurrency",
+        "60",
+        "--json",
+    ];
+    args.extend(FAST);
+    let id = run_id(&env.ok_json(&args));
+    for i in 0..N {
+        let item = format!("c{i:02}");
+        let v = env.ok_json(&["logs", &id, &item, "--json"]);
+        let log = v["attempts"][0]["log"].as_str().unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 100, "{item}: {log}");
+        assert!(
+            lines.iter().all(|l| l.starts_with(&format!("{item} line"))),
+            "{item}'s log holds another item's lines: {log}"
+        );
+    }
+}
