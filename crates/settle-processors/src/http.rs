@@ -101,6 +101,11 @@ fn check_url(url: &str) -> Result<Url, SpecError> {
         reason,
     };
     let parsed = Url::parse(url).map_err(|e| refuse(format!("not a URL: {e}")))?;
+    // Once it parses, the URL is shown without its password.
+    let refuse = |reason: String| SpecError::Url {
+        url: shown_url(&parsed),
+        reason,
+    };
     match parsed.scheme() {
         "http" | "https" => {}
         other => {
@@ -109,7 +114,7 @@ fn check_url(url: &str) -> Result<Url, SpecError> {
             )))
         }
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
+    if !matches!(parsed.host_str(), Some(host) if !host.is_empty()) {
         return Err(refuse("the URL has no host".into()));
     }
     Ok(parsed)
@@ -490,5 +495,7 @@ mod tests {
         assert_eq!(shown_url(&url), "https://user:***@example.com/x?y=1");
         let url = Url::parse("http://example.com:8080/").unwrap();
         assert_eq!(shown_url(&url), "http://example.com:8080/");
+        let e = check_url("ftp://me:hunter2@example.com/").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }
