@@ -269,9 +269,24 @@ impl Processor for Http {
             return success(body);
         }
         // One byte more than is shown, to tell that there was more.
-        let body = read_body(response, ERROR_BODY_BYTES + 1, DRAIN_LIMIT).await;
-        let body = body.map_err(|e| self.failed(ctx, started, budget, Some(status), e))?;
-        self.log_status(ctx, started, status);
+        let body = match read_body(response, ERROR_BODY_BYTES + 1, DRAIN_LIMIT).await {
+            Ok(body) => {
+                self.log_status(ctx, started, status);
+                body
+            }
+            // The status has said what became of the item: the body only
+            // explains it, so losing it changes nothing but the message.
+            Err(e) => {
+                ctx.log(format!(
+                    "POST {} -> {} in {} ms; reading the body failed: {}\n",
+                    self.shown,
+                    status.as_u16(),
+                    started.elapsed().as_millis(),
+                    causes(&e.without_url())
+                ));
+                Received::default()
+            }
+        };
         let mut message = format!("HTTP {}", status.as_u16());
         if status.is_redirection() {
             message.push_str(" (redirects are not followed");
@@ -309,8 +324,9 @@ impl Http {
         ));
     }
 
-    /// A request that got no (whole) answer: logged with its causes, and
-    /// retryable, since the endpoint never said the item was bad.
+    /// A request that got no answer, or a 2xx whose body (the output) was
+    /// lost: logged with its causes, and retryable, since the endpoint never
+    /// said the item was bad.
     fn failed(
         &self,
         ctx: &AttemptContext,
@@ -324,7 +340,7 @@ impl Http {
         // reqwest names the URL itself, password and all: this names ours.
         let causes = causes(&e.without_url());
         let during = match status {
-            Some(status) => format!("{}, then reading the body failed", status.as_u16()),
+            Some(status) => format!("{}, then reading its body failed", status.as_u16()),
             None => "failed".to_owned(),
         };
         ctx.log(format!(
@@ -381,7 +397,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 /// Part of a response body.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Received {
     /// Its first bytes.
     kept: Vec<u8>,
@@ -398,11 +414,7 @@ async fn read_body(
     keep: usize,
     limit: usize,
 ) -> Result<Received, reqwest::Error> {
-    let mut body = Received {
-        kept: Vec::new(),
-        total: 0,
-        complete: false,
-    };
+    let mut body = Received::default();
     while let Some(chunk) = response.chunk().await? {
         body.total += chunk.len();
         let room = keep.saturating_sub(body.kept.len());

@@ -42,6 +42,8 @@ struct Reply {
     headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
     delay: Duration,
+    /// Promise 100 bytes more than the body, then hang up.
+    cut_short: bool,
 }
 
 fn reply(status: u16, body: &str) -> Reply {
@@ -140,7 +142,8 @@ async fn serve(stream: tokio::net::TcpStream, seen: Arc<Seen>, handler: Arc<Hand
         let mut head = format!("HTTP/1.1 {} Whatever\r\n", reply.status);
         // A 204 has no body, and says nothing of its length.
         if reply.status != 204 {
-            head.push_str(&format!("content-length: {}\r\n", reply.body.len()));
+            let promised = reply.body.len() + if reply.cut_short { 100 } else { 0 };
+            head.push_str(&format!("content-length: {promised}\r\n"));
         }
         for (name, value) in &reply.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -148,7 +151,7 @@ async fn serve(stream: tokio::net::TcpStream, seen: Arc<Seen>, handler: Arc<Hand
         head.push_str("\r\n");
         let mut bytes = head.into_bytes();
         bytes.extend_from_slice(&reply.body);
-        if write.write_all(&bytes).await.is_err() {
+        if write.write_all(&bytes).await.is_err() || reply.cut_short {
             return;
         }
     }
@@ -274,6 +277,30 @@ async fn a_402_is_permanent_and_its_error_shows_the_body() {
     assert_eq!(e.message, r#"HTTP 402: {"error":"card_declined"}"#);
     assert_eq!(e.retry_after, None);
     assert!(log.contains("-> 402 in "), "{log}");
+}
+
+#[tokio::test]
+async fn a_body_cut_short_loses_the_output_but_not_the_status() {
+    let cut = |status| Reply {
+        cut_short: true,
+        ..reply(status, "{\"partial")
+    };
+    let (_server, processor) = answering(cut(200)).await;
+    let (result, log) = attempt(&*processor, None).await;
+    let e = result.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable, "the output was lost: {e}");
+    assert!(
+        log.contains("-> 200, then reading its body failed after "),
+        "{log}"
+    );
+
+    let (_server, processor) = answering(cut(402)).await;
+    let (result, log) = attempt(&*processor, None).await;
+    let e = result.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "the status said so: {e}");
+    assert_eq!(e.message, "HTTP 402");
+    assert!(log.contains("-> 402 in "), "{log}");
+    assert!(log.contains("reading the body failed"), "{log}");
 }
 
 #[tokio::test]
@@ -408,12 +435,13 @@ async fn sequential_requests_reuse_a_kept_alive_connection() {
         attempt(&*processor, None).await.0.unwrap();
     }
     assert_eq!(server.requests().len(), 50);
+    // One connection here, but a connection goes back to the pool on a
+    // task of its own: on a busy machine the next request may beat it.
+    let connections = server.connections();
     assert!(
-        server.connections() < 50,
-        "{} connections",
-        server.connections()
+        connections <= 5,
+        "{connections} connections for 50 requests"
     );
-    assert_eq!(server.connections(), 1);
 }
 
 #[tokio::test]
