@@ -5,6 +5,9 @@
 //! wrote about that item, and nothing else, as the attempt's log.
 
 pub mod exec;
+pub mod http;
+
+pub use http::parse_header;
 
 use settle_core::{ProcessorSpec, Scripted};
 use std::sync::Arc;
@@ -18,6 +21,12 @@ pub enum SpecError {
     Url { url: String, reason: String },
     #[error("--http-header {header:?}: {reason}")]
     Header { header: String, reason: String },
+    #[error("--http {url:?}: cannot set up the HTTP client")]
+    Client {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("{0}")]
     Unsupported(String),
 }
@@ -51,7 +60,7 @@ pub fn parse_header(s: &str) -> Result<(String, String), SpecError> {
 pub struct Parallelism(pub usize);
 
 /// Builds the processor `spec` names, checking what can be checked now (a
-/// command that does not exist, a malformed URL).
+/// command that does not exist, a malformed URL or header).
 pub fn build(
     spec: &ProcessorSpec,
     parallelism: Parallelism,
@@ -67,6 +76,9 @@ pub fn build(
             permanent_exit_codes.clone(),
             parallelism.0,
         )?),
+        ProcessorSpec::Http { url, headers } => {
+            Arc::new(http::Http::new(url, headers, parallelism.0)?)
+        }
         other => {
             return Err(SpecError::Unsupported(format!(
                 "{} is not available in this build",
