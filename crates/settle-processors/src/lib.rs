@@ -31,30 +31,6 @@ pub enum SpecError {
     Unsupported(String),
 }
 
-/// Reads an `--http-header` value, `Name: value`.
-pub fn parse_header(s: &str) -> Result<(String, String), SpecError> {
-    let refuse = |reason: &str| SpecError::Header {
-        header: s.split(':').next().unwrap_or_default().to_owned(),
-        reason: reason.to_owned(),
-    };
-    let (name, value) = s
-        .split_once(':')
-        .ok_or_else(|| refuse("expected 'Name: value'"))?;
-    let name = name.trim();
-    let valid_name = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if !valid_name {
-        return Err(refuse("not a valid header name"));
-    }
-    let value = value.trim();
-    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
-        return Err(refuse("the value holds a control character"));
-    }
-    Ok((name.to_owned(), value.to_owned()))
-}
-
 /// How many items the processor works on at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Parallelism(pub usize);
