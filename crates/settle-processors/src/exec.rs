@@ -60,14 +60,14 @@ const SHELL_WORDS: &[&str] = &[
     "umask", "unset", "until", "wait", "while",
 ];
 
-fn check_command(command: &str) -> Result<(), SpecError> {
+pub(crate) fn check_command(command: &str) -> Result<(), SpecError> {
     let refuse = |reason: String| SpecError::Command {
         command: command.to_owned(),
         reason,
     };
     let Some(program) = command
         .split_whitespace()
-        .find(|w| !(w.contains('=') && !w.starts_with('=')))
+        .find(|w| !w.contains('=') || w.starts_with('='))
     else {
         return Err(refuse("the command is empty".into()));
     };
@@ -103,7 +103,7 @@ fn check_command(command: &str) -> Result<(), SpecError> {
 
 /// A process group that is ended when this is dropped: on the way out of
 /// an attempt, also when the attempt timed out and its future was dropped.
-struct Group(Option<Pid>);
+pub(crate) struct Group(pub(crate) Option<Pid>);
 
 impl Drop for Group {
     fn drop(&mut self) {

@@ -5,6 +5,7 @@
 //! wrote about that item, and nothing else, as the attempt's log.
 
 pub mod exec;
+pub mod jsonl;
 
 use settle_core::{ProcessorSpec, Scripted};
 use std::sync::Arc;
@@ -43,6 +44,11 @@ pub fn build(
             permanent_exit_codes.clone(),
             parallelism.0,
         )?),
+        ProcessorSpec::Exec {
+            command,
+            protocol: settle_core::ExecProtocol::Jsonl,
+            ..
+        } => Arc::new(jsonl::Jsonl::new(command, parallelism.0)?),
         other => {
             return Err(SpecError::Unsupported(format!(
                 "{} is not available in this build",
