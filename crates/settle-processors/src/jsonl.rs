@@ -33,6 +33,10 @@
 //! - nothing the process wrote before Settle's drain ahead of the item, or
 //!   after Settle's drain behind its answer, is in the item's log.
 //!
+//! What a fresh process writes before it reads its first item (while it
+//! starts) goes to that first item: it is the item that started it, and
+//! the one that fails if starting fails.
+//!
 //! So a process that writes to stderr only while it works on an item (the
 //! helpers' handlers run one item at a time) gets exact logs. Bytes written
 //! *between* items by something running on its own (a background thread)
@@ -128,7 +132,10 @@ impl Jsonl {
         }
     }
 
-    fn start(&self) -> Result<Proc, ProcessError> {
+    /// Starts a process whose stderr goes to `first` from the start: what
+    /// a process says while starting (an import error, say) is about the
+    /// item that started it.
+    fn start(&self, first: Route) -> Result<Proc, ProcessError> {
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(&self.command)
@@ -150,7 +157,7 @@ impl Jsonl {
         else {
             return Err(ProcessError::retryable("the process's pipes are missing"));
         };
-        let route = Arc::new(Mutex::new(None));
+        let route = Arc::new(Mutex::new(first));
         let (drains, drain_requests) = mpsc::unbounded_channel();
         tokio::spawn(pump(stderr, route.clone(), drain_requests, pid));
         tracing::debug!(pid, command = %self.command, "started a jsonl process");
@@ -437,14 +444,16 @@ impl Processor for Jsonl {
             .acquire()
             .await
             .map_err(|_| ProcessError::retryable("the processor is shutting down"))?;
-        let proc = match self.idle_process() {
-            Some(proc) => proc,
-            None => self.start()?,
-        };
-        // What the process wrote since its last answer is no item's.
-        proc.drain().await;
         let (tx, log) = mpsc::unbounded_channel();
-        *lock(&proc.route) = Some(tx);
+        let proc = match self.idle_process() {
+            Some(proc) => {
+                // What the process wrote since its last answer is no item's.
+                proc.drain().await;
+                *lock(&proc.route) = Some(tx);
+                proc
+            }
+            None => self.start(Some(tx))?,
+        };
         let mut flight = InFlight {
             pool: self,
             ctx,
@@ -505,30 +514,33 @@ impl Processor for Jsonl {
                 ))));
             }
             Heard::Line { .. } | Heard::Io(_) => {
-                let cut = match &heard {
-                    Heard::Line { kept, .. } if !kept.is_empty() => {
-                        format!(" (an unfinished line: {})", quote(kept))
-                    }
-                    Heard::Io(e) => format!(" ({e})"),
-                    _ => String::new(),
-                };
-                let status = match tokio::time::timeout(EXIT_WAIT, proc.child.wait()).await {
+                let exited = match tokio::time::timeout(EXIT_WAIT, proc.child.wait()).await {
                     Ok(Ok(status)) => {
                         use std::os::unix::process::ExitStatusExt;
-                        match (status.code(), status.signal()) {
+                        Some(match (status.code(), status.signal()) {
                             (Some(code), _) => format!("exited with {code}"),
                             (None, Some(signal)) => format!("was killed by signal {signal}"),
                             _ => format!("ended ({status})"),
-                        }
+                        })
                     }
-                    _ => "closed its stdout".to_owned(),
+                    _ => None,
+                };
+                // A failed write or read says less than the exit status.
+                let what = match (exited, &heard) {
+                    (Some(how), Heard::Line { kept, .. }) if !kept.is_empty() => format!(
+                        "{how} before answering, leaving an unfinished line: {}",
+                        quote(kept)
+                    ),
+                    (Some(how), _) => format!("{how} before answering"),
+                    (None, Heard::Io(e)) => format!("cannot be talked to ({e})"),
+                    (None, _) => "closed its stdout before answering".to_owned(),
                 };
                 // Its last words (a traceback) are this item's.
                 proc.drain().await;
                 flight.close_log();
-                return Err(ProcessError::retryable(flight.why(format!(
-                    "the process (pid {pid}) {status} before answering{cut}"
-                ))));
+                return Err(ProcessError::retryable(
+                    flight.why(format!("the process (pid {pid}) {what}")),
+                ));
             }
         };
         proc.drain().await;
