@@ -122,7 +122,14 @@ impl Jsonl {
         loop {
             let mut proc = lock(&self.idle).pop()?;
             match proc.child.try_wait() {
-                Ok(None) => return Some(proc),
+                // Anything on stdout now was written after its last answer
+                // (or is its end): it would be read as the next item's
+                // answer. A replacement costs no item; a wrong answer would.
+                Ok(None) if proc.stdout_is_quiet() => return Some(proc),
+                Ok(None) => tracing::debug!(
+                    pid = proc.pid,
+                    "a jsonl process wrote to stdout after its answer, or closed it: replaced"
+                ),
                 // Died while idle: dropping it ends what is left of its group.
                 Ok(Some(status)) => {
                     tracing::debug!(pid = proc.pid, %status, "a jsonl process exited while idle")
@@ -161,10 +168,16 @@ impl Jsonl {
         let (drains, drain_requests) = mpsc::unbounded_channel();
         tokio::spawn(pump(stderr, route.clone(), drain_requests, pid));
         tracing::debug!(pid, command = %self.command, "started a jsonl process");
+        let stdout_now = stdout
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .ok();
         Ok(Proc {
             pid,
             stdin,
             stdout: BufReader::new(stdout),
+            stdout_now,
             child,
             route,
             drains,
@@ -190,6 +203,9 @@ struct Proc {
     /// Not killed on drop: `_group` does that, SIGTERM first. Tokio reaps
     /// it once it exits.
     child: Child,
+    /// A second handle on stdout's pipe (non-blocking), to look for
+    /// unasked-for output without waiting.
+    stdout_now: Option<std::fs::File>,
     route: Arc<Mutex<Route>>,
     /// Asks the stderr task to drain the pipe; it answers when done.
     drains: mpsc::UnboundedSender<oneshot::Sender<()>>,
@@ -197,6 +213,24 @@ struct Proc {
 }
 
 impl Proc {
+    /// Whether stdout holds nothing to read right now, and has not ended.
+    fn stdout_is_quiet(&self) -> bool {
+        if !self.stdout.buffer().is_empty() {
+            return false;
+        }
+        let Some(now) = &self.stdout_now else {
+            return true;
+        };
+        let mut byte = [0u8; 1];
+        loop {
+            match (&*now).read(&mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// Routes what the stderr pipe holds at this instant, and returns once
     /// it is routed.
     async fn drain(&self) {

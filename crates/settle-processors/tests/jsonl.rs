@@ -77,6 +77,7 @@ while IFS= read -r line; do
     *'"garbage"'*) echo "this is not json";;
     *'"other"'*) printf '{"id":"someone-else","status":"ok"}\n';;
     *'"hang"'*) sleep 30;;
+    *'"twice"'*) printf '{"id":"%s","status":"ok"}\n{"id":"%s","status":"ok"}\n' "$id" "$id";;
     *'"crash"'*) echo "out of memory, giving up" >&2; exit 3;;
     *'"stray"'*)
       printf '{"id":"%s","status":"ok"}\n' "$id"
@@ -277,6 +278,18 @@ async fn an_answer_for_another_id_fails_the_item() {
         "{e}"
     );
     assert_ne!(pid_of(&p, "three").await, before);
+}
+
+#[tokio::test]
+async fn a_process_that_answers_twice_is_replaced_before_the_next_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let it = item("two", r#"{"script":"twice"}"#);
+    p.process(&it, &ctx(&it)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its second line is not taken for the next item's answer.
+    let it = item("next", r#"{"script":"ok"}"#);
+    assert!(p.process(&it, &ctx(&it)).await.unwrap().is_some());
 }
 
 #[tokio::test]
