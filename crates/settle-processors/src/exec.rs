@@ -253,7 +253,9 @@ mod tests {
         assert!(e.to_string().contains("not found on the PATH"), "{e}");
         let e = check_command("/no/such/file").unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
-        let e = check_command("/etc/hostname").unwrap_err();
+        // A file of our own: /etc/hostname is mode 755 on some machines.
+        let plain = tempfile::NamedTempFile::new().unwrap();
+        let e = check_command(&plain.path().display().to_string()).unwrap_err();
         assert!(e.to_string().contains("not an executable"), "{e}");
         assert!(check_command("   ").is_err());
     }
