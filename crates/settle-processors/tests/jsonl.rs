@@ -441,3 +441,35 @@ async fn log_isolation_node() {
     ))
     .await;
 }
+
+/// The examples of `examples/` work as documented.
+#[tokio::test]
+async fn the_renewal_examples() {
+    for cmd in [
+        "python3 examples/python/renew.py",
+        "node examples/node/renew.js",
+    ] {
+        let cmd = format!("cd {} && {cmd}", repo().display());
+        let p = Jsonl::new(&cmd, 2).unwrap();
+        let it = item(
+            "u-1",
+            r#"{"user":"u-1","plan":"pro","card":"4242424242424242"}"#,
+        );
+        let c = ctx(&it);
+        let out = output(p.process(&it, &c).await.unwrap());
+        assert_eq!(out["amount_cents"], 1500, "{cmd}");
+        assert!(c.take_log().unwrap().contains("charged: ch_"), "{cmd}");
+        let it = item(
+            "u-2",
+            r#"{"user":"u-2","plan":"pro","card":"4000000000000002"}"#,
+        );
+        let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{cmd}: {e}");
+        let it = item(
+            "u-3",
+            r#"{"user":"u-3","plan":"pro","card":"4000000000009995"}"#,
+        );
+        let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+        assert_eq!(e.retry_after, Some(Duration::from_secs(60)), "{cmd}: {e}");
+    }
+}
