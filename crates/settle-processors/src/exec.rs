@@ -60,7 +60,7 @@ const SHELL_WORDS: &[&str] = &[
     "umask", "unset", "until", "wait", "while",
 ];
 
-fn check_command(command: &str) -> Result<(), SpecError> {
+pub(crate) fn check_command(command: &str) -> Result<(), SpecError> {
     let refuse = |reason: String| SpecError::Command {
         command: command.to_owned(),
         reason,
@@ -103,7 +103,7 @@ fn check_command(command: &str) -> Result<(), SpecError> {
 
 /// A process group that is ended when this is dropped: on the way out of
 /// an attempt, also when the attempt timed out and its future was dropped.
-struct Group(Option<Pid>);
+pub(crate) struct Group(pub(crate) Option<Pid>);
 
 impl Drop for Group {
     fn drop(&mut self) {
@@ -257,9 +257,9 @@ mod tests {
         assert!(e.to_string().contains("not found on the PATH"), "{e}");
         let e = check_command("/no/such/file").unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
-        // A file of our own: /etc/hostname, say, is 0755 on some hosts.
+        // A file of our own: /etc/hostname is mode 755 on some machines.
         let plain = tempfile::NamedTempFile::new().unwrap();
-        let e = check_command(plain.path().to_str().unwrap()).unwrap_err();
+        let e = check_command(&plain.path().display().to_string()).unwrap_err();
         assert!(e.to_string().contains("not an executable"), "{e}");
         assert!(check_command("   ").is_err());
     }

@@ -6,6 +6,7 @@
 
 pub mod exec;
 pub mod http;
+pub mod jsonl;
 
 pub use http::parse_header;
 
@@ -27,8 +28,6 @@ pub enum SpecError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// How many items the processor works on at once.
@@ -55,12 +54,11 @@ pub fn build(
         ProcessorSpec::Http { url, headers } => {
             Arc::new(http::Http::new(url, headers, parallelism.0)?)
         }
-        other => {
-            return Err(SpecError::Unsupported(format!(
-                "{} is not available in this build",
-                other.describe()
-            )))
-        }
+        ProcessorSpec::Exec {
+            command,
+            protocol: settle_core::ExecProtocol::Jsonl,
+            ..
+        } => Arc::new(jsonl::Jsonl::new(command, parallelism.0)?),
     })
 }
 

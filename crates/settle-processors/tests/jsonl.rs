@@ -1,0 +1,475 @@
+//! `--exec CMD --protocol jsonl`, driven through the `Processor` trait with
+//! real processes: sh scripts, and the Python and Node helpers of `sdk/`.
+// Helpers outside #[test] functions too: a failed unwrap fails the test.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+use settle_core::domain::{now_millis, ErrorKind, Item, ItemId, RunId};
+use settle_core::{AttemptContext, ExecProtocol, Processor, ProcessorSpec};
+use settle_processors::jsonl::Jsonl;
+use settle_processors::{build, Parallelism};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn item(id: &str, payload: &str) -> Item {
+    Item::new(
+        ItemId::new(id).unwrap(),
+        RawValue::from_string(payload.to_owned()).unwrap(),
+    )
+}
+
+fn ctx(item: &Item) -> AttemptContext {
+    AttemptContext::new(RunId::generate(now_millis()), item, 1)
+}
+
+fn output(out: Option<settle_core::domain::Output>) -> Value {
+    serde_json::from_str(out.expect("an output").get()).unwrap()
+}
+
+/// A Python processor built on `sdk/python/settle.py`: `body` is the body of
+/// `handle(item, ctx)`.
+fn python(dir: &Path, body: &str) -> String {
+    let sdk = repo().join("sdk/python");
+    let script = format!(
+        "import os, sys, time\nsys.path.insert(0, {sdk:?})\nimport settle\n\n\
+         def handle(item, ctx):\n{body}\n\nsettle.serve(handle)\n",
+        sdk = sdk.display().to_string(),
+        body = indent(body),
+    );
+    let path = dir.join("handler.py");
+    std::fs::write(&path, script).unwrap();
+    format!("python3 {}", path.display())
+}
+
+/// A Node processor built on `sdk/node/settle.js`: `body` is the body of
+/// `async (item, ctx) => { ... }`.
+fn node(dir: &Path, body: &str) -> String {
+    let sdk = repo().join("sdk/node/settle.js");
+    let script = format!(
+        "const settle = require({sdk:?});\n\
+         settle.serve(async (item, ctx) => {{\n{body}\n}});\n",
+        sdk = sdk.display().to_string(),
+    );
+    let path = dir.join("handler.js");
+    std::fs::write(&path, script).unwrap();
+    format!("node {}", path.display())
+}
+
+fn indent(body: &str) -> String {
+    body.lines()
+        .map(|l| format!("    {l}\n"))
+        .collect::<String>()
+}
+
+/// An sh processor that answers by the item's `script` payload.
+fn sh(dir: &Path) -> String {
+    let script = r#"
+while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+  echo "working on $id" >&2
+  case "$line" in
+    *'"garbage"'*) echo "this is not json";;
+    *'"other"'*) printf '{"id":"someone-else","status":"ok"}\n';;
+    *'"hang"'*) sleep 30;;
+    *'"twice"'*) printf '{"id":"%s","status":"ok"}\n{"id":"%s","status":"ok"}\n' "$id" "$id";;
+    *'"crash"'*) echo "out of memory, giving up" >&2; exit 3;;
+    *'"stray"'*)
+      printf '{"id":"%s","status":"ok"}\n' "$id"
+      # After the answer, between items: no item's log.
+      sleep 0.2; echo "stray line between items" >&2;;
+    *) printf '{"id":"%s","status":"ok","output":{"pid":%s}}\n' "$id" "$$";;
+  esac
+done
+"#;
+    let path = dir.join("answer.sh");
+    std::fs::write(&path, script).unwrap();
+    format!("sh {}", path.display())
+}
+
+async fn pid_of(p: &Jsonl, id: &str) -> u64 {
+    let it = item(id, r#"{"script":"ok"}"#);
+    let out = p.process(&it, &ctx(&it)).await.expect("ok");
+    output(out)["pid"].as_u64().unwrap()
+}
+
+/// Gone, or a zombie waiting to be reaped.
+fn dead(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn wait_dead(pid: u64) {
+    for _ in 0..100 {
+        if dead(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("process {pid} is still alive");
+}
+
+#[tokio::test]
+async fn ok_with_output_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = python(
+        dir.path(),
+        "print('hello from', item['id'], 'attempt', ctx.attempt, 'key', ctx.idempotency_key)\n\
+         if item['payload'] is None:\n    return None\n\
+         return {'echo': item['payload'], 'deadline': ctx.deadline_ms, 'run': ctx.run_id}",
+    );
+    let p = Jsonl::new(&cmd, 2).unwrap();
+    let it = item("a-1", r#"{"n": 7}"#);
+    let mut c = ctx(&it);
+    let before = now_millis();
+    c.deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+    let out = output(p.process(&it, &c).await.unwrap());
+    let after = now_millis();
+    assert_eq!(out["echo"], serde_json::json!({"n": 7}));
+    assert_eq!(out["run"], c.run.as_str());
+    let deadline = out["deadline"].as_u64().unwrap();
+    assert!(
+        (before + 29_000..=after + 30_000).contains(&deadline),
+        "deadline_ms {deadline}, 30 s after {before}..{after}"
+    );
+    let log = c.take_log().unwrap();
+    assert_eq!(
+        log,
+        format!("hello from a-1 attempt 1 key {}\n", c.idempotency_key)
+    );
+
+    let it = item("a-2", "null");
+    assert_eq!(p.process(&it, &ctx(&it)).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn retry_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = python(
+        dir.path(),
+        "raise settle.RetryError('rate limited by the gateway', retry_after_ms=1500)",
+    );
+    let p = Jsonl::new(&cmd, 1).unwrap();
+    let it = item("r", "{}");
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert_eq!(e.message, "rate limited by the gateway");
+    assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
+}
+
+#[tokio::test]
+async fn fail_is_permanent_and_other_errors_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = node(
+        dir.path(),
+        "if (item.payload.card === 'declined') throw new settle.PermanentError('card declined');\n\
+         if (item.payload.card === 'flaky') throw new Error('socket hang up');\n\
+         if (item.payload.card === 'later') throw new settle.RetryError('busy', { retryAfterMs: 250 });\n\
+         return 'charged';",
+    );
+    let p = Jsonl::new(&cmd, 1).unwrap();
+    let it = item("d", r#"{"card":"declined"}"#);
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::Permanent, "card declined")
+    );
+
+    let it = item("f", r#"{"card":"flaky"}"#);
+    let c = ctx(&it);
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::Retryable, "socket hang up")
+    );
+    assert!(c
+        .take_log()
+        .unwrap()
+        .contains("Error: socket hang up\n    at"));
+
+    let it = item("l", r#"{"card":"later"}"#);
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.retry_after, Some(Duration::from_millis(250)));
+
+    let it = item("ok", r#"{"card":"fine"}"#);
+    let out = p.process(&it, &ctx(&it)).await.unwrap();
+    assert_eq!(out.unwrap().get(), r#""charged""#);
+}
+
+#[tokio::test]
+async fn a_crash_mid_item_fails_it_and_the_next_gets_a_fresh_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let before = pid_of(&p, "one").await;
+    let it = item("two", r#"{"script":"crash"}"#);
+    let c = ctx(&it);
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message
+            .contains("exited with 3 before answering: out of memory, giving up"),
+        "{e}"
+    );
+    assert_eq!(
+        c.take_log().unwrap(),
+        "working on two\nout of memory, giving up\n"
+    );
+    let after = pid_of(&p, "three").await;
+    assert_ne!(before, after);
+}
+
+#[tokio::test]
+async fn a_python_crash_keeps_its_traceback_in_the_items_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = python(
+        dir.path(),
+        "if item['payload'] == 'die':\n    print('about to die')\n    sys.stderr.flush()\n    os._exit(9)\n\
+         return os.getpid()",
+    );
+    let p = Jsonl::new(&cmd, 1).unwrap();
+    let it = item("x", r#""die""#);
+    let c = ctx(&it);
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert!(
+        e.message.contains("exited with 9") && e.message.ends_with("about to die"),
+        "{e}"
+    );
+    let it = item("y", r#""live""#);
+    assert!(p.process(&it, &ctx(&it)).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_garbage_answer_is_quoted_and_the_process_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let before = pid_of(&p, "one").await;
+    let it = item("g", r#"{"script":"garbage"}"#);
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message.contains("not an answer") && e.message.ends_with(r#": "this is not json""#),
+        "{e}"
+    );
+    assert_ne!(pid_of(&p, "three").await, before);
+    wait_dead(before).await;
+}
+
+#[tokio::test]
+async fn an_answer_for_another_id_fails_the_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let before = pid_of(&p, "one").await;
+    let it = item("mine", r#"{"script":"other"}"#);
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message
+            .contains(r#"answered for item "someone-else" while item "mine" was in flight"#),
+        "{e}"
+    );
+    assert_ne!(pid_of(&p, "three").await, before);
+}
+
+#[tokio::test]
+async fn a_process_that_answers_twice_is_replaced_before_the_next_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let it = item("two", r#"{"script":"twice"}"#);
+    p.process(&it, &ctx(&it)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its second line is not taken for the next item's answer.
+    let it = item("next", r#"{"script":"ok"}"#);
+    assert!(p.process(&it, &ctx(&it)).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_hang_past_the_timeout_ends_the_process_and_the_next_item_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let before = pid_of(&p, "one").await;
+    let it = item("h", r#"{"script":"hang"}"#);
+    let c = ctx(&it);
+    // As the worker does: the attempt's future is dropped at the timeout.
+    let cut = tokio::time::timeout(Duration::from_millis(300), p.process(&it, &c)).await;
+    assert!(cut.is_err(), "the hang was answered: {cut:?}");
+    assert_eq!(c.take_log().unwrap(), "working on h\n");
+    wait_dead(before).await;
+    // A fresh process, and the answer is this item's (not the hang's).
+    let it = item("next", r#"{"script":"ok"}"#);
+    let out = output(p.process(&it, &ctx(&it)).await.unwrap());
+    assert_ne!(out["pid"].as_u64().unwrap(), before);
+}
+
+#[tokio::test]
+async fn the_deadline_cuts_an_attempt_off_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let it = item("h", r#"{"script":"hang"}"#);
+    let mut c = ctx(&it);
+    c.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(300));
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(e.message.contains("no answer by the deadline"), "{e}");
+    let it = item("next", r#"{"script":"ok"}"#);
+    assert!(p.process(&it, &ctx(&it)).await.is_ok());
+}
+
+#[tokio::test]
+async fn stderr_between_items_is_no_items_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let it = item("s", r#"{"script":"stray"}"#);
+    let c = ctx(&it);
+    p.process(&it, &c).await.unwrap();
+    assert_eq!(c.take_log().unwrap(), "working on s\n");
+    // The process writes its stray line 0.2 s after answering.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let it = item("t", r#"{"script":"ok"}"#);
+    let c = ctx(&it);
+    p.process(&it, &c).await.unwrap();
+    assert_eq!(c.take_log().unwrap(), "working on t\n");
+}
+
+#[tokio::test]
+async fn an_output_over_the_limit_is_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = python(dir.path(), "return 'x' * 70000");
+    let p = Jsonl::new(&cmd, 1).unwrap();
+    let it = item("big", "{}");
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.message.contains("70002 bytes"), "{e}");
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start() {
+    let spec = |command: &str| ProcessorSpec::Exec {
+        command: command.into(),
+        protocol: ExecProtocol::Jsonl,
+        permanent_exit_codes: vec![65],
+    };
+    let Err(e) = build(&spec("no-such-program-settle --serve"), Parallelism(4)) else {
+        panic!("a command that is not on the PATH was accepted")
+    };
+    assert!(e.to_string().contains("not found on the PATH"), "{e}");
+    // The shell decides what this is; it starts, says why and exits.
+    let p = build(
+        &spec("echo 'cannot reach the database' >&2; exit 2"),
+        Parallelism(1),
+    )
+    .unwrap();
+    let it = item("i", "{}");
+    let c = ctx(&it);
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message
+            .ends_with("exited with 2 before answering: cannot reach the database"),
+        "{e}"
+    );
+    assert_eq!(c.take_log().unwrap(), "cannot reach the database\n");
+}
+
+/// `log` is `id`'s 100 lines, in order, and nothing else; said briefly.
+fn check_log(id: &str, log: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    let foreign: Vec<&&str> = lines
+        .iter()
+        .filter(|l| !l.starts_with(&format!("{id} ")))
+        .take(3)
+        .collect();
+    assert!(foreign.is_empty(), "{id}'s log holds {foreign:?}");
+    let expected: Vec<String> = (0..100).map(|i| format!("{id} line {i}")).collect();
+    assert!(
+        lines == expected,
+        "{id}'s log has {} of its 100 lines, the last {:?}",
+        lines.len(),
+        lines.last()
+    );
+}
+
+/// 200 items, 50 processes at once, each item writing 100 lines naming
+/// itself: every attempt's log holds its own 100 lines, in order, and
+/// nothing else. Processes are reused (4 items each on average), so every
+/// boundary between two items of one process is crossed.
+async fn log_isolation(cmd: String) {
+    let p = Arc::new(Jsonl::new(&cmd, 50).unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let p = p.clone();
+        tasks.spawn(async move {
+            let id = format!("item-{n}");
+            let it = item(&id, "{}");
+            let c = ctx(&it);
+            let out = p.process(&it, &c).await;
+            assert!(out.is_ok(), "{id}: {out:?}");
+            let log = c.take_log().unwrap_or_default();
+            check_log(&id, &log);
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_isolation_python() {
+    let dir = tempfile::tempdir().unwrap();
+    log_isolation(python(
+        dir.path(),
+        "for i in range(100):\n    print(item['id'], 'line', i)\n    if i % 25 == 0:\n        time.sleep(0.001)\nreturn i",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_isolation_node() {
+    let dir = tempfile::tempdir().unwrap();
+    log_isolation(node(
+        dir.path(),
+        "for (let i = 0; i < 100; i++) {\n  (i % 2 ? console.log : console.error)(`${item.id} line ${i}`);\n  if (i % 25 === 0) await new Promise((r) => setTimeout(r, 1));\n}\nreturn 1;",
+    ))
+    .await;
+}
+
+/// The examples of `examples/` work as documented.
+#[tokio::test]
+async fn the_renewal_examples() {
+    for cmd in [
+        "python3 examples/python/renew.py",
+        "node examples/node/renew.js",
+    ] {
+        let cmd = format!("cd {} && {cmd}", repo().display());
+        let p = Jsonl::new(&cmd, 2).unwrap();
+        let it = item(
+            "u-1",
+            r#"{"user":"u-1","plan":"pro","card":"4242424242424242"}"#,
+        );
+        let c = ctx(&it);
+        let out = output(p.process(&it, &c).await.unwrap());
+        assert_eq!(out["amount_cents"], 1500, "{cmd}");
+        assert!(c.take_log().unwrap().contains("charged: ch_"), "{cmd}");
+        let it = item(
+            "u-2",
+            r#"{"user":"u-2","plan":"pro","card":"4000000000000002"}"#,
+        );
+        let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{cmd}: {e}");
+        let it = item(
+            "u-3",
+            r#"{"user":"u-3","plan":"pro","card":"4000000000009995"}"#,
+        );
+        let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+        assert_eq!(e.retry_after, Some(Duration::from_secs(60)), "{cmd}: {e}");
+    }
+}

@@ -1,0 +1,133 @@
+"""Settle's JSON-lines protocol for Python: one file, no dependencies.
+
+Run your processor with ``settle ... --exec "python3 my_processor.py" --protocol jsonl``::
+
+    import settle
+
+    def handle(item, ctx):
+        print("renewing", item["id"])  # goes to this item's log (stderr)
+        if item["payload"].get("card") == "declined":
+            raise settle.PermanentError("card declined")
+        return {"renewed": True}  # the item's output (any JSON value, or None)
+
+    settle.serve(handle)
+
+``handler(item, ctx)`` gets ``item`` as ``{"id": ..., "payload": ...}`` and
+``ctx`` with ``run_id``, ``attempt``, ``idempotency_key``, ``deadline_ms``
+(Unix epoch milliseconds, or None) and ``remaining_ms()``. Raise
+``PermanentError`` for a failure that will not change (never retried),
+``RetryError(message, retry_after_ms=None)`` for one that may (retried, not
+before ``retry_after_ms``); any other exception is retryable, and its
+traceback goes to the item's log.
+
+Everything the process writes to standard output, ``print()`` included, and
+subprocesses too, goes to stderr, which is the log of the item in hand: the
+protocol's answers go to the real stdout, which only this module writes.
+The spec is docs/protocol-jsonl.md.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+__all__ = ["serve", "PermanentError", "RetryError", "Context"]
+
+
+class PermanentError(Exception):
+    """The item failed and will fail the same way again: not retried."""
+
+
+class RetryError(Exception):
+    """The item failed but may succeed later: retried, not before
+    ``retry_after_ms`` milliseconds if given."""
+
+    def __init__(self, message, retry_after_ms=None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class Context:
+    """What Settle says about the attempt."""
+
+    def __init__(self, line):
+        self.run_id = line.get("run_id")
+        self.attempt = line.get("attempt")
+        self.idempotency_key = line.get("idempotency_key")
+        self.deadline_ms = line.get("deadline_ms")
+
+    def remaining_ms(self):
+        """Milliseconds left before the attempt is cut off, or None."""
+        if self.deadline_ms is None:
+            return None
+        return max(0, self.deadline_ms - int(time.time() * 1000))
+
+    def __repr__(self):
+        return "Context(run_id=%r, attempt=%r)" % (self.run_id, self.attempt)
+
+
+def _take_stdout():
+    """Returns a file for the real stdout, and points fd 1 (and sys.stdout)
+    at stderr, so that nothing else can write into the protocol."""
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8", newline="\n")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return answers
+
+
+def _flush_logs():
+    # The log boundary: what the handler wrote must be written before the
+    # answer is (Settle reads the two pipes separately).
+    for f in (sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if f is not None:
+                f.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _answer(item_id, exc=None, output=None):
+    if exc is None:
+        line = {"id": item_id, "status": "ok"}
+        if output is not None:
+            line["output"] = output
+    elif isinstance(exc, PermanentError):
+        line = {"id": item_id, "status": "fail", "error": str(exc) or type(exc).__name__}
+    else:
+        line = {"id": item_id, "status": "retry", "error": str(exc) or type(exc).__name__}
+        after = getattr(exc, "retry_after_ms", None)
+        if after is not None:
+            line["retry_after_ms"] = max(0, int(after))
+    return line
+
+
+def serve(handler):
+    """Answers items from stdin, one at a time, until stdin ends."""
+    answers = _take_stdout()
+    stdin = sys.stdin.buffer
+    while True:
+        raw = stdin.readline()
+        if not raw:
+            return  # stdin closed: Settle is done with this process
+        if not raw.strip():
+            continue
+        request = json.loads(raw)
+        item_id = request["id"]
+        item = {"id": item_id, "payload": request.get("payload")}
+        try:
+            output = handler(item, Context(request))
+            try:
+                line = json.dumps(_answer(item_id, output=output))
+            except (TypeError, ValueError) as e:
+                # The same output will not serialize next time either.
+                line = json.dumps(
+                    _answer(item_id, PermanentError("the output is not JSON: %s" % e))
+                )
+        except Exception as e:  # noqa: BLE001 - every failure is the item's
+            if not isinstance(e, (PermanentError, RetryError)):
+                traceback.print_exc(file=sys.stderr)
+            line = json.dumps(_answer(item_id, e))
+        _flush_logs()
+        answers.write(line + "\n")
+        answers.flush()
