@@ -254,7 +254,8 @@ async fn an_empty_body_is_no_output() {
 async fn a_body_that_is_not_json_is_kept_as_a_string() {
     let (_server, processor) = answering(reply(200, "charged, ref 123\n")).await;
     let (result, _) = attempt(&*processor, None).await;
-    assert_eq!(result.unwrap().unwrap().get(), r#""charged, ref 123\n""#);
+    // The final line break goes, as for a command's stdout.
+    assert_eq!(result.unwrap().unwrap().get(), r#""charged, ref 123""#);
 }
 
 #[tokio::test]
