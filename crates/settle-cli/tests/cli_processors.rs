@@ -290,3 +290,179 @@ fn concurrent_items_keep_their_own_logs() {
         );
     }
 }
+
+/// The repository's root, where the examples and helpers live.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Renewal items for the examples: cards ending 0002 are declined for good,
+/// 0119 time out at the gateway (retryable, every attempt).
+fn renewals(env: &Env) -> String {
+    let cards = ["4242424242424242", "4000000000000002", "4000000000000119"];
+    let text: String = (0..30)
+        .map(|i| {
+            let payload = json!({"user": format!("u{i}"), "plan": "pro", "card": cards[i % 3]});
+            format!(
+                "{}\n",
+                json!({"id": format!("sub-{i:02}"), "payload": payload})
+            )
+        })
+        .collect();
+    env.write("renewals.jsonl", text)
+}
+
+fn jsonl_example(cmd: &str) {
+    let env = Env::new();
+    let file = renewals(&env);
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd,
+        "--protocol",
+        "jsonl",
+        "--json",
+    ];
+    args.extend(FAST);
+    let out = env.settle(&args);
+    out.expect_code(0);
+    let run = out.json();
+    assert_run(&run, "partial", 30, 10, 20, 0);
+    let id = run_id(&run);
+    let got = results(&env, &id);
+    assert_eq!(got.len(), 30);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r["id"], format!("sub-{i:02}"), "input order");
+        match i % 3 {
+            0 => {
+                assert_eq!(r["status"], "succeeded", "{r}");
+                assert_eq!(r["output"]["amount_cents"], 1500, "{r}");
+                assert_eq!(r["attempts"], 1);
+            }
+            1 => {
+                assert_eq!(r["status"], "failed", "{r}");
+                assert_eq!(r["attempts"], 1, "declined for good: {r}");
+                assert!(r["error"].as_str().unwrap().contains("declined"), "{r}");
+            }
+            _ => {
+                assert_eq!(r["status"], "failed", "{r}");
+                assert_eq!(r["attempts"], 3, "retried: {r}");
+                assert!(
+                    r["error"].as_str().unwrap().contains("gateway timeout"),
+                    "{r}"
+                );
+            }
+        }
+    }
+    // Each attempt's log is its own item's.
+    let v = env.show(&id, "sub-02");
+    for a in v["history"].as_array().unwrap() {
+        let log = a["log"].as_str().unwrap();
+        assert!(log.contains("renewing u2 on pro"), "{log}");
+        assert!(!log.contains("u0 ") && !log.contains("u1 "), "{log}");
+    }
+}
+
+#[test]
+fn the_python_example_runs_as_a_jsonl_processor() {
+    let cmd = format!(
+        "python3 {}",
+        repo().join("examples/python/renew.py").display()
+    );
+    jsonl_example(&cmd);
+}
+
+#[test]
+fn the_node_example_runs_as_a_jsonl_processor() {
+    let cmd = format!("node {}", repo().join("examples/node/renew.js").display());
+    jsonl_example(&cmd);
+}
+
+/// A small endpoint in Python: 200 with JSON for most ids, 402 for ids
+/// starting "decline", 503 for ids starting "busy"; prints its port.
+const SERVER: &str = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        i = body["id"]
+        if i.startswith("decline"):
+            code, reply = 402, {"error": "card_declined"}
+        elif i.startswith("busy"):
+            code, reply = 503, {"error": "busy"}
+        else:
+            code, reply = 200, {"id": i, "key": self.headers["Idempotency-Key"], "token": self.headers["X-Token"]}
+        data = json.dumps(reply).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+#[test]
+fn an_http_endpoint_processes_items() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let script = env.write("server.py", SERVER);
+    let mut server = std::process::Command::new("python3")
+        .arg(&script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let url = format!("http://127.0.0.1:{}/charge", port.trim());
+    let file = env.write(
+        "items.jsonl",
+        "{\"id\":\"a\"}\n{\"id\":\"decline-1\"}\n{\"id\":\"busy-1\"}\n",
+    );
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--http",
+        url.as_str(),
+        "--http-header",
+        "X-Token: s3cret",
+        "--json",
+    ];
+    args.extend(FAST);
+    let out = env.settle(&args);
+    let _ = server.kill();
+    out.expect_code(0);
+    assert!(
+        !out.stderr.contains("s3cret"),
+        "a header value is never shown"
+    );
+    let id = run_id(&out.json());
+    let got = results(&env, &id);
+    assert_eq!(
+        got[0],
+        json!({"id": "a", "status": "succeeded", "attempts": 1,
+               "output": {"id": "a", "key": format!("{id}:a"), "token": "s3cret"}})
+    );
+    assert_eq!(got[1]["attempts"], 1, "{:?}", got[1]);
+    assert!(
+        got[1]["error"].as_str().unwrap().starts_with("HTTP 402"),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[2]["attempts"], 3, "{:?}", got[2]);
+    assert!(
+        got[2]["error"].as_str().unwrap().starts_with("HTTP 503"),
+        "{:?}",
+        got[2]
+    );
+    let status = env.settle(&["status", &id]);
+    assert!(!status.stdout.contains("s3cret"));
+}
