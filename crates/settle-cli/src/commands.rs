@@ -175,11 +175,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                      their outcomes are not in any tally"
                 );
             }
-            let first = d
-                .backend
-                .ledger
-                .failures(&run.id, None, report::FIRST_FAILURES)
-                .await?;
+            let first = first_failures(d, &run, json).await?;
             emit(json, report::run_json(&run), || {
                 report::run_human(&run, &first, None)
             });
@@ -461,6 +457,35 @@ async fn resolve(d: &Deployment, id: Option<&str>) -> Result<RunRecord> {
     }
 }
 
+/// The failures a human summary shows and groups by reason (up to
+/// [`report::REASONS_SAMPLE`]); none for `--json`, which does not show them.
+async fn first_failures(
+    d: &Deployment,
+    run: &RunRecord,
+    json: bool,
+) -> Result<Vec<(ItemId, settle_core::ItemRecord)>> {
+    let mut all = Vec::new();
+    if json || run.failed == 0 {
+        return Ok(all);
+    }
+    while all.len() < report::REASONS_SAMPLE {
+        let page = d
+            .backend
+            .ledger
+            .failures(
+                &run.id,
+                all.last().map(|(id, _)| id),
+                (report::REASONS_SAMPLE - all.len()).min(1000),
+            )
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        all.extend(page);
+    }
+    Ok(all)
+}
+
 async fn all_failures(
     d: &Deployment,
     run: &RunId,
@@ -488,11 +513,7 @@ async fn finish(
 ) -> Result<ExitCode> {
     match f {
         Finish::Done(run, took, count) => {
-            let first = d
-                .backend
-                .ledger
-                .failures(&run.id, None, report::FIRST_FAILURES)
-                .await?;
+            let first = first_failures(d, &run, json).await?;
             let mut value = report::run_json(&run);
             for (k, v) in extra.into_iter().flatten() {
                 value[k] = v;

@@ -54,14 +54,65 @@ fn plural(n: u64, one: &str) -> String {
     }
 }
 
-/// The run summary: status, the "Processed N items…" line, and the first
-/// failures. `took` is how long this command processed, and how many items
-/// it settled in that time.
+/// Failures read to group them by reason: enough for the causes of any
+/// run, bounded for a run with millions of failures.
+pub const REASONS_SAMPLE: usize = 10_000;
+
+/// Reasons listed under a summary before "and N other reasons".
+const REASONS_SHOWN: usize = 5;
+
+/// A run's failures counted by reason, most frequent first. The item's own
+/// id in an error reads `<id>`, so "card declined for sub-7" and "... for
+/// sub-9" are one reason.
+pub fn reasons(failures: &[(ItemId, ItemRecord)]) -> Vec<(String, u64)> {
+    let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for (id, rec) in failures {
+        let error = rec.last_error.as_deref().unwrap_or("(no error recorded)");
+        let reason = if id.as_str().len() > 2 && error.contains(id.as_str()) {
+            error.replace(id.as_str(), "<id>")
+        } else {
+            error.to_owned()
+        };
+        *counts.entry(reason).or_default() += 1;
+    }
+    let mut out: Vec<(String, u64)> = counts.into_iter().collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    out
+}
+
+/// "Failures by reason", from the failures that were read (`sampled` of
+/// the run's `failed`).
+fn reasons_human(out: &mut String, reasons: &[(String, u64)], sampled: u64, failed: u64) {
+    if reasons.is_empty() {
+        return;
+    }
+    let of = if sampled < failed {
+        format!(" (of the first {sampled})")
+    } else {
+        String::new()
+    };
+    out.push_str(&format!("Failures by reason{of}:\n"));
+    for (reason, n) in reasons.iter().take(REASONS_SHOWN) {
+        out.push_str(&format!("  {n:>6} x {}\n", clean(reason)));
+    }
+    if reasons.len() > REASONS_SHOWN {
+        out.push_str(&format!(
+            "  ... and {} other reasons\n",
+            reasons.len() - REASONS_SHOWN
+        ));
+    }
+}
+
+/// The run summary: status, the "Processed N items…" line, the failures
+/// by reason, and the first failures. `failures` are the first ones in id
+/// order (up to [`REASONS_SAMPLE`]). `took` is how long this command
+/// processed, and how many items it settled in that time.
 pub fn run_human(
     run: &RunRecord,
-    first_failures: &[(ItemId, ItemRecord)],
+    failures: &[(ItemId, ItemRecord)],
     took: Option<(Duration, u64)>,
 ) -> String {
+    let first_failures = &failures[..failures.len().min(FIRST_FAILURES)];
     let mut out = String::new();
     let rate = took
         .filter(|(t, n)| t.as_secs_f64() > 0.0 && *n > 0)
@@ -85,6 +136,7 @@ pub fn run_human(
     }
     out.push('\n');
     if run.failed > 0 {
+        reasons_human(&mut out, &reasons(failures), failures.len() as u64, run.failed);
         out.push_str(&format!(
             "Failed items (first {} of {}):\n",
             first_failures.len(),
@@ -153,6 +205,8 @@ pub fn failures_human(run: &RunRecord, failures: &[(ItemId, ItemRecord)]) -> Str
         .max()
         .unwrap_or(4)
         .max(4);
+    let n = failures.len() as u64;
+    reasons_human(&mut out, &reasons(failures), n, n);
     if !failures.is_empty() {
         out.push_str(&format!("{:width$}  attempts  last error\n", "item"));
     }
@@ -369,6 +423,36 @@ mod tests {
             output: None,
             log: None,
         }
+    }
+
+    #[test]
+    fn failures_group_by_reason_with_the_items_own_id_folded() {
+        let f = |id: &str, e: &str| {
+            (
+                ItemId::new(id).unwrap(),
+                record(ItemStatus::Failed, e, vec![failed(e)]),
+            )
+        };
+        let failures = vec![
+            f("sub-1", "HTTP 402: card_declined"),
+            f("sub-2", "card declined for sub-2"),
+            f("sub-3", "HTTP 402: card_declined"),
+            f("sub-4", "card declined for sub-4"),
+            f("sub-5", "card declined for sub-5"),
+            f("sub-6", "timed out after 30000 ms"),
+        ];
+        assert_eq!(
+            reasons(&failures),
+            vec![
+                ("card declined for <id>".to_owned(), 3),
+                ("HTTP 402: card_declined".to_owned(), 2),
+                ("timed out after 30000 ms".to_owned(), 1),
+            ]
+        );
+        let mut out = String::new();
+        reasons_human(&mut out, &reasons(&failures), 6, 600);
+        assert!(out.starts_with("Failures by reason (of the first 6):\n"), "{out}");
+        assert!(out.contains("     3 x card declined for <id>\n"), "{out}");
     }
 
     fn record(status: ItemStatus, error: &str, history: Vec<Attempt>) -> ItemRecord {
