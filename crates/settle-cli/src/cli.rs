@@ -271,10 +271,11 @@ pub struct ProcessArgs {
 /// and `redrive` use it again without these flags.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ProcessorArgs {
-    /// A built-in processor: `scripted` follows each item's payload.script
-    /// (for tests and benchmarks).
-    #[arg(long, env = "SETTLE_PROCESSOR", value_enum, conflicts_with_all = ["exec", "http"])]
-    pub processor: Option<BuiltIn>,
+    /// A processor by name: `scripted`, the built-in one that follows each
+    /// item's payload.script (for tests and benchmarks), or the Rust
+    /// processor this binary was built with (the default when it has one).
+    #[arg(long, env = "SETTLE_PROCESSOR", value_name = "NAME", conflicts_with_all = ["exec", "http"])]
+    pub processor: Option<String>,
     /// Run CMD (with `sh -c`) for each item: the item as JSON on stdin, its
     /// output on stdout, its log on stderr; exit 0 succeeds, 65 fails for
     /// good, anything else is retried. See docs/processors.md.
@@ -294,12 +295,6 @@ pub struct ProcessorArgs {
     /// A header for --http, as 'Name: value' (repeatable; values are never shown).
     #[arg(long = "http-header", value_name = "HEADER", requires = "http")]
     pub http_headers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BuiltIn {
-    /// Follows payload.script: ok, permanent, retryable:N, panic, sleep:MS.
-    Scripted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -2,7 +2,7 @@
 //! else the one the run recorded when it started; and how many items it
 //! works on at once by default.
 
-use crate::cli::{BuiltIn, ProcessArgs, ProcessorArgs, Protocol};
+use crate::cli::{ProcessArgs, ProcessorArgs, Protocol};
 use crate::commands::input;
 use anyhow::Result;
 use settle_core::processor::EXIT_PERMANENT;
@@ -15,10 +15,21 @@ pub const NO_PROCESSOR: &str = "no processor: name what does each item's work wi
     answering JSON lines), --http URL (an endpoint), or --processor scripted (the built-in \
     test processor, which follows payload.script)";
 
-/// The processor named by the flags, if any.
+/// The processor named by the flags; else the binary's own, if it has one.
 pub fn named(args: &ProcessorArgs) -> Result<Option<ProcessorSpec>> {
-    if let Some(BuiltIn::Scripted) = args.processor {
-        return Ok(Some(ProcessorSpec::Scripted));
+    let library = crate::LIBRARY.get().map(|l| l.name.as_str());
+    if let Some(name) = &args.processor {
+        return match name.as_str() {
+            "scripted" => Ok(Some(ProcessorSpec::Scripted)),
+            n if Some(n) == library => Ok(Some(ProcessorSpec::Library { name: n.to_owned() })),
+            n => Err(input(format!(
+                "--processor {n:?}: no such processor; this binary has {}",
+                match library {
+                    Some(l) => format!("`scripted` and `{l}`"),
+                    None => "only `scripted` (use --exec or --http for your own)".into(),
+                }
+            ))),
+        };
     }
     if let Some(command) = &args.exec {
         return Ok(Some(ProcessorSpec::Exec {
@@ -44,7 +55,9 @@ pub fn named(args: &ProcessorArgs) -> Result<Option<ProcessorSpec>> {
             headers,
         }));
     }
-    Ok(None)
+    Ok(library.map(|name| ProcessorSpec::Library {
+        name: name.to_owned(),
+    }))
 }
 
 /// The processor that continues `run`: the one named, else the run's own.
@@ -99,6 +112,7 @@ fn default_items(spec: &ProcessorSpec) -> usize {
         ProcessorSpec::Exec { .. } => 4 * cores,
         // Requests in flight over a keep-alive pool.
         ProcessorSpec::Http { .. } => 64,
+        ProcessorSpec::Library { .. } => crate::LIBRARY.get().map_or(64, |l| l.concurrency),
     }
 }
 
@@ -107,8 +121,11 @@ pub fn build(spec: &ProcessorSpec, args: &ProcessArgs) -> Result<Chosen> {
     let items = args
         .concurrency
         .map_or_else(|| default_items(spec), |n| n as usize);
-    let processor = settle_processors::build(spec, settle_processors::Parallelism(items))
-        .map_err(|e| input(e.to_string()))?;
+    let processor = match (spec, crate::LIBRARY.get()) {
+        (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => l.processor.clone(),
+        _ => settle_processors::build(spec, settle_processors::Parallelism(items))
+            .map_err(|e| input(e.to_string()))?,
+    };
     let batch = args.batch_size.max(1) as usize;
     // Every item of the batches in flight can run at once; a batch beyond
     // that keeps the processor busy while finished batches are reported.

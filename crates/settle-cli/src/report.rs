@@ -136,7 +136,12 @@ pub fn run_human(
     }
     out.push('\n');
     if run.failed > 0 {
-        reasons_human(&mut out, &reasons(failures), failures.len() as u64, run.failed);
+        reasons_human(
+            &mut out,
+            &reasons(failures),
+            failures.len() as u64,
+            run.failed,
+        );
         out.push_str(&format!(
             "Failed items (first {} of {}):\n",
             first_failures.len(),
@@ -451,7 +456,10 @@ mod tests {
         );
         let mut out = String::new();
         reasons_human(&mut out, &reasons(&failures), 6, 600);
-        assert!(out.starts_with("Failures by reason (of the first 6):\n"), "{out}");
+        assert!(
+            out.starts_with("Failures by reason (of the first 6):\n"),
+            "{out}"
+        );
         assert!(out.contains("     3 x card declined for <id>\n"), "{out}");
     }
 

@@ -89,6 +89,8 @@ pub trait Processor: Send + Sync + 'static {
 pub enum ProcessorSpec {
     /// The built-in [`Scripted`] processor, for tests and benchmarks.
     Scripted,
+    /// A Rust processor compiled into the binary (`settle_cli::Settle::processor`).
+    Library { name: String },
     /// The user's command, run by `sh -c`.
     Exec {
         command: String,
@@ -131,6 +133,7 @@ impl ProcessorSpec {
     pub fn describe(&self) -> String {
         match self {
             Self::Scripted => "--processor scripted".into(),
+            Self::Library { name } => format!("--processor {name}"),
             Self::Exec {
                 command,
                 protocol: ExecProtocol::PerItem,

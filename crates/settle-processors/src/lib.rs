@@ -22,6 +22,9 @@ pub enum SpecError {
     Url { url: String, reason: String },
     #[error("--http-header {header:?}: {reason}")]
     Header { header: String, reason: String },
+    /// A Rust processor compiled into another binary.
+    #[error("--processor {0}: this binary has no processor of that name (it is the one built into another binary; run that binary, or name another processor)")]
+    NotInThisBinary(String),
     #[error("--http {url:?}: cannot set up the HTTP client")]
     Client {
         url: String,
@@ -42,6 +45,7 @@ pub fn build(
 ) -> Result<Arc<dyn settle_core::Processor>, SpecError> {
     Ok(match spec {
         ProcessorSpec::Scripted => Arc::new(Scripted),
+        ProcessorSpec::Library { name } => return Err(SpecError::NotInThisBinary(name.clone())),
         ProcessorSpec::Exec {
             command,
             protocol: settle_core::ExecProtocol::PerItem,
