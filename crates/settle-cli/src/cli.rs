@@ -124,6 +124,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs one item of a run through a processor here and now, and prints
+    /// its output and log; changes nothing in the run. With processor
+    /// flags, that processor (a fixed version, say); else the run's own.
+    Replay {
+        run_id: String,
+        item_id: String,
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Seconds the attempt may take.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=43200))]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent runs, newest first.
     Runs {
         #[arg(long, default_value_t = 20)]
@@ -157,6 +171,7 @@ impl Command {
             | Command::Redrive { json, .. }
             | Command::Show { json, .. }
             | Command::Logs { json, .. }
+            | Command::Replay { json, .. }
             | Command::Runs { json, .. } => *json,
             Command::Generate { .. } | Command::Results { .. } => false,
         }
@@ -171,6 +186,7 @@ impl Command {
                 | Command::Failures { .. }
                 | Command::Show { .. }
                 | Command::Logs { .. }
+                | Command::Replay { .. }
                 | Command::Results { .. }
                 | Command::Runs { .. }
                 | Command::Redrive { dry_run: true, .. }
@@ -244,7 +260,7 @@ pub struct RunSettings {
 }
 
 /// How the local runner processes.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 pub struct ProcessArgs {
     #[command(flatten)]
     pub processor: ProcessorArgs,

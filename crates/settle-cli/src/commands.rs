@@ -247,6 +247,30 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             emit(json, value, || report::logs_human(&rec, attempt));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Replay {
+            run_id,
+            item_id,
+            processor,
+            timeout,
+            json,
+        } => {
+            let run = resolve(d, Some(&run_id)).await?;
+            let r = crate::replay::replay(
+                d,
+                &run,
+                &item_id,
+                &processor,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await?;
+            emit(json, r.value.clone(), || crate::replay::human(&r.value));
+            // 4: the item failed again; documented beside the other codes.
+            Ok(if r.succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            })
+        }
         Command::Runs { limit, json } => {
             let runs = d.backend.ledger.runs(limit).await?;
             emit(

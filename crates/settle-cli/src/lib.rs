@@ -24,6 +24,7 @@ mod deployment;
 mod generate;
 mod process;
 mod processors;
+mod replay;
 mod report;
 mod results;
 mod signals;

@@ -466,3 +466,61 @@ fn an_http_endpoint_processes_items() {
     let status = env.settle(&["status", &id]);
     assert!(!status.stdout.contains("s3cret"));
 }
+
+#[test]
+fn replay_runs_one_item_here_and_changes_nothing() {
+    let env = Env::new();
+    let cmd = worker(&env);
+    let file = items(&env, &[("a", "ok"), ("b", "decline")]);
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--json",
+    ];
+    args.extend(FAST);
+    let id = run_id(&env.ok_json(&args));
+    let before = (env.status(&id), env.show(&id, "b"));
+
+    // With the run's own processor: the same failure, with its log.
+    let out = env.settle(&["replay", &id, "b", "--json"]);
+    out.expect_code(4);
+    let v = out.json();
+    assert_eq!(v["outcome"], "failed");
+    assert_eq!(v["kind"], "permanent");
+    assert_eq!(v["error"], "exit 65: card declined for b");
+    assert_eq!(v["attempt"], 2, "the attempt after the last one");
+    assert_eq!(
+        v["log"],
+        format!("start b attempt 2 key {id}:b\ncard declined for b\n")
+    );
+    // With a fixed version: its output.
+    let fixed = env.settle(&[
+        "replay",
+        &id,
+        "b",
+        "--exec",
+        "cat >/dev/null; echo '{\"fixed\":true}'",
+    ]);
+    fixed.expect_code(0);
+    assert!(
+        fixed.stdout.contains("Output: {\"fixed\":true}"),
+        "{}",
+        fixed.stdout
+    );
+    assert!(
+        fixed.stderr.contains("rather than its own"),
+        "{}",
+        fixed.stderr
+    );
+    assert_eq!(
+        (env.status(&id), env.show(&id, "b")),
+        before,
+        "nothing changed"
+    );
+    env.settle(&["replay", &id, "nope"])
+        .expect_code(2)
+        .stderr_has("not in run");
+}

@@ -206,11 +206,16 @@ impl Env {
             .env_remove("SETTLE_WORKERS")
             .env_remove("SETTLE_PROCESSOR")
             .envs(self.vars.iter().map(|(k, v)| (k, v)))
-            // The scripted processor, unless the command names one.
+            // Runs start with the scripted processor unless the command
+            // names one; `resume` and `redrive` then use the run's own.
             .envs(
-                (!args
+                (args
                     .iter()
-                    .any(|a| matches!(*a, "--exec" | "--http" | "--processor")))
+                    .find(|a| !a.starts_with('-'))
+                    .is_some_and(|a| matches!(*a, "run" | "dispatch"))
+                    && !args
+                        .iter()
+                        .any(|a| matches!(*a, "--exec" | "--http" | "--processor")))
                 .then_some(("SETTLE_PROCESSOR", "scripted")),
             )
             .stdin(Stdio::null())
