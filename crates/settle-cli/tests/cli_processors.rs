@@ -524,3 +524,55 @@ fn replay_runs_one_item_here_and_changes_nothing() {
         .expect_code(2)
         .stderr_has("not in run");
 }
+
+/// Milliseconds of the day of an RFC 3339 time as `show` prints it.
+fn ms_of_day(t: &str) -> u64 {
+    let clock = &t[11..23]; // HH:MM:SS.mmm
+    let h: u64 = clock[0..2].parse().unwrap();
+    let m: u64 = clock[3..5].parse().unwrap();
+    let s: u64 = clock[6..8].parse().unwrap();
+    let ms: u64 = clock[9..12].parse().unwrap();
+    ((h * 60 + m) * 60 + s) * 1000 + ms
+}
+
+#[test]
+fn a_retry_after_is_honoured_before_the_next_attempt() {
+    let env = Env::new();
+    let script = env.write(
+        "later.py",
+        format!(
+            "import sys\nsys.path.insert(0, {:?})\nimport settle\n\
+             def h(item, ctx):\n    if ctx.attempt == 1:\n        raise settle.RetryError('busy', retry_after_ms=1500)\n    return 'done'\n\
+             settle.serve(h)\n",
+            repo().join("sdk/python").display().to_string()
+        ),
+    );
+    let file = env.write("items.jsonl", "{\"id\":\"a\"}\n");
+    let cmd = format!("python3 {script}");
+    // The worker's own backoff (20 ms) is far shorter than the hint.
+    let mut args = vec![
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--protocol",
+        "jsonl",
+        "--json",
+    ];
+    args.extend(FAST);
+    let id = run_id(&env.ok_json(&args));
+    let v = env.show(&id, "a");
+    let h = v["history"].as_array().unwrap();
+    assert_eq!(h.len(), 2, "{v}");
+    assert_eq!(h[0]["error"], "busy");
+    let first_end =
+        ms_of_day(h[0]["started_at"].as_str().unwrap()) + h[0]["duration_ms"].as_u64().unwrap();
+    let second = ms_of_day(h[1]["started_at"].as_str().unwrap());
+    assert!(
+        second >= first_end + 1500,
+        "the retry came {} ms after the hint's start",
+        second - first_end
+    );
+    assert_eq!(v["output"], "done");
+}
