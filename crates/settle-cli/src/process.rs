@@ -63,6 +63,7 @@ pub fn runner(d: &Deployment, args: &ProcessArgs, chosen: &Chosen) -> Runner {
             // batch's other items, the results and the deletes, so that one
             // slow item does not get its whole batch redelivered.
             item_timeout: Some(visibility / 2),
+            visibility: Some(visibility),
             ..WorkerConfig::default()
         },
     );

@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     pub item_timeout: Option<Duration>,
     /// Items are not started when less than this remains before the deadline.
     pub deadline_margin: Duration,
+    /// The work queue's visibility timeout, if known: while a batch is in
+    /// hand its messages' visibility is extended (see `Worker::handle`).
+    pub visibility: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -46,6 +49,7 @@ impl Default for WorkerConfig {
             max_retry_delay: MAX_RETRY_DELAY,
             item_timeout: None,
             deadline_margin: Duration::from_secs(2),
+            visibility: None,
         }
     }
 }
@@ -111,6 +115,68 @@ impl Worker {
     /// invocation ends (Lambda's remaining time); items not started by then
     /// minus the margin are reported for retry untouched.
     pub async fn handle(&self, batch: &[Delivery], deadline: Option<Instant>) -> BatchResponse {
+        let (plans, mut failed) = self
+            .with_heartbeat(batch, self.report(batch, deadline))
+            .await;
+        for (i, plan) in plans.iter().enumerate() {
+            let delay = match plan {
+                Plan::Retry { delay } => Some(*delay),
+                Plan::Report { retry, .. } => *retry,
+                Plan::Malformed => None,
+            };
+            if let Some(delay) = delay {
+                failed[i] = true;
+                // Best effort: without it the visibility timeout paces the retry.
+                if let Err(e) = self.work.change_visibility(&batch[i].receipt, delay).await {
+                    tracing::debug!(error = %e, message_id = %batch[i].message_id, "could not set retry delay");
+                }
+            }
+        }
+
+        BatchResponse {
+            failures: batch
+                .iter()
+                .zip(failed)
+                .filter(|(_, f)| *f)
+                .map(|(d, _)| d.message_id.clone())
+                .collect(),
+        }
+    }
+
+    /// Runs `work` while keeping the batch's messages hidden: every third
+    /// of [`WorkerConfig::visibility`] their visibility is extended by a
+    /// whole one, so that a message is not delivered again (and its item
+    /// processed twice, or dead-lettered twice) while its attempt, its dead
+    /// letter or its result is still on its way. Stops before the retry
+    /// delays are set, which it would otherwise undo.
+    async fn with_heartbeat<T>(&self, batch: &[Delivery], work: impl Future<Output = T>) -> T {
+        let Some(visibility) = self.config.visibility else {
+            return work.await;
+        };
+        let beat = async {
+            loop {
+                tokio::time::sleep(visibility / 3).await;
+                for d in batch {
+                    if let Err(e) = self.work.change_visibility(&d.receipt, visibility).await {
+                        tracing::debug!(error = %e, message_id = %d.message_id, "could not extend visibility");
+                    }
+                }
+            }
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            out = &mut work => out,
+            never = beat => never,
+        }
+    }
+
+    /// Plans every message, then sends the dead letters and the results;
+    /// returns the plans and which messages must come back.
+    async fn report(
+        &self,
+        batch: &[Delivery],
+        deadline: Option<Instant>,
+    ) -> (Vec<Plan>, Vec<bool>) {
         let plans = futures::future::join_all(batch.iter().map(|d| self.plan(d, deadline))).await;
         let mut failed = vec![false; batch.len()];
 
@@ -146,30 +212,7 @@ impl Worker {
             .collect();
         self.send_all(&self.results, reports, &mut failed, "send results")
             .await;
-
-        for (i, plan) in plans.iter().enumerate() {
-            let delay = match plan {
-                Plan::Retry { delay } => Some(*delay),
-                Plan::Report { retry, .. } => *retry,
-                Plan::Malformed => None,
-            };
-            if let Some(delay) = delay {
-                failed[i] = true;
-                // Best effort: without it the visibility timeout paces the retry.
-                if let Err(e) = self.work.change_visibility(&batch[i].receipt, delay).await {
-                    tracing::debug!(error = %e, message_id = %batch[i].message_id, "could not set retry delay");
-                }
-            }
-        }
-
-        BatchResponse {
-            failures: batch
-                .iter()
-                .zip(failed)
-                .filter(|(_, f)| *f)
-                .map(|(d, _)| d.message_id.clone())
-                .collect(),
-        }
+        (plans, failed)
     }
 
     /// Sends `(body, indices of the messages it speaks for)` pairs in

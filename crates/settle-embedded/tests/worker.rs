@@ -466,3 +466,50 @@ async fn attempts_carry_their_output_and_their_own_log() {
         }
     }
 }
+
+/// While a batch is in hand its messages stay hidden, however long the
+/// attempt takes: a message is never delivered again (and its item never
+/// processed twice) only because its visibility ran out mid-attempt.
+#[tokio::test]
+async fn a_batch_in_hand_keeps_its_messages_hidden() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let vis = Duration::from_secs(1);
+    let worker = Worker::new(
+        Arc::new(Scripted),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            visibility: Some(vis),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![body(&run, "slow", "sleep:2500", 3)])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, vis).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    let handling = worker.handle(&batch, None);
+    tokio::pin!(handling);
+    let started = Instant::now();
+    let response = loop {
+        tokio::select! {
+            r = &mut handling => break r,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                let again = e.work.receive(10, vis).await.unwrap();
+                assert!(
+                    again.is_empty(),
+                    "delivered again {:?} into a 2.5 s attempt",
+                    started.elapsed()
+                );
+            }
+        }
+    };
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    assert!(response.failures.is_empty());
+    delete_done(&e.work, &batch, &response).await.unwrap();
+    assert_eq!(e.work.depth().await.unwrap().total(), 0);
+}

@@ -54,7 +54,8 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     /// Reads `SETTLE_ITEM_TIMEOUT_MS` (default 10000; 0 turns it off),
     /// `SETTLE_RETRY_DELAY_MS` (1000), `SETTLE_MAX_RETRY_DELAY_MS` (60000)
-    /// and `SETTLE_DEADLINE_MARGIN_MS` (2000).
+    /// `SETTLE_DEADLINE_MARGIN_MS` (2000) and `SETTLE_WORK_VISIBILITY_MS`
+    /// (0: the worker does not extend visibility).
     pub fn from_env() -> Result<Self, SettingsError> {
         Self::from_lookup(&process_env)
     }
@@ -71,6 +72,11 @@ impl WorkerSettings {
                 retry_delay: env.millis("SETTLE_RETRY_DELAY_MS", 1_000)?,
                 max_retry_delay: env.millis("SETTLE_MAX_RETRY_DELAY_MS", 60_000)?,
                 deadline_margin: env.millis("SETTLE_DEADLINE_MARGIN_MS", 2_000)?,
+                // The queue's visibility (180 s in the template) outlasts the
+                // function's timeout; set it to have the worker extend its
+                // messages' visibility while it holds them.
+                visibility: Some(env.millis("SETTLE_WORK_VISIBILITY_MS", 0)?)
+                    .filter(|v| !v.is_zero()),
             },
         })
     }
