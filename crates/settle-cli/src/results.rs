@@ -32,9 +32,18 @@ pub async fn export(
         None => {
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
-            let n = write(d, run, only, &mut w).await?;
-            w.flush()?;
-            Ok(n)
+            let res = write(d, run, only, &mut w).await;
+            let res = res.and_then(|n| Ok(w.flush().map(|_| n)?));
+            match res {
+                // A reader that has seen enough (`| head`) is not an error.
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    Ok(0)
+                }
+                other => other,
+            }
         }
         Some(path) => {
             let dir = path

@@ -887,6 +887,43 @@ pub async fn reconcile_settles_messages_the_queue_parked(s: &Subject) {
     );
 }
 
+/// A redrive sends one message per item back, whatever copies of it the
+/// DLQ held (duplicate deliveries dead-lettered twice), and deletes the
+/// copies: the item is processed once more, not once per copy.
+pub async fn redrive_moves_one_message_per_item(s: &Subject) {
+    let run = fresh_run(s, 2).await;
+    let dead = |id: &str| {
+        let mut b = WorkBody::new(run.clone(), item(id, "null"), 0, 3);
+        b.dead = Some(settle_core::message::DeadLetter {
+            error: "permanent failure".into(),
+            attempts: 1,
+        });
+        b.encode()
+    };
+    s.dlq
+        .send(vec![dead("t0"), dead("t1"), dead("t0"), dead("t0")])
+        .await
+        .unwrap();
+    let moved = redrive_all(s, &run).await.unwrap();
+    assert_eq!(
+        (moved.items.len(), moved.messages, moved.stale),
+        (2, 2, 2),
+        "{moved:?}"
+    );
+    let back = receive_n(s.work.as_ref(), 4, VIS).await;
+    let mut ids: Vec<String> = back
+        .iter()
+        .map(|d| WorkBody::decode(&d.body).unwrap().item.as_str().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["t0", "t1"]);
+    assert_eq!(
+        s.dlq.depth().await.unwrap().total(),
+        0,
+        "no stale copy left"
+    );
+}
+
 /// Redrives every dead-lettered message of `run` on `s`.
 pub async fn redrive_all(
     s: &Subject,
@@ -924,6 +961,7 @@ pub const CLAUSES: &[&str] = &[
     "ledger_redrive_success_moves_failed_to_succeeded",
     "ledger_bad_result_fails_alone",
     "reconcile_settles_messages_the_queue_parked",
+    "redrive_moves_one_message_per_item",
     "idempotency_first_execution_stores_result",
     "idempotency_duplicate_returns_stored_result",
     "idempotency_different_payload_is_refused",
@@ -957,6 +995,7 @@ macro_rules! conformance_tests {
             ledger_redrive_success_moves_failed_to_succeeded,
             ledger_bad_result_fails_alone,
             reconcile_settles_messages_the_queue_parked,
+            redrive_moves_one_message_per_item,
             idempotency_first_execution_stores_result,
             idempotency_duplicate_returns_stored_result,
             idempotency_different_payload_is_refused,

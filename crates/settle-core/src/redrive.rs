@@ -32,8 +32,10 @@ pub enum RedriveError {
 pub struct RedriveReport {
     /// Items whose messages were moved (or would be, on a dry run).
     pub items: BTreeSet<ItemId>,
-    /// Messages moved (or that would be); can exceed `items` when the DLQ held duplicates.
+    /// Messages moved (or that would be): one per item.
     pub messages: u64,
+    /// Extra copies of moved items' messages found in the DLQ and deleted.
+    pub stale: u64,
     /// Failed items (the named ones, or all of the run's) with no message
     /// the scan could move: hidden by another scan of the DLQ (one still
     /// running, or one cut off) for up to its visibility timeout. Empty
@@ -180,8 +182,24 @@ impl Scan<'_> {
                 break;
             }
             let mut moves: Vec<(&Delivery, WorkBody)> = Vec::new();
+            let mut stale: Vec<String> = Vec::new();
             for d in &batch {
                 match WorkBody::decode(&d.body) {
+                    // A second copy of an item this pass moved (a duplicate
+                    // delivery that was dead-lettered too): one message per
+                    // item goes back, the copies are dropped, so the item is
+                    // processed once and the DLQ ends with at most one.
+                    Ok(b)
+                        if &b.run == run
+                            && (report.items.contains(&b.item)
+                                || moves.iter().any(|(_, m)| m.item == b.item)) =>
+                    {
+                        if dry_run {
+                            hidden.push(d.receipt.clone());
+                        } else {
+                            stale.push(d.receipt.clone());
+                        }
+                    }
                     Ok(b) if &b.run == run && only.is_none_or(|o| o.contains(&b.item)) => {
                         moves.push((d, b))
                     }
@@ -195,6 +213,10 @@ impl Scan<'_> {
                 if dry_run {
                     hidden.push(d.receipt.clone());
                 }
+            }
+            if !stale.is_empty() {
+                report.stale += stale.len() as u64;
+                dlq.delete(stale).await?;
             }
             if dry_run || moves.is_empty() {
                 continue;

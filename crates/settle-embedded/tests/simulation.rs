@@ -97,7 +97,7 @@ fn a_seed_replays_exactly() {
 async fn faults_under_real_concurrency_never_lose_or_double_count_an_item() {
     quiet_contained_panics();
     let mut totals = SimTotals::default();
-    for seed in seeds(&[101, 102]) {
+    for seed in [101, 102] {
         let subject = common::fresh(WORK_MAX_RECEIVES).await;
         let report = sim::simulate(&subject, seed, items(), RATE).await;
         eprintln!("{report}");
