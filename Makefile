@@ -19,12 +19,8 @@ LAMBDA_PROFILE_ENV := CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_
 build: venv ## Release build of the three Lambda functions for arm64 (cargo lambda; into target/lambda/)
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(LAMBDA_PROFILE_ENV) $(CARGO) lambda build --release --arm64 -p settle-lambda
 
-demo: build-cli ## Run 10,000 demo items (realistic failures) on the embedded engine, then redrive the failures
-	@mkdir -p .settle
-	$(SETTLE_RELEASE) generate --count 10000 --mix demo > $(DEMO_ITEMS)
-	$(SETTLE_RELEASE) run --processor scripted --items $(DEMO_ITEMS)
-	@echo; echo "== Redriving the run's failures (the slow-to-recover items now succeed) =="
-	$(SETTLE_RELEASE) redrive "$$($(SETTLE_RELEASE) status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')"
+demo: build-cli ## 2,000 renewals through a stand-in payment gateway by a Python processor, then a redrive (scripts/demo.sh)
+	scripts/demo.sh $(SETTLE_RELEASE)
 
 run: demo ## Alias of demo
 
