@@ -45,6 +45,13 @@ def proc_stat(pid):
     return ppid, own, reaped
 
 
+def machine_busy_s():
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK  # less idle and iowait; guest time is in user
+
+
 def vm_hwm_mib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -100,12 +107,14 @@ class Sampler(threading.Thread):
 def run_measured(cmd, descendants=False, env=None, cwd=ROOT):
     """Runs cmd; returns wall s, stdout, stderr, total cpu s (wait4), own cpu s, children cpu s, own peak RSS MiB."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy0 = machine_busy_s()
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         sampler = Sampler(proc.pid, descendants)
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - started
+        busy = machine_busy_s() - busy0
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop.set()
         sampler.join()
@@ -123,6 +132,8 @@ def run_measured(cmd, descendants=False, env=None, cwd=ROOT):
         "wall_s": wall, "returncode": proc.returncode, "stdout": stdout, "stderr": stderr,
         "cpu_total_s": max(total, own + children), "cpu_own_s": own, "cpu_children_s": children,
         "peak_rss_mib": sampler.hwm or usage.ru_maxrss / 1024,
+        # The machine is shared: what else ran (its busy CPU less this run's).
+        "machine_busy_s": busy, "load_avg": open("/proc/loadavg").read().split()[0],
     }
 
 
@@ -152,6 +163,7 @@ def run_settle(settle, workdir, items, count, processor_args, descendants=False,
         "wall_s": round(r["wall_s"], 3), "items_per_s": round(count / r["wall_s"], 1),
         "cpu_settle_s": round(r["cpu_own_s"], 2), "cpu_children_s": round(r["cpu_children_s"], 2),
         "peak_rss_mib": round(r["peak_rss_mib"], 1),
+        "machine_busy_s": round(r["machine_busy_s"], 2), "load_avg": r["load_avg"],
         "command": " ".join(cmd[:1] + ["--db", "DB"] + cmd[3:]),
     }
 
@@ -240,6 +252,7 @@ def mode_jsonl(a, items, expect_failed):
             "items_per_s": round(out["items_per_s"], 1),
             "cpu_node_s": round(m["cpu_total_s"], 2), "cpu_redis_s": round(cpu_redis, 2),
             "process_wall_s": round(m["wall_s"], 3),
+            "machine_busy_s": round(m["machine_busy_s"], 2), "load_avg": m["load_avg"],
             "command": f"node bench/node/bullmq.js ITEMS PORT {conc}",
         }
         bull_runs.append(b)
@@ -274,6 +287,7 @@ def mode_http(a, items, _expect_failed):
             errors = [line.strip() for line in m["stdout"].splitlines() if "Non-2xx" in line or "Socket errors" in line]
             w = {"requests_per_s": rps, "requests": total, "errors": errors, "wall_s": round(m["wall_s"], 2),
                  "cpu_wrk_s": round(m["cpu_total_s"], 2), "cpu_server_s": round(cpu_server, 2),
+                 "machine_busy_s": round(m["machine_busy_s"], 2), "load_avg": m["load_avg"],
                  "command": f"wrk -t2 -c64 -d{a.wrk_seconds}s -s bench/wrk-post.lua URL"}
             wrk_runs.append(w)
             print(f"[{rep + 1}] wrk:         {rps:,.0f} requests/s ({total} in {m['wall_s']:.1f} s; cpu wrk "
