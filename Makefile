@@ -4,7 +4,7 @@ CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 DEMO_ITEMS := .settle/demo-items.jsonl
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory soak clean venv emulator-up emulator-down
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv emulator-up emulator-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -84,6 +84,21 @@ bench: build-cli ## Throughput: 1,000,000 items (10% permanent failures), durabl
 
 bench-memory: build-cli ## Peak memory: 10,000,000 items (takes several minutes and ~4 GB of disk)
 	python3 scripts/bench.py 10000000 --processor scripted
+
+bench-node: ## Install the processor benchmarks' npm packages (BullMQ) into bench/node from its lock file
+	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
+
+bench-jsonl: build-cli bench-node ## jsonl processor (Node) vs BullMQ on Redis: 100,000 items, 3 alternating repetitions
+	scripts/bench_tools.sh redis-server
+	python3 scripts/bench_processors.py jsonl --settle $(SETTLE_RELEASE)
+
+bench-http: build-cli ## --http vs wrk (64 connections, 10 s) against the same Node keep-alive server: 100,000 items, 3 repetitions
+	scripts/bench_tools.sh wrk
+	python3 scripts/bench_processors.py http --settle $(SETTLE_RELEASE)
+
+bench-exec: build-cli ## --exec (a process per item) vs GNU parallel, same command: 5,000 items, 3 repetitions
+	scripts/bench_tools.sh parallel
+	python3 scripts/bench_processors.py exec --settle $(SETTLE_RELEASE)
 
 soak: ## Deterministic fault simulation over many seeds (SEEDS=1000 by default, 300 items each); SEED=N replays one
 	SETTLE_SIM_SEEDS=$${SEEDS:-1000} SETTLE_SIM_SEED=$${SEED:-} $(CARGO) test --release -p settle-embedded --test simulation faults_never_lose -- --nocapture
