@@ -2,7 +2,6 @@
 SHELL := bash
 CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
-DEMO_ITEMS := .settle/demo-items.jsonl
 
 .PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv emulator-up emulator-down
 
