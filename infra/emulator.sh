@@ -34,6 +34,9 @@ exports() {
     echo "export AWS_SECRET_ACCESS_KEY=testing"
     echo "export SETTLE_BACKEND=aws"
     echo "export SETTLE_WORKERS=local"
+    # moto loses concurrent writes when it cancels a transaction: the AWS
+    # backend serialises its writes around transactions when told to.
+    echo "export SETTLE_EMULATOR_WRITE_LOCK=1"
     while IFS= read -r line; do
         [[ -n "$line" ]] && echo "export $line"
     done < "$STATE/env"

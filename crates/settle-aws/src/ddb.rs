@@ -20,7 +20,7 @@ pub(crate) struct Tables {
     pub items: String,
     pub ledger: String,
     pub metrics: Metrics,
-    /// Set when the endpoint is an emulator (see [`emulator_lock`]).
+    /// Set by `SETTLE_EMULATOR_WRITE_LOCK=1` (see [`emulator_lock`]).
     pub emulated: bool,
 }
 

@@ -51,6 +51,11 @@ pub struct AwsConfig {
     pub results_dlq_url: String,
     pub items_table: String,
     pub ledger_table: String,
+    /// `SETTLE_EMULATOR_WRITE_LOCK=1`, which `infra/emulator.sh` exports:
+    /// serialise this process's DynamoDB writes around transactions, for
+    /// moto (see `ddb::emulator_lock`). Never inferred from a custom
+    /// endpoint, which real deployments set for VPC endpoints.
+    pub emulator_write_lock: bool,
 }
 
 /// Why the backend could not be configured or connected.
@@ -75,6 +80,9 @@ pub enum ConfigError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
+
+/// The variable that turns the emulator's write lock on ([`AwsConfig::emulator_write_lock`]).
+pub const EMULATOR_WRITE_LOCK: &str = "SETTLE_EMULATOR_WRITE_LOCK";
 
 impl AwsConfig {
     /// Reads the six `SETTLE_*` variables of [`ENV_VARS`]; the error names
@@ -108,6 +116,7 @@ impl AwsConfig {
             results_dlq_url: next(),
             items_table: next(),
             ledger_table: next(),
+            emulator_write_lock: get(EMULATOR_WRITE_LOCK).is_some_and(|v| v.trim() == "1"),
         })
     }
 
@@ -207,8 +216,7 @@ pub async fn connect_with(sdk: &SdkConfig, cfg: &AwsConfig) -> Result<AwsBackend
         items: cfg.items_table.clone(),
         ledger: cfg.ledger_table.clone(),
         metrics: metrics.clone(),
-        // A custom endpoint is an emulator: see `ddb::emulator_lock`.
-        emulated: sdk.endpoint_url().is_some(),
+        emulated: cfg.emulator_write_lock,
     };
     Ok(AwsBackend {
         work: queue(&cfg.work_queue_url),
