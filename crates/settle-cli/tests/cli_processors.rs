@@ -439,6 +439,7 @@ fn an_http_endpoint_processes_items() {
     args.extend(FAST);
     let out = env.settle(&args);
     let _ = server.kill();
+    let _ = server.wait();
     out.expect_code(0);
     assert!(
         !out.stderr.contains("s3cret"),
