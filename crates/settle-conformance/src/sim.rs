@@ -86,8 +86,8 @@ pub struct SimReport {
     pub redriven: u64,
     /// Messages still in the work and results queues when the faulty run
     /// was first seen settled (duplicates, lost deletes, malformed bodies):
-    /// why "settled" cannot promise empty queues at that moment (see
-    /// [`simulate_with`]). They drained afterwards, as checked.
+    /// why "settled" cannot promise empty queues at that moment (see the
+    /// comment in the simulation). They drained afterwards, as checked.
     pub in_flight_at_settle: u64,
     /// Items whose outcome changed after the faulty run was first seen
     /// settled: a leftover duplicate succeeded where the faults had failed
@@ -96,10 +96,9 @@ pub struct SimReport {
     /// Items scripted `permanent` with more than one attempt in their
     /// ledger history after the faulty run (before any redrive).
     pub permanent_attempted_again: u64,
-    /// Items scripted `permanent` whose processor ran more than once in
-    /// the faulty run: also the attempts whose result never reached the
-    /// ledger, so at least [`Self::permanent_attempted_again`] less those
-    /// whose extra history entries are not runs (a reconciled "no result").
+    /// Items scripted `permanent` whose scripted work ran more than once in
+    /// the faulty run, by the processor's own count, which also sees the
+    /// attempts whose result never reached the ledger.
     pub permanent_run_again: u64,
     /// DLQ copies beyond one per failed item after the faulty run.
     pub extra_dead_letters: u64,
@@ -164,8 +163,10 @@ impl CrashPlan {
         let dispatch_at = rng.u64(1..=n.div_ceil(10).max(1));
         let dispatch_lands = rng.bool();
         let dispatch_hang = Duration::from_millis(rng.u64(0..=2000));
-        // The redrive moves one DLQ batch of 10 per send: about 6 batches
-        // for 300 items, so a few cut points come too late, by design.
+        // The redrive makes one send per DLQ batch it moves something from
+        // (five or more for 300 items) and is asked to stop before each: a
+        // cut point past the last comes too late, the redrive finishes, and
+        // the report says so.
         let redrive = if rng.bool() {
             RedriveCut::Stopped { at: rng.u32(0..8) }
         } else {
@@ -197,8 +198,9 @@ impl CrashPlan {
 
 /// A queue in a process that dies at its `at`-th send call: that send is
 /// let through to the inner queue or not (`lands`; in real time the crash
-/// may still cut it short), and neither it nor any later send ever returns, so the caller hangs where the crash took it until
-/// the one playing the crash drops it. [`CrashingSends::died`] wakes that one.
+/// may still cut it short), and neither it nor any later send ever
+/// returns, so the caller hangs where the crash took it until the one
+/// playing the crash drops it. [`CrashingSends::died`] wakes that one.
 #[derive(Debug)]
 struct CrashingSends {
     inner: Arc<dyn Queue>,
@@ -830,7 +832,7 @@ async fn simulate_in(
     // send landed or not), after hanging there a while with the runner
     // beside it still at work; the runner dies with it, and its in-flight
     // batches. The page being sent was not saved, so the resume sends it
-    // again: duplicates of what had landed.
+    // again: second copies of what had landed.
     {
         let dying = CrashingSends::new(work.clone(), plan.dispatch_at, plan.dispatch_lands);
         let beside = Running::start(faulty_runner());

@@ -118,6 +118,9 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
             .num(dead.attempts.into())
             .raw("}");
     }
+    if let Some(pass) = &b.redrive {
+        o.raw(r#","redrive":"#).str(pass);
+    }
     o.raw("}");
     o.0
 }
@@ -261,12 +264,14 @@ mod tests {
             prior_attempts in any::<u32>(),
             max_receives in any::<u32>(),
             dead in proptest::option::of((text(), any::<u32>())),
+            redrive in proptest::option::of("[a-f0-9]{16}"),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
         ) {
             let payload = RawValue::from_string(payload.to_owned()).unwrap();
             let mut b = WorkBody::new(RunId::generate(1_795_000_000_000), Item::new(item, payload), seq, max_receives);
             b.prior_attempts = prior_attempts;
             b.dead = dead.map(|(error, attempts)| DeadLetter { error, attempts });
+            b.redrive = redrive;
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());
         }
     }

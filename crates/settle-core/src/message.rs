@@ -45,6 +45,11 @@ pub struct WorkBody {
     /// Set on the copy the worker puts in the DLQ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead: Option<DeadLetter>,
+    /// The redrive pass that sent this message back, carried into its dead
+    /// letter: a pass tells its own messages, dead-lettered again while it
+    /// still scans, from older copies of the same item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<String>,
 }
 
 impl WorkBody {
@@ -57,6 +62,7 @@ impl WorkBody {
             max_receives,
             payload: item.payload,
             dead: None,
+            redrive: None,
         }
     }
     pub fn encode(&self) -> String {

@@ -174,6 +174,8 @@ impl Scan<'_> {
             dry_run,
             stop,
         } = *self;
+        // Names this pass in the messages it sends back.
+        let pass = format!("{:016x}", fastrand::u64(..));
         while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
             if stop() {
                 // Not taken: given back with the rest of what this pass hid.
@@ -185,6 +187,12 @@ impl Scan<'_> {
             let mut stale: Vec<String> = Vec::new();
             for d in &batch {
                 match WorkBody::decode(&d.body) {
+                    // Sent back by this pass and dead-lettered again already
+                    // (workers run while it scans): a failure of its own,
+                    // to keep, not an older copy.
+                    Ok(b) if b.redrive.as_deref() == Some(pass.as_str()) => {
+                        hidden.push(d.receipt.clone())
+                    }
                     // A second copy of an item this pass moved (a duplicate
                     // delivery that was dead-lettered too): one message per
                     // item goes back, the copies are dropped, so the item is
@@ -232,6 +240,7 @@ impl Scan<'_> {
                     WorkBody {
                         prior_attempts: prior,
                         dead: None,
+                        redrive: Some(pass.clone()),
                         ..b.clone()
                     }
                     .encode()
