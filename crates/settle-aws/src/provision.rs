@@ -191,8 +191,13 @@ pub async fn create_stack(
         wait_active(&dynamo, &name).await?;
         env.insert(t.env.clone(), name);
     }
-    AwsConfig::from_lookup(|k| env.get(k).cloned())
-        .map_err(|e| ProvisionError::Definition(e.to_string()))
+    // The stack's names; the emulator setting as the process has it.
+    AwsConfig::from_lookup(|k| {
+        env.get(k)
+            .cloned()
+            .or_else(|| (k == crate::EMULATOR_WRITE_LOCK).then(|| std::env::var(k).ok())?)
+    })
+    .map_err(|e| ProvisionError::Definition(e.to_string()))
 }
 
 /// Waits until a new table takes writes (at once on an emulator, seconds on AWS).
