@@ -129,11 +129,7 @@ impl Processor for Exec {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| ProcessError::retryable("the processor is shutting down"))?;
+        let _slot = crate::slot(&self.slots).await?;
         let deadline = deadline_epoch_ms(ctx);
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")

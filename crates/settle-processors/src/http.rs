@@ -228,11 +228,7 @@ impl Processor for Http {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| ProcessError::retryable("the processor is shutting down"))?;
+        let _slot = crate::slot(&self.slots).await?;
         let mut request = self.request(item, ctx)?;
         // Measured after the wait for a slot: the deadline is what is left
         // of the attempt, and the log's time is the endpoint's.

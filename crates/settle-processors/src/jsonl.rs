@@ -473,11 +473,7 @@ impl Processor for Jsonl {
     ) -> Result<Option<Output>, ProcessError> {
         // Declared before the item in flight, so released after it: a
         // process is back in the pool before its permit is.
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| ProcessError::retryable("the processor is shutting down"))?;
+        let _slot = crate::slot(&self.slots).await?;
         let (tx, log) = mpsc::unbounded_channel();
         let proc = match self.idle_process() {
             Some(proc) => {

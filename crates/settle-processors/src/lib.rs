@@ -93,6 +93,16 @@ pub(crate) fn deadline_epoch_ms(ctx: &settle_core::AttemptContext) -> Option<u64
     })
 }
 
+/// A place among the items a processor works on at once.
+pub(crate) async fn slot(
+    slots: &tokio::sync::Semaphore,
+) -> Result<tokio::sync::SemaphorePermit<'_>, settle_core::domain::ProcessError> {
+    slots
+        .acquire()
+        .await
+        .map_err(|_| settle_core::domain::ProcessError::retryable("the processor is shutting down"))
+}
+
 /// The last non-empty line of `text`, for an error message.
 pub(crate) fn last_line(text: &str) -> Option<&str> {
     text.lines().rev().map(str::trim).find(|l| !l.is_empty())
