@@ -109,11 +109,27 @@ fn default_items(spec: &ProcessorSpec) -> usize {
         // A process per item in flight: user commands mostly wait on the
         // network, so more than one per core, but not so many that a
         // CPU-bound command thrashes.
-        ProcessorSpec::Exec { .. } => 4 * cores,
+        ProcessorSpec::Exec {
+            protocol: ExecProtocol::PerItem,
+            ..
+        } => 4 * cores,
+        // Processes that say hello take many items each (the helpers: an
+        // event loop, a thread pool); those that take one at a time are
+        // held to `default_processes`.
+        ProcessorSpec::Exec {
+            protocol: ExecProtocol::Jsonl,
+            ..
+        } => 64,
         // Requests in flight over a keep-alive pool.
         ProcessorSpec::Http { .. } => 64,
         ProcessorSpec::Library { .. } => crate::LIBRARY.get().map_or(64, |l| l.concurrency),
     }
+}
+
+/// Processes at once for one-at-a-time jsonl processes when `--concurrency`
+/// is not given: as many as `--exec` runs, for the same reason.
+fn default_processes() -> usize {
+    4 * std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Builds the processor, refusing a bad command, URL or header as input.
@@ -121,10 +137,15 @@ pub fn build(spec: &ProcessorSpec, args: &ProcessArgs) -> Result<Chosen> {
     let items = args
         .concurrency
         .map_or_else(|| default_items(spec), |n| n as usize);
+    let parallelism = settle_processors::Parallelism {
+        items,
+        processes: args
+            .concurrency
+            .map_or_else(default_processes, |n| n as usize),
+    };
     let processor = match (spec, crate::LIBRARY.get()) {
         (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => l.processor.clone(),
-        _ => settle_processors::build(spec, settle_processors::Parallelism(items))
-            .map_err(|e| input(e.to_string()))?,
+        _ => settle_processors::build(spec, parallelism).map_err(|e| input(e.to_string()))?,
     };
     let batch = args.batch_size.max(1) as usize;
     // Every item of the batches in flight can run at once; a batch beyond

@@ -3,17 +3,28 @@
 //! `docs/protocol-jsonl.md`; this is how Settle keeps its side.
 //!
 //! - A pool of at most `parallelism` processes (`sh -c CMD`, each in a
-//!   process group of its own), started when an item needs one and none is
-//!   idle. Each has at most one item in flight.
-//! - A process that dies, answers garbage or for another item, or is still
-//!   working when its attempt ends (the deadline passes, or the worker drops
-//!   the attempt at its timeout) fails that item, retryably, and is never
-//!   given another: its group gets SIGTERM, then SIGKILL after
-//!   [`KILL_GRACE`]. The next item starts a fresh one. A process is reused
-//!   only after a well-formed answer for the item it was given, so no answer
-//!   can be pending when it gets the next.
+//!   process group of its own), started when an item needs one and none
+//!   has room for it.
+//! - A process has room for one item at a time, unless its first line is a
+//!   *hello* announcing `max_in_flight`: then it takes up to that many at
+//!   once, answers them in any order, and carries each item's log in its
+//!   answer (its stderr is then no item's). The helpers of `sdk/` say hello.
+//! - Until the pool's first process has spoken, at most one process per
+//!   core is started: a command that says hello needs few processes, and
+//!   its first hello tells. Once one has answered without a hello, every
+//!   process of the command takes one item at a time, and the pool grows
+//!   to `parallelism` as items need.
+//! - A reader task per process reads its stdout and hands each answer to
+//!   the item it names. A process that dies, answers garbage, answers for
+//!   an item it was not given, or writes when nothing is asked fails every
+//!   item it has in flight, retryably, and is ended: its group gets
+//!   SIGTERM, then SIGKILL after [`KILL_GRACE`]. An item whose attempt
+//!   ends without an answer (the deadline, or the worker dropping it at its
+//!   timeout) retires its process: it takes no more items and is ended once
+//!   its other items are answered, so a late answer can never be read as
+//!   another item's.
 //!
-//! # The attempt's log, exactly
+//! # A one-at-a-time process's log, exactly
 //!
 //! A task per process reads its stderr continuously and routes what it
 //! reads by time of arrival: to the item in flight, or, with none, to
@@ -35,15 +46,8 @@
 //!
 //! What a fresh process writes before it reads its first item (while it
 //! starts) goes to that first item: it is the item that started it, and
-//! the one that fails if starting fails.
-//!
-//! So a process that writes to stderr only while it works on an item (the
-//! helpers' handlers run one item at a time) gets exact logs. Bytes written
-//! *between* items by something running on its own (a background thread)
-//! land in no item's log, except those written in the instants between the
-//! answer and Settle's drain (they go to the item that was answered) or
-//! between the drain ahead of the next item and the process reading it
-//! (they go to that item).
+//! the one that fails if starting fails. For a process that says hello,
+//! that is what it writes before its hello.
 //!
 //! For an attempt that ends without an answer (the process died or
 //! misbehaved), its log is what Settle had read by then, plus a drain.
@@ -58,18 +62,20 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use settle_core::domain::{Item, Output, ProcessError, MAX_OUTPUT_BYTES};
 use settle_core::{AttemptContext, Processor};
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 /// The longest answer line read in full. An answer carries an output of at
-/// most [`MAX_OUTPUT_BYTES`], plus a little; a longer line is read to its
-/// end (to name its size) but not kept.
+/// most [`MAX_OUTPUT_BYTES`] and a log, plus a little; a longer line is
+/// read to its end (to name its size) but not kept.
 const MAX_LINE_BYTES: usize = 4 * MAX_OUTPUT_BYTES;
 
 /// How much of a bad answer line an error quotes.
@@ -86,63 +92,144 @@ const MAX_DRAIN_BYTES: usize = 1 << 20;
 /// alive (it closed stdout but goes on) and ended by Settle.
 const EXIT_WAIT: Duration = Duration::from_millis(500);
 
-/// Long-lived processes speaking JSON lines, one item in flight each.
+/// The most items one process may hold, whatever its hello says.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// What a process's first line says to take several items at once.
+const HELLO: &str = "settle-jsonl";
+
+/// Long-lived processes speaking JSON lines.
 pub struct Jsonl {
     command: String,
-    /// One permit per process the pool may hold.
+    /// One permit per item the processor works on at once.
     slots: Semaphore,
-    /// Processes that answered their last item well and wait for the next.
-    idle: Mutex<Vec<Proc>>,
+    max_processes: usize,
+    /// Processes started at once before the command is known to say hello
+    /// or not.
+    first_wave: usize,
+    pool: Mutex<Vec<Arc<Proc>>>,
+    /// What the command's processes turned out to be, once one has spoken:
+    /// [`UNKNOWN`], [`ONE_AT_A_TIME`] or [`SAYS_HELLO`].
+    kind: Arc<AtomicU8>,
+    /// Signalled when a process gains room, is ended, or says who it is.
+    changed: Arc<Notify>,
 }
+
+const UNKNOWN: u8 = 0;
+const ONE_AT_A_TIME: u8 = 1;
+const SAYS_HELLO: u8 = 2;
 
 impl std::fmt::Debug for Jsonl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jsonl")
             .field("command", &self.command)
-            .field("idle", &lock(&self.idle).len())
+            .field("processes", &lock(&self.pool).len())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Jsonl {
+    fn drop(&mut self) {
+        for proc in lock(&self.pool).drain(..) {
+            proc.end();
+        }
     }
 }
 
 impl Jsonl {
     /// Refuses a command whose program cannot be found or executed (where
     /// that can be told without running it), as `--exec` does. No process
-    /// is started before an item needs one.
+    /// is started before an item needs one. `parallelism` is the most items
+    /// at once, and the most processes.
     pub fn new(command: &str, parallelism: usize) -> Result<Self, SpecError> {
+        Self::with_limits(command, parallelism, parallelism)
+    }
+
+    /// At most `items` at once, on at most `processes` processes when each
+    /// takes one at a time.
+    pub fn with_limits(command: &str, items: usize, processes: usize) -> Result<Self, SpecError> {
         check_command(command)?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (items, processes) = (items.max(1), processes.clamp(1, items.max(1)));
         Ok(Self {
             command: command.to_owned(),
-            slots: Semaphore::new(parallelism.max(1)),
-            idle: Mutex::default(),
+            slots: Semaphore::new(items),
+            max_processes: processes,
+            first_wave: cores.min(processes),
+            pool: Mutex::default(),
+            kind: Arc::new(AtomicU8::new(UNKNOWN)),
+            changed: Arc::new(Notify::new()),
         })
     }
 
-    /// An idle process that is still alive, if there is one.
-    fn idle_process(&self) -> Option<Proc> {
+    /// A process with room for `id`, which now holds it: a running one, or
+    /// one started for it. Waits while every process is full and no more
+    /// may start.
+    async fn checkout(&self, id: &str, ticket: Ticket) -> Result<Checkout, ProcessError> {
+        let mut ticket = Some(ticket);
         loop {
-            let mut proc = lock(&self.idle).pop()?;
-            match proc.child.try_wait() {
-                // Anything on stdout now was written after its last answer
-                // (or is its end): it would be read as the next item's
-                // answer. A replacement costs no item; a wrong answer would.
-                Ok(None) if proc.stdout_is_quiet() => return Some(proc),
-                Ok(None) => tracing::debug!(
-                    pid = proc.pid,
-                    "a jsonl process wrote to stdout after its answer, or closed it: replaced"
-                ),
-                // Died while idle: dropping it ends what is left of its group.
-                Ok(Some(status)) => {
-                    tracing::debug!(pid = proc.pid, %status, "a jsonl process exited while idle")
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut pool = lock(&self.pool);
+                pool.retain(|p| p.state().open);
+                let roomiest = pool
+                    .iter()
+                    .filter_map(|p| {
+                        let st = p.state();
+                        st.has_room_for(id).then(|| (st.held, p))
+                    })
+                    .min_by_key(|(load, _)| *load)
+                    .map(|(_, p)| p.clone());
+                if let Some(proc) = roomiest {
+                    let Ticket { reply, log } = ticket.take().expect("taken once");
+                    let mut st = proc.state();
+                    let inline = st.inline_logs;
+                    st.held += 1;
+                    st.pending.insert(id.to_owned(), reply);
+                    drop(st);
+                    return Ok(Checkout {
+                        proc,
+                        fresh: false,
+                        inline,
+                        log: Some(log),
+                    });
                 }
-                Err(e) => tracing::debug!(pid = proc.pid, error = %e, "a jsonl process is lost"),
+                // Until a process has spoken, the command may be one that
+                // takes many items per process: start the first wave only.
+                // Once it is known to, start one more only when all are full
+                // and none is still starting (it will have room).
+                let cap = match self.kind.load(Ordering::Acquire) {
+                    UNKNOWN => self.first_wave,
+                    SAYS_HELLO if pool.iter().any(|p| !p.state().heard) => 0,
+                    _ => self.max_processes,
+                };
+                if pool.len() < cap {
+                    let Ticket { reply, log } = ticket.take().expect("taken once");
+                    let proc = self.start(id, reply, log)?;
+                    pool.push(proc.clone());
+                    return Ok(Checkout {
+                        proc,
+                        fresh: true,
+                        inline: false,
+                        log: None,
+                    });
+                }
             }
+            changed.await;
         }
     }
 
-    /// Starts a process whose stderr goes to `first` from the start: what
-    /// a process says while starting (an import error, say) is about the
-    /// item that started it.
-    fn start(&self, first: Route) -> Result<Proc, ProcessError> {
+    /// Starts a process that holds `id`, whose stderr goes to `first` from
+    /// the start: what a process says while starting (an import error,
+    /// say) is about the item that started it.
+    fn start(
+        &self,
+        id: &str,
+        reply: oneshot::Sender<Reply>,
+        first: mpsc::UnboundedSender<Vec<u8>>,
+    ) -> Result<Arc<Proc>, ProcessError> {
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(&self.command)
@@ -164,25 +251,30 @@ impl Jsonl {
         else {
             return Err(ProcessError::retryable("the process's pipes are missing"));
         };
-        let route = Arc::new(Mutex::new(first));
+        let route = Arc::new(Mutex::new(Some(first)));
         let (drains, drain_requests) = mpsc::unbounded_channel();
         tokio::spawn(pump(stderr, route.clone(), drain_requests, pid));
         tracing::debug!(pid, command = %self.command, "started a jsonl process");
-        let stdout_now = stdout
-            .as_fd()
-            .try_clone_to_owned()
-            .map(std::fs::File::from)
-            .ok();
-        Ok(Proc {
+        let proc = Arc::new(Proc {
             pid,
-            stdin,
-            stdout: BufReader::new(stdout),
-            stdout_now,
-            child,
+            stdin: tokio::sync::Mutex::new(stdin),
+            state: Mutex::new(State {
+                capacity: 1,
+                heard: false,
+                inline_logs: false,
+                open: true,
+                held: 1,
+                pending: HashMap::from([(id.to_owned(), reply)]),
+                abandoned: HashSet::new(),
+            }),
             route,
             drains,
-            _group: group,
-        })
+            group: Mutex::new(Some(group)),
+            changed: self.changed.clone(),
+            kind: self.kind.clone(),
+        });
+        tokio::spawn(read_answers(proc.clone(), BufReader::new(stdout), child));
+        Ok(proc)
     }
 }
 
@@ -191,43 +283,135 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Where a process's stderr goes right now: the channel of the item in
-/// flight, or nowhere (debug) between items.
+/// flight, or nowhere (debug) between items and once it has said hello.
 type Route = Option<mpsc::UnboundedSender<Vec<u8>>>;
 
-/// One running process. Dropping it closes its stdin, then ends its group
-/// (SIGTERM, SIGKILL after [`KILL_GRACE`]); fields drop in this order.
+/// What an item waits on: its answer, and (one at a time) its stderr.
+struct Ticket {
+    reply: oneshot::Sender<Reply>,
+    log: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// A process that holds an item.
+struct Checkout {
+    proc: Arc<Proc>,
+    /// Started for this item: its stderr already goes to the item.
+    fresh: bool,
+    /// The process said hello: the item's log comes in its answer.
+    inline: bool,
+    /// The item's stderr channel, to route to it (one-at-a-time processes).
+    log: Option<mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+/// What the reader task tells an item.
+enum Reply {
+    Answer(Answer),
+    /// The answer line is longer than [`MAX_LINE_BYTES`]: its length.
+    TooLarge(usize),
+    /// The process ended with the item in flight: how. Its last words on
+    /// stderr explain it.
+    Died(String),
+    /// The process broke the protocol: how, quoting it.
+    Misbehaved(String),
+}
+
+/// One running process, shared by the items it holds and its reader task.
 struct Proc {
     pid: u32,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    /// Not killed on drop: `_group` does that, SIGTERM first. Tokio reaps
-    /// it once it exits.
-    child: Child,
-    /// A second handle on stdout's pipe (non-blocking), to look for
-    /// unasked-for output without waiting.
-    stdout_now: Option<std::fs::File>,
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    state: Mutex<State>,
     route: Arc<Mutex<Route>>,
     /// Asks the stderr task to drain the pipe; it answers when done.
     drains: mpsc::UnboundedSender<oneshot::Sender<()>>,
-    _group: Group,
+    /// Taken (and so dropped: SIGTERM, then SIGKILL) to end the process.
+    group: Mutex<Option<Group>>,
+    changed: Arc<Notify>,
+    /// The pool's [`Jsonl::kind`], which the first process to speak sets.
+    kind: Arc<AtomicU8>,
+}
+
+struct State {
+    /// Items it may hold at once: 1 until a hello says more.
+    capacity: usize,
+    /// It has said something: a hello or an answer.
+    heard: bool,
+    /// It said hello: items' logs come in the answers.
+    inline_logs: bool,
+    /// It takes new items.
+    open: bool,
+    /// Items it holds: given to it and not yet done with (their answer
+    /// may have come, their log is still being closed).
+    held: usize,
+    /// The items whose answers it owes, by id, and where they go.
+    pending: HashMap<String, oneshot::Sender<Reply>>,
+    /// Items given up on (deadline, timeout) whose answers may still come.
+    abandoned: HashSet<String>,
+}
+
+impl State {
+    fn has_room_for(&self, id: &str) -> bool {
+        self.open && self.held < self.capacity && !self.pending.contains_key(id)
+    }
 }
 
 impl Proc {
-    /// Whether stdout holds nothing to read right now, and has not ended.
-    fn stdout_is_quiet(&self) -> bool {
-        if !self.stdout.buffer().is_empty() {
-            return false;
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Ends the process: no more items, and its group is signalled.
+    fn end(&self) {
+        self.state().open = false;
+        if let Some(group) = lock(&self.group).take() {
+            tracing::debug!(pid = self.pid, "ending a jsonl process");
+            drop(group);
         }
-        let Some(now) = &self.stdout_now else {
-            return true;
-        };
-        let mut byte = [0u8; 1];
-        loop {
-            match (&*now).read(&mut byte) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                _ => return false,
-            }
+        self.changed.notify_waiters();
+    }
+
+    /// Records, if it is the pool's first to speak, what its processes are.
+    fn learned(&self, kind: u8) {
+        let _ = self
+            .kind
+            .compare_exchange(UNKNOWN, kind, Ordering::AcqRel, Ordering::Acquire);
+        self.changed.notify_waiters();
+    }
+
+    /// Fails every item it holds, and ends it.
+    fn fail_all(&self, reply: impl Fn() -> Reply) {
+        let pending: Vec<_> = self.state().pending.drain().collect();
+        for (_, to) in pending {
+            let _ = to.send(reply());
+        }
+        self.end();
+    }
+
+    /// Fails every item it holds for breaking the protocol (`why`), and ends it.
+    fn misbehaved(&self, why: String) {
+        self.fail_all(|| Reply::Misbehaved(why.clone()));
+    }
+
+    /// Gives up on `id` (no answer in time): the process takes no more
+    /// items, and is ended once it holds none.
+    fn abandon(&self, id: &str) {
+        let mut st = self.state();
+        if st.pending.remove(id).is_some() {
+            st.abandoned.insert(id.to_owned());
+        }
+        st.open = false;
+    }
+
+    /// Done with an item it held: room for another, or, retired and now
+    /// holding none, ended.
+    fn release(&self) {
+        let mut st = self.state();
+        st.held = st.held.saturating_sub(1);
+        let retired = !st.open && st.held == 0;
+        drop(st);
+        if retired {
+            self.end();
+        } else {
+            self.changed.notify_waiters();
         }
     }
 
@@ -253,7 +437,7 @@ fn route_bytes(route: &Mutex<Route>, pid: u32, bytes: &[u8]) {
     tracing::debug!(
         pid,
         stderr = %String::from_utf8_lossy(bytes).trim_end(),
-        "a jsonl process wrote to stderr with no item in flight"
+        "a jsonl process wrote to stderr outside an item's log"
     );
 }
 
@@ -330,17 +514,167 @@ fn drain_now(pipe: &std::fs::File, route: &Mutex<Route>, pid: u32) -> bool {
     true
 }
 
-/// An item in flight on a process. Dropped (also when the worker drops the
-/// attempt at its timeout), it closes the item's log and gives the process
-/// back to the pool only if it answered well, else ends it.
+/// Reads a process's answers and hands each to the item it names, until
+/// the process ends or misbehaves.
+async fn read_answers(proc: Arc<Proc>, mut stdout: BufReader<ChildStdout>, mut child: Child) {
+    let pid = proc.pid;
+    loop {
+        let (kept, total) = match read_line(&mut stdout, MAX_LINE_BYTES).await {
+            Heard::Line {
+                kept,
+                total,
+                complete: true,
+            } => (kept, total),
+            heard => {
+                let why = format!(
+                    "the process (pid {pid}) {}",
+                    ended(&mut child, &heard).await
+                );
+                proc.fail_all(|| Reply::Died(why.clone()));
+                return;
+            }
+        };
+        if total > MAX_LINE_BYTES {
+            // Not read in full, so not known to be whose: with one item in
+            // hand it is that item's, and too large either way.
+            let mut st = proc.state();
+            if st.pending.len() == 1 {
+                let (_, reply) = st.pending.drain().next().expect("one");
+                drop(st);
+                let _ = reply.send(Reply::TooLarge(total));
+                proc.end();
+            } else {
+                drop(st);
+                proc.misbehaved(format!(
+                    "the process (pid {pid}) answered a line of {total} bytes, more than \
+                     {MAX_LINE_BYTES}; it cannot be told which item it answers"
+                ));
+            }
+            return;
+        }
+        match serde_json::from_slice::<Said>(&kept) {
+            Ok(said) if said.hello.is_some() => {
+                let first = !proc.state().heard;
+                if !first || said.hello.as_deref() != Some(HELLO) {
+                    proc.misbehaved(format!(
+                        "the process (pid {pid}) said a hello that is not the first line or \
+                         not {HELLO:?}: {}",
+                        quote(&kept)
+                    ));
+                    return;
+                }
+                // What it wrote before its hello is the first item's; its
+                // items' logs come in its answers from now on.
+                proc.drain().await;
+                *lock(&proc.route) = None;
+                {
+                    let mut st = proc.state();
+                    st.heard = true;
+                    st.inline_logs = true;
+                    st.capacity = said.max_in_flight.unwrap_or(1).clamp(1, MAX_IN_FLIGHT);
+                }
+                proc.learned(SAYS_HELLO);
+            }
+            Ok(said) => match said.into_answer() {
+                Ok(answer) => {
+                    if !deliver(&proc, answer, &kept) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    proc.misbehaved(format!(
+                        "the process (pid {pid}) answered a line that is not an answer ({e}): {}",
+                        quote(&kept)
+                    ));
+                    return;
+                }
+            },
+            Err(e) => {
+                proc.misbehaved(format!(
+                    "the process (pid {pid}) answered a line that is not an answer ({e}): {}",
+                    quote(&kept)
+                ));
+                return;
+            }
+        }
+    }
+}
+
+/// Hands `answer` to its item; false if it was for none (the process is
+/// then ended).
+fn deliver(proc: &Proc, answer: Answer, line: &[u8]) -> bool {
+    let pid = proc.pid;
+    let mut st = proc.state();
+    if !st.heard {
+        st.heard = true;
+        proc.learned(ONE_AT_A_TIME);
+    }
+    if let Some(reply) = st.pending.remove(&answer.id) {
+        drop(st);
+        let _ = reply.send(Reply::Answer(answer));
+        return true;
+    }
+    if st.abandoned.remove(&answer.id) {
+        tracing::debug!(pid, id = %answer.id, "a late answer, for an item given up on");
+        return true;
+    }
+    let held: Vec<String> = st.pending.keys().cloned().collect();
+    drop(st);
+    match held.as_slice() {
+        [] => {
+            tracing::debug!(pid, line = %quote(line), "a jsonl process wrote to stdout with no item in flight: replaced");
+            proc.end();
+        }
+        [one] => proc.misbehaved(format!(
+            "the process (pid {pid}) answered for item {:?} while item {one:?} was in flight: {}",
+            answer.id,
+            quote(line)
+        )),
+        _ => proc.misbehaved(format!(
+            "the process (pid {pid}) answered for item {:?}, which it was not given: {}",
+            answer.id,
+            quote(line)
+        )),
+    }
+    false
+}
+
+/// How a process whose stdout ended went: its exit, if it exits soon.
+async fn ended(child: &mut Child, heard: &Heard) -> String {
+    let exited = match tokio::time::timeout(EXIT_WAIT, child.wait()).await {
+        Ok(Ok(status)) => {
+            use std::os::unix::process::ExitStatusExt;
+            Some(match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exited with {code}"),
+                (None, Some(signal)) => format!("was killed by signal {signal}"),
+                _ => format!("ended ({status})"),
+            })
+        }
+        _ => None,
+    };
+    match (exited, heard) {
+        (Some(how), Heard::Line { kept, .. }) if !kept.is_empty() => format!(
+            "{how} before answering, leaving an unfinished line: {}",
+            quote(kept)
+        ),
+        (Some(how), _) => format!("{how} before answering"),
+        (None, Heard::Io(e)) => format!("cannot be talked to ({e})"),
+        (None, _) => "closed its stdout before answering".to_owned(),
+    }
+}
+
+/// An item held by a process. Dropped (also when the worker drops the
+/// attempt at its timeout), it closes the item's log and, if no answer
+/// came, gives up on the item and retires the process.
 struct InFlight<'a> {
-    pool: &'a Jsonl,
     ctx: &'a AttemptContext,
-    proc: Option<Proc>,
+    proc: Arc<Proc>,
+    id: &'a str,
+    inline: bool,
     log: mpsc::UnboundedReceiver<Vec<u8>>,
     /// The end of what this item's stderr said, for an error message.
     tail: Vec<u8>,
-    reusable: bool,
+    answered: bool,
 }
 
 fn forward(ctx: &AttemptContext, tail: &mut Vec<u8>, chunk: &[u8]) {
@@ -354,12 +688,21 @@ fn forward(ctx: &AttemptContext, tail: &mut Vec<u8>, chunk: &[u8]) {
 impl InFlight<'_> {
     /// Stops routing stderr to this item and logs what was on its way.
     fn close_log(&mut self) {
-        if let Some(proc) = &self.proc {
-            *lock(&proc.route) = None;
+        if !self.inline {
+            *lock(&self.proc.route) = None;
         }
         while let Ok(chunk) = self.log.try_recv() {
             forward(self.ctx, &mut self.tail, &chunk);
         }
+    }
+
+    /// Routes what stderr holds now to this item, then stops routing it
+    /// here (one-at-a-time processes).
+    async fn finish_log(&mut self) {
+        if !self.inline {
+            self.proc.drain().await;
+        }
+        self.close_log();
     }
 
     /// `what`, with the last line the item's stderr said.
@@ -375,17 +718,22 @@ impl InFlight<'_> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.close_log();
-        if let Some(proc) = self.proc.take() {
-            if self.reusable {
-                lock(&self.pool.idle).push(proc);
-            } else {
-                tracing::debug!(pid = proc.pid, "ending a jsonl process");
-            }
+        if !self.answered {
+            self.proc.abandon(self.id);
         }
+        self.proc.release();
     }
 }
 
-/// What came of sending the item.
+/// What an item's wait for its answer came to.
+enum Waited {
+    /// The reader's reply; `None` if none came (it stopped, or the
+    /// process could not be written to and never said how it ended).
+    Reply(Option<Reply>),
+    Deadline,
+}
+
+/// What came of reading a line.
 enum Heard {
     /// A line, complete or cut by the end of stdout; at most
     /// [`MAX_LINE_BYTES`] of it kept, `total` its length.
@@ -395,7 +743,6 @@ enum Heard {
         complete: bool,
     },
     Io(std::io::Error),
-    Deadline,
 }
 
 /// Reads one line from `r`, keeping at most `limit` bytes of it.
@@ -444,16 +791,49 @@ fn quote(line: &[u8]) -> String {
     }
 }
 
+/// A line a process writes: a hello, or an answer.
 #[derive(Deserialize)]
-struct Answer {
-    id: String,
-    status: Status,
+struct Said {
+    #[serde(default)]
+    hello: Option<String>,
+    #[serde(default)]
+    max_in_flight: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    status: Option<Status>,
     #[serde(default)]
     output: Option<Box<RawValue>>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
     retry_after_ms: Option<u64>,
+    #[serde(default)]
+    log: Option<String>,
+}
+
+impl Said {
+    fn into_answer(self) -> Result<Answer, &'static str> {
+        let id = self.id.ok_or("missing field `id`")?;
+        let status = self.status.ok_or("missing field `status`")?;
+        Ok(Answer {
+            id,
+            status,
+            output: self.output,
+            error: self.error,
+            retry_after_ms: self.retry_after_ms,
+            log: self.log,
+        })
+    }
+}
+
+struct Answer {
+    id: String,
+    status: Status,
+    output: Option<Box<RawValue>>,
+    error: Option<String>,
+    retry_after_ms: Option<u64>,
+    log: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -471,44 +851,45 @@ impl Processor for Jsonl {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError> {
-        // Declared before the item in flight, so released after it: a
-        // process is back in the pool before its permit is.
         let _slot = crate::slot(&self.slots).await?;
-        let (tx, log) = mpsc::unbounded_channel();
-        let proc = match self.idle_process() {
-            Some(proc) => {
-                // What the process wrote since its last answer is no item's.
-                proc.drain().await;
-                *lock(&proc.route) = Some(tx);
-                proc
-            }
-            None => self.start(Some(tx))?,
-        };
+        let id = item.id.as_str();
+        let (log_tx, log) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        let Checkout {
+            proc,
+            fresh,
+            inline,
+            log: route,
+        } = self.checkout(id, Ticket { reply, log: log_tx }).await?;
         let mut flight = InFlight {
-            pool: self,
             ctx,
-            proc: Some(proc),
+            proc,
+            id,
+            inline,
             log,
             tail: Vec::new(),
-            reusable: false,
+            answered: false,
         };
+        if !fresh && !inline {
+            // What the process wrote since its last answer is no item's.
+            flight.proc.drain().await;
+            *lock(&flight.proc.route) = route;
+        }
         let mut line = item_json(item, ctx, deadline_epoch_ms(ctx));
         line.push('\n');
+        let pid = flight.proc.pid;
 
-        let heard = {
-            let InFlight {
-                proc, log, tail, ..
-            } = &mut flight;
-            let Some(proc) = proc.as_mut() else {
-                unreachable!("set above")
-            };
-            let talk = async {
-                // A process that died before reading shows as a failed write.
-                if let Err(e) = proc.stdin.write_all(line.as_bytes()).await {
-                    return Heard::Io(e);
-                }
-                read_line(&mut proc.stdout, MAX_LINE_BYTES).await
-            };
+        // A process that died before reading shows as a failed write; its
+        // reader then tells how it ended.
+        let written = flight
+            .proc
+            .stdin
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await;
+        let reply = {
+            let InFlight { log, tail, .. } = &mut flight;
             let deadline = ctx.deadline;
             let cutoff = async move {
                 match deadline {
@@ -516,89 +897,63 @@ impl Processor for Jsonl {
                     None => std::future::pending().await,
                 }
             };
-            tokio::pin!(talk, cutoff);
+            let broken_write = async {
+                match &written {
+                    Ok(()) => std::future::pending().await,
+                    Err(_) => tokio::time::sleep(EXIT_WAIT * 2).await,
+                }
+            };
+            tokio::pin!(answer, cutoff, broken_write);
             loop {
                 tokio::select! {
-                    heard = &mut talk => break heard,
+                    reply = &mut answer => break Waited::Reply(reply.ok()),
                     Some(chunk) = log.recv() => forward(ctx, tail, &chunk),
-                    () = &mut cutoff => break Heard::Deadline,
+                    () = &mut cutoff => break Waited::Deadline,
+                    () = &mut broken_write => break Waited::Reply(None),
                 }
             }
         };
-        let Some(proc) = flight.proc.as_mut() else {
-            unreachable!("set above")
-        };
-        let pid = proc.pid;
-
-        let (kept, total) = match heard {
-            Heard::Line {
-                kept,
-                total,
-                complete: true,
-            } => (kept, total),
-            Heard::Deadline => {
-                proc.drain().await;
-                flight.close_log();
+        let reply = match reply {
+            Waited::Reply(reply) => reply,
+            Waited::Deadline => {
+                flight.proc.abandon(id);
+                flight.answered = true;
+                flight.finish_log().await;
+                let what = if inline {
+                    "takes no more items and is ended once its others are answered"
+                } else {
+                    "is ended"
+                };
                 return Err(ProcessError::retryable(flight.why(format!(
-                    "no answer by the deadline; the process (pid {pid}) is ended"
+                    "no answer by the deadline; the process (pid {pid}) {what}"
                 ))));
             }
-            Heard::Line { .. } | Heard::Io(_) => {
-                let exited = match tokio::time::timeout(EXIT_WAIT, proc.child.wait()).await {
-                    Ok(Ok(status)) => {
-                        use std::os::unix::process::ExitStatusExt;
-                        Some(match (status.code(), status.signal()) {
-                            (Some(code), _) => format!("exited with {code}"),
-                            (None, Some(signal)) => format!("was killed by signal {signal}"),
-                            _ => format!("ended ({status})"),
-                        })
-                    }
-                    _ => None,
+        };
+        flight.answered = true;
+        flight.finish_log().await;
+        let answer = match reply {
+            Some(Reply::Answer(answer)) => answer,
+            Some(Reply::TooLarge(total)) => {
+                // Not read, so not checked to be this item's: the process is
+                // ended, but this item's answer was too large either way.
+                return Err(ProcessError::permanent(format!(
+                    "the answer is {total} bytes; an item's output may be at most {MAX_OUTPUT_BYTES}"
+                )));
+            }
+            Some(Reply::Died(why)) => return Err(ProcessError::retryable(flight.why(why))),
+            Some(Reply::Misbehaved(why)) => return Err(ProcessError::retryable(why)),
+            None => {
+                flight.proc.abandon(id);
+                let why = match &written {
+                    Err(e) => format!("the process (pid {pid}) cannot be talked to ({e})"),
+                    Ok(()) => format!("the process (pid {pid}) stopped answering"),
                 };
-                // A failed write or read says less than the exit status.
-                let what = match (exited, &heard) {
-                    (Some(how), Heard::Line { kept, .. }) if !kept.is_empty() => format!(
-                        "{how} before answering, leaving an unfinished line: {}",
-                        quote(kept)
-                    ),
-                    (Some(how), _) => format!("{how} before answering"),
-                    (None, Heard::Io(e)) => format!("cannot be talked to ({e})"),
-                    (None, _) => "closed its stdout before answering".to_owned(),
-                };
-                // Its last words (a traceback) are this item's.
-                proc.drain().await;
-                flight.close_log();
-                return Err(ProcessError::retryable(
-                    flight.why(format!("the process (pid {pid}) {what}")),
-                ));
+                return Err(ProcessError::retryable(flight.why(why)));
             }
         };
-        proc.drain().await;
-        flight.close_log();
-
-        if total > MAX_LINE_BYTES {
-            // Not read, so not checked to be this item's: the process is
-            // ended, but this item's answer was too large either way.
-            return Err(ProcessError::permanent(format!(
-                "the answer is {total} bytes; an item's output may be at most {MAX_OUTPUT_BYTES}"
-            )));
+        if let Some(text) = answer.log.as_deref().filter(|t| !t.is_empty()) {
+            ctx.log(text);
         }
-        let answer: Answer = serde_json::from_slice(&kept).map_err(|e| {
-            ProcessError::retryable(format!(
-                "the process (pid {pid}) answered a line that is not an answer ({e}): {}",
-                quote(&kept)
-            ))
-        })?;
-        if answer.id != item.id.as_str() {
-            return Err(ProcessError::retryable(format!(
-                "the process (pid {pid}) answered for item {:?} while item {:?} was in flight: {}",
-                answer.id,
-                item.id.as_str(),
-                quote(&kept)
-            )));
-        }
-        // Answered well, for this item: nothing is pending on it.
-        flight.reusable = true;
         let error = || {
             answer
                 .error

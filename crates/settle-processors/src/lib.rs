@@ -33,9 +33,24 @@ pub enum SpecError {
     },
 }
 
-/// How many items the processor works on at once.
+/// How many items the processor works on at once, and how many processes
+/// it may run for them when each takes one item at a time (`--exec
+/// --protocol jsonl` without a hello).
 #[derive(Debug, Clone, Copy)]
-pub struct Parallelism(pub usize);
+pub struct Parallelism {
+    pub items: usize,
+    pub processes: usize,
+}
+
+impl Parallelism {
+    /// `n` items at once, and as many processes if need be.
+    pub fn of(n: usize) -> Self {
+        Self {
+            items: n,
+            processes: n,
+        }
+    }
+}
 
 /// Builds the processor `spec` names, checking what can be checked now (a
 /// command that does not exist, a malformed URL or header).
@@ -53,16 +68,20 @@ pub fn build(
         } => Arc::new(exec::Exec::new(
             command,
             permanent_exit_codes.clone(),
-            parallelism.0,
+            parallelism.items,
         )?),
         ProcessorSpec::Http { url, headers } => {
-            Arc::new(http::Http::new(url, headers, parallelism.0)?)
+            Arc::new(http::Http::new(url, headers, parallelism.items)?)
         }
         ProcessorSpec::Exec {
             command,
             protocol: settle_core::ExecProtocol::Jsonl,
             ..
-        } => Arc::new(jsonl::Jsonl::new(command, parallelism.0)?),
+        } => Arc::new(jsonl::Jsonl::with_limits(
+            command,
+            parallelism.items,
+            parallelism.processes,
+        )?),
     })
 }
 

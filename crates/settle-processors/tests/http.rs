@@ -172,7 +172,7 @@ fn http(url: &str, headers: &[(&str, &str)], parallelism: usize) -> Arc<dyn Proc
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
     };
-    build(&spec, Parallelism(parallelism)).unwrap()
+    build(&spec, Parallelism::of(parallelism)).unwrap()
 }
 
 /// One attempt at a one-off item: its result and its log.
@@ -473,7 +473,7 @@ fn bad_urls_are_refused_before_anything_runs() {
             url: url.into(),
             headers: vec![],
         };
-        match build(&spec, Parallelism(1)) {
+        match build(&spec, Parallelism::of(1)) {
             Err(e @ SpecError::Url { .. }) => assert!(e.to_string().contains(why), "{url}: {e}"),
             Err(other) => panic!("{url}: {other}"),
             Ok(_) => panic!("{url} accepted"),
@@ -483,7 +483,7 @@ fn bad_urls_are_refused_before_anything_runs() {
         url: "https://api.example.com/v1/charge?x=1".into(),
         headers: vec![("Authorization".into(), "Bearer abc".into())],
     };
-    build(&ok, Parallelism(8)).unwrap();
+    build(&ok, Parallelism::of(8)).unwrap();
 }
 
 #[test]
@@ -515,7 +515,7 @@ fn headers_are_parsed_and_their_values_never_shown() {
         url: "http://127.0.0.1:1/".into(),
         headers: vec![("X Bad".into(), "s3cret".into())],
     };
-    let e = build(&spec, Parallelism(1)).err().unwrap();
+    let e = build(&spec, Parallelism::of(1)).err().unwrap();
     assert!(matches!(e, SpecError::Header { .. }), "{e:?}");
     assert!(!e.to_string().contains("s3cret"), "{e}");
 }

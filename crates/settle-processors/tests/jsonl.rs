@@ -358,14 +358,14 @@ async fn a_command_that_cannot_start() {
         protocol: ExecProtocol::Jsonl,
         permanent_exit_codes: vec![65],
     };
-    let Err(e) = build(&spec("no-such-program-settle --serve"), Parallelism(4)) else {
+    let Err(e) = build(&spec("no-such-program-settle --serve"), Parallelism::of(4)) else {
         panic!("a command that is not on the PATH was accepted")
     };
     assert!(e.to_string().contains("not found on the PATH"), "{e}");
     // The shell decides what this is; it starts, says why and exits.
     let p = build(
         &spec("echo 'cannot reach the database' >&2; exit 2"),
-        Parallelism(1),
+        Parallelism::of(1),
     )
     .unwrap();
     let it = item("i", "{}");
@@ -378,6 +378,182 @@ async fn a_command_that_cannot_start() {
         "{e}"
     );
     assert_eq!(c.take_log().unwrap(), "cannot reach the database\n");
+}
+
+/// A raw Python process that says hello (8 at once) and answers each item
+/// from a thread of its own, so out of order, by its payload: `sleep` (s)
+/// first, then `script`: "hang" (never answers), "crash" (exits 3),
+/// "other" (answers for another item), else ok with its pid and a log.
+fn many_at_once(dir: &Path) -> String {
+    let script = r#"
+import json, os, sys, threading, time
+out, lock = sys.stdout, threading.Lock()
+def say(obj):
+    with lock:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+print("starting", file=sys.stderr, flush=True)
+say({"hello": "settle-jsonl", "max_in_flight": 8})
+def work(req):
+    p = req.get("payload") or {}
+    time.sleep(p.get("sleep", 0))
+    script = p.get("script", "ok")
+    if script == "hang":
+        return
+    if script == "crash":
+        print("crashing", file=sys.stderr, flush=True)
+        os._exit(3)
+    if script == "other":
+        return say({"id": "someone-else", "status": "ok"})
+    print("stderr is no item's log", file=sys.stderr, flush=True)
+    say({"id": req["id"], "status": "ok", "output": {"pid": os.getpid()},
+         "log": "log of %s\n" % req["id"]})
+for line in sys.stdin:
+    threading.Thread(target=work, args=(json.loads(line),)).start()
+"#;
+    let path = dir.join("many.py");
+    std::fs::write(&path, script).unwrap();
+    format!("python3 {}", path.display())
+}
+
+async fn run_all(
+    p: &Arc<Jsonl>,
+    items: Vec<(String, String)>,
+) -> Vec<(
+    String,
+    Result<Value, settle_core::domain::ProcessError>,
+    String,
+)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, (id, payload)) in items.into_iter().enumerate() {
+        let p = p.clone();
+        tasks.spawn(async move {
+            // In the order given: the first is sent first.
+            tokio::time::sleep(Duration::from_millis(20 * n as u64)).await;
+            let it = item(&id, &payload);
+            let c = ctx(&it);
+            let out = p.process(&it, &c).await.map(output);
+            (id, out, c.take_log().unwrap_or_default())
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(d) = tasks.join_next().await {
+        done.push(d.unwrap());
+    }
+    done.sort_by(|a, b| a.0.cmp(&b.0));
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_says_hello_takes_many_items_answered_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(Jsonl::new(&many_at_once(dir.path()), 40).unwrap());
+    let items = (0..40)
+        .map(|n| {
+            (
+                format!("i{n:02}"),
+                format!(r#"{{"sleep":{}}}"#, f64::from((40 - n) % 7) / 20.0),
+            )
+        })
+        .collect();
+    let done = run_all(&p, items).await;
+    let mut pids = std::collections::BTreeSet::new();
+    for (id, out, log) in &done {
+        let out = out.as_ref().unwrap_or_else(|e| panic!("{id}: {e}"));
+        pids.insert(out["pid"].as_u64().unwrap());
+        // The item that started a process also has what it said before its hello.
+        let own = format!("log of {id}\n");
+        assert!(
+            log == &own || log == &format!("starting\n{own}"),
+            "{id}'s log: {log:?}"
+        );
+    }
+    // 8 at once per process: a handful of processes, not one per item.
+    assert!(pids.len() <= 10, "{} processes for 40 items", pids.len());
+}
+
+#[tokio::test]
+async fn a_hello_process_that_crashes_fails_every_item_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(Jsonl::with_limits(&many_at_once(dir.path()), 8, 1).unwrap());
+    let done = run_all(
+        &p,
+        vec![
+            ("a".into(), r#"{"sleep":1}"#.into()),
+            ("b".into(), r#"{"sleep":1}"#.into()),
+            ("c".into(), r#"{"sleep":0.2,"script":"crash"}"#.into()),
+        ],
+    )
+    .await;
+    for (id, out, _) in &done {
+        let e = out.as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Retryable, "{id}");
+        assert!(
+            e.message.contains("exited with 3 before answering"),
+            "{id}: {e}"
+        );
+    }
+    // A fresh process for the next item.
+    let done = run_all(&p, vec![("d".into(), "{}".into())]).await;
+    assert!(done[0].1.is_ok(), "{:?}", done[0].1);
+}
+
+#[tokio::test]
+async fn a_hello_process_that_answers_for_an_item_it_does_not_hold_fails_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(Jsonl::with_limits(&many_at_once(dir.path()), 8, 1).unwrap());
+    let done = run_all(
+        &p,
+        vec![
+            ("a".into(), r#"{"sleep":1}"#.into()),
+            ("x".into(), r#"{"sleep":0.2,"script":"other"}"#.into()),
+        ],
+    )
+    .await;
+    for (id, out, _) in &done {
+        let e = out.as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Retryable, "{id}");
+        assert!(
+            e.message
+                .contains(r#"answered for item "someone-else", which it was not given"#),
+            "{id}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_retires_a_hello_process_once_its_other_items_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(Jsonl::with_limits(&many_at_once(dir.path()), 8, 1).unwrap());
+    // Started, and said hello: the next two share it.
+    let it = item("warm", "{}");
+    let pid = output(p.process(&it, &ctx(&it)).await.unwrap())["pid"]
+        .as_u64()
+        .unwrap();
+    let hang = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let it = item("h", r#"{"script":"hang"}"#);
+            let mut c = ctx(&it);
+            c.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(300));
+            p.process(&it, &c).await.unwrap_err()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let it = item("slow", r#"{"sleep":0.8}"#);
+    let slow = output(p.process(&it, &ctx(&it)).await.unwrap())["pid"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(slow, pid);
+    let e = hang.await.unwrap();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(e.message.contains("no answer by the deadline"), "{e}");
+    wait_dead(pid).await;
+    let it = item("next", "{}");
+    let next = output(p.process(&it, &ctx(&it)).await.unwrap())["pid"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(next, pid);
 }
 
 /// `log` is `id`'s 100 lines, in order, and nothing else; said briefly.
