@@ -23,14 +23,19 @@ traceback goes to the item's log.
 Everything the process writes to standard output, ``print()`` included, and
 subprocesses too, goes to stderr, which is the log of the item in hand: the
 protocol's answers go to the real stdout, which only this module writes.
+``serve(handler, concurrency=N)`` handles up to N items at once in threads
+(for handlers that wait on the network), each item's ``print()`` output
+kept as its own log.
 The spec is docs/protocol-jsonl.md.
 """
 
 import json
 import os
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["serve", "PermanentError", "RetryError", "Context"]
 
@@ -102,32 +107,103 @@ def _answer(item_id, exc=None, output=None):
     return line
 
 
-def serve(handler):
-    """Answers items from stdin, one at a time, until stdin ends."""
+_MAX_LOG = 8 * 1024
+_local = threading.local()
+
+
+class _ItemLogs:
+    """``sys.stdout`` and ``sys.stderr`` while several items are in hand: what
+    a handler's thread writes through them goes to its item's log, the rest
+    to the real stderr."""
+
+    def __init__(self, fallback):
+        self._fallback = fallback
+
+    def write(self, text):
+        log = getattr(_local, "log", None)
+        if log is None:
+            return self._fallback.write(text)
+        log.append(text)
+        return len(text)
+
+    def flush(self):
+        if getattr(_local, "log", None) is None:
+            self._fallback.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._fallback, name)
+
+
+def _answer_line(handler, request, log=None):
+    """The answer to one request, as a JSON line without its newline."""
+    item_id = request["id"]
+    item = {"id": item_id, "payload": request.get("payload")}
+    try:
+        line = _answer(item_id, output=handler(item, Context(request)))
+    except Exception as e:  # noqa: BLE001 - every failure is the item's
+        if not isinstance(e, (PermanentError, RetryError)):
+            traceback.print_exc(file=sys.stderr)
+        line = _answer(item_id, e)
+    if log is not None:
+        text = "".join(log)
+        if len(text) > _MAX_LOG:
+            cut = len(text) - _MAX_LOG
+            text = "[settle: %d earlier characters of this attempt's log were cut]\n%s" % (
+                cut,
+                text[cut:],
+            )
+        if text:
+            line["log"] = text
+    try:
+        return json.dumps(line)
+    except (TypeError, ValueError) as e:
+        # The same output will not serialize next time either.
+        return json.dumps(_answer(item_id, PermanentError("the output is not JSON: %s" % e)))
+
+
+def serve(handler, concurrency=1):
+    """Answers items from stdin until stdin ends.
+
+    With ``concurrency`` 1 (the default) items are handled one at a time and
+    everything the process writes to stderr or stdout, subprocesses
+    included, is the item's log. With more, the process says hello and
+    handles up to that many at once, each in a thread of its own (for
+    handlers that wait on the network): what a handler writes through
+    ``sys.stdout`` / ``sys.stderr`` (``print()``, tracebacks) is its item's
+    log, sent with the answer; output written straight to file descriptor 2
+    (subprocesses, C extensions, logging handlers set up before ``serve``)
+    is no item's.
+    """
     answers = _take_stdout()
     stdin = sys.stdin.buffer
-    while True:
-        raw = stdin.readline()
-        if not raw:
-            return  # stdin closed: Settle is done with this process
-        if not raw.strip():
-            continue
-        request = json.loads(raw)
-        item_id = request["id"]
-        item = {"id": item_id, "payload": request.get("payload")}
+    if concurrency <= 1:
+        while True:
+            raw = stdin.readline()
+            if not raw:
+                return  # stdin closed: Settle is done with this process
+            if not raw.strip():
+                continue
+            line = _answer_line(handler, json.loads(raw))
+            _flush_logs()
+            answers.write(line + "\n")
+            answers.flush()
+    logs = _ItemLogs(sys.__stderr__)
+    sys.stdout = sys.stderr = logs
+    lock = threading.Lock()
+    answers.write(json.dumps({"hello": "settle-jsonl", "max_in_flight": concurrency}) + "\n")
+    answers.flush()
+
+    def work(request):
+        _local.log = []
         try:
-            output = handler(item, Context(request))
-            try:
-                line = json.dumps(_answer(item_id, output=output))
-            except (TypeError, ValueError) as e:
-                # The same output will not serialize next time either.
-                line = json.dumps(
-                    _answer(item_id, PermanentError("the output is not JSON: %s" % e))
-                )
-        except Exception as e:  # noqa: BLE001 - every failure is the item's
-            if not isinstance(e, (PermanentError, RetryError)):
-                traceback.print_exc(file=sys.stderr)
-            line = json.dumps(_answer(item_id, e))
-        _flush_logs()
-        answers.write(line + "\n")
-        answers.flush()
+            line = _answer_line(handler, request, _local.log)
+        finally:
+            _local.log = None
+        with lock:
+            answers.write(line + "\n")
+            answers.flush()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for raw in stdin:
+            if raw.strip():
+                pool.submit(work, json.loads(raw))

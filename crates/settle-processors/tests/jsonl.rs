@@ -35,10 +35,15 @@ fn output(out: Option<settle_core::domain::Output>) -> Value {
 /// A Python processor built on `sdk/python/settle.py`: `body` is the body of
 /// `handle(item, ctx)`.
 fn python(dir: &Path, body: &str) -> String {
+    python_serving(dir, body, "")
+}
+
+/// [`python`], with `serve`'s other arguments.
+fn python_serving(dir: &Path, body: &str, args: &str) -> String {
     let sdk = repo().join("sdk/python");
     let script = format!(
         "import os, sys, time\nsys.path.insert(0, {sdk:?})\nimport settle\n\n\
-         def handle(item, ctx):\n{body}\n\nsettle.serve(handle)\n",
+         def handle(item, ctx):\n{body}\n\nsettle.serve(handle{args})\n",
         sdk = sdk.display().to_string(),
         body = indent(body),
     );
@@ -604,6 +609,17 @@ async fn log_isolation_python() {
     log_isolation(python(
         dir.path(),
         "for i in range(100):\n    print(item['id'], 'line', i)\n    if i % 25 == 0:\n        time.sleep(0.001)\nreturn i",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_isolation_python_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    log_isolation(python_serving(
+        dir.path(),
+        "for i in range(100):\n    print(item['id'], 'line', i, file=sys.stderr if i % 2 else sys.stdout)\n    if i % 25 == 0:\n        time.sleep(0.001)\nreturn i",
+        ", concurrency=16",
     ))
     .await;
 }
