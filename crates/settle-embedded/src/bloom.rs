@@ -1,5 +1,5 @@
 //! A Bloom filter of item ids, so that a load checks an id against the
-//! ones before it only when it might repeat one (see `store::load_items`):
+//! ones before it only when it might repeat one (see `store::source::load_items`):
 //! the items table then needs no index on the id, whose upkeep was a third
 //! of a load's time on the writer thread.
 //!

@@ -453,7 +453,7 @@ PRAGMA user_version = 1;
 -- Pending and claimed items, in load order. Claimed ones are those at or
 -- below source.claimed_upto; claims says which run took which seq range.
 -- No index on item_id: a load finds repeated ids without one (see
--- store::load_items), and its upkeep was a third of a load's time.
+-- store::source::load_items), and its upkeep was a third of a load's time.
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL,
