@@ -16,7 +16,7 @@
 //! keeps its id, stored beside its body. A receipt names the page, the slot
 //! and the receive count, so only the latest receive's receipt acts.
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -434,10 +434,12 @@ impl Queue for EmbeddedQueue {
         self.db
             .write(move |c| {
                 let visible_at = now_millis() as i64 + timeout;
-                let stale = |why: &str| {
-                    Err(DbError::Refused(
-                        format!("receipt {receipt} is stale: {why}").into(),
-                    ))
+                let stale = |why: &'static str| {
+                    Err(Refusal::StaleReceipt {
+                        receipt: receipt.clone(),
+                        why,
+                    }
+                    .into())
                 };
                 let Some((old_next, mut slots)) = load_page(c, id, page)? else {
                     return stale("the message is gone");

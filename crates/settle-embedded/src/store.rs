@@ -7,7 +7,8 @@ mod ledger;
 mod multi_insert;
 mod source;
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Refusal};
+use settle_core::domain::IdError;
 
 /// The source and ledger of one database.
 #[derive(Debug, Clone)]
@@ -21,6 +22,16 @@ impl EmbeddedStore {
     }
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> DbError {
-    DbError::Refused(format!("stored {what} is unreadable: {e}").into())
+/// A stored value that does not decode.
+fn corrupt(what: &'static str, source: serde_json::Error) -> DbError {
+    Refusal::Unreadable { what, source }.into()
+}
+
+/// A stored item id that is no longer valid.
+fn corrupt_id(source: IdError) -> DbError {
+    Refusal::BadId {
+        what: "item id",
+        source,
+    }
+    .into()
 }

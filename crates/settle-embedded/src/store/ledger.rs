@@ -2,8 +2,8 @@
 //! and the `ledger` table (one row per item of a run, versioned).
 
 use super::multi_insert::MultiInsert;
-use super::{corrupt, EmbeddedStore};
-use crate::db::DbError;
+use super::{corrupt, corrupt_id, EmbeddedStore};
+use crate::db::{DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -52,7 +52,7 @@ fn finish_run((mut run, config): (RunRecord, String)) -> Result<RunRecord, DbErr
 
 /// Inserts a new run's row; refused if the id exists.
 pub(super) fn insert_run(c: &Connection, run: &RunRecord) -> Result<(), DbError> {
-    let config = serde_json::to_string(&run.config).map_err(|e| DbError::Refused(Box::new(e)))?;
+    let config = serde_json::to_string(&run.config).map_err(Refusal::Encode)?;
     let added = c.execute(
         "INSERT OR IGNORE INTO runs (run_id, created_at, config, total, enqueued, cursor, \
          dispatched, succeeded, failed, settled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -63,9 +63,7 @@ pub(super) fn insert_run(c: &Connection, run: &RunRecord) -> Result<(), DbError>
         ],
     )?;
     if added == 0 {
-        return Err(DbError::Refused(
-            format!("run {} already exists", run.id).into(),
-        ));
+        return Err(Refusal::RunExists(run.id.clone()).into());
     }
     Ok(())
 }
@@ -134,7 +132,11 @@ impl Ledger for EmbeddedStore {
                     )?
                     .execute(params![id.as_str(), enqueued as i64, cursor, dispatched])?;
                 if n == 0 {
-                    return Err(DbError::Refused(format!("run {id} not found").into()));
+                    return Err(Refusal::NoRun {
+                        run: id,
+                        why: "not found",
+                    }
+                    .into());
                 }
                 Ok(())
             })
@@ -216,7 +218,7 @@ impl Ledger for EmbeddedStore {
                     st.raw_bind_parameter(first + 3, record.as_str())
                 })?;
                 if written < inserts.len() {
-                    return Err(DbError::Refused(Box::new(Conflict)));
+                    return Err(PortError::Conflict.into());
                 }
                 let mut update = c.prepare_cached(
                     "UPDATE ledger SET status = ?3, version = version + 1, record = ?4 \
@@ -225,7 +227,7 @@ impl Ledger for EmbeddedStore {
                 for (run, item, status, expected, record) in updates {
                     let v = expected.unwrap_or_default() as i64;
                     if update.execute(params![run, item, status, record, v])? == 0 {
-                        return Err(DbError::Refused(Box::new(Conflict)));
+                        return Err(PortError::Conflict.into());
                     }
                 }
                 let mut tally = c.prepare_cached(
@@ -234,17 +236,18 @@ impl Ledger for EmbeddedStore {
                 let mut runs = Vec::new();
                 for (run, d) in &tallies {
                     if tally.execute(params![run.as_str(), d.succeeded, d.failed])? == 0 {
-                        return Err(DbError::Refused(format!("run {run} not found").into()));
+                        return Err(Refusal::NoRun {
+                            run: run.clone(),
+                            why: "not found",
+                        }
+                        .into());
                     }
                     runs.extend(get_run(c, run.as_str())?);
                 }
                 Ok(runs)
             })
             .await;
-        res.map_err(|e| match e {
-            DbError::Refused(e) if e.is::<Conflict>() => PortError::Conflict,
-            e => port_err("commit")(e),
-        })
+        res.map_err(port_err("commit"))
     }
 
     async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
@@ -252,9 +255,7 @@ impl Ledger for EmbeddedStore {
         self.db
             .write(move |c| {
                 if get_run(c, id.as_str())?.is_none() {
-                    return Err(DbError::Refused(Box::new(PortError::NotFound(format!(
-                        "run {id}"
-                    )))));
+                    return Err(PortError::NotFound(format!("run {id}")).into());
                 }
                 if open {
                     c.execute(
@@ -270,13 +271,7 @@ impl Ledger for EmbeddedStore {
                 Ok(())
             })
             .await
-            .map_err(|e| match e {
-                DbError::Refused(e) => match e.downcast::<PortError>() {
-                    Ok(p) => *p,
-                    Err(e) => PortError::backend("set_redriving", e),
-                },
-                e => port_err("set_redriving")(e),
-            })
+            .map_err(port_err("set_redriving"))
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
@@ -314,7 +309,7 @@ impl Ledger for EmbeddedStore {
                 rows.into_iter()
                     .map(|(id, rec)| {
                         Ok((
-                            ItemId::new(id).map_err(|e| corrupt("item id", e))?,
+                            ItemId::new(id).map_err(corrupt_id)?,
                             serde_json::from_str(&rec).map_err(|e| corrupt("item record", e))?,
                         ))
                     })
@@ -324,7 +319,3 @@ impl Ledger for EmbeddedStore {
             .map_err(port_err("failures"))
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("conflict")]
-struct Conflict;

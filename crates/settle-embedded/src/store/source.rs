@@ -4,9 +4,9 @@
 
 use super::ledger::insert_run;
 use super::multi_insert::{MultiInsert, INSERT_ROWS};
-use super::{corrupt, EmbeddedStore};
+use super::{corrupt, corrupt_id, EmbeddedStore};
 use crate::bloom::Seen;
-use crate::db::DbError;
+use crate::db::{DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -162,9 +162,11 @@ impl Rows {
             st.raw_bind_parameter(first + 2, *line as i64)
         })?;
         if written != self.0.len() {
-            return Err(DbError::Refused(
-                format!("an insert of {} items wrote {written}", self.0.len()).into(),
-            ));
+            return Err(Refusal::ShortInsert {
+                given: self.0.len(),
+                written,
+            }
+            .into());
         }
         self.0.clear();
         Ok(())
@@ -232,7 +234,11 @@ fn claim_in(c: &Connection, run: &RunId, limit: u64) -> Result<u64, DbError> {
         .optional()?
         .flatten();
     let Some(bound) = bound else {
-        return Err(DbError::Refused(format!("run {run} does not exist").into()));
+        return Err(Refusal::NoRun {
+            run: run.clone(),
+            why: "does not exist",
+        }
+        .into());
     };
     let hi: Option<i64> = c
             .query_row(
@@ -251,9 +257,11 @@ fn claim_in(c: &Connection, run: &RunId, limit: u64) -> Result<u64, DbError> {
         params![run.as_str(), n],
     )?;
     if changed == 0 {
-        return Err(DbError::Refused(
-            format!("run {run} does not exist or has finished dispatching").into(),
-        ));
+        return Err(Refusal::NoRun {
+            run: run.clone(),
+            why: "does not exist or has finished dispatching",
+        }
+        .into());
     }
     // Extend the run's last segment when it ends where this claim
     // starts (one dispatcher: one segment), so reading stays cheap.
@@ -271,19 +279,10 @@ fn claim_in(c: &Connection, run: &RunId, limit: u64) -> Result<u64, DbError> {
     Ok(n as u64)
 }
 
-impl From<LineError> for DbError {
-    fn from(e: LineError) -> Self {
-        DbError::Refused(Box::new(e))
-    }
-}
-
 /// A load's refusal of a line, or the database's failure.
 fn load_err(e: DbError) -> LoadError {
     match e {
-        DbError::Refused(e) => match e.downcast::<LineError>() {
-            Ok(line) => LoadError::Line(*line),
-            Err(e) => LoadError::Port(PortError::backend("load", e)),
-        },
+        DbError::Refused(Refusal::Line(line)) => LoadError::Line(line),
         e => LoadError::Port(port_err("load")(e)),
     }
 }
@@ -370,7 +369,7 @@ impl Source for EmbeddedStore {
                     })?;
                     for row in rows {
                         let (seq, id, payload) = row?;
-                        let id = ItemId::new(id).map_err(|e| corrupt("item id", e))?;
+                        let id = ItemId::new(id).map_err(corrupt_id)?;
                         let payload = RawValue::from_string(payload).map_err(|e| corrupt("payload", e))?;
                         items.push(Item::new(id, payload));
                         last = seq;
@@ -413,7 +412,7 @@ mod tests {
             .await
         {
             Ok(n) => Ok(n),
-            Err(DbError::Refused(e)) => Err(*e.downcast::<LineError>().unwrap()),
+            Err(DbError::Refused(Refusal::Line(e))) => Err(e),
             Err(e) => panic!("{e}"),
         }
     }
