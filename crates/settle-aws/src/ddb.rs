@@ -1,6 +1,7 @@
 //! What the source and the ledger share: the client, the table names, and
 //! small helpers for attributes and errors.
 
+use crate::error::AwsError;
 use crate::metrics::Metrics;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -127,8 +128,9 @@ pub(crate) fn get_bool(row: &Row, field: &str) -> Option<bool> {
 pub(crate) fn sdk_err<E>(op: &'static str, table: &str, e: SdkError<E>) -> PortError
 where
     E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + Send + Sync + 'static,
+    aws_sdk_dynamodb::Error: From<SdkError<E>>,
 {
-    PortError::backend(op, format!("table {table}: {}", crate::describe(&e)))
+    PortError::backend(op, AwsError::dynamodb(format!("table {table}"), e))
 }
 
 /// Whether an SDK error is a conditional check failure of a single-item write.

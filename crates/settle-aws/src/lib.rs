@@ -6,6 +6,7 @@
 //! and `AWS_ENDPOINT_URL` (an emulator) come from aws-config's standard chain.
 
 mod ddb;
+mod error;
 mod idempotency;
 mod ledger;
 mod metrics;
@@ -15,6 +16,7 @@ mod segments;
 mod source;
 mod sqs;
 
+pub use error::{AwsError, AwsErrorKind, SdkSource};
 pub use idempotency::DynamoIdempotency;
 pub use ledger::DynamoLedger;
 pub use metrics::Metrics;
@@ -77,7 +79,7 @@ pub enum ConfigError {
         op: &'static str,
         target: String,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Box<AwsError>,
     },
 }
 

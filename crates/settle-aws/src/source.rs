@@ -27,6 +27,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, Put, PutRequest, ReturnConsumedCapacity, TransactWriteItem,
     Update, WriteRequest,
 };
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::value::RawValue;
 use settle_core::domain::{now_millis, Item, ItemId, RunId, RunRecord};
@@ -309,6 +310,13 @@ impl DynamoSource {
         }
     }
 
+    /// Loads `items` as one load, under the lease the caller holds: each
+    /// item is checked against the pending ones ([`Self::refuse_pending`])
+    /// and the load's own ([`refuse_repeat`]), written into block rows
+    /// ([`BlockWriter`]), and the lease renewed as it goes
+    /// ([`LeaseRenewal`]); then the whole load is published at once. The
+    /// keys of the rows written go to `written`, for the caller to delete
+    /// should the load fail.
     async fn load_locked(
         &self,
         load: &str,
@@ -317,149 +325,76 @@ impl DynamoSource {
         written: &mut Vec<HashMap<String, AttributeValue>>,
     ) -> Result<u64, LoadError> {
         let meta = self.meta("load").await?;
-        // Pending ids by hash, to refuse them; the rare hash collision keeps
-        // the full id aside so the check stays exact.
-        let mut pending: HashMap<u64, u64> = HashMap::new();
-        let mut pending_exact: HashMap<String, u64> = HashMap::new();
+        let pending = self.pending_ids(&meta).await?;
+        let mut seen = SeenIds::default();
+        let mut blocks = BlockWriter::new(self, load, written);
+        let mut lease = LeaseRenewal::new();
+        for entry in items {
+            let (line, item) = entry?;
+            let h = id_hash(item.id.as_str());
+            self.refuse_pending(&pending, item.id.as_str(), h, line)
+                .await?;
+            refuse_repeat(&mut seen, &mut blocks, item.id.as_str(), h, line).await?;
+            blocks.push(line, item).await?;
+            lease.renew_if_due(self, load).await?;
+        }
+        let count = blocks.finish().await?;
+        if count == 0 {
+            return Ok(0);
+        }
+        self.publish(load, meta.published, count, run).await?;
+        Ok(count)
+    }
+
+    /// The ids of every pending item (`head+1 ..= published`), read once
+    /// at the start of a load: the lease keeps other loads from adding to
+    /// them meanwhile.
+    async fn pending_ids(&self, meta: &Meta) -> Result<PendingIds, PortError> {
+        let mut pending = PendingIds::default();
         let mut g = meta.head + 1;
         while g <= meta.published {
             let page = self.read_seq(g, meta.published, 10_000).await?;
             let Some((last, _)) = page.last() else { break };
             g = last + 1;
             for (seq, (id, _, _)) in page {
-                if pending.insert(id_hash(&id), seq).is_some() {
-                    pending_exact.insert(id, seq);
+                if pending.by_hash.insert(id_hash(&id), seq).is_some() {
+                    pending.exact.insert(id, seq);
                 }
             }
         }
-        let mut seen: HashMap<u64, u64> = HashMap::new();
-        let mut seen_exact: HashMap<String, (u64, u64)> = HashMap::new();
-        let mut block: Vec<Stored> = Vec::new();
-        let mut block_first = 0u64;
-        let mut block_bytes = 0usize;
-        let mut rows: Vec<Row> = Vec::new();
-        let mut inflight = FuturesUnordered::new();
-        let mut index = 0u64;
-        let mut renewed = Instant::now();
+        Ok(pending)
+    }
 
-        for entry in items {
-            let (line, item) = entry?;
-            let id = item.id.as_str();
-            let h = id_hash(id);
-            // Already pending from an earlier load?
-            let earlier = match pending.get(&h) {
-                Some(&seq) if pending_exact.contains_key(id) => Some(seq),
-                Some(&seq) => {
-                    let got = self.read_seq(seq, seq, 1).await?;
-                    got.first()
-                        .filter(|(_, (other, _, _))| other == id)
-                        .map(|(g, _)| *g)
-                }
-                None => None,
-            };
-            if earlier.is_some() {
-                return Err(LineError {
-                    line,
-                    reason: format!(
-                        "id {id:?} is already pending from an earlier load; dispatch them first (settle dispatch), or remove this line"
-                    ),
-                }
-                .into());
+    /// Refuses `id` (hash `h`, on `line`) if it is already pending from an
+    /// earlier load. A hash match whose id is not kept aside is read back,
+    /// so that a collision never refuses a new id.
+    async fn refuse_pending(
+        &self,
+        pending: &PendingIds,
+        id: &str,
+        h: u64,
+        line: u64,
+    ) -> Result<(), LoadError> {
+        let earlier = match pending.by_hash.get(&h) {
+            Some(&seq) if pending.exact.contains_key(id) => Some(seq),
+            Some(&seq) => {
+                let got = self.read_seq(seq, seq, 1).await?;
+                got.first()
+                    .filter(|(_, (other, _, _))| other == id)
+                    .map(|(g, _)| *g)
             }
-            // Repeated within this input?
-            let first_line = if let Some(&(_, l)) = seen_exact.get(id) {
-                Some(l)
-            } else if let Some(&prev) = seen.get(&h) {
-                let other = if prev >= block_first {
-                    block
-                        .get((prev - block_first) as usize)
-                        .map(|(i, l, _)| (i.clone(), *l))
-                } else {
-                    // In a closed block: write what is buffered, let the
-                    // writes land, then read the earlier item back.
-                    if !rows.is_empty() {
-                        let batch: Vec<Row> = std::mem::take(&mut rows);
-                        written.extend(batch.iter().map(row_key));
-                        inflight.push(write_rows(self.t.clone(), batch));
-                    }
-                    while let Some(r) = inflight.next().await {
-                        r?;
-                    }
-                    self.read_load(load, prev, prev, 1)
-                        .await?
-                        .into_iter()
-                        .next()
-                        .map(|(_, (i, l, _))| (i, l))
-                };
-                other.filter(|(i, _)| i == id).map(|(_, l)| l)
-            } else {
-                None
-            };
-            if let Some(first) = first_line {
-                return Err(LineError {
-                    line,
-                    reason: format!("duplicate id {id:?} (first on line {first})"),
-                }
-                .into());
+            None => None,
+        };
+        match earlier {
+            Some(_) => Err(LineError {
+                line,
+                reason: format!(
+                    "id {id:?} is already pending from an earlier load; dispatch them first (settle dispatch), or remove this line"
+                ),
             }
-            match seen.entry(h) {
-                Entry::Occupied(_) => {
-                    seen_exact.insert(id.to_owned(), (index, line));
-                }
-                Entry::Vacant(v) => {
-                    v.insert(index);
-                }
-            }
-
-            let size = id.len() + item.payload.get().len() + 32;
-            if !block.is_empty()
-                && (block.len() as u64 == BLOCK_MAX_ITEMS
-                    || block_bytes + size > BLOCK_MAX_BYTES
-                    || index.is_multiple_of(SHARD_ITEMS))
-            {
-                rows.push(self.block_row(load, block_first, &block)?);
-                block.clear();
-                block_bytes = 0;
-            }
-            if block.is_empty() {
-                block_first = index;
-            }
-            block.push((item.id.into(), line, item.payload));
-            block_bytes += size;
-            index += 1;
-
-            if rows.len() >= BATCH_WRITE {
-                let batch: Vec<Row> = std::mem::take(&mut rows);
-                written.extend(batch.iter().map(row_key));
-                inflight.push(write_rows(self.t.clone(), batch));
-                while inflight.len() >= WRITE_CONCURRENCY {
-                    if let Some(r) = inflight.next().await {
-                        r?;
-                    }
-                }
-            }
-            if renewed.elapsed() >= LEASE_RENEW {
-                if !self.lease(load, false).await? {
-                    return Err(lost_lease(load).into());
-                }
-                renewed = Instant::now();
-            }
+            .into()),
+            None => Ok(()),
         }
-        if !block.is_empty() {
-            rows.push(self.block_row(load, block_first, &block)?);
-        }
-        written.extend(rows.iter().map(row_key));
-        for batch in rows.chunks(BATCH_WRITE) {
-            inflight.push(write_rows(self.t.clone(), batch.to_vec()));
-        }
-        while let Some(r) = inflight.next().await {
-            r?;
-        }
-        if index == 0 {
-            return Ok(0);
-        }
-        self.publish(load, meta.published, index, run).await?;
-        Ok(index)
     }
 
     fn block_row(&self, load: &str, first: u64, block: &[Stored]) -> Result<Row, PortError> {
@@ -655,6 +590,220 @@ impl DynamoSource {
         self.t.capacity("DynamoDB.GetItem", out.consumed_capacity());
         out.item
             .ok_or_else(|| PortError::NotFound(format!("run {run}")))
+    }
+}
+
+/// The ids pending from earlier loads, by hash; the full id is kept aside
+/// only when its hash repeats, so that the check stays exact.
+#[derive(Default)]
+struct PendingIds {
+    by_hash: HashMap<u64, u64>,
+    exact: HashMap<String, u64>,
+}
+
+/// The ids of this load so far: index by hash, and (index, line) by full
+/// id for the ids whose hash repeated.
+#[derive(Default)]
+struct SeenIds {
+    by_hash: HashMap<u64, u64>,
+    exact: HashMap<String, (u64, u64)>,
+}
+
+/// Refuses `id` (hash `h`, on `line`) if this load had it before, naming
+/// the earlier line; otherwise records it at the next index of `blocks`.
+/// A hash match is confirmed against the earlier item itself, read from
+/// the open block or back from the table ([`BlockWriter::item_at`]).
+async fn refuse_repeat(
+    seen: &mut SeenIds,
+    blocks: &mut BlockWriter<'_>,
+    id: &str,
+    h: u64,
+    line: u64,
+) -> Result<(), LoadError> {
+    let first_line = if let Some(&(_, l)) = seen.exact.get(id) {
+        Some(l)
+    } else if let Some(&prev) = seen.by_hash.get(&h) {
+        blocks
+            .item_at(prev)
+            .await?
+            .filter(|(i, _)| i == id)
+            .map(|(_, l)| l)
+    } else {
+        None
+    };
+    if let Some(first) = first_line {
+        return Err(LineError {
+            line,
+            reason: format!("duplicate id {id:?} (first on line {first})"),
+        }
+        .into());
+    }
+    match seen.by_hash.entry(h) {
+        Entry::Occupied(_) => {
+            seen.exact.insert(id.to_owned(), (blocks.index, line));
+        }
+        Entry::Vacant(v) => {
+            v.insert(blocks.index);
+        }
+    }
+    Ok(())
+}
+
+/// A load's items on their way into block rows: the open block, the
+/// closed blocks' rows not yet sent, and the BatchWriteItem calls in
+/// flight (at most [`WRITE_CONCURRENCY`]).
+struct BlockWriter<'a> {
+    source: &'a DynamoSource,
+    load: &'a str,
+    /// The keys of every row sent, for the caller's clean-up.
+    written: &'a mut Vec<HashMap<String, AttributeValue>>,
+    block: Vec<Stored>,
+    /// The load index of the open block's first item.
+    block_first: u64,
+    block_bytes: usize,
+    rows: Vec<Row>,
+    inflight: FuturesUnordered<BoxFuture<'static, Result<(), PortError>>>,
+    /// Items taken so far: the next item's index in the load.
+    index: u64,
+}
+
+impl<'a> BlockWriter<'a> {
+    fn new(
+        source: &'a DynamoSource,
+        load: &'a str,
+        written: &'a mut Vec<HashMap<String, AttributeValue>>,
+    ) -> Self {
+        Self {
+            source,
+            load,
+            written,
+            block: Vec::new(),
+            block_first: 0,
+            block_bytes: 0,
+            rows: Vec::new(),
+            inflight: FuturesUnordered::new(),
+            index: 0,
+        }
+    }
+
+    /// Adds an item to the open block, first closing the block if the item
+    /// would overfill it or starts a new partition ([`SHARD_ITEMS`]); sends
+    /// the closed rows by [`BATCH_WRITE`], waiting while too many calls are
+    /// in flight.
+    async fn push(&mut self, line: u64, item: Item) -> Result<(), PortError> {
+        let size = item.id.as_str().len() + item.payload.get().len() + 32;
+        if !self.block.is_empty()
+            && (self.block.len() as u64 == BLOCK_MAX_ITEMS
+                || self.block_bytes + size > BLOCK_MAX_BYTES
+                || self.index.is_multiple_of(SHARD_ITEMS))
+        {
+            self.close_block()?;
+        }
+        if self.block.is_empty() {
+            self.block_first = self.index;
+        }
+        self.block.push((item.id.into(), line, item.payload));
+        self.block_bytes += size;
+        self.index += 1;
+        if self.rows.len() >= BATCH_WRITE {
+            self.send_rows();
+            while self.inflight.len() >= WRITE_CONCURRENCY {
+                if let Some(r) = self.inflight.next().await {
+                    r?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the open block into a row waiting to be sent.
+    fn close_block(&mut self) -> Result<(), PortError> {
+        let row = self
+            .source
+            .block_row(self.load, self.block_first, &self.block)?;
+        self.rows.push(row);
+        self.block.clear();
+        self.block_bytes = 0;
+        Ok(())
+    }
+
+    /// Sends the waiting rows as one BatchWriteItem (at most [`BATCH_WRITE`]).
+    fn send_rows(&mut self) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.rows);
+        self.written.extend(batch.iter().map(row_key));
+        self.inflight
+            .push(write_rows(self.source.t.clone(), batch).boxed());
+    }
+
+    /// Waits for every write in flight.
+    async fn drain(&mut self) -> Result<(), PortError> {
+        while let Some(r) = self.inflight.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The id and line of the item at load index `index`: from the open
+    /// block, or else read back from its row once every write has landed.
+    async fn item_at(&mut self, index: u64) -> Result<Option<(String, u64)>, PortError> {
+        if index >= self.block_first {
+            return Ok(self
+                .block
+                .get((index - self.block_first) as usize)
+                .map(|(i, l, _)| (i.clone(), *l)));
+        }
+        self.send_rows();
+        self.drain().await?;
+        Ok(self
+            .source
+            .read_load(self.load, index, index, 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, (i, l, _))| (i, l)))
+    }
+
+    /// Closes the last block, sends every row and waits for them all.
+    /// Returns the number of items written.
+    async fn finish(mut self) -> Result<u64, PortError> {
+        if !self.block.is_empty() {
+            self.close_block()?;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        self.written.extend(rows.iter().map(row_key));
+        for batch in rows.chunks(BATCH_WRITE) {
+            self.inflight
+                .push(write_rows(self.source.t.clone(), batch.to_vec()).boxed());
+        }
+        self.drain().await?;
+        Ok(self.index)
+    }
+}
+
+/// Renews a load's lease on the meta row every [`LEASE_RENEW`] while the
+/// load runs; a lease found taken ends the load before it publishes.
+struct LeaseRenewal {
+    renewed: Instant,
+}
+
+impl LeaseRenewal {
+    fn new() -> Self {
+        Self {
+            renewed: Instant::now(),
+        }
+    }
+
+    async fn renew_if_due(&mut self, source: &DynamoSource, load: &str) -> Result<(), PortError> {
+        if self.renewed.elapsed() >= LEASE_RENEW {
+            if !source.lease(load, false).await? {
+                return Err(lost_lease(load));
+            }
+            self.renewed = Instant::now();
+        }
+        Ok(())
     }
 }
 

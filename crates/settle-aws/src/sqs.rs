@@ -1,5 +1,6 @@
 //! [`Queue`] on SQS.
 
+use crate::error::AwsError;
 use crate::ConfigError;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
@@ -64,8 +65,9 @@ impl SqsQueue {
 fn err<E>(op: &'static str, queue: &str, e: aws_sdk_sqs::error::SdkError<E>) -> PortError
 where
     E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + Send + Sync + 'static,
+    aws_sdk_sqs::Error: From<aws_sdk_sqs::error::SdkError<E>>,
 {
-    PortError::backend(op, format!("queue {queue}: {}", crate::describe(&e)))
+    PortError::backend(op, AwsError::sqs(format!("queue {queue}"), e))
 }
 
 /// SQS counts visibility in whole seconds; round up so a message is never
@@ -86,7 +88,7 @@ pub(crate) async fn max_receive_count(client: &Client, url: &str) -> Result<u32,
         .map_err(|e| ConfigError::Aws {
             op: "SQS.GetQueueAttributes",
             target: url.to_owned(),
-            source: crate::describe(&e).into(),
+            source: Box::new(AwsError::sqs("", e)),
         })?;
     let no_policy = |reason: String| ConfigError::NoRedrivePolicy {
         queue: url.to_owned(),

@@ -1,5 +1,5 @@
 //! A Bloom filter of item ids, so that a load checks an id against the
-//! ones before it only when it might repeat one (see `store::load_items`):
+//! ones before it only when it might repeat one (see `store::source::load_items`):
 //! the items table then needs no index on the id, whose upkeep was a third
 //! of a load's time on the writer thread.
 //!
@@ -132,6 +132,31 @@ mod tests {
         // About 1% per full layer at most.
         let rate = false_positives as f64 / n as f64;
         assert!(rate < 0.02, "false-positive rate {rate}");
+    }
+
+    /// The figures docs/performance.md quotes: false alarms and memory for
+    /// a load of distinct ids. Build-independent, so a debug build will do:
+    /// `cargo test -p settle-embedded --lib bloom::tests::figures -- --ignored --nocapture`
+    /// (`SETTLE_BLOOM_IDS` sets the count, 10M by default).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn figures() {
+        let n: usize = std::env::var("SETTLE_BLOOM_IDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000_000);
+        let mut seen = Seen::new();
+        let mut false_alarms = 0u64;
+        for i in 0..n {
+            false_alarms += u64::from(seen.insert(&format!("user-{i:08}")));
+        }
+        let bytes: usize = seen.layers.iter().map(|l| l.words.len() * 8).sum();
+        println!(
+            "{n} distinct ids: {false_alarms} false alarms ({:.3}%), {} layers, {:.1} MiB",
+            false_alarms as f64 * 100.0 / n as f64,
+            seen.layers.len(),
+            bytes as f64 / (1 << 20) as f64
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! undo the others, and answers every caller only after the COMMIT. Reads
 //! use a separate connection: WAL lets them run beside the writer.
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use settle_core::domain::{IdError, RunId};
+use settle_core::ports::{LineError, PortError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -64,7 +66,13 @@ const READER_CACHE_KIB: i64 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("{path}: {reason}")]
-    Open { path: PathBuf, reason: String },
+    Open {
+        path: PathBuf,
+        reason: String,
+        /// SQLite's code when SQLite refused the open, so that callers tell
+        /// a busy file from a broken one by kind, not by message.
+        code: Option<rusqlite::ErrorCode>,
+    },
     /// [`Db::open_existing`] found no file there.
     #[error("no database at {}", .0.display())]
     Missing(PathBuf),
@@ -74,9 +82,67 @@ pub enum DbError {
     Commit(String),
     #[error("the database writer has stopped")]
     Closed,
-    /// A write refused by its own logic, passed through to the caller.
+    /// A job refused by its own logic, passed through to the caller.
     #[error(transparent)]
-    Refused(Box<dyn std::error::Error + Send + Sync>),
+    Refused(#[from] Refusal),
+}
+
+/// Why a job refused to go on. Callers map these to the port's answers.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The port's own answer (a conflict, a missing run), passed on as it is.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// A line of a load that cannot be loaded.
+    #[error(transparent)]
+    Line(#[from] LineError),
+    #[error("run {0} already exists")]
+    RunExists(RunId),
+    /// The run is not there, or (for a claim) takes no more items;
+    /// `why` says which.
+    #[error("run {run} {why}")]
+    NoRun { run: RunId, why: &'static str },
+    /// A receipt that no longer names the message's latest receive.
+    #[error("receipt {receipt} is stale: {why}")]
+    StaleReceipt { receipt: String, why: &'static str },
+    /// A stored value that does not decode.
+    #[error("stored {what} is unreadable: {source}")]
+    Unreadable {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored item id that is no longer a valid one.
+    #[error("stored {what} is unreadable: {source}")]
+    BadId {
+        what: &'static str,
+        #[source]
+        source: IdError,
+    },
+    /// A stored idempotency record in no state it can be in.
+    #[error("stored idempotency record {key} is unreadable (state {state:?})")]
+    BadIdempotencyState { key: String, state: String },
+    /// An idempotency record gone between a write and the read after it.
+    #[error("idempotency record {0} vanished")]
+    Vanished(String),
+    /// A value that could not be encoded for storage.
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// A multi-row INSERT that wrote fewer rows than it was given.
+    #[error("an insert of {given} items wrote {written}")]
+    ShortInsert { given: usize, written: usize },
+}
+
+impl From<PortError> for DbError {
+    fn from(e: PortError) -> Self {
+        Self::Refused(Refusal::Port(e))
+    }
+}
+
+impl From<LineError> for DbError {
+    fn from(e: LineError) -> Self {
+        Self::Refused(Refusal::Line(e))
+    }
 }
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
@@ -130,17 +196,20 @@ impl Db {
 
     /// Processes that open a new file at the same moment (a `settle run`
     /// and the `settle status` polling it) race to switch it to WAL and to
-    /// create the schema, and SQLite answers one of them "database is
-    /// locked" at once instead of waiting (a lock upgrade that could
-    /// deadlock). Measured: 7 of 40 such `settle run`s failed to open on
-    /// the earlier code. Opening again finds the file finished.
+    /// create the schema, and SQLite answers one of them SQLITE_BUSY
+    /// ("database is locked") at once instead of waiting (a lock upgrade
+    /// that could deadlock): without this retry, 7 of 40 such `settle run`s
+    /// failed to open. Opening again finds the file finished. Only BUSY is
+    /// retried: it is what another connection's lock gives, whereas
+    /// SQLITE_LOCKED comes from a shared cache, which Settle does not use.
     fn open_retrying(path: &Path, inline: bool, create: bool) -> Result<Self, DbError> {
         let give_up = Instant::now() + Duration::from_secs(30);
         loop {
             match Self::open_as(path, inline, create) {
-                Err(DbError::Open { reason, .. })
-                    if reason.contains("database is locked") && Instant::now() < give_up =>
-                {
+                Err(DbError::Open {
+                    code: Some(ErrorCode::DatabaseBusy),
+                    ..
+                }) if Instant::now() < give_up => {
                     // Staggered by process, so two openers do not collide again.
                     let ms = 5 + u64::from(std::process::id() % 40);
                     std::thread::sleep(Duration::from_millis(ms));
@@ -154,7 +223,17 @@ impl Db {
         let open_err = |reason: String| DbError::Open {
             path: path.to_owned(),
             reason,
+            code: None,
         };
+        // SQLite's refusal, in the words of the file (see `describe`) or
+        // its own, with its code kept.
+        let sqlite_err =
+            |e: rusqlite::Error, reason: fn(&rusqlite::Error) -> String| DbError::Open {
+                path: path.to_owned(),
+                reason: reason(&e),
+                code: e.sqlite_error_code(),
+            };
+        let own_words = |e: &rusqlite::Error| e.to_string();
         let mut flags = OpenFlags::default();
         if create {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -170,17 +249,17 @@ impl Db {
             flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
         }
         let writer =
-            Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
+            Connection::open_with_flags(path, flags).map_err(|e| sqlite_err(e, own_words))?;
         // Identify the file before changing anything: switching a file to WAL
         // rewrites its header, and another program's file must stay as it was.
         check_identity(&writer).map_err(|e| match e {
-            DbError::Sqlite(e) => open_err(describe(&e)),
+            DbError::Sqlite(e) => sqlite_err(e, describe),
             DbError::Open { reason, .. } => open_err(reason),
             other => other,
         })?;
-        configure(&writer, WRITER_CACHE_KIB).map_err(|e| open_err(describe(&e)))?;
+        configure(&writer, WRITER_CACHE_KIB).map_err(|e| sqlite_err(e, describe))?;
         init_schema(&writer).map_err(|e| match e {
-            DbError::Sqlite(e) => open_err(describe(&e)),
+            DbError::Sqlite(e) => sqlite_err(e, describe),
             DbError::Open { reason, .. } => open_err(reason),
             other => other,
         })?;
@@ -188,8 +267,8 @@ impl Db {
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| open_err(e.to_string()))?;
-        configure(&reader, READER_CACHE_KIB).map_err(|e| open_err(describe(&e)))?;
+        .map_err(|e| sqlite_err(e, own_words))?;
+        configure(&reader, READER_CACHE_KIB).map_err(|e| sqlite_err(e, describe))?;
         let writer = if inline {
             // No checkpointer thread: SQLite checkpoints on the writer, by
             // its default (every 1,000 WAL pages).
@@ -198,13 +277,13 @@ impl Db {
             // The checkpointer below does the checkpoints.
             writer
                 .pragma_update(None, "wal_autocheckpoint", 0)
-                .map_err(|e| open_err(describe(&e)))?;
+                .map_err(|e| sqlite_err(e, describe))?;
             let checkpointer = Connection::open_with_flags(
                 path,
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
-            .map_err(|e| open_err(e.to_string()))?;
-            configure(&checkpointer, 256).map_err(|e| open_err(describe(&e)))?;
+            .map_err(|e| sqlite_err(e, own_words))?;
+            configure(&checkpointer, 256).map_err(|e| sqlite_err(e, describe))?;
             let (jobs, rx) = mpsc::channel::<Job>();
             let (ticks, ticked) = mpsc::sync_channel::<()>(1);
             let catch_up = Arc::new(AtomicBool::new(false));
@@ -397,6 +476,7 @@ fn check_identity(conn: &Connection) -> Result<(), DbError> {
         Err(DbError::Open {
             path: PathBuf::new(),
             reason,
+            code: None,
         })
     };
     if app != APPLICATION_ID && (app != 0 || tables > 0) {
@@ -453,7 +533,7 @@ PRAGMA user_version = 1;
 -- Pending and claimed items, in load order. Claimed ones are those at or
 -- below source.claimed_upto; claims says which run took which seq range.
 -- No index on item_id: a load finds repeated ids without one (see
--- store::load_items), and its upkeep was a third of a load's time.
+-- store::source::load_items), and its upkeep was a third of a load's time.
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL,

@@ -2,7 +2,7 @@
 //! the ledger, one row per key. Each operation is one write job on the
 //! single writer, so it is atomic with respect to every other.
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -53,10 +53,11 @@ fn read(c: &Connection, run: &str, item: &str) -> Result<Option<IdempotencyRecor
             result,
         },
         _ => {
-            return Err(DbError::Refused(
-                format!("stored idempotency record {run}:{item} is unreadable (state {state:?})")
-                    .into(),
-            ))
+            return Err(Refusal::BadIdempotencyState {
+                key: format!("{run}:{item}"),
+                state,
+            }
+            .into())
         }
     };
     Ok(Some(record))
@@ -92,7 +93,7 @@ impl IdempotencyStore for EmbeddedIdempotency {
                     return Ok(Claim::Acquired);
                 }
                 let found = read(c, &run, &item)?.ok_or_else(|| {
-                    DbError::Refused(format!("idempotency record {run}:{item} vanished").into())
+                    DbError::from(Refusal::Vanished(format!("{run}:{item}")))
                 })?;
                 Ok(Claim::Existing(found))
             })
@@ -121,7 +122,7 @@ impl IdempotencyStore for EmbeddedIdempotency {
                 }
                 match read(c, &run, &item)? {
                     Some(IdempotencyRecord::Completed { token: t, .. }) if t == token => Ok(()),
-                    _ => Err(DbError::Refused(Box::new(PortError::Conflict))),
+                    _ => Err(PortError::Conflict.into()),
                 }
             })
             .await

@@ -8,7 +8,7 @@ mod idempotency;
 mod queue;
 mod store;
 
-pub use db::{Db, DbError};
+pub use db::{Db, DbError, Refusal};
 pub use idempotency::EmbeddedIdempotency;
 pub use queue::EmbeddedQueue;
 pub use store::EmbeddedStore;
@@ -74,8 +74,7 @@ impl Embedded {
         if me.results.max_receives().await.ok().flatten() != Some(RESULTS_MAX_RECEIVES) {
             me.results
                 .set_redrive(&me.results_dlq, RESULTS_MAX_RECEIVES)
-                .await
-                .map_err(|e| DbError::Refused(Box::new(e)))?;
+                .await?;
         }
         Ok(me)
     }
@@ -110,13 +109,12 @@ impl Embedded {
     }
 }
 
-/// Maps a database error to a port error naming the operation.
+/// Maps a database error to a port error naming the operation: a port's
+/// own answer passes through as it is, anything else is the backend's
+/// failure, kept as the source.
 pub(crate) fn port_err(op: &'static str) -> impl Fn(DbError) -> PortError {
     move |e| match e {
-        DbError::Refused(e) => match e.downcast::<PortError>() {
-            Ok(p) => *p,
-            Err(e) => PortError::backend(op, e),
-        },
+        DbError::Refused(Refusal::Port(p)) => p,
         e => PortError::backend(op, e),
     }
 }

@@ -16,7 +16,7 @@
 //! keeps its id, stored beside its body. A receipt names the page, the slot
 //! and the receive count, so only the latest receive's receipt acts.
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -26,67 +26,15 @@ use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod page;
+
+use page::{
+    decode_bodies, decode_slots, encode_bodies, encode_ids, encode_slots, message_ids,
+    next_visible, Slot, DELETED, SLOTS,
+};
+
 /// SQS's longest visibility timeout: 12 hours.
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
-/// Slots per page at most; message ids are `page * SLOTS + slot`.
-const SLOTS: i64 = 16;
-/// Bytes per slot in a page's state: visible_at (i64 LE), receive count (u32 LE).
-const SLOT_BYTES: usize = 12;
-/// visible_at of a deleted (or moved) slot.
-const DELETED: i64 = -1;
-
-/// One message's state inside its page.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    visible_at: i64,
-    count: u32,
-}
-
-impl Slot {
-    fn live(&self) -> bool {
-        self.visible_at != DELETED
-    }
-}
-
-fn decode_slots(b: &[u8]) -> Vec<Slot> {
-    b.chunks_exact(SLOT_BYTES)
-        .map(|c| {
-            let (v, n) = c.split_at(8);
-            Slot {
-                visible_at: i64::from_le_bytes(v.try_into().unwrap_or_default()),
-                count: u32::from_le_bytes(n.try_into().unwrap_or_default()),
-            }
-        })
-        .collect()
-}
-
-fn encode_slots(slots: &[Slot]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(slots.len() * SLOT_BYTES);
-    for s in slots {
-        b.extend_from_slice(&s.visible_at.to_le_bytes());
-        b.extend_from_slice(&s.count.to_le_bytes());
-    }
-    b
-}
-
-/// The earliest visible_at over the live slots; `None` when all are gone.
-fn next_visible(slots: &[Slot]) -> Option<i64> {
-    slots
-        .iter()
-        .filter(|s| s.live())
-        .map(|s| s.visible_at)
-        .min()
-}
-
-/// Bodies, each as a u32 LE length and its bytes.
-fn encode_bodies<'a>(bodies: impl Iterator<Item = &'a str>) -> Vec<u8> {
-    let mut b = Vec::new();
-    for body in bodies {
-        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        b.extend_from_slice(body.as_bytes());
-    }
-    b
-}
 
 /// A page whose state or bodies do not decode. A SQLite-level error, so
 /// that it rolls back the group rather than commit a half-done write.
@@ -96,44 +44,6 @@ fn corrupt(page: i64) -> DbError {
         rusqlite::types::Type::Blob,
         format!("message page {page} is corrupted").into(),
     ))
-}
-
-/// The bodies of `slots` (ascending) from a page's body blob.
-fn decode_bodies(page: i64, blob: &[u8], slots: &[usize]) -> Result<Vec<String>, DbError> {
-    let mut out = Vec::with_capacity(slots.len());
-    let (mut at, mut slot) = (0usize, 0usize);
-    for &want in slots {
-        loop {
-            let len = blob
-                .get(at..at + 4)
-                .and_then(|l| l.try_into().ok())
-                .map(u32::from_le_bytes)
-                .ok_or_else(|| corrupt(page))? as usize;
-            let body = blob
-                .get(at + 4..at + 4 + len)
-                .ok_or_else(|| corrupt(page))?;
-            at += 4 + len;
-            slot += 1;
-            if slot - 1 == want {
-                out.push(String::from_utf8(body.to_vec()).map_err(|_| corrupt(page))?);
-                break;
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The message id of each slot in `slots`: stored ids for moved messages.
-fn message_ids(page: i64, ids: Option<&[u8]>, slots: &[usize]) -> Vec<i64> {
-    slots
-        .iter()
-        .map(|&s| {
-            ids.and_then(|b| b.get(s * 8..s * 8 + 8))
-                .and_then(|b| b.try_into().ok())
-                .map(i64::from_le_bytes)
-                .unwrap_or(page * SLOTS + s as i64)
-        })
-        .collect()
 }
 
 /// Inserts a page of `bodies` into `queue`, all visible at `visible_at` with
@@ -439,7 +349,8 @@ impl Queue for EmbeddedQueue {
                         let (blob, ids): (Vec<u8>, Option<Vec<u8>>) =
                             bodies.query_row(params![page], |r| Ok((r.get(0)?, r.get(1)?)))?;
                         let ids = ids.as_deref();
-                        let taken_bodies = decode_bodies(page, &blob, &taken)?;
+                        let taken_bodies =
+                            decode_bodies(&blob, &taken).ok_or_else(|| corrupt(page))?;
                         let taken_ids = message_ids(page, ids, &taken);
                         for ((i, body), msg) in taken.iter().zip(taken_bodies).zip(taken_ids) {
                             out.push(Taken {
@@ -451,7 +362,8 @@ impl Queue for EmbeddedQueue {
                             });
                         }
                         if !moved.is_empty() {
-                            let moved_bodies = decode_bodies(page, &blob, &moved)?;
+                            let moved_bodies =
+                                decode_bodies(&blob, &moved).ok_or_else(|| corrupt(page))?;
                             let moved_ids = message_ids(page, ids, &moved);
                             for ((i, body), msg) in moved.iter().zip(moved_bodies).zip(moved_ids) {
                                 dead.push((msg, slots[*i].count, body));
@@ -470,8 +382,7 @@ impl Queue for EmbeddedQueue {
                             })
                             .collect();
                         let blob = encode_bodies(chunk.iter().map(|(_, _, b)| b.as_str()));
-                        let ids: Vec<u8> =
-                            chunk.iter().flat_map(|(m, _, _)| m.to_le_bytes()).collect();
+                        let ids = encode_ids(chunk.iter().map(|(m, _, _)| *m));
                         insert_page(c, dlq, &slots, &blob, Some(&ids))?;
                     }
                 }
@@ -523,10 +434,12 @@ impl Queue for EmbeddedQueue {
         self.db
             .write(move |c| {
                 let visible_at = now_millis() as i64 + timeout;
-                let stale = |why: &str| {
-                    Err(DbError::Refused(
-                        format!("receipt {receipt} is stale: {why}").into(),
-                    ))
+                let stale = |why: &'static str| {
+                    Err(Refusal::StaleReceipt {
+                        receipt: receipt.clone(),
+                        why,
+                    }
+                    .into())
                 };
                 let Some((old_next, mut slots)) = load_page(c, id, page)? else {
                     return stale("the message is gone");
