@@ -251,3 +251,95 @@ async fn connect_refuses_a_work_queue_without_a_dead_letter_queue() {
         other => panic!("expected NoRedrivePolicy, got {other:?}"),
     }
 }
+
+/// Fails every item as retryable; those whose id starts with "wait" ask for
+/// their retry no sooner than 3 s (a gateway's 429 with `Retry-After: 3`).
+#[derive(Debug)]
+struct AsksToWait;
+
+#[async_trait::async_trait]
+impl settle_core::Processor for AsksToWait {
+    async fn process(
+        &self,
+        item: &Item,
+        _ctx: &settle_core::AttemptContext,
+    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
+        let e = settle_core::ProcessError::retryable("busy");
+        if item.id.as_str().starts_with("wait") {
+            return Err(e.with_retry_after(Duration::from_secs(3)));
+        }
+        Err(e)
+    }
+}
+
+/// On SQS the worker sets a retried message's visibility to its delay
+/// before it answers: a retry-after keeps the message out of every receive
+/// until it has passed, while one without comes back after the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_keeps_the_message_hidden_until_it_passes() {
+    use settle_core::message::WorkBody;
+    let aws = fresh().await;
+    let b = aws.backend();
+    let run = settle_core::RunId::generate(now_millis());
+    let body = |id: &str| {
+        let payload = RawValue::from_string("{}".to_owned()).unwrap();
+        WorkBody::new(
+            run.clone(),
+            Item::new(ItemId::new(id).unwrap(), payload),
+            0,
+            5,
+        )
+        .encode()
+    };
+    b.work
+        .send(vec![body("wait-1"), body("now-1")])
+        .await
+        .unwrap();
+    let worker = Worker::new(
+        Arc::new(AsksToWait),
+        b.work.clone(),
+        b.dlq.clone(),
+        b.results.clone(),
+        WorkerConfig {
+            retry_delay: Duration::from_millis(10),
+            ..WorkerConfig::default()
+        },
+    );
+    let visibility = Duration::from_secs(30);
+    let mut batch = Vec::new();
+    for _ in 0..20 {
+        batch.extend(b.work.receive(10, visibility).await.unwrap());
+        if batch.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(batch.len(), 2);
+    let started = Instant::now();
+    let response = worker.handle(&batch, None).await;
+    assert_eq!(response.failures.len(), 2, "both are retried");
+    let received = |got: Vec<settle_core::ports::Delivery>| -> Vec<String> {
+        got.iter()
+            .map(|d| WorkBody::decode(&d.body).unwrap().item.to_string())
+            .collect()
+    };
+    // The backoff (10 ms, whole seconds on SQS: 1 s) has passed; the
+    // retry-after has not.
+    tokio::time::sleep(Duration::from_millis(1_800).saturating_sub(started.elapsed())).await;
+    let early = received(b.work.receive(10, visibility).await.unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "too slow to tell"
+    );
+    assert_eq!(
+        early,
+        vec!["now-1".to_string()],
+        "only the one without a retry-after"
+    );
+    tokio::time::sleep(Duration::from_millis(3_500).saturating_sub(started.elapsed())).await;
+    let late = received(b.work.receive(10, visibility).await.unwrap());
+    assert_eq!(
+        late,
+        vec!["wait-1".to_string()],
+        "back once its retry-after passed"
+    );
+}
