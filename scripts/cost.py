@@ -2,7 +2,14 @@
 """Cost per million items on AWS, from the calls of a real run on the emulator.
 
 Usage: scripts/cost.py [COUNT] [--runs R] [--settle PATH] [--worker-ms MS] [--reducer-ms MS]
+                       [--output-bytes N] [--log-bytes N]
 Needs the emulator's exports in the environment (`make cost` starts it).
+
+Each item's payload also carries an output of about --output-bytes (100
+by default) that the scripted processor returns, and a log line of
+--log-bytes (100) that it writes to every attempt's log: what a real
+processor's output and log add to the ledger rows and results messages.
+0 leaves them out.
 
 Runs COUNT items of the bench mix (10% permanent failures) through
 `settle --backend aws` with local workers, as R runs of COUNT/R items on
@@ -51,6 +58,7 @@ def main():
     args = sys.argv[1:]
     count, binary, runs = 10000, "target/debug/settle", 10
     worker_ms, reducer_ms = 100.0, 200.0
+    output_bytes, log_bytes = 100, 100
     while args:
         a = args.pop(0)
         if a == "--settle":
@@ -59,6 +67,10 @@ def main():
             worker_ms = float(args.pop(0))
         elif a == "--reducer-ms":
             reducer_ms = float(args.pop(0))
+        elif a == "--output-bytes":
+            output_bytes = int(args.pop(0))
+        elif a == "--log-bytes":
+            log_bytes = int(args.pop(0))
         elif a == "--runs":
             runs = int(args.pop(0))
         else:
@@ -81,9 +93,19 @@ def main():
 
     for r in range(runs):
         items = os.path.join(tmp, f"items-{r}.jsonl")
+        generated = subprocess.run(
+            [binary, "generate", "--count", str(per_run), "--mix", "bench", "--seed", str(r + 1)],
+            capture_output=True, text=True, check=True).stdout
         with open(items, "w") as out:
-            subprocess.run([binary, "generate", "--count", str(per_run), "--mix", "bench", "--seed", str(r + 1)],
-                           stdout=out, check=True)
+            for line in generated.splitlines():
+                item = json.loads(line)
+                payload = item.setdefault("payload", {})
+                if output_bytes:
+                    # {"receipt":"..."}: output_bytes of JSON in all.
+                    payload["output"] = {"receipt": "r" * max(1, output_bytes - 15)}
+                if log_bytes:
+                    payload["log"] = "l" * (log_bytes - 1) + "\n"
+                out.write(json.dumps(item, separators=(",", ":")) + "\n")
         expected_failed = sum(1 for line in open(items) if "permanent" in line)
         _, rep = settle(binary, ["load", "--items", items, "--json"], os.path.join(tmp, "load.json"), stack)
         add("load", rep)
@@ -96,13 +118,23 @@ def main():
         add("process", rep)
         if done["total"] != per_run or done["pending"] != 0 or done["failed"] != expected_failed:
             sys.exit(f"run {run['run_id']} did not settle exactly: {done}, expected {expected_failed} failed")
+        if r == runs - 1 and output_bytes:
+            # The outputs are stored and read back from the deployed ledger.
+            res = subprocess.run([binary, "--backend", "aws", "results", run["run_id"]],
+                                 capture_output=True, text=True, env={**os.environ, **stack}, check=True)
+            lines = [json.loads(l) for l in res.stdout.splitlines()]
+            with_output = sum(1 for l in lines if l.get("output") == {"receipt": "r" * max(1, output_bytes - 15)})
+            if len(lines) != per_run or with_output != done["succeeded"]:
+                sys.exit(f"results of {run['run_id']}: {len(lines)} lines, {with_output} with their output, "
+                         f"expected {per_run} and {done['succeeded']}")
         succeeded += done["succeeded"]
         failed += done["failed"]
         print(f"run {r + 1}/{runs} ({run['run_id']}): {done['succeeded']} succeeded, "
               f"{done['failed']} failed (exact)", file=sys.stderr, flush=True)
     count = per_run * runs
 
-    print(f"{count} items in {runs} runs on the emulator: {succeeded} succeeded, {failed} failed (exact)\n")
+    print(f"{count} items in {runs} runs on the emulator: {succeeded} succeeded, {failed} failed (exact); "
+          f"outputs of {output_bytes} bytes, logs of {log_bytes} bytes per attempt\n")
     print(f"{'phase':9} {'operation':34} {'calls':>8} {'per item':>9} {'units':>10}")
     totals = {"sqs": 0.0, "sqs_empty": 0.0, "wru": 0.0, "rru": 0.0}
     for phase, rep in phases.items():

@@ -166,12 +166,19 @@ impl ProcessorSpec {
 /// | `"panic"`       | panic                                                        |
 /// | `"sleep:MS"`    | sleep MS milliseconds, then succeed                          |
 /// | anything else   | permanent error "unknown script"                             |
+///
+/// A success returns `payload.output`, if there is one, as the item's
+/// output; `payload.log`, if there is one, is written to every attempt's
+/// log (what `make cost` uses to price outputs and logs).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Scripted;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct ScriptPayload {
     script: Option<String>,
+    output: Option<Box<serde_json::value::RawValue>>,
+    // Any JSON, so that an odd `log` never changes what the script does.
+    log: Option<serde_json::Value>,
 }
 
 /// A parsed script.
@@ -223,18 +230,24 @@ impl Processor for Scripted {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError> {
-        match Script::of(item) {
-            Script::Ok => Ok(None),
+        // Payloads that are not objects just succeed.
+        let p = serde_json::from_str::<ScriptPayload>(item.payload.get()).unwrap_or_default();
+        if let Some(serde_json::Value::String(log)) = &p.log {
+            ctx.log(log);
+        }
+        let done = || Ok(p.output.clone().map(Output::raw));
+        match p.script.as_deref().map_or(Script::Ok, Script::parse) {
+            Script::Ok => done(),
             Script::Permanent => Err(ProcessError::permanent("permanent failure (scripted)")),
             Script::Retryable(n) if ctx.attempt <= n => Err(ProcessError::retryable(format!(
                 "retryable failure {} of {n} (scripted)",
                 ctx.attempt
             ))),
-            Script::Retryable(_) => Ok(None),
+            Script::Retryable(_) => done(),
             Script::Panic => panic!("scripted panic for item {}", item.id),
             Script::Sleep(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok(None)
+                done()
             }
             Script::Unknown(s) => Err(ProcessError::permanent(format!("unknown script {s:?}"))),
         }
@@ -302,5 +315,18 @@ mod tests {
         let run = RunId::generate(0);
         let ctx = AttemptContext::new(run.clone(), &item("null"), 1);
         assert_eq!(ctx.idempotency_key, format!("{run}:i"));
+    }
+
+    #[tokio::test]
+    async fn scripted_returns_the_payloads_output_and_writes_its_log() {
+        let it = item(r#"{"script":"ok","output":{"receipt":"r-1"},"log":"charged\n"}"#);
+        let ctx = AttemptContext::new(RunId::generate(0), &it, 1);
+        let out = Scripted.process(&it, &ctx).await.unwrap().unwrap();
+        assert_eq!(out.get(), r#"{"receipt":"r-1"}"#);
+        assert_eq!(ctx.take_log().as_deref(), Some("charged\n"));
+        let it = item(r#"{"script":"permanent","output":1,"log":7}"#);
+        let ctx = AttemptContext::new(RunId::generate(0), &it, 1);
+        assert!(Scripted.process(&it, &ctx).await.is_err());
+        assert_eq!(ctx.take_log(), None);
     }
 }
