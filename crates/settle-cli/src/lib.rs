@@ -122,7 +122,7 @@ fn main() -> ExitCode {
     match rt.block_on(commands::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             if json {
                 // A script reading stdout learns of the failure there too.
                 println!("{}", json_error(&e));
@@ -147,7 +147,25 @@ fn is_input(e: &anyhow::Error) -> bool {
 /// causes, and whether it was bad input (exit 2) or an operational failure.
 fn json_error(e: &anyhow::Error) -> serde_json::Value {
     let kind = if is_input(e) { "input" } else { "operational" };
-    serde_json::json!({ "error": format!("{e:#}"), "kind": kind })
+    serde_json::json!({ "error": chain(e), "kind": kind })
+}
+
+/// The error and its causes, `: `-joined, each cause said once: an error
+/// whose message already quotes its source (as a port error quotes the AWS
+/// call's) does not repeat it.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// The runtime's worker threads: one fewer than the cores, at least one.
@@ -195,6 +213,21 @@ fn quiet_contained_panics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_quoted_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("queue q: timed out")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("SQS.SendMessageBatch failed: {0}")]
+        struct Outer(#[source] Inner);
+        let e = anyhow::Error::new(Outer(Inner)).context("dispatch failed");
+        assert_eq!(
+            chain(&e),
+            "dispatch failed: SQS.SendMessageBatch failed: queue q: timed out"
+        );
+    }
 
     #[test]
     fn json_errors_name_their_kind_and_keep_their_causes() {

@@ -82,3 +82,53 @@ fn aws_run_refuses_max_receives_at_the_queue_limit() {
         .expect_code(2)
         .stderr_has("must be below the work queue's maxReceiveCount (3)");
 }
+
+/// A user's command does the work; its outputs and each attempt's log are
+/// kept in the deployed ledger and read back by `results`, `show` and
+/// `logs` with `--backend aws`.
+#[test]
+fn aws_keeps_each_items_output_and_each_attempts_log() {
+    let env = Env::aws(6);
+    let cmd = env.write(
+        "worker.sh",
+        r#"id=$(sed 's/.*"id":"\([^"]*\)".*/\1/')
+echo "working on $id" >&2
+case "$id" in
+  bad*) echo "card declined for $id" >&2; exit 65;;
+esac
+printf '{"charged":"%s"}' "$id"
+"#,
+    );
+    let exec = format!("sh {cmd}");
+    let items = env.write(
+        "i.jsonl",
+        "{\"id\":\"a\",\"payload\":{}}\n{\"id\":\"bad-1\",\"payload\":{}}\n{\"id\":\"b\",\"payload\":{}}\n",
+    );
+    let run = env.run(&items, &["--exec", &exec]);
+    assert_run(&run, "partial", 3, 2, 1, 0);
+    let id = run_id(&run);
+    let out = env.settle(&["results", &id]);
+    out.expect_code(0);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            serde_json::json!({"id": "a", "status": "succeeded", "attempts": 1, "output": {"charged": "a"}}),
+            serde_json::json!({"id": "bad-1", "status": "failed", "attempts": 1, "error": "exit 65: card declined for bad-1"}),
+            serde_json::json!({"id": "b", "status": "succeeded", "attempts": 1, "output": {"charged": "b"}}),
+        ]
+    );
+    let shown = env.show(&id, "bad-1");
+    assert_eq!(
+        shown["history"][0]["log"],
+        "working on bad-1\ncard declined for bad-1\n"
+    );
+    let logs = env.settle(&["logs", &id, "b"]);
+    logs.expect_code(0);
+    assert!(logs.stdout.contains("working on b\n"), "{}", logs.stdout);
+    assert!(!logs.stdout.contains("bad-1"), "{}", logs.stdout);
+}
