@@ -252,26 +252,6 @@ async fn connect_refuses_a_work_queue_without_a_dead_letter_queue() {
     }
 }
 
-/// Fails every item as retryable; those whose id starts with "wait" ask for
-/// their retry no sooner than 3 s (a gateway's 429 with `Retry-After: 3`).
-#[derive(Debug)]
-struct AsksToWait;
-
-#[async_trait::async_trait]
-impl settle_core::Processor for AsksToWait {
-    async fn process(
-        &self,
-        item: &Item,
-        _ctx: &settle_core::AttemptContext,
-    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
-        let e = settle_core::ProcessError::retryable("busy");
-        if item.id.as_str().starts_with("wait") {
-            return Err(e.with_retry_after(Duration::from_secs(3)));
-        }
-        Err(e)
-    }
-}
-
 /// On SQS the worker sets a retried message's visibility to its delay
 /// before it answers: a retry-after keeps the message out of every receive
 /// until it has passed, while one without comes back after the backoff.
@@ -296,7 +276,9 @@ async fn a_retry_after_keeps_the_message_hidden_until_it_passes() {
         .await
         .unwrap();
     let worker = Worker::new(
-        Arc::new(AsksToWait),
+        Arc::new(settle_conformance::processors::AsksToWait(
+            Duration::from_secs(3),
+        )),
         b.work.clone(),
         b.dlq.clone(),
         b.results.clone(),

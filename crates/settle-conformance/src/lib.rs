@@ -13,6 +13,7 @@
 pub mod faults;
 mod idempotency;
 mod ledger;
+pub mod processors;
 mod queue;
 pub mod sim;
 mod source;

@@ -298,26 +298,6 @@ async fn the_attempt_deadline_is_the_item_timeout_or_the_invocation_end() {
     assert_eq!(seen.0.lock().unwrap().pop().unwrap(), None);
 }
 
-/// Fails every item as retryable; items whose id starts with "wait" ask
-/// for their retry no sooner than 2 s.
-#[derive(Debug)]
-struct AsksToWait;
-
-#[async_trait::async_trait]
-impl settle_core::Processor for AsksToWait {
-    async fn process(
-        &self,
-        item: &Item,
-        _ctx: &settle_core::AttemptContext,
-    ) -> Result<Option<settle_core::domain::Output>, settle_core::ProcessError> {
-        let e = settle_core::ProcessError::retryable("busy");
-        if item.id.as_str().starts_with("wait") {
-            return Err(e.with_retry_after(Duration::from_secs(2)));
-        }
-        Err(e)
-    }
-}
-
 /// A processor's retry hint (an idempotency claim held elsewhere) puts the
 /// retry off past the worker's own backoff; without one, the backoff rules.
 #[tokio::test]
@@ -325,7 +305,9 @@ async fn a_retry_hint_lengthens_the_retry_delay() {
     let dir = tempfile::tempdir().unwrap().keep();
     let e = Embedded::open(&dir.join("s.db")).await.unwrap();
     let worker = Worker::new(
-        Arc::new(AsksToWait),
+        Arc::new(settle_conformance::processors::AsksToWait(
+            Duration::from_secs(2),
+        )),
         Arc::new(e.work.clone()),
         Arc::new(e.dlq.clone()),
         Arc::new(e.results.clone()),
