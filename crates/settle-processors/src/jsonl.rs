@@ -880,15 +880,12 @@ impl Processor for Jsonl {
         let pid = flight.proc.pid;
 
         // A process that died before reading shows as a failed write; its
-        // reader then tells how it ended.
-        let written = flight
-            .proc
-            .stdin
-            .lock()
-            .await
-            .write_all(line.as_bytes())
-            .await;
+        // reader then tells how it ended. The write is raced with the
+        // deadline too: a process that stops reading fills its pipe.
+        let mut written: Option<std::io::Result<()>> = None;
         let reply = {
+            let proc = flight.proc.clone();
+            let write = async move { proc.stdin.lock().await.write_all(line.as_bytes()).await };
             let InFlight { log, tail, .. } = &mut flight;
             let deadline = ctx.deadline;
             let cutoff = async move {
@@ -897,19 +894,21 @@ impl Processor for Jsonl {
                     None => std::future::pending().await,
                 }
             };
-            let broken_write = async {
-                match &written {
-                    Ok(()) => std::future::pending().await,
-                    Err(_) => tokio::time::sleep(EXIT_WAIT * 2).await,
-                }
-            };
-            tokio::pin!(answer, cutoff, broken_write);
+            // Set once a write fails: how long the reader has to say why.
+            let broken = tokio::time::sleep(Duration::from_secs(86_400));
+            tokio::pin!(write, answer, cutoff, broken);
             loop {
                 tokio::select! {
+                    w = &mut write, if written.is_none() => {
+                        if w.is_err() {
+                            broken.as_mut().reset(tokio::time::Instant::now() + EXIT_WAIT * 2);
+                        }
+                        written = Some(w);
+                    }
                     reply = &mut answer => break Waited::Reply(reply.ok()),
                     Some(chunk) = log.recv() => forward(ctx, tail, &chunk),
                     () = &mut cutoff => break Waited::Deadline,
-                    () = &mut broken_write => break Waited::Reply(None),
+                    () = &mut broken => break Waited::Reply(None),
                 }
             }
         };
@@ -945,8 +944,8 @@ impl Processor for Jsonl {
             None => {
                 flight.proc.abandon(id);
                 let why = match &written {
-                    Err(e) => format!("the process (pid {pid}) cannot be talked to ({e})"),
-                    Ok(()) => format!("the process (pid {pid}) stopped answering"),
+                    Some(Err(e)) => format!("the process (pid {pid}) cannot be talked to ({e})"),
+                    _ => format!("the process (pid {pid}) stopped answering"),
                 };
                 return Err(ProcessError::retryable(flight.why(why)));
             }

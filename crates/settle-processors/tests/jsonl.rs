@@ -665,3 +665,21 @@ async fn the_renewal_examples() {
         assert_eq!(e.retry_after, Some(Duration::from_secs(60)), "{cmd}: {e}");
     }
 }
+
+/// A process that never reads its stdin: an item larger than the pipe's
+/// buffer cannot even be written, and the deadline still cuts it off.
+#[tokio::test]
+async fn the_deadline_cuts_off_an_item_the_process_never_reads() {
+    let p = Jsonl::new("sleep 30", 1).unwrap();
+    let it = item("big", &format!("{:?}", "x".repeat(300_000)));
+    let mut c = ctx(&it);
+    c.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let e = p.process(&it, &c).await.unwrap_err();
+    assert!(e.message.contains("no answer by the deadline"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
