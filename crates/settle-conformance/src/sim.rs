@@ -20,8 +20,7 @@ use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::{
-    simulate_wall_clock, Item, ItemId, ItemRecord, ItemStatus, Millis, Output, ProcessError,
-    RunConfig, RunId,
+    Item, ItemId, ItemRecord, ItemStatus, Millis, Output, ProcessError, RunConfig, RunId,
 };
 use settle_core::idempotency::{Idempotency, IdempotencyError};
 use settle_core::message::WorkBody;
@@ -29,8 +28,9 @@ use settle_core::ports::{Delivery, Ledger, PortError, Queue, QueueDepth};
 use settle_core::reconcile;
 use settle_core::redrive::{self, RedriveReport};
 use settle_core::runner::{Runner, RunnerConfig, RunnerError, RunnerStats};
+use settle_core::testing::{simulate_wall_clock, Scripted};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{AttemptContext, Processor, Scripted};
+use settle_core::{AttemptContext, Processor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;

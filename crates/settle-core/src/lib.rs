@@ -1,26 +1,27 @@
-//! Settle's core: the domain, the ports (small traits every backend
-//! implements), and the stages (dispatch, work, reduce, redrive) as plain
-//! async code over the ports. No AWS and no Lambda types live here.
+//! Settle's core, in layers: the domain and its ports ([`domain`]: small
+//! traits every backend implements), the wire formats ([`wire`]), the
+//! stages ([`stages`]: dispatch, work, reduce, redrive, reconcile) as plain
+//! async code over the ports, and the local [`runner`] that drives them.
+//! [`testing`] holds the scripted processor and the simulated clock. No AWS
+//! and no Lambda types live here.
 
-pub mod backend;
-pub mod dispatch;
 pub mod domain;
-pub mod idempotency;
-mod json;
-pub mod jsonl;
-pub mod message;
-pub mod ports;
-pub mod processor;
-pub mod reconcile;
-pub mod redrive;
-pub mod reduce;
 pub mod runner;
-pub mod work;
+pub mod stages;
+pub mod testing;
+pub mod wire;
 
-pub use backend::Backend;
+// Each module is also reachable from the crate's root, where the other
+// crates name it (`settle_core::ports::Queue`).
+pub use domain::{backend, idempotency, ports, processor};
+pub use stages::{dispatch, reconcile, redrive, reduce, work};
+pub use wire::{jsonl, message};
+
+pub use domain::backend::Backend;
+pub use domain::idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
+pub use domain::ports::{Ledger, PortError, Queue, Source};
+pub use domain::processor::{AttemptContext, ExecProtocol, Processor, ProcessorSpec};
 pub use domain::{
     Item, ItemId, ItemRecord, ItemStatus, ProcessError, RunConfig, RunId, RunRecord, RunStatus,
 };
-pub use idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
-pub use ports::{Ledger, PortError, Queue, Source};
-pub use processor::{AttemptContext, ExecProtocol, Processor, ProcessorSpec, Scripted};
+pub use testing::Scripted;

@@ -4,9 +4,9 @@
 //! and leave reported failures for redelivery; reducer pollers do the same
 //! with the results queue and [`reduce`].
 
-use crate::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
-use crate::reduce::reduce;
-use crate::work::{delete_done, Worker};
+use crate::domain::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::stages::reduce::reduce;
+use crate::stages::work::{delete_done, Worker};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,13 +14,13 @@ pub const MAX_QUEUE_BATCH: usize = 10;
 
 /// Splits consecutive bodies into send batches that SQS accepts: at most
 /// [`MAX_QUEUE_BATCH`] entries and at most
-/// [`MAX_BODY_BYTES`](crate::message::MAX_BODY_BYTES) in all. Returns index ranges.
+/// [`MAX_BODY_BYTES`](crate::wire::message::MAX_BODY_BYTES) in all. Returns index ranges.
 pub fn send_batches(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, &size) in sizes.iter().enumerate() {
         if i > start
-            && (i - start == MAX_QUEUE_BATCH || bytes + size > crate::message::MAX_BODY_BYTES)
+            && (i - start == MAX_QUEUE_BATCH || bytes + size > crate::wire::message::MAX_BODY_BYTES)
         {
             out.push(start..i);
             (start, bytes) = (i, 0);
@@ -41,7 +41,7 @@ mod tests {
     fn send_batches_respect_count_and_bytes() {
         assert_eq!(send_batches(&[]), vec![]);
         assert_eq!(send_batches(&[1; 25]), vec![0..10, 10..20, 20..25]);
-        let big = crate::message::MAX_BODY_BYTES / 2;
+        let big = crate::wire::message::MAX_BODY_BYTES / 2;
         assert_eq!(send_batches(&[big, big, 1, big]), vec![0..2, 2..4]);
         assert_eq!(send_batches(&[big + 1, big]), vec![0..1, 1..2]);
     }
@@ -116,7 +116,7 @@ impl QueueDepth {
 ///   received that many times moves there instead of being delivered again.
 /// - Send, receive and delete take at most [`MAX_QUEUE_BATCH`] entries.
 /// - A body, and all bodies of one send together, are at most
-///   [`crate::message::MAX_BODY_BYTES`] bytes (see [`send_batches`]).
+///   [`crate::wire::message::MAX_BODY_BYTES`] bytes (see [`send_batches`]).
 /// - Deleting with a receipt that is not the latest one's may leave the
 ///   message in place; deleting a deleted message is not an error.
 #[async_trait]
@@ -200,7 +200,7 @@ pub struct Versioned<T> {
 pub struct ItemPut {
     pub run: RunId,
     pub item: ItemId,
-    /// The item's position in the run's claim order ([`crate::message::WorkBody::seq`]).
+    /// The item's position in the run's claim order ([`crate::wire::message::WorkBody::seq`]).
     pub seq: u64,
     /// The version read; `None` means the row must not exist yet.
     pub expected: Option<u64>,

@@ -10,7 +10,7 @@
 //! keeps using serde, and bodies from either writer read the same.
 
 use crate::domain::{Attempt, AttemptOutcome, ErrorKind, ItemId, ItemRecord, RunId};
-use crate::message::{ResultBody, WorkBody};
+use crate::wire::message::{ResultBody, WorkBody};
 
 /// A JSON text being written.
 struct Out(String);
@@ -167,7 +167,7 @@ mod tests {
         null_payload, Attempt, AttemptOutcome, ErrorKind, Item, ItemId, ItemRecord, ItemStatus,
         Output, RunId,
     };
-    use crate::message::{DeadLetter, ResultBody, WorkBody};
+    use crate::wire::message::{DeadLetter, ResultBody, WorkBody};
     use proptest::prelude::*;
     use serde_json::value::RawValue;
 

@@ -1,9 +1,9 @@
 //! Reading an items file: JSON Lines, one `{"id": "...", "payload": ...}`
 //! per line. Streamed: one line in memory at a time, whatever the file size.
 
+use crate::domain::ports::LineError;
 use crate::domain::{null_payload, Item, ItemId};
-use crate::message::MAX_BODY_BYTES;
-use crate::ports::LineError;
+use crate::wire::message::MAX_BODY_BYTES;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::io::{BufRead, Read};

@@ -2,8 +2,8 @@
 //! it: its queues and stores behind the ports. Each backend crate
 //! (`settle-embedded`, `settle-aws`) builds one of these.
 
-use crate::idempotency::IdempotencyStore;
-use crate::ports::{Ledger, Queue, Source};
+use crate::domain::idempotency::IdempotencyStore;
+use crate::domain::ports::{Ledger, Queue, Source};
 use std::sync::Arc;
 
 /// The queues and stores of one deployment (a database file, or an AWS stack).
@@ -20,6 +20,6 @@ pub struct Backend {
     pub source: Arc<dyn Source>,
     pub ledger: Arc<dyn Ledger>,
     /// Idempotency records of processors' side effects (see
-    /// [`crate::idempotency::Idempotency`]), kept beside the ledger.
+    /// [`crate::domain::idempotency::Idempotency`]), kept beside the ledger.
     pub idempotency: Arc<dyn IdempotencyStore>,
 }

@@ -12,11 +12,11 @@
 //! for the reducer, and a marked copy in the DLQ that `redrive` moves back
 //! like any other.
 
-use crate::backend::Backend;
+use crate::domain::backend::Backend;
+use crate::domain::ports::{send_batches, Delivery, Ledger, PortError, Queue};
 use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
-use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
-use crate::ports::{send_batches, Delivery, Ledger, PortError, Queue};
-use crate::redrive::{next_scan_batch, release};
+use crate::stages::redrive::{next_scan_batch, release};
+use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use std::time::Duration;
 
 /// How long scanned DLQ messages stay hidden while one pass runs.

@@ -2,9 +2,9 @@
 //! to the work queue. Only messages of the named run are touched; a message
 //! that is in flight is invisible and so never duplicated.
 
+use crate::domain::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::domain::{ItemId, ItemStatus, RunId};
-use crate::message::WorkBody;
-use crate::ports::{Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::wire::message::WorkBody;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -248,7 +248,7 @@ impl Scan<'_> {
                 .collect();
             // Send before delete: a crash between them leaves a duplicate, never a loss.
             let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
-            for range in crate::ports::send_batches(&sizes) {
+            for range in crate::domain::ports::send_batches(&sizes) {
                 work.send(bodies[range].to_vec()).await?;
             }
             dlq.delete(moves.iter().map(|(d, _)| d.receipt.clone()).collect())

@@ -66,7 +66,7 @@ impl WorkBody {
         }
     }
     pub fn encode(&self) -> String {
-        crate::json::work_body(self)
+        crate::wire::json::work_body(self)
     }
     pub fn decode(body: &str) -> Result<Self, DecodeError> {
         if body.len() > MAX_BODY_BYTES {
@@ -91,7 +91,7 @@ pub struct ResultBody {
     pub attempt: Attempt,
 }
 
-/// How a [`ResultBody`] is read. It is written by [`crate::json`] alone
+/// How a [`ResultBody`] is read. It is written by [`crate::wire::json`] alone
 /// (one encoder for the wire type); this is the same JSON, spelled out
 /// field by field rather than with `#[serde(flatten)]`: flatten buffers
 /// every field into a map of its own before decoding it, which made
@@ -160,7 +160,7 @@ impl<'de> Deserialize<'de> for ResultBody {
 
 impl ResultBody {
     pub fn encode(&self) -> String {
-        crate::json::result_body(self)
+        crate::wire::json::result_body(self)
     }
     pub fn decode(body: &str) -> Result<Self, DecodeError> {
         if body.len() > MAX_BODY_BYTES {

@@ -2,8 +2,8 @@
 //! the utility itself. It keeps the store's contract in one process.
 
 use super::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyStore};
+use crate::domain::ports::PortError;
 use crate::domain::Millis;
-use crate::ports::PortError;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;

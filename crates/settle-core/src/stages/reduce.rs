@@ -3,10 +3,10 @@
 //! [`ItemRecord::apply`] (which recognises duplicates), and the rows and the
 //! run tallies are committed together, conditional on the versions read.
 
+use crate::domain::ports::{Delivery, ItemPut, Ledger, LedgerBatch, PortError, MAX_COMMIT_ACTIONS};
 use crate::domain::{now_millis, ItemId, ItemRecord, RunId, RunRecord, TallyDelta};
-use crate::message::{decode_results, ResultBody};
-use crate::ports::{Delivery, ItemPut, Ledger, LedgerBatch, PortError, MAX_COMMIT_ACTIONS};
-use crate::work::BatchResponse;
+use crate::stages::work::BatchResponse;
+use crate::wire::message::{decode_results, ResultBody};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 

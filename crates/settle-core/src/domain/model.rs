@@ -3,53 +3,23 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::cell::Cell;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch; every timestamp Settle stores is one.
 pub type Millis = u64;
 
-thread_local! {
-    /// This thread's simulated wall clock, if any: the epoch it started at,
-    /// and tokio's instant at that moment.
-    static SIMULATED: Cell<Option<(Millis, tokio::time::Instant)>> = const { Cell::new(None) };
-}
-
 /// The current wall-clock time in [`Millis`]; on a thread that runs a
-/// simulation ([`simulate_wall_clock`]), the simulated one.
+/// simulation ([`simulate_wall_clock`](crate::testing::simulate_wall_clock)),
+/// the simulated one.
 pub fn now_millis() -> Millis {
-    if let Some((epoch, start)) = SIMULATED.with(Cell::get) {
-        return epoch + start.elapsed().as_millis() as Millis;
+    if let Some(now) = crate::testing::clock::simulated_now() {
+        return now;
     }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
-}
-
-/// Makes [`now_millis`] on this thread advance with tokio's clock from
-/// `epoch` until the guard drops. A simulation runs on a current-thread
-/// runtime with paused time: every timestamp the stages and the embedded
-/// engine take (visibility timeouts, claim expiries) then follows the same
-/// virtual clock as their sleeps and timeouts, and a replay sees the same
-/// times.
-pub fn simulate_wall_clock(epoch: Millis) -> SimulatedWallClock {
-    let previous = SIMULATED.with(|c| c.replace(Some((epoch, tokio::time::Instant::now()))));
-    SimulatedWallClock { previous }
-}
-
-/// Restores the thread's previous clock when dropped.
-#[derive(Debug)]
-#[must_use = "the simulated clock ends when this guard drops"]
-pub struct SimulatedWallClock {
-    previous: Option<(Millis, tokio::time::Instant)>,
-}
-
-impl Drop for SimulatedWallClock {
-    fn drop(&mut self) {
-        SIMULATED.with(|c| c.set(self.previous));
-    }
 }
 
 /// The longest item id accepted, in characters.
@@ -476,7 +446,7 @@ pub struct ItemRecord {
 impl ItemRecord {
     /// The record's JSON, as serde_json writes it (only faster).
     pub fn encode(&self) -> String {
-        crate::json::item_record(self)
+        crate::wire::json::item_record(self)
     }
 
     /// The output of the item's success (the first, if duplicates succeeded too).
@@ -567,7 +537,7 @@ pub struct RunConfig {
     /// The processor that does the run's work, where the run was started
     /// with one (a run dispatched for deployed workers uses theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub processor: Option<crate::processor::ProcessorSpec>,
+    pub processor: Option<crate::domain::processor::ProcessorSpec>,
 }
 
 impl Default for RunConfig {

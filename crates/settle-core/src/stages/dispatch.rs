@@ -4,9 +4,9 @@
 //! up where it stopped. A resend after a cut-off can duplicate a message;
 //! the reducer counts each item once regardless.
 
+use crate::domain::ports::{send_batches, Ledger, PortError, Queue, Source};
 use crate::domain::{now_millis, RunConfig, RunId, RunRecord};
-use crate::message::WorkBody;
-use crate::ports::{send_batches, Ledger, PortError, Queue, Source};
+use crate::wire::message::WorkBody;
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
@@ -20,7 +20,7 @@ const PAGE: usize = 1000;
 /// Send calls in flight at once: a whole page. On the embedded engine the
 /// sends of a page then share one group commit instead of queueing behind
 /// each other for several; on SQS they are independent HTTP calls.
-const SEND_CONCURRENCY: usize = PAGE / crate::ports::MAX_QUEUE_BATCH;
+const SEND_CONCURRENCY: usize = PAGE / crate::domain::ports::MAX_QUEUE_BATCH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {

@@ -2,13 +2,13 @@
 //! response out. Each message settles on its own: a processor error, a
 //! panic, a timeout or an undecodable body affects only that message.
 
+use crate::domain::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::domain::processor::{AttemptContext, Processor};
 use crate::domain::{
     bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError,
     MAX_OUTPUT_BYTES,
 };
-use crate::message::{pack_results, DeadLetter, ResultBody, WorkBody};
-use crate::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
-use crate::processor::{AttemptContext, Processor};
+use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
 use std::future::Future;

@@ -23,9 +23,9 @@
 //! their deadline (the worker's item timeout, Lambda's own limit) keeps the
 //! first case out. See `docs/idempotency.md`.
 
+use crate::domain::ports::PortError;
+use crate::domain::processor::AttemptContext;
 use crate::domain::{now_millis, ErrorKind, Item, ItemId, Millis, ProcessError, RunId};
-use crate::ports::PortError;
-use crate::processor::AttemptContext;
 use async_trait::async_trait;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;

@@ -1,0 +1,9 @@
+//! What tests, simulations and demos drive the pipeline with, kept out of
+//! the domain: the `scripted` processor (which the CLI's
+//! `--processor scripted` also runs) and the simulated wall clock.
+
+pub mod clock;
+pub mod scripted;
+
+pub use clock::{simulate_wall_clock, SimulatedWallClock};
+pub use scripted::{Script, Scripted};
