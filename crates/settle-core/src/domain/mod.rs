@@ -1,5 +1,5 @@
 //! The domain and its ports: items, runs and their ledger records
-//! ([`model`], re-exported here), the processor a run uses, the
+//! (`model`, re-exported here), the processor a run uses, the
 //! idempotency utility, and the traits every backend implements.
 
 pub mod backend;
