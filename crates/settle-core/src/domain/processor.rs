@@ -158,15 +158,7 @@ impl ProcessorSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ItemId;
-    use serde_json::value::RawValue;
-
-    fn item(payload: &str) -> Item {
-        Item::new(
-            ItemId::new("i").unwrap(),
-            RawValue::from_string(payload.into()).unwrap(),
-        )
-    }
+    use crate::testing::item;
 
     #[test]
     fn idempotency_key_is_run_and_item() {

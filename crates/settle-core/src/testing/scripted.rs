@@ -110,15 +110,8 @@ impl Processor for Scripted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ErrorKind, ItemId, RunId};
-    use serde_json::value::RawValue;
-
-    fn item(payload: &str) -> Item {
-        Item::new(
-            ItemId::new("i").unwrap(),
-            RawValue::from_string(payload.into()).unwrap(),
-        )
-    }
+    use crate::domain::{ErrorKind, RunId};
+    use crate::testing::item;
 
     #[test]
     fn scripts_parse() {
