@@ -26,6 +26,7 @@ pub use sqs::SqsQueue;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
+use settle_core::Capabilities;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,6 +246,29 @@ impl AwsBackend {
             source: Arc::new(self.source.clone()),
             ledger: Arc::new(self.ledger.clone()),
             idempotency: Arc::new(self.idempotency.clone()),
+            capabilities: self.capabilities(),
+        }
+    }
+
+    /// The stack's tuning, as [`settle_core::Backend::capabilities`].
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // SQS's message counts are approximate and lag by up to a minute.
+            stall_after: Duration::from_secs(90),
+            // The results queue's VisibilityTimeout (infra/stack.json,
+            // template.yaml), which the event source mapping uses: a reducer
+            // batch on a slow or throttled table must not come back to a
+            // second reducer while the first still commits it.
+            min_results_visibility: Duration::from_secs(180),
+            // The reducer's event source mapping has a
+            // MaximumBatchingWindowInSeconds (template.yaml) that fills
+            // batches and so thins the ledger's commits; the local runner
+            // plays it.
+            reducer_window: Duration::from_secs(2),
+            // The stack's redrive policy is fixed by its template; a run must
+            // end its attempts before the queue parks its messages, so that
+            // every dead-lettered item has a terminal result in the tally.
+            fixed_max_receive_count: self.work_max_receive_count,
         }
     }
 

@@ -107,54 +107,35 @@ impl Deployment {
     /// Makes the queues ready for runs of `max_receives`, or says why they
     /// cannot take them.
     pub async fn prepare_for(&self, max_receives: u32) -> Result<()> {
-        match &self.kind {
-            Kind::Embedded(e) => Ok(e.set_max_receives(max_receives).await?),
-            // The stack's redrive policy is fixed by its template; a run must
-            // end its attempts before the queue parks its messages, so that
-            // every dead-lettered item has a terminal result in the tally.
-            Kind::Aws(aws) => match aws.work_max_receive_count() {
-                Some(limit) if max_receives < limit => Ok(()),
-                Some(limit) => Err(input(format!(
+        if let Some(limit) = self.backend.capabilities.fixed_max_receive_count {
+            if max_receives >= limit {
+                return Err(input(format!(
                     "--max-receives {max_receives} must be below the work queue's maxReceiveCount ({limit}); \
                      use at most {}",
                     limit.saturating_sub(1).max(1)
-                ))),
-                None => Ok(()),
-            },
+                )));
+            }
         }
+        if let Kind::Embedded(e) = &self.kind {
+            e.set_max_receives(max_receives).await?;
+        }
+        Ok(())
     }
 
     /// How long the queues may look empty while items are still pending
-    /// before the CLI calls the run stalled. SQS's counts are approximate
-    /// and lag by up to a minute; the embedded counts are exact.
+    /// before the CLI calls the run stalled.
     pub fn stall_after(&self) -> Duration {
-        match &self.kind {
-            Kind::Embedded(_) => Duration::from_secs(3),
-            Kind::Aws(_) => Duration::from_secs(90),
-        }
+        self.backend.capabilities.stall_after
     }
 
-    /// How long the local runner's reducers hide the results they took. On
-    /// AWS, the results queue's VisibilityTimeout (infra/stack.json,
-    /// template.yaml), which the event source mapping uses: a reducer batch
-    /// on a slow or throttled table must not come back to a second reducer
-    /// while the first still commits it. Embedded: the work visibility, so
-    /// that after a killed process `resume` gets the results back soon.
+    /// How long the local runner's reducers hide the results they took:
+    /// the work visibility, or the backend's minimum if that is longer.
     pub fn results_visibility(&self, work: Duration) -> Duration {
-        match &self.kind {
-            Kind::Embedded(_) => work,
-            Kind::Aws(_) => Duration::from_secs(180).max(work),
-        }
+        self.backend.capabilities.min_results_visibility.max(work)
     }
 
-    /// The local runner's reducer batching window. On AWS it plays the
-    /// reducer's event source mapping, whose MaximumBatchingWindowInSeconds
-    /// (template.yaml) fills batches and so thins the ledger's commits; the
-    /// embedded ledger's commits are cheap, so it reduces at once.
+    /// The local runner's reducer batching window.
     pub fn reducer_window(&self) -> Duration {
-        match &self.kind {
-            Kind::Embedded(_) => Duration::ZERO,
-            Kind::Aws(_) => Duration::from_secs(2),
-        }
+        self.backend.capabilities.reducer_window
     }
 }

@@ -17,7 +17,7 @@ pub use domain::{backend, idempotency, ports, processor};
 pub use stages::{dispatch, reconcile, redrive, reduce, work};
 pub use wire::{jsonl, message};
 
-pub use domain::backend::Backend;
+pub use domain::backend::{Backend, Capabilities};
 pub use domain::idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
 pub use domain::ports::{Ledger, PortError, Queue, Source};
 pub use domain::processor::{AttemptContext, ExecProtocol, Processor, ProcessorSpec};

@@ -14,7 +14,9 @@ pub use queue::EmbeddedQueue;
 pub use store::EmbeddedStore;
 
 use settle_core::ports::PortError;
+use settle_core::Capabilities;
 use std::path::Path;
+use std::time::Duration;
 
 /// Where `settle` keeps its database unless told otherwise.
 pub const DEFAULT_PATH: &str = ".settle/settle.db";
@@ -27,6 +29,19 @@ pub const RESULTS_MAX_RECEIVES: u32 = 50;
 /// Receives the work queue allows past a run's own limit before it
 /// dead-letters a message by itself (see [`Embedded::set_max_receives`]).
 pub const SAFETY_RECEIVES: u32 = 3;
+
+/// The embedded engine's tuning, as [`settle_core::Backend::capabilities`].
+pub const CAPABILITIES: Capabilities = Capabilities {
+    // Its queue counts are exact: an empty queue is empty.
+    stall_after: Duration::from_secs(3),
+    // Nothing beyond the work visibility, so that after a killed process
+    // `resume` gets the results back soon.
+    min_results_visibility: Duration::ZERO,
+    // Its ledger commits are cheap, so a reducer commits at once.
+    reducer_window: Duration::ZERO,
+    // The work queue's limit follows each run's (`Embedded::set_max_receives`).
+    fixed_max_receive_count: None,
+};
 
 /// The whole backend over one database file.
 #[derive(Debug, Clone)]
@@ -89,6 +104,7 @@ impl Embedded {
             source: std::sync::Arc::new(self.store.clone()),
             ledger: std::sync::Arc::new(self.store.clone()),
             idempotency: std::sync::Arc::new(self.idempotency.clone()),
+            capabilities: CAPABILITIES,
         }
     }
 
