@@ -14,7 +14,7 @@ const QUEUE_LIMIT: u32 = 4 + 3;
 
 /// Each attempt makes idempotency store calls, which on the emulator wait
 /// behind this process's transactions (see `ddb::emulator_lock`): 500 ms,
-/// the embedded simulation's timeout, timed attempts out there.
+/// the embedded simulation's timeout, would time attempts out there.
 const ITEM_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

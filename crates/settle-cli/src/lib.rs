@@ -170,9 +170,10 @@ fn chain(e: &anyhow::Error) -> String {
 
 /// The runtime's worker threads: one fewer than the cores, at least one.
 /// A local run's throughput is the embedded database's single writer
-/// thread, busy most of the run; with a worker per core beside it, three
-/// threads contend for two cores and the writer waited, runnable, 1.7 s of a
-/// 10.5 s run of 1M items (from /proc's schedstat); with one worker, 0.8 s.
+/// thread, busy most of the run; with a worker per core beside it, on two
+/// cores three threads contend and the writer waits, runnable, for a core
+/// about twice as long as with one worker (docs/performance.md has the
+/// figures, from /proc's schedstat).
 fn runtime_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())

@@ -491,9 +491,9 @@ fn run_takes_in_items_loaded_earlier() {
 /// `settle run` and the `settle status` polling it open a new database file
 /// at the same moment. Both race to switch it to WAL and create the schema;
 /// SQLite answers one "database is locked" at once rather than wait, or the
-/// half-made schema reads as another program's. Before the open retried and
-/// read the file's identity in one statement, this pattern (two statuses
-/// started first) failed 4 of 80 rounds with release binaries.
+/// half-made schema reads as another program's. The open retries BUSY and
+/// reads the file's identity in one statement; this test repeats the race
+/// (two statuses started first) so that a gap in either shows.
 #[test]
 fn a_run_opens_its_new_database_beside_concurrent_status_calls() {
     for round in 0..60 {

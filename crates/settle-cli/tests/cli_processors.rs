@@ -159,7 +159,8 @@ fn permanent_exit_codes_can_be_named() {
     let run = env.ok_json(&args);
     let id = run_id(&run);
     let got = results(&env, &id);
-    // 3 is now permanent (one attempt); 65 is no longer, so it is retried.
+    // With `--permanent-exit-codes 3`, 3 is permanent (one attempt) and 65
+    // is not, so it is retried.
     assert_eq!(got[0]["attempts"], 1, "{got:?}");
     assert_eq!(got[1]["attempts"], 3, "{got:?}");
 }

@@ -138,8 +138,8 @@ pub enum RedriveCut {
 }
 
 /// Where the process crashes, drawn from the seed by a generator of its
-/// own: the scripts and the faults of a seed are what they were before
-/// crashes were added.
+/// own, so that a seed's scripts and faults are the same with crashes as
+/// without.
 #[derive(Debug, Clone, Copy)]
 struct CrashPlan {
     /// The dispatch's send call at which the process dies (1-based).

@@ -25,25 +25,25 @@ const MAX_GROUP: usize = 4096;
 const LINGER: Duration = Duration::from_millis(1);
 /// ... but only while writes keep coming: a gap this long between two
 /// writes means the callers are waiting on this commit, so lingering on
-/// would only delay them (200 µs measured ~5% faster than 1 ms on 1M items).
+/// would only delay them.
 const LINGER_GAP: Duration = Duration::from_micros(200);
 /// The writer's page cache. Small on purpose: the hot pages (the queues'
 /// tails, the B-trees' upper levels) fit easily, the OS caches the rest, and
-/// SQLite's per-commit work on its page cache grows with the cache: at 64 MiB
-/// it took a quarter of the writer's time on a 1M-item run.
+/// SQLite's per-commit work on its page cache grows with the cache
+/// (docs/performance.md has the figures at 64 MiB).
 const WRITER_CACHE_KIB: i64 = 4 * 1024;
 /// How often the checkpointer copies the WAL into the database file.
 ///
 /// Checkpoints run on a connection and thread of their own, never on the
 /// writer: a checkpoint ends in two fsyncs (the WAL, then the database),
-/// each 10-50 ms on this machine's disk, and on the writer thread every
-/// caller waited through them (3.5 s of fsync in a 200k-item run). A
-/// passive checkpoint does not block the writer, which goes on appending to
-/// the WAL. Only the last, short pass that lets SQLite restart the WAL from
-/// its start runs on the writer (see [`checkpoint_loop`]), once per round:
-/// a second between rounds made those passes 0.5 s of a 1M-item run rather
-/// than 1.5 s at 250 ms, for a larger WAL (1.4 GiB at its largest in a
-/// 10M-item run, half of it the load's single transaction).
+/// each as long as the data it flushes, and on the writer thread every
+/// caller would wait through them. A passive checkpoint does not block the
+/// writer, which goes on appending to the WAL. Only the last, short pass
+/// that lets SQLite restart the WAL from its start runs on the writer (see
+/// [`checkpoint_loop`]), once per round: a second between rounds keeps
+/// those passes few, for a larger WAL (at most about 1.4 GiB in a 10M-item
+/// run, half of it the load's single transaction). The figures are in
+/// docs/performance.md.
 /// Durability is unchanged: a commit is durable against a killed process
 /// once it is in the WAL, checkpointed or not.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -60,7 +60,7 @@ const EXIT_CHECKPOINT_WAIT: Duration = Duration::from_millis(250);
 /// The reader's page cache. SQLite empties a connection's cache whenever a
 /// read transaction starts after another connection's commit, which with
 /// the writer always committing is nearly every read: a large cache only
-/// makes that emptying slower (it showed in profiles at 8 MiB).
+/// makes that emptying slower (visible in profiles at 8 MiB).
 const READER_CACHE_KIB: i64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +198,8 @@ impl Db {
     /// and the `settle status` polling it) race to switch it to WAL and to
     /// create the schema, and SQLite answers one of them SQLITE_BUSY
     /// ("database is locked") at once instead of waiting (a lock upgrade
-    /// that could deadlock): without this retry, 7 of 40 such `settle run`s
-    /// failed to open. Opening again finds the file finished. Only BUSY is
+    /// that could deadlock): without this retry, such a `settle run` would
+    /// fail to open. Opening again finds the file finished. Only BUSY is
     /// retried: it is what another connection's lock gives, whereas
     /// SQLITE_LOCKED comes from a shared cache, which Settle does not use.
     fn open_retrying(path: &Path, inline: bool, create: bool) -> Result<Self, DbError> {
@@ -667,17 +667,16 @@ fn wal_path(db: &Path) -> PathBuf {
 /// That last pass ends in an fsync of the WAL and one of the database file,
 /// which take as long as the data they flush: fsyncing both files here
 /// first (an fsync flushes a file whichever descriptor asks) leaves the
-/// writer's fsyncs only what was written after. Measured on a 1M-item run:
-/// the writer's passes took 35-56 ms each with this, 60-80 ms without.
+/// writer's fsyncs only what was written after, which shortens the
+/// writer's passes.
 ///
 /// The files are opened once and held until the writer has stopped: closing
 /// any descriptor of the database file drops every POSIX lock this process
-/// holds on it, SQLite's included. Opened and closed each round, as they
-/// once were, another process's closing connection could then take the
-/// file for its own, checkpoint, and delete the WAL under this process's
-/// writer, whose later commits went to the deleted file: `settle run`
-/// beside `settle status` calls lost its new run about once in 60 tries
-/// under load ("run ... not found", "run vanished").
+/// holds on it, SQLite's included. Were they opened and closed each round,
+/// another process's closing connection could take the file for its own,
+/// checkpoint, and delete the WAL under this process's writer, whose later
+/// commits would go to the deleted file: a `settle run` beside
+/// `settle status` calls would lose its new run ("run ... not found").
 fn checkpoint_loop(
     conn: Connection,
     ticked: mpsc::Receiver<()>,

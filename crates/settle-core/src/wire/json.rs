@@ -3,8 +3,9 @@
 //!
 //! serde_json's derived serializers pass every field name and every string
 //! through a byte-by-byte escaping loop behind an `io::Write` layer, and the
-//! id types serialize through a cloned `String`: encoding these three values
-//! took a quarter of the runtime thread's instructions on a 100k-item run.
+//! id types serialize through a cloned `String`, which makes encoding these
+//! three values a large share of the runtime thread's work (the figures
+//! are in docs/performance.md).
 //! The output here is byte for byte what serde_json writes for the same
 //! value (the tests compare the two on arbitrary values), so every reader
 //! keeps using serde, and bodies from either writer read the same.

@@ -5,14 +5,14 @@ use crate::db::DbError;
 use rusqlite::Connection;
 
 /// Rows one INSERT statement writes. SQLite's per-statement work (step,
-/// reset, halt) then comes once per this many items: a 1M-item run went
-/// from 110-115k to 113-119k items/s (interleaved pairs).
+/// reset, halt) then comes once per this many items rather than once per
+/// item (docs/performance.md has the figures).
 ///
 /// These INSERTs say OR IGNORE, and their callers count the rows written
 /// instead: under the default ABORT, a NOT NULL column makes SQLite keep a
 /// statement journal for a multi-row INSERT (a copy of every page it
-/// touches, in case a later row fails), which cost the writer 3% of its
-/// instructions. Nothing bound here is ever NULL, so a row is ignored only
+/// touches, in case a later row fails), a cost to the writer on every
+/// insert. Nothing bound here is ever NULL, so a row is ignored only
 /// for an existing key, and a short count is an error or a conflict.
 pub(super) const INSERT_ROWS: usize = 16;
 

@@ -63,8 +63,9 @@ fn parse_aside(items: LoadInput) -> Box<dyn Iterator<Item = Parsed> + Send> {
 /// Ids that may repeat an earlier one, held until [`find_duplicate`]
 /// checks them; a check runs when this many have gathered (and at the end
 /// of the load), so that a file full of repeats cannot fill memory (at
-/// most some 20 MiB of 256-character ids). A load of 10M distinct ids
-/// raised 13,836 false alarms (0.14%), so it checks once, at its end.
+/// most some 20 MiB of 256-character ids). A load of distinct ids raises
+/// few false alarms (0.14% of 10M ids; the command is in
+/// docs/performance.md), so it checks once, at its end.
 const SUSPECTS_MAX: usize = 1 << 16;
 
 /// Inserts a load's items, all or none (the caller's savepoint undoes the
