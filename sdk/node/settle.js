@@ -17,7 +17,7 @@
 // retryAfterMs); anything else thrown is retryable, and its stack goes to
 // the item's log.
 //
-// Up to 64 items are handled at once (`serve(handler, {concurrency: N})`
+// Up to 128 items are handled at once (`serve(handler, {concurrency: N})`
 // to change it): what a handler writes through console.* or
 // process.stdout/stderr.write while working on an item is that item's log,
 // kept apart from the others' by AsyncLocalStorage and sent with its
@@ -145,10 +145,10 @@ async function answer(handler, request, store) {
 }
 
 // Serves items from stdin until it ends. With `concurrency` above 1 (the
-// default, 64) the process says hello and takes up to that many items at
+// default, 128) the process says hello and takes up to that many items at
 // once, each with its own log in its answer; with 1 it takes one at a
 // time and its stderr is the item's log.
-function serve(handler, { concurrency = 64 } = {}) {
+function serve(handler, { concurrency = 128 } = {}) {
   const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
   const fatal = (err) => {
     toStderr(`settle: ${(err && err.stack) || String(err)}\n`);

@@ -9,9 +9,10 @@
 //!   *hello* announcing `max_in_flight`: then it takes up to that many at
 //!   once, answers them in any order, and carries each item's log in its
 //!   answer (its stderr is then no item's). The helpers of `sdk/` say hello.
-//! - Until the pool's first process has spoken, at most one process per
-//!   core is started: a command that says hello needs few processes, and
-//!   its first hello tells. Once one has answered without a hello, every
+//! - Until the pool's first process has spoken (or for its first
+//!   [`FIRST_WAVE_GRACE`]), at most one process per core is started: a
+//!   command that says hello needs few processes, and its first hello
+//!   tells. Once one has answered without a hello, every
 //!   process of the command takes one item at a time, and the pool grows
 //!   to `parallelism` as items need.
 //! - A reader task per process reads its stdout and hands each answer to
@@ -95,6 +96,12 @@ const EXIT_WAIT: Duration = Duration::from_millis(500);
 /// The most items one process may hold, whatever its hello says.
 const MAX_IN_FLIGHT: usize = 1024;
 
+/// How long items wait for the first wave of processes to say whether
+/// they take several items at once, before more are started regardless: a
+/// process that says hello does so as it starts, and an item kept waiting
+/// for a slow starter would spend its own timeout on it.
+const FIRST_WAVE_GRACE: Duration = Duration::from_millis(200);
+
 /// What a process's first line says to take several items at once.
 const HELLO: &str = "settle-jsonl";
 
@@ -107,6 +114,8 @@ pub struct Jsonl {
     /// Processes started at once before the command is known to say hello
     /// or not.
     first_wave: usize,
+    /// When the pool's first process started.
+    first_start: std::sync::OnceLock<std::time::Instant>,
     pool: Mutex<Vec<Arc<Proc>>>,
     /// What the command's processes turned out to be, once one has spoken:
     /// [`UNKNOWN`], [`ONE_AT_A_TIME`] or [`SAYS_HELLO`].
@@ -156,6 +165,7 @@ impl Jsonl {
             slots: Semaphore::new(items),
             max_processes: processes,
             first_wave: cores.min(processes),
+            first_start: std::sync::OnceLock::new(),
             pool: Mutex::default(),
             kind: Arc::new(AtomicU8::new(UNKNOWN)),
             changed: Arc::new(Notify::new()),
@@ -201,7 +211,7 @@ impl Jsonl {
                 // Once it is known to, start one more only when all are full
                 // and none is still starting (it will have room).
                 let cap = match self.kind.load(Ordering::Acquire) {
-                    UNKNOWN => self.first_wave,
+                    UNKNOWN if !self.first_wave_over() => self.first_wave,
                     SAYS_HELLO if pool.iter().any(|p| !p.state().heard) => 0,
                     _ => self.max_processes,
                 };
@@ -217,8 +227,27 @@ impl Jsonl {
                     });
                 }
             }
-            changed.await;
+            // Past the first wave's grace, a process that has not spoken
+            // is taken for one that takes one item at a time.
+            let grace = self
+                .first_start
+                .get()
+                .map(|t| FIRST_WAVE_GRACE.saturating_sub(t.elapsed()))
+                .filter(|left| !left.is_zero());
+            match grace {
+                Some(left) => {
+                    let _ = tokio::time::timeout(left, changed).await;
+                }
+                None => changed.await,
+            }
         }
+    }
+
+    /// Whether the first wave has had its grace to say hello.
+    fn first_wave_over(&self) -> bool {
+        self.first_start
+            .get()
+            .is_some_and(|t| t.elapsed() >= FIRST_WAVE_GRACE)
     }
 
     /// Starts a process that holds `id`, whose stderr goes to `first` from
@@ -251,6 +280,7 @@ impl Jsonl {
         else {
             return Err(ProcessError::retryable("the process's pipes are missing"));
         };
+        self.first_start.get_or_init(std::time::Instant::now);
         let route = Arc::new(Mutex::new(Some(first)));
         let (drains, drain_requests) = mpsc::unbounded_channel();
         tokio::spawn(pump(stderr, route.clone(), drain_requests, pid));

@@ -473,8 +473,9 @@ async fn a_process_that_says_hello_takes_many_items_answered_out_of_order() {
             "{id}'s log: {log:?}"
         );
     }
-    // 8 at once per process: a handful of processes, not one per item.
-    assert!(pids.len() <= 10, "{} processes for 40 items", pids.len());
+    // 8 at once per process: processes take several items each, not one
+    // per item (a slow start may add a few: see FIRST_WAVE_GRACE).
+    assert!(pids.len() < 20, "{} processes for 40 items", pids.len());
 }
 
 #[tokio::test]
