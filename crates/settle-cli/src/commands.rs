@@ -8,10 +8,10 @@ use crate::report;
 use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use settle_core::dispatch;
 use settle_core::jsonl::JsonlItems;
 use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
+use settle_core::{dispatch, reconcile};
 use settle_core::{ItemId, ProcessorSpec, RunConfig, RunId, RunRecord};
 use std::collections::BTreeSet;
 use std::io::{BufRead, Read};
@@ -156,13 +156,11 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                 }
             );
             let chosen = local_processor(d, &run, &p)?;
-            finish(
-                d,
-                process(d, &run.id, &p, chosen.as_ref(), Until::Settled, stop).await?,
-                json,
-                None,
-            )
-            .await
+            let finished = process(d, &run.id, &p, chosen.as_ref(), Until::Settled, stop).await?;
+            if let Finish::Done(settled, ..) = &finished {
+                drop_extra_dead_letters(d, settled).await?;
+            }
+            finish(d, finished, json, None).await
         }
         Command::Status { run_id, json } => {
             let run = resolve(d, run_id.as_deref()).await?;
@@ -529,6 +527,25 @@ async fn all_failures(
 }
 
 /// Prints how processing ended; `extra` fields join the run's JSON.
+/// After an interruption, an item may have been dead-lettered twice (its
+/// work message outlived the killed process that had sent its dead letter):
+/// keeps one copy per failed item. Scans the DLQ only when it holds more
+/// messages than the run has failed items.
+async fn drop_extra_dead_letters(d: &Deployment, run: &RunRecord) -> Result<()> {
+    if d.backend.dlq.depth().await?.total() <= run.failed {
+        return Ok(());
+    }
+    let n = reconcile::drop_extra_dead_letters(d.backend.dlq.as_ref(), &run.id).await?;
+    if n > 0 {
+        eprintln!(
+            "note: deleted {n} extra dead letters of run {} (items attempted again after the interruption); \
+             the DLQ holds one per failed item",
+            run.id
+        );
+    }
+    Ok(())
+}
+
 async fn finish(
     d: &Deployment,
     f: Finish,

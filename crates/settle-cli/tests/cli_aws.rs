@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
 
 #[test]
 fn aws_run_then_redrive_one_then_all_keeps_exact_tallies() {
@@ -131,4 +132,123 @@ printf '{"charged":"%s"}' "$id"
     logs.expect_code(0);
     assert!(logs.stdout.contains("working on b\n"), "{}", logs.stdout);
     assert!(!logs.stdout.contains("bad-1"), "{}", logs.stdout);
+}
+
+/// Dead-letter copies per item id in the stack's work DLQ. Each message is
+/// received once (hidden while the scan goes on) and then made visible
+/// again, so the DLQ is as it was for the next command.
+fn dead_letters(env: &Env) -> std::collections::BTreeMap<String, u64> {
+    use settle_core::message::WorkBody;
+    use settle_core::ports::Queue;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cfg = settle_aws::AwsConfig::from_lookup(|k| {
+            env.vars
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        let aws = settle_aws::connect(&cfg).await.unwrap();
+        let dlq = aws.dlq();
+        let mut seen = Vec::new();
+        loop {
+            let got = dlq.receive(10, Duration::from_secs(60)).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            seen.extend(got);
+        }
+        let mut per_item = std::collections::BTreeMap::new();
+        for d in &seen {
+            let body = WorkBody::decode(&d.body).unwrap();
+            *per_item.entry(body.item.to_string()).or_default() += 1;
+            dlq.change_visibility(&d.receipt, Duration::ZERO)
+                .await
+                .unwrap();
+        }
+        per_item
+    })
+}
+
+/// With a visibility timeout shorter than some attempts and than the
+/// emulator's slowest calls, messages come back while their attempt still
+/// reports, or before their delete lands: such a copy must not run the
+/// processor again. A permanent failure is attempted once, and the DLQ
+/// holds exactly one message per failed item, before and after a redrive.
+/// (A retryable item's copies still use up receives, which SQS counts, so
+/// its attempt count is not checked here.)
+#[test]
+fn aws_short_visibility_attempts_permanent_failures_once_and_dead_letters_each_once() {
+    let env = Env::aws(6);
+    let mut items: Vec<(String, &str)> = Vec::new();
+    for i in 0..110 {
+        let script = match i % 11 {
+            0 | 1 => "permanent",
+            2 => "retryable:9",
+            3..=5 => "sleep:400",
+            _ => "ok",
+        };
+        items.push((format!("i{i:03}"), script));
+    }
+    let refs: Vec<(&str, &str)> = items.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+    let file = env.scripts("i.jsonl", &refs);
+    let short = [
+        "--visibility-timeout",
+        "1",
+        "--retry-delay-ms",
+        "20",
+        "--json",
+    ];
+    let mut args = vec!["run", "--items", &file, "--max-receives", "3"];
+    args.extend(short);
+    let run = env.settle(&args).json();
+    let id = run_id(&run);
+    // 20 permanent failures, and 10 items that fail more often than they
+    // may be attempted.
+    assert_run(&run, "partial", 110, 80, 30, 0);
+    let scripted = |want: &str| -> Vec<String> {
+        items
+            .iter()
+            .filter(|(_, s)| *s == want)
+            .map(|(i, _)| i.clone())
+            .collect()
+    };
+    let permanent = scripted("permanent");
+    let mut failed = permanent.clone();
+    failed.extend(scripted("retryable:9"));
+    failed.sort();
+    let listed: Vec<String> = env.failures(&id)["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["item_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, failed);
+    // Attempts are numbered by receives, which a lost or handed-back
+    // receive also counts: what must hold is one attempt in the history.
+    let tried = |item: &str| env.show(&id, item)["history"].as_array().unwrap().len();
+    for item in &permanent {
+        assert_eq!(tried(item), 1, "{item}");
+    }
+    let copies = dead_letters(&env);
+    assert_eq!(copies.keys().cloned().collect::<Vec<_>>(), failed);
+    assert!(copies.values().all(|n| *n == 1), "{copies:?}");
+
+    // The redrive: every failed item fails again, the permanent ones after
+    // one more attempt.
+    let mut args = vec!["redrive", id.as_str()];
+    args.extend(short);
+    let all = env.ok_json(&args);
+    assert_run_extra(&all, &REDRIVE_KEYS, "partial", 110, 80, 30, 0);
+    assert_eq!(all["redriven"], 30);
+    for item in &permanent {
+        assert_eq!(tried(item), 2, "{item}");
+    }
+    let copies = dead_letters(&env);
+    assert_eq!(copies.keys().cloned().collect::<Vec<_>>(), failed);
+    assert!(copies.values().all(|n| *n == 1), "{copies:?}");
 }

@@ -192,6 +192,8 @@ macro_rules! conformance_tests {
             ledger::ledger_bad_result_fails_alone,
             stages::reconcile_settles_messages_the_queue_parked,
             stages::redrive_moves_one_message_per_item,
+            stages::reconcile_drops_a_parked_copy_of_a_recorded_failure,
+            stages::extra_dead_letters_are_dropped_one_per_item_kept,
             idempotency::idempotency_first_execution_stores_result,
             idempotency::idempotency_duplicate_returns_stored_result,
             idempotency::idempotency_different_payload_is_refused,

@@ -48,14 +48,13 @@ use tokio::time::Instant;
 /// "at least one" (no failed item missing from the DLQ) is asserted at
 /// both points whatever this says.
 ///
-/// False because it does not hold today: the copies of an item's work
-/// message (the page a dispatch sends again after a crash or after one of
-/// its sends failed, an early redelivery, a lost delete, a message whose
-/// delete a crash cut off after its dead letter was sent) are each
-/// processed to a terminal failure and each dead-lettered, and the worker
-/// does not fold them into one. The copies beyond one are counted instead
-/// ([`SimReport::extra_dead_letters`], [`SimTotals`]): a fix shows as that
-/// count falling to 0, and this can turn true.
+/// False because it does not hold under crashes: a worker folds a copy of
+/// a message it holds or settled into the first (`Worker`'s memory), but
+/// the copies a crash leaves (the page a dispatch sends again, a message
+/// whose delete a crash cut off after its dead letter was sent) reach a
+/// fresh worker, are processed to a terminal failure and dead-lettered
+/// again, until `resume` or a redrive deletes them. The copies beyond one
+/// are counted instead ([`SimReport::extra_dead_letters`], [`SimTotals`]).
 pub const ASSERT_ONE_DEAD_LETTER_BEFORE_THE_REDRIVE: bool = false;
 
 /// What one simulation did.

@@ -109,3 +109,115 @@ pub async fn redrive_moves_one_message_per_item(s: &Subject) {
         "no stale copy left"
     );
 }
+
+/// After an interruption, the extra dead letters of a run's items go and
+/// one copy per item stays, the one that counts the most attempts; parked
+/// (unmarked) messages and other runs' copies are left as they were.
+pub async fn extra_dead_letters_are_dropped_one_per_item_kept(s: &Subject) {
+    let run = fresh_run(s, 2).await;
+    let other = fresh_run(s, 0).await;
+    let dead = |run: &settle_core::RunId, id: &str, attempts: u32| {
+        let mut b = WorkBody::new(run.clone(), item(id, "null"), 0, 3);
+        b.dead = Some(settle_core::message::DeadLetter {
+            error: "permanent failure".into(),
+            attempts,
+        });
+        b.encode()
+    };
+    let parked = WorkBody::new(run.clone(), item("p", "null"), 0, 3).encode();
+    s.dlq
+        .send(vec![
+            dead(&run, "t0", 1),
+            dead(&run, "t0", 3),
+            dead(&run, "t1", 1),
+            dead(&run, "t0", 2),
+            dead(&other, "t0", 1),
+            dead(&other, "t0", 1),
+            parked,
+        ])
+        .await
+        .unwrap();
+    let dropped = reconcile::drop_extra_dead_letters(s.dlq.as_ref(), &run)
+        .await
+        .unwrap();
+    assert_eq!(dropped, 2);
+    let left = receive_n(s.dlq.as_ref(), 5, VIS).await;
+    let mut kept: Vec<(String, String, Option<u32>)> = left
+        .iter()
+        .map(|d| {
+            let b = WorkBody::decode(&d.body).unwrap();
+            let of = if b.run == run { "run" } else { "other" };
+            (
+                of.to_owned(),
+                b.item.as_str().to_owned(),
+                b.dead.map(|d| d.attempts),
+            )
+        })
+        .collect();
+    kept.sort();
+    let want = |of: &str, id: &str, attempts: Option<u32>| (of.to_owned(), id.to_owned(), attempts);
+    assert_eq!(
+        kept,
+        vec![
+            want("other", "t0", Some(1)),
+            want("other", "t0", Some(1)),
+            want("run", "p", None),
+            want("run", "t0", Some(3)),
+            want("run", "t1", Some(1)),
+        ]
+    );
+    assert_eq!(
+        s.dlq.depth().await.unwrap().total(),
+        5,
+        "nothing but the extra copies deleted"
+    );
+}
+
+/// A message the queue parked after a worker had already recorded its
+/// terminal failure (and sent its dead letter) is removed, not reported
+/// and marked a second time: the DLQ keeps one copy of the item.
+pub async fn reconcile_drops_a_parked_copy_of_a_recorded_failure(s: &Subject) {
+    let run = fresh_run(s, 1).await;
+    let body = WorkBody::new(run.clone(), item("t0", "null"), 0, s.work_max_receives);
+    s.work.send(vec![body.encode()]).await.unwrap();
+    let mut message_id = String::new();
+    for n in 1..=s.work_max_receives {
+        let got = receive_n(s.work.as_ref(), 1, VIS).await;
+        assert_eq!(got.len(), 1, "receive {n}");
+        message_id = got[0].message_id.clone();
+        if n == 1 {
+            // The worker's terminal failure: its dead letter, then its result.
+            let dead = WorkBody {
+                dead: Some(settle_core::message::DeadLetter {
+                    error: "permanent failure".into(),
+                    attempts: 1,
+                }),
+                ..body.clone()
+            };
+            s.dlq.send(vec![dead.encode()]).await.unwrap();
+            let failed = AttemptOutcome::Failed {
+                kind: settle_core::domain::ErrorKind::Permanent,
+                error: "permanent failure".into(),
+                terminal: true,
+            };
+            let res = result(&run, "t0", 1, &message_id, failed);
+            reduce::reduce(s.ledger.as_ref(), &[res]).await;
+        }
+        // Its delete lost: the message comes back until the queue parks it.
+        tokio::time::sleep(AFTER_VIS).await;
+    }
+    assert!(receive_n(s.work.as_ref(), 1, VIS).await.is_empty());
+
+    let rep =
+        reconcile::reconcile_parked(s.ledger.as_ref(), s.dlq.as_ref(), s.results.as_ref(), &run)
+            .await
+            .unwrap();
+    assert_eq!((rep.failed, rep.dropped), (0, 1), "{message_id}");
+    assert!(receive_n(s.results.as_ref(), 1, VIS).await.is_empty());
+    let left = receive_n(s.dlq.as_ref(), 2, VIS).await;
+    assert_eq!(left.len(), 1, "one copy of the failed item");
+    let b = WorkBody::decode(&left[0].body).unwrap();
+    assert_eq!(b.dead.map(|d| d.attempts), Some(1));
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!((r.succeeded, r.failed, r.pending()), (0, 1, 0));
+}

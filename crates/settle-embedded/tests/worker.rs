@@ -495,3 +495,45 @@ async fn a_batch_in_hand_keeps_its_messages_hidden() {
     delete_done(&e.work, &batch, &response).await.unwrap();
     assert_eq!(e.work.depth().await.unwrap().total(), 0);
 }
+
+/// A copy of a message delivered again while its attempt still runs, or
+/// after it settled but before its delete landed (a visibility timeout
+/// shorter than a stalled queue call), does not run the processor again:
+/// the held one is handed back for later, the settled one acknowledged.
+#[tokio::test]
+async fn copies_of_held_or_settled_messages_do_not_run_again() {
+    let (e, worker) = open().await;
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![
+            body(&run, "perm", "permanent", 3),
+            body(&run, "slow", "sleep:200", 3),
+        ])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(batch.len(), 2);
+    let slow: Vec<Delivery> = batch
+        .iter()
+        .filter(|d| d.body.contains("sleep"))
+        .cloned()
+        .collect();
+
+    // The slow item's copy arrives while its attempt runs: handed back.
+    let (first, copy) = tokio::join!(worker.handle(&batch, None), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        worker.handle(&slow, None).await
+    });
+    assert!(first.failures.is_empty(), "{first:?}");
+    assert_eq!(copy.failures, vec![slow[0].message_id.clone()]);
+
+    // Both settled: copies of either are acknowledged, not run.
+    let again = worker.handle(&batch, None).await;
+    assert!(again.failures.is_empty(), "{again:?}");
+
+    // One attempt each: one result per item, one dead letter.
+    let reported = results(&drain(&e.results).await);
+    let ids: Vec<&str> = reported.iter().map(|r| r.item.as_str()).collect();
+    assert_eq!(ids, ["perm", "slow"]);
+    assert_eq!(drain(&e.dlq).await.len(), 1);
+}

@@ -13,10 +13,11 @@
 //! like any other.
 
 use crate::domain::backend::Backend;
-use crate::domain::ports::{send_batches, Delivery, Ledger, PortError, Queue};
-use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemStatus, RunId};
+use crate::domain::ports::{send_batches, Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::domain::{now_millis, Attempt, AttemptOutcome, ErrorKind, ItemId, ItemStatus, RunId};
 use crate::stages::redrive::{next_scan_batch, release};
 use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
+use std::collections::hash_map::Entry;
 use std::time::Duration;
 
 /// How long scanned DLQ messages stay hidden while one pass runs.
@@ -28,7 +29,9 @@ pub struct ReconcileReport {
     /// Parked messages reported as terminal failures (and marked in the DLQ).
     pub failed: u64,
     /// Parked messages of items that had succeeded after all (a result that
-    /// arrived late): removed from the DLQ, as there is nothing to redrive.
+    /// arrived late), or whose terminal failure a worker had recorded and
+    /// dead-lettered already: removed from the DLQ, as the item is settled
+    /// and, if failed, has its dead letter.
     pub dropped: u64,
 }
 
@@ -104,14 +107,22 @@ async fn scan(
             .map(|(_, b)| (run.clone(), b.item.clone()))
             .collect();
         let rows = ledger.items(&keys).await?;
-        let succeeded = |b: &WorkBody| {
-            rows.get(&(run.clone(), b.item.clone()))
-                .is_some_and(|v| v.value.status == ItemStatus::Succeeded)
+        // Nothing to report for an item that succeeded, or whose worker
+        // recorded this very message's terminal failure (and so sent its
+        // dead letter) before the queue parked a copy of it too.
+        let settled = |d: &Delivery, b: &WorkBody| {
+            rows.get(&(run.clone(), b.item.clone())).is_some_and(|v| {
+                v.value.status == ItemStatus::Succeeded
+                    || v.value.history.iter().any(|a| {
+                        a.message_id == d.message_id
+                            && matches!(a.outcome, AttemptOutcome::Failed { terminal: true, .. })
+                    })
+            })
         };
         let now = now_millis();
         let mut reports = Vec::new();
         let mut marked = Vec::new();
-        for (d, b) in parked.iter().filter(|(_, b)| !succeeded(b)) {
+        for (d, b) in parked.iter().filter(|(d, b)| !settled(d, b)) {
             let attempts = (b.prior_attempts + d.receive_count.saturating_sub(1)).max(1);
             let error = format!(
                 "no result after {attempts} attempts: the work queue dead-lettered the message \
@@ -166,4 +177,72 @@ async fn send_all(q: &dyn Queue, bodies: Vec<String>) -> Result<(), PortError> {
         q.send(bodies[range].to_vec()).await?;
     }
     Ok(())
+}
+
+/// Deletes the run's extra dead letters, keeping one per item: the copy
+/// that counts the most attempts. A process killed after an item's dead
+/// letter was sent but before its work message was deleted leaves that
+/// message to be delivered, attempted and dead-lettered again; `resume`
+/// calls this once the run has settled, so the DLQ ends as it would have
+/// without the crash. Unmarked (parked) messages, other runs' and
+/// undecodable ones stay. Returns how many copies were deleted.
+pub async fn drop_extra_dead_letters(dlq: &dyn Queue, run: &RunId) -> Result<u64, PortError> {
+    let mut hidden: Vec<String> = Vec::new();
+    let mut best: std::collections::HashMap<ItemId, (u32, String)> = Default::default();
+    let mut extra: Vec<String> = Vec::new();
+    let scanned = async {
+        while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
+            for d in batch {
+                let Ok(b) = WorkBody::decode(&d.body) else {
+                    hidden.push(d.receipt);
+                    continue;
+                };
+                let Some(dead) = b.dead.filter(|_| &b.run == run) else {
+                    hidden.push(d.receipt);
+                    continue;
+                };
+                match best.entry(b.item) {
+                    Entry::Vacant(v) => {
+                        v.insert((dead.attempts, d.receipt));
+                    }
+                    Entry::Occupied(mut o) if o.get().0 < dead.attempts => {
+                        let (_, older) = o.insert((dead.attempts, d.receipt));
+                        extra.push(older);
+                    }
+                    Entry::Occupied(_) => extra.push(d.receipt),
+                }
+            }
+        }
+        Ok::<_, PortError>(())
+    }
+    .await;
+    let deleted = match scanned {
+        Ok(()) => {
+            let mut n = 0;
+            let mut failed = None;
+            for chunk in extra.chunks(MAX_QUEUE_BATCH) {
+                match dlq.delete(chunk.to_vec()).await {
+                    Ok(()) => n += chunk.len() as u64,
+                    Err(e) => {
+                        // The rest reappear after their visibility timeout.
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            failed.map_or(Ok(n), Err)
+        }
+        // Nothing deleted: every copy comes back.
+        Err(e) => {
+            hidden.extend(extra);
+            Err(e)
+        }
+    };
+    hidden.extend(best.into_values().map(|(_, receipt)| receipt));
+    release(dlq, &hidden).await;
+    let deleted = deleted?;
+    if deleted > 0 {
+        tracing::info!(run = %run, deleted, "deleted extra dead letters left by an interrupted attempt");
+    }
+    Ok(deleted)
 }

@@ -11,10 +11,11 @@ use crate::domain::{
 use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -68,6 +69,57 @@ pub struct Worker {
     dlq: Arc<dyn Queue>,
     results: Arc<dyn Queue>,
     config: WorkerConfig,
+    seen: Mutex<Seen>,
+}
+
+/// How many settled message ids a worker remembers.
+const SETTLED_MEMORY: usize = 4096;
+
+/// The messages this worker holds now, and the last ones it settled.
+///
+/// A queue delivers a message again once its visibility runs out, and so
+/// it may while its attempt is still reporting (a queue call stalled
+/// longer than the heartbeat's margin), or after it settled but before its
+/// delete landed. Processing such a copy would run the user's code twice
+/// for one attempt, retry a permanent failure and dead-letter the item
+/// twice. A copy of a message held here is handed back for later; a copy
+/// of a settled one is acknowledged (deleted with its new receipt, which
+/// the first delete's stale receipt could not do) without running again.
+/// This covers one process; a copy that reaches another process is the
+/// at-least-once delivery that the reducer and the idempotency keys absorb.
+#[derive(Debug, Default)]
+struct Seen {
+    held: HashSet<String>,
+    settled: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    fn settle(&mut self, message_id: &str) {
+        if self.settled.insert(message_id.to_owned()) {
+            self.order.push_back(message_id.to_owned());
+            if self.order.len() > SETTLED_MEMORY {
+                if let Some(old) = self.order.pop_front() {
+                    self.settled.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// The messages a batch holds; let go when dropped.
+struct Hold<'a> {
+    seen: &'a Mutex<Seen>,
+    held: Vec<String>,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.held {
+            seen.held.remove(id);
+        }
+    }
 }
 
 impl std::fmt::Debug for Worker {
@@ -92,6 +144,8 @@ enum Plan {
     },
     /// Undecodable: park the raw body in the DLQ so nothing is lost.
     Malformed,
+    /// A copy of a message this worker already settled: acknowledge it.
+    Settled,
 }
 
 impl Worker {
@@ -108,6 +162,7 @@ impl Worker {
             dlq,
             results,
             config,
+            seen: Mutex::default(),
         }
     }
 
@@ -122,7 +177,7 @@ impl Worker {
             let delay = match plan {
                 Plan::Retry { delay } => Some(*delay),
                 Plan::Report { retry, .. } => *retry,
-                Plan::Malformed => None,
+                Plan::Malformed | Plan::Settled => None,
             };
             if let Some(delay) = delay {
                 failed[i] = true;
@@ -177,7 +232,15 @@ impl Worker {
         batch: &[Delivery],
         deadline: Option<Instant>,
     ) -> (Vec<Plan>, Vec<bool>) {
-        let plans = futures::future::join_all(batch.iter().map(|d| self.plan(d, deadline))).await;
+        let (known, hold) = self.copies(batch);
+        let copy: Vec<bool> = known.iter().map(Option::is_some).collect();
+        let plans = futures::future::join_all(batch.iter().zip(known).map(|(d, known)| async {
+            match known {
+                Some(plan) => plan,
+                None => self.plan(d, deadline).await,
+            }
+        }))
+        .await;
         let mut failed = vec![false; batch.len()];
 
         // Dead letters first, results second: once the tally counts an item
@@ -212,7 +275,61 @@ impl Worker {
             .collect();
         self.send_all(&self.results, reports, &mut failed, "send results")
             .await;
+        self.remember(batch, &copy, &plans, &failed);
+        drop(hold);
         (plans, failed)
+    }
+
+    /// Plans the copies of messages this worker holds or settled (see
+    /// [`Seen`]) and takes hold of the others until the returned [`Hold`]
+    /// is dropped, also when the batch's future is (a cut-off invocation).
+    fn copies(&self, batch: &[Delivery]) -> (Vec<Option<Plan>>, Hold<'_>) {
+        // The copy of a held message comes back once the holder is done
+        // (its attempt is bounded by the item timeout, its report by a
+        // visibility timeout): then it is settled (and acknowledged) or due
+        // for its retry.
+        let later = self.config.item_timeout.unwrap_or_default()
+            + self.config.visibility.unwrap_or(self.config.retry_delay);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = Vec::new();
+        let plans = batch
+            .iter()
+            .map(|d| {
+                if seen.settled.contains(&d.message_id) {
+                    tracing::info!(message_id = %d.message_id, "delivered again after it settled; acknowledged");
+                    Some(Plan::Settled)
+                } else if !seen.held.insert(d.message_id.clone()) {
+                    tracing::info!(message_id = %d.message_id, "delivered again while its attempt still runs; handed back");
+                    Some(Plan::Retry { delay: later })
+                } else {
+                    held.push(d.message_id.clone());
+                    None
+                }
+            })
+            .collect();
+        (
+            plans,
+            Hold {
+                seen: &self.seen,
+                held,
+            },
+        )
+    }
+
+    /// Remembers the batch's messages that settled for good: reported with
+    /// no retry to come, or parked as malformed.
+    fn remember(&self, batch: &[Delivery], copy: &[bool], plans: &[Plan], failed: &[bool]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, d) in batch.iter().enumerate() {
+            let done = match &plans[i] {
+                Plan::Report { retry, .. } => retry.is_none(),
+                Plan::Malformed => true,
+                Plan::Retry { .. } | Plan::Settled => false,
+            };
+            if done && !copy[i] && !failed[i] {
+                seen.settle(&d.message_id);
+            }
+        }
     }
 
     /// Sends `(body, indices of the messages it speaks for)` pairs in
