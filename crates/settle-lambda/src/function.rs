@@ -95,12 +95,7 @@ impl Invoker for LambdaInvoker {
             .send()
             .await
             .map_err(Box::new)?;
-        let log_tail = out.log_result().and_then(|b64| {
-            aws_smithy_types::base64::decode(b64)
-                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-                .map_err(|e| tracing::warn!(error = %e, "the invocation's log tail is not base64"))
-                .ok()
-        });
+        let log_tail = out.log_result().and_then(decode_tail);
         Ok(Invoked {
             status: out.status_code(),
             function_error: out.function_error().map(str::to_owned),
@@ -111,6 +106,14 @@ impl Invoker for LambdaInvoker {
             log_tail,
         })
     }
+}
+
+/// The invocation's log tail from `LogResult` (base64), as text.
+pub fn decode_tail(b64: &str) -> Option<String> {
+    aws_smithy_types::base64::decode(b64)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map_err(|e| tracing::warn!(error = %e, "the invocation's log tail is not base64"))
+        .ok()
 }
 
 /// The worker's processor for `SETTLE_PROCESSOR=function`.

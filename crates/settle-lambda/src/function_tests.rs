@@ -267,3 +267,13 @@ async fn a_long_log_tail_is_bounded_per_attempt() {
     assert!(log.ends_with("the end\n"));
     assert!(log.len() <= MAX_LOG_BYTES + 100, "{} bytes", log.len());
 }
+
+#[test]
+fn the_log_tail_is_decoded_from_base64() {
+    let b64 = aws_smithy_types::base64::encode("START RequestId: 1\nrenewing a\nEND\n");
+    assert_eq!(
+        decode_tail(&b64).as_deref(),
+        Some("START RequestId: 1\nrenewing a\nEND\n")
+    );
+    assert_eq!(decode_tail("not base64!"), None);
+}

@@ -36,6 +36,14 @@ pub const HTTP_PARALLELISM: usize = 10;
 /// ```
 pub async fn run_worker(processor: impl Processor) -> Result<(), Error> {
     telemetry::init();
+    // The template sets SETTLE_PROCESSOR for the stock worker; a binary with
+    // its own processor says so rather than seem to obey it.
+    if let Ok(kind) = std::env::var("SETTLE_PROCESSOR") {
+        if !matches!(kind.trim(), "" | "scripted") {
+            tracing::warn!(SETTLE_PROCESSOR = %kind,
+                "this worker runs its own processor; SETTLE_PROCESSOR is ignored");
+        }
+    }
     let settings = cold_start("read settings", WorkerSettings::from_env())?;
     let cfg = cold_start("read config", settle_aws::AwsConfig::from_env())?;
     let aws = cold_start("connect", settle_aws::connect(&cfg).await)?;
