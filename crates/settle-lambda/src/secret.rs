@@ -29,17 +29,20 @@ impl std::fmt::Debug for SecretValue {
 /// Why the secret could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("read {source_name}: GetParameter failed")]
+    #[error("read {source_name}: GetParameter failed: {detail}")]
     Ssm {
         source_name: SecretSource,
+        /// What the service said (its code and message), or why no answer came.
+        detail: String,
         #[source]
         source: Box<
             aws_sdk_ssm::error::SdkError<aws_sdk_ssm::operation::get_parameter::GetParameterError>,
         >,
     },
-    #[error("read {source_name}: GetSecretValue failed")]
+    #[error("read {source_name}: GetSecretValue failed: {detail}")]
     SecretsManager {
         source_name: SecretSource,
+        detail: String,
         #[source]
         source: Box<
             aws_sdk_secretsmanager::error::SdkError<
@@ -76,6 +79,7 @@ pub async fn read_secret(
             .await
             .map_err(|e| SecretError::Ssm {
                 source_name: source.clone(),
+                detail: detail(&e),
                 source: Box::new(e),
             })?
             .parameter
@@ -88,6 +92,7 @@ pub async fn read_secret(
             .await
             .map_err(|e| SecretError::SecretsManager {
                 source_name: source.clone(),
+                detail: detail(&e),
                 source: Box::new(e),
             })?
             .secret_string
@@ -96,6 +101,25 @@ pub async fn read_secret(
             })?,
     };
     Ok(SecretValue::new(value))
+}
+
+/// A service's answer as `Code: message` (`ParameterNotFound: ...`,
+/// `AccessDeniedException: ...`); any other failure (no connection, a
+/// timeout) with its causes. Neither can hold the secret's value: it was
+/// never received.
+fn detail<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
+where
+    E: std::error::Error + aws_sdk_ssm::error::ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match e.as_service_error() {
+        Some(se) => format!(
+            "{}: {}",
+            se.code().unwrap_or("service error"),
+            se.message().unwrap_or("(no message)")
+        ),
+        None => aws_sdk_ssm::error::DisplayErrorContext(e).to_string(),
+    }
 }
 
 #[cfg(test)]
