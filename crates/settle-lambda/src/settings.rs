@@ -318,6 +318,38 @@ mod tests {
     }
 
     #[test]
+    fn every_worker_variable_is_read_and_a_bad_value_named() {
+        let vars = [
+            "SETTLE_ITEM_TIMEOUT_MS",
+            "SETTLE_RETRY_DELAY_MS",
+            "SETTLE_MAX_RETRY_DELAY_MS",
+            "SETTLE_DEADLINE_MARGIN_MS",
+            "SETTLE_WORK_VISIBILITY_MS",
+        ];
+        let d = WorkerSettings::from_lookup(&lookup(&[])).unwrap().worker;
+        assert_eq!(d.max_retry_delay, Duration::from_secs(60));
+        assert_eq!(d.deadline_margin, Duration::from_secs(2));
+        assert_eq!(d.visibility, None);
+        let all: Vec<(&str, &str)> = vars.iter().map(|v| (*v, "1234")).collect();
+        let s = WorkerSettings::from_lookup(&lookup(&all)).unwrap().worker;
+        let ms = Duration::from_millis(1234);
+        assert_eq!(s.item_timeout, Some(ms));
+        assert_eq!(
+            (
+                s.retry_delay,
+                s.max_retry_delay,
+                s.deadline_margin,
+                s.visibility
+            ),
+            (ms, ms, ms, Some(ms))
+        );
+        for var in vars {
+            let err = WorkerSettings::from_lookup(&lookup(&[(var, "-1")])).unwrap_err();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
     fn the_processor_defaults_to_scripted() {
         let s = ProcessorSettings::from_lookup(&lookup(&[])).unwrap();
         assert_eq!(s, ProcessorSettings::Scripted);
