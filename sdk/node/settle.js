@@ -26,6 +26,12 @@
 // `{concurrency: 1}` items are handled one at a time and stderr is the
 // item's log (native code writing to fd 2 included). The spec is
 // docs/protocol-jsonl.md.
+//
+// The same handler can be the user's own Lambda function that Settle's
+// worker invokes once per batch (docs/lambda.md):
+//   exports.handler = settle.lambdaHandler(async (item, ctx) => { ... });
+// Each item of the batch is handled at once; what it logs is its own log
+// (sent back with its result) and also goes to the function's log.
 'use strict';
 
 const readline = require('readline');
@@ -62,6 +68,7 @@ function capture(chunk, encoding) {
   const store = items.getStore();
   if (!store) return false;
   const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk, encoding).toString('utf8');
+  if (store.echo) toStderr(text);
   store.log += text;
   if (store.log.length > 2 * MAX_LOG) {
     store.cut += store.log.length - MAX_LOG;
@@ -189,4 +196,20 @@ function serve(handler, { concurrency = 128 } = {}) {
   });
 }
 
-module.exports = { serve, PermanentError, RetryError };
+// The user's Lambda function: `{"items": [...]}` in, `{"results": [...]}`
+// out, one result per item, each with its own log. An event of another
+// shape is an error of the invocation (Settle retries the batch).
+function lambdaHandler(handler) {
+  return async (event) => {
+    if (!event || !Array.isArray(event.items)) {
+      throw new Error('not a Settle batch: want {"items": [...]}');
+    }
+    const results = await Promise.all(event.items.map((request) => {
+      const store = { log: '', cut: 0, echo: true };
+      return items.run(store, () => answer(handler, request, store)).then(JSON.parse);
+    }));
+    return { results };
+  };
+}
+
+module.exports = { serve, lambdaHandler, PermanentError, RetryError };

@@ -27,6 +27,14 @@ protocol's answers go to the real stdout, which only this module writes.
 (for handlers that wait on the network), each item's ``print()`` output
 kept as its own log.
 The spec is docs/protocol-jsonl.md.
+
+The same handler can be the user's own Lambda function that Settle's worker
+invokes once per batch (docs/lambda.md)::
+
+    handler = settle.lambda_handler(handle)   # the function's handler
+
+Items are handled one after the other; what each prints is its own log
+(sent back with its result) and also goes to the function's log.
 """
 
 import json
@@ -37,7 +45,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["serve", "PermanentError", "RetryError", "Context"]
+__all__ = ["serve", "lambda_handler", "PermanentError", "RetryError", "Context"]
 
 
 class PermanentError(Exception):
@@ -116,14 +124,17 @@ class _ItemLogs:
     a handler's thread writes through them goes to its item's log, the rest
     to the real stderr."""
 
-    def __init__(self, fallback):
+    def __init__(self, fallback, echo=False):
         self._fallback = fallback
+        self._echo = echo
 
     def write(self, text):
         log = getattr(_local, "log", None)
         if log is None:
             return self._fallback.write(text)
         log.append(text)
+        if self._echo:
+            self._fallback.write(text)
         return len(text)
 
     def flush(self):
@@ -207,3 +218,29 @@ def serve(handler, concurrency=1):
         for raw in stdin:
             if raw.strip():
                 pool.submit(work, json.loads(raw))
+
+
+def lambda_handler(handler):
+    """The user's Lambda function for Settle's worker: ``{"items": [...]}``
+    in, ``{"results": [...]}`` out, one result per item, each with what the
+    handler printed for it as its ``log``. An event of another shape raises
+    (Settle retries the batch)."""
+
+    def handle(event, context=None):
+        if not isinstance(event, dict) or not isinstance(event.get("items"), list):
+            raise ValueError('not a Settle batch: want {"items": [...]}')
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _ItemLogs(out, echo=True), _ItemLogs(err, echo=True)
+        results = []
+        try:
+            for request in event["items"]:
+                _local.log = []
+                try:
+                    results.append(json.loads(_answer_line(handler, request, _local.log)))
+                finally:
+                    _local.log = None
+        finally:
+            sys.stdout, sys.stderr = out, err
+        return {"results": results}
+
+    return handle

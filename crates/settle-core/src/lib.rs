@@ -20,7 +20,9 @@ pub use wire::{jsonl, message};
 pub use domain::backend::{Backend, Capabilities};
 pub use domain::idempotency::{Idempotency, IdempotencyKey, IdempotencyStore};
 pub use domain::ports::{Ledger, PortError, Queue, Source};
-pub use domain::processor::{AttemptContext, ExecProtocol, Processor, ProcessorSpec};
+pub use domain::processor::{
+    AttemptContext, BatchAttempt, BatchProcessor, ExecProtocol, Processor, ProcessorSpec,
+};
 pub use domain::{
     Item, ItemId, ItemRecord, ItemStatus, ProcessError, RunConfig, RunId, RunRecord, RunStatus,
 };

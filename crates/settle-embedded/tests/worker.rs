@@ -496,6 +496,182 @@ async fn a_batch_in_hand_keeps_its_messages_hidden() {
     assert_eq!(e.work.depth().await.unwrap().total(), 0);
 }
 
+/// A batch processor: records each call's items; each item's script says
+/// its outcome (`ok`, `permanent`, `big`: an oversized output), `drop`
+/// leaves the last outcome out, `panic` and `hang` befall the whole call.
+#[derive(Default)]
+struct Batches {
+    calls: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl settle_core::BatchProcessor for Batches {
+    async fn process_batch(
+        &self,
+        batch: &[settle_core::BatchAttempt],
+    ) -> Vec<Result<Option<settle_core::domain::Output>, settle_core::ProcessError>> {
+        use settle_core::domain::Output;
+        use settle_core::ProcessError;
+        let scripts: Vec<String> = batch
+            .iter()
+            .map(|a| {
+                let v: serde_json::Value = serde_json::from_str(a.item.payload.get()).unwrap();
+                v["script"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        self.calls.lock().unwrap().push(
+            batch
+                .iter()
+                .map(|a| a.item.id.as_str().to_owned())
+                .collect(),
+        );
+        if scripts.iter().any(|s| s == "panic") {
+            panic!("the batch call broke");
+        }
+        if scripts.iter().any(|s| s == "hang") {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        let mut out: Vec<_> = batch
+            .iter()
+            .zip(&scripts)
+            .map(|(a, script)| {
+                a.ctx.log(format!("saw {}\n", a.item.id));
+                match script.as_str() {
+                    "permanent" => Err(ProcessError::permanent("no such card")),
+                    "big" => Ok(Some(Output::json(&"x".repeat(70_000)).unwrap())),
+                    _ => Ok(Some(Output::json(a.item.id.as_str()).unwrap())),
+                }
+            })
+            .collect();
+        if scripts.iter().any(|s| s == "drop") {
+            out.pop();
+        }
+        out
+    }
+}
+
+async fn batched(processor: Arc<Batches>) -> (Embedded, Worker) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let worker = Worker::batched(
+        processor,
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            retry_delay: Duration::from_millis(10),
+            item_timeout: Some(Duration::from_millis(300)),
+            ..WorkerConfig::default()
+        },
+    );
+    (e, worker)
+}
+
+fn failure_of(r: &ResultBody) -> (ErrorKind, String) {
+    match &r.attempt.outcome {
+        AttemptOutcome::Failed { kind, error, .. } => (*kind, error.clone()),
+        other => panic!("{}: {other:?}", r.item),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_processor_gets_the_due_items_in_one_call_and_each_settles_alone() {
+    let processor = Arc::new(Batches::default());
+    let (e, worker) = batched(processor.clone()).await;
+    let run = RunId::generate(0);
+    e.work
+        .send(vec![
+            body(&run, "a-ok", "ok", 3),
+            "{not a settle message".to_string(),
+            body(&run, "b-perm", "permanent", 3),
+            body(&run, "c-big", "big", 3),
+            // The call's answer leaves out the last item's outcome.
+            body(&run, "d-dropped", "drop", 3),
+        ])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    let resp = worker.handle(&batch, None).await;
+
+    // One call, with the decodable messages only, in the batch's order.
+    let calls = processor.calls.lock().unwrap().clone();
+    assert_eq!(calls, vec![vec!["a-ok", "b-perm", "c-big", "d-dropped"]]);
+
+    let dropped = batch.iter().find(|d| d.body.contains("d-dropped")).unwrap();
+    assert_eq!(resp.failures, vec![dropped.message_id.clone()]);
+    let res = results(&drain(&e.results).await);
+    assert_eq!(res.len(), 4);
+    assert_eq!(res[0].attempt.outcome, AttemptOutcome::Succeeded);
+    assert_eq!(res[0].attempt.output.as_ref().unwrap().get(), r#""a-ok""#);
+    assert_eq!(
+        failure_of(&res[1]),
+        (ErrorKind::Permanent, "no such card".into())
+    );
+    let (kind, error) = failure_of(&res[2]);
+    assert_eq!(kind, ErrorKind::Permanent);
+    assert!(error.contains("may be at most 65536"), "{error}");
+    assert_eq!(
+        failure_of(&res[3]),
+        (
+            ErrorKind::Retryable,
+            "the batch processor gave no outcome for this item".into()
+        )
+    );
+    // Each attempt keeps the log written for its own item.
+    for r in &res {
+        let want = format!("saw {}\n", r.item);
+        assert_eq!(r.attempt.log.as_deref(), Some(want.as_str()));
+    }
+    // The malformed body and the two permanent failures are parked.
+    assert_eq!(drain(&e.dlq).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_panic_or_a_hang_of_the_call_fails_its_items_retryably() {
+    for (script, want) in [
+        ("panic", "panic: the batch call broke"),
+        ("hang", "timed out after 300 ms"),
+    ] {
+        let processor = Arc::new(Batches::default());
+        let (e, worker) = batched(processor.clone()).await;
+        let run = RunId::generate(0);
+        e.work
+            .send(vec![body(&run, "a", "ok", 3), body(&run, "b", script, 3)])
+            .await
+            .unwrap();
+        let batch = e.work.receive(10, VIS).await.unwrap();
+        let started = Instant::now();
+        let resp = worker.handle(&batch, None).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(!settle_core::work::in_processor());
+        assert_eq!(resp.failures.len(), 2, "{script}");
+        let res = results(&drain(&e.results).await);
+        for r in &res {
+            assert_eq!(
+                failure_of(r),
+                (ErrorKind::Retryable, want.to_owned()),
+                "{script}"
+            );
+        }
+        assert_eq!(res.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn a_batch_with_nothing_due_makes_no_call() {
+    let processor = Arc::new(Batches::default());
+    let (e, worker) = batched(processor.clone()).await;
+    e.work
+        .send(vec!["{not a settle message".to_string()])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    let resp = worker.handle(&batch, None).await;
+    assert!(resp.failures.is_empty());
+    assert!(processor.calls.lock().unwrap().is_empty());
+    assert_eq!(drain(&e.dlq).await.len(), 1);
+}
+
 /// A copy of a message delivered again while its attempt still runs, or
 /// after it settled but before its delete landed (a visibility timeout
 /// shorter than a stalled queue call), does not run the processor again:

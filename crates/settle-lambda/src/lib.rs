@@ -6,8 +6,11 @@
 //! on the embedded backend with the fixtures in `infra/events/`.
 
 pub mod dispatcher;
+pub mod function;
 pub mod records;
 pub mod reducer;
+pub mod run;
+pub mod secret;
 pub mod self_invoke;
 pub mod settings;
 pub mod telemetry;
@@ -18,11 +21,17 @@ pub use dispatcher::{
     DispatcherFunction,
 };
 pub use reducer::ReducerFunction;
-pub use settings::{DispatcherSettings, SettingsError, WorkerSettings};
+pub use run::{run_stock_worker, run_worker};
+pub use settings::{
+    DispatcherSettings, ProcessorSettings, SecretSource, SettingsError, WorkerSettings,
+};
 pub use worker::WorkerFunction;
 
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// What a worker binary's `main` returns.
+pub use lambda_runtime::Error;
 
 /// The Lambda event types the handlers take, re-exported for the binaries.
 pub use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};

@@ -82,6 +82,133 @@ impl WorkerSettings {
     }
 }
 
+/// Which user code the stock worker runs: `SETTLE_PROCESSOR` and the
+/// variables of its kind. Holds names and places, never a secret's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessorSettings {
+    /// The built-in scripted processor (`payload.script`): a test bed.
+    Scripted,
+    /// One POST per attempt, as `settle --http` (docs/processors.md).
+    Http {
+        url: String,
+        /// Where the value of the secret header is kept, if there is one.
+        secret: Option<SecretSource>,
+        /// The header that carries it.
+        header: String,
+    },
+    /// The user's own Lambda function, invoked once per worker batch.
+    Function {
+        /// A function name or ARN (with a qualifier, if any).
+        name: String,
+    },
+}
+
+/// The values `SETTLE_PROCESSOR` takes.
+pub const PROCESSOR_KINDS: &str = "scripted, http, function";
+
+/// The header that carries the secret when `SETTLE_HTTP_SECRET_HEADER` is unset.
+pub const DEFAULT_SECRET_HEADER: &str = "Authorization";
+
+impl ProcessorSettings {
+    /// Reads `SETTLE_PROCESSOR` (`scripted`, the default, `http` or
+    /// `function`); for `http`, `SETTLE_HTTP_URL` (required),
+    /// `SETTLE_HTTP_SECRET` (`ssm:NAME` or `secretsmanager:NAME`, optional)
+    /// and `SETTLE_HTTP_SECRET_HEADER` (default `Authorization`); for
+    /// `function`, `SETTLE_FUNCTION_NAME` (required).
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_lookup(&process_env)
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let required = |var: &'static str, kind: &str| {
+            get(var).ok_or_else(|| SettingsError {
+                var,
+                value: String::new(),
+                reason: format!("required when SETTLE_PROCESSOR={kind}"),
+            })
+        };
+        let kind = get("SETTLE_PROCESSOR");
+        match kind.as_deref().map(str::trim) {
+            None | Some("scripted") => Ok(Self::Scripted),
+            Some("http") => {
+                let secret = get("SETTLE_HTTP_SECRET")
+                    .map(|v| {
+                        SecretSource::parse(&v).map_err(|reason| SettingsError {
+                            var: "SETTLE_HTTP_SECRET",
+                            value: v.clone(),
+                            reason,
+                        })
+                    })
+                    .transpose()?;
+                let header = get("SETTLE_HTTP_SECRET_HEADER")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|| DEFAULT_SECRET_HEADER.to_owned());
+                if let Err(e) = settle_processors::parse_header(&format!("{header}: x")) {
+                    return Err(SettingsError {
+                        var: "SETTLE_HTTP_SECRET_HEADER",
+                        value: header,
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(Self::Http {
+                    url: required("SETTLE_HTTP_URL", "http")?.trim().to_owned(),
+                    secret,
+                    header,
+                })
+            }
+            Some("function") => Ok(Self::Function {
+                name: required("SETTLE_FUNCTION_NAME", "function")?
+                    .trim()
+                    .to_owned(),
+            }),
+            Some(_) => Err(SettingsError {
+                var: "SETTLE_PROCESSOR",
+                value: kind.unwrap_or_default(),
+                reason: format!("want one of {PROCESSOR_KINDS}"),
+            }),
+        }
+    }
+}
+
+/// Where a secret's value is kept: read once at cold start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An SSM Parameter Store parameter (a SecureString is decrypted).
+    Ssm(String),
+    /// A Secrets Manager secret's `SecretString`, by name or ARN.
+    SecretsManager(String),
+}
+
+impl SecretSource {
+    /// Reads `ssm:NAME` or `secretsmanager:NAME`; the error says which forms are wanted.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (store, name) = s
+            .split_once(':')
+            .ok_or_else(|| "want ssm:NAME or secretsmanager:NAME".to_owned())?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(format!("{store}: the name is empty"));
+        }
+        match store {
+            "ssm" => Ok(Self::Ssm(name.to_owned())),
+            "secretsmanager" => Ok(Self::SecretsManager(name.to_owned())),
+            other => Err(format!(
+                "unknown store {other:?}: want ssm:NAME or secretsmanager:NAME"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ssm(name) => write!(f, "ssm:{name}"),
+            Self::SecretsManager(name) => write!(f, "secretsmanager:{name}"),
+        }
+    }
+}
+
 /// The dispatcher function's settings.
 #[derive(Debug, Clone)]
 pub struct DispatcherSettings {
@@ -188,6 +315,173 @@ mod tests {
         )]))
         .unwrap_err();
         assert!(err.to_string().contains("from 0 to 100"), "{err}");
+    }
+
+    #[test]
+    fn every_worker_variable_is_read_and_a_bad_value_named() {
+        let vars = [
+            "SETTLE_ITEM_TIMEOUT_MS",
+            "SETTLE_RETRY_DELAY_MS",
+            "SETTLE_MAX_RETRY_DELAY_MS",
+            "SETTLE_DEADLINE_MARGIN_MS",
+            "SETTLE_WORK_VISIBILITY_MS",
+        ];
+        let d = WorkerSettings::from_lookup(&lookup(&[])).unwrap().worker;
+        assert_eq!(d.max_retry_delay, Duration::from_secs(60));
+        assert_eq!(d.deadline_margin, Duration::from_secs(2));
+        assert_eq!(d.visibility, None);
+        let all: Vec<(&str, &str)> = vars.iter().map(|v| (*v, "1234")).collect();
+        let s = WorkerSettings::from_lookup(&lookup(&all)).unwrap().worker;
+        let ms = Duration::from_millis(1234);
+        assert_eq!(s.item_timeout, Some(ms));
+        assert_eq!(
+            (
+                s.retry_delay,
+                s.max_retry_delay,
+                s.deadline_margin,
+                s.visibility
+            ),
+            (ms, ms, ms, Some(ms))
+        );
+        for var in vars {
+            let err = WorkerSettings::from_lookup(&lookup(&[(var, "-1")])).unwrap_err();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn the_processor_defaults_to_scripted() {
+        let s = ProcessorSettings::from_lookup(&lookup(&[])).unwrap();
+        assert_eq!(s, ProcessorSettings::Scripted);
+        let s =
+            ProcessorSettings::from_lookup(&lookup(&[("SETTLE_PROCESSOR", "scripted")])).unwrap();
+        assert_eq!(s, ProcessorSettings::Scripted);
+    }
+
+    #[test]
+    fn an_unknown_processor_is_named_with_the_allowed_values() {
+        let err =
+            ProcessorSettings::from_lookup(&lookup(&[("SETTLE_PROCESSOR", "exec")])).unwrap_err();
+        assert_eq!(err.var, "SETTLE_PROCESSOR");
+        assert_eq!(
+            err.to_string(),
+            "environment variable SETTLE_PROCESSOR=\"exec\": want one of scripted, http, function"
+        );
+    }
+
+    #[test]
+    fn http_reads_its_url_secret_and_header() {
+        let s = ProcessorSettings::from_lookup(&lookup(&[
+            ("SETTLE_PROCESSOR", "http"),
+            ("SETTLE_HTTP_URL", "https://example.com/renew"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s,
+            ProcessorSettings::Http {
+                url: "https://example.com/renew".into(),
+                secret: None,
+                header: "Authorization".into(),
+            }
+        );
+        let s = ProcessorSettings::from_lookup(&lookup(&[
+            ("SETTLE_PROCESSOR", "http"),
+            ("SETTLE_HTTP_URL", "https://example.com/renew"),
+            ("SETTLE_HTTP_SECRET", "secretsmanager:settle/gateway"),
+            ("SETTLE_HTTP_SECRET_HEADER", "X-Api-Key"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s,
+            ProcessorSettings::Http {
+                url: "https://example.com/renew".into(),
+                secret: Some(SecretSource::SecretsManager("settle/gateway".into())),
+                header: "X-Api-Key".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn http_errors_name_their_variable() {
+        let err =
+            ProcessorSettings::from_lookup(&lookup(&[("SETTLE_PROCESSOR", "http")])).unwrap_err();
+        assert_eq!(err.var, "SETTLE_HTTP_URL");
+        assert!(
+            err.to_string()
+                .contains("required when SETTLE_PROCESSOR=http"),
+            "{err}"
+        );
+        let http = |var, value| {
+            ProcessorSettings::from_lookup(&lookup(&[
+                ("SETTLE_PROCESSOR", "http"),
+                ("SETTLE_HTTP_URL", "https://example.com/"),
+                (var, value),
+            ]))
+            .unwrap_err()
+        };
+        let err = http("SETTLE_HTTP_SECRET", "vault:token");
+        assert_eq!(err.var, "SETTLE_HTTP_SECRET");
+        assert!(
+            err.to_string()
+                .contains("want ssm:NAME or secretsmanager:NAME"),
+            "{err}"
+        );
+        let err = http("SETTLE_HTTP_SECRET_HEADER", "Bad Header");
+        assert_eq!(err.var, "SETTLE_HTTP_SECRET_HEADER");
+        let err = http("SETTLE_HTTP_SECRET_HEADER", "Idempotency-Key");
+        assert!(
+            err.to_string().contains("Settle sets this header itself"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn function_needs_its_name() {
+        let s = ProcessorSettings::from_lookup(&lookup(&[
+            ("SETTLE_PROCESSOR", "function"),
+            ("SETTLE_FUNCTION_NAME", "renewals"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s,
+            ProcessorSettings::Function {
+                name: "renewals".into()
+            }
+        );
+        let err = ProcessorSettings::from_lookup(&lookup(&[("SETTLE_PROCESSOR", "function")]))
+            .unwrap_err();
+        assert_eq!(err.var, "SETTLE_FUNCTION_NAME");
+        assert!(
+            err.to_string()
+                .contains("required when SETTLE_PROCESSOR=function"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secret_sources_parse() {
+        assert_eq!(
+            SecretSource::parse("ssm:/settle/token"),
+            Ok(SecretSource::Ssm("/settle/token".into()))
+        );
+        assert_eq!(
+            SecretSource::parse(
+                " secretsmanager:arn:aws:secretsmanager:eu-west-1:1:secret:x-AbCdEf "
+            ),
+            Ok(SecretSource::SecretsManager(
+                "arn:aws:secretsmanager:eu-west-1:1:secret:x-AbCdEf".into()
+            ))
+        );
+        assert!(SecretSource::parse("ssm:")
+            .unwrap_err()
+            .contains("the name is empty"));
+        assert!(SecretSource::parse("token")
+            .unwrap_err()
+            .contains("want ssm:NAME"));
+        assert!(SecretSource::parse("vault:x")
+            .unwrap_err()
+            .contains("unknown store \"vault\""));
+        assert_eq!(SecretSource::Ssm("/a".into()).to_string(), "ssm:/a");
     }
 
     #[test]

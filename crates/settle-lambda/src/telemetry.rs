@@ -1,6 +1,6 @@
 //! Logging for the functions: JSON lines on stdout (CloudWatch Logs parses
-//! them), ids only. Payloads can hold card data, so nothing here may print
-//! one: the runtime's TRACE line with the raw event is capped off, and a
+//! them), ids only. Payloads can hold card data and a secret is a secret,
+//! so nothing here may print one: the runtime's TRACE line with the raw event is capped off, and a
 //! contained processor panic is logged without its message (the message is
 //! kept, bounded, as the item's error in the ledger, not in the logs).
 
@@ -8,8 +8,13 @@ use tracing_subscriber::EnvFilter;
 
 /// Directives appended to whatever level is asked for. More specific than a
 /// global `trace`, so they win: the runtime logs the whole raw event at
-/// TRACE when it cannot parse it.
-const PAYLOAD_CAPS: &[&str] = &["lambda_runtime::layers::api_response=debug"];
+/// TRACE when it cannot parse it, and the AWS SDK's orchestrator logs whole
+/// responses at TRACE, bodies included (a message's payload, the http
+/// processor's secret from SSM or Secrets Manager).
+const PAYLOAD_CAPS: &[&str] = &[
+    "lambda_runtime::layers::api_response=debug",
+    "aws_smithy_runtime=debug",
+];
 
 /// Installs the JSON subscriber and the panic hook. The level comes from
 /// `AWS_LAMBDA_LOG_LEVEL` (Lambda's advanced logging controls), else

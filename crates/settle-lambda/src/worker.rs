@@ -8,7 +8,7 @@
 use crate::records::{batch_response, deliveries, UnidentifiedRecord};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use settle_core::work::{Worker, WorkerConfig};
-use settle_core::{Backend, Processor};
+use settle_core::{Backend, BatchProcessor, Processor};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -22,6 +22,24 @@ impl WorkerFunction {
     pub fn new(backend: &Backend, processor: Arc<dyn Processor>, config: WorkerConfig) -> Self {
         Self {
             worker: Worker::new(
+                processor,
+                backend.work.clone(),
+                backend.dlq.clone(),
+                backend.results.clone(),
+                config,
+            ),
+        }
+    }
+
+    /// A worker whose processor takes each batch in one call (the user's
+    /// own Lambda function: [`crate::function`]).
+    pub fn batched(
+        backend: &Backend,
+        processor: Arc<dyn BatchProcessor>,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            worker: Worker::batched(
                 processor,
                 backend.work.clone(),
                 backend.dlq.clone(),

@@ -79,6 +79,32 @@ pub trait Processor: Send + Sync + 'static {
     ) -> Result<Option<Output>, ProcessError>;
 }
 
+/// One attempt of a batch handed to a [`BatchProcessor`].
+#[derive(Debug)]
+pub struct BatchAttempt {
+    pub item: Item,
+    pub ctx: AttemptContext,
+}
+
+/// Does the work of a worker batch's items in one call, for user code
+/// whose unit of work is a batch: on AWS, the user's own Lambda function,
+/// invoked once per worker batch.
+///
+/// Return one outcome per attempt, in the order given (a missing one
+/// counts as a retryable failure, an extra one is ignored); each outcome
+/// means what [`Processor::process`]'s does, and what an attempt should
+/// keep as its log goes to its own [`AttemptContext::log`]. The worker
+/// gives the whole call the item timeout: a call that runs past it, or
+/// panics, fails every attempt of the batch, retryably. Everything else
+/// stays per item: a bad answer for one item fails only that item.
+#[async_trait]
+pub trait BatchProcessor: Send + Sync + 'static {
+    async fn process_batch(
+        &self,
+        batch: &[BatchAttempt],
+    ) -> Vec<Result<Option<Output>, ProcessError>>;
+}
+
 /// Which processor a run uses, recorded with the run so that `resume` and
 /// `redrive` use the same one. Data only: the processors themselves live
 /// in the `settle-processors` crate. Header values are kept (a resume needs

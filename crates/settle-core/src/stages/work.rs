@@ -3,7 +3,7 @@
 //! panic, a timeout or an undecodable body affects only that message.
 
 use crate::domain::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
-use crate::domain::processor::{AttemptContext, Processor};
+use crate::domain::processor::{AttemptContext, BatchAttempt, BatchProcessor, Processor};
 use crate::domain::{
     bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError,
     MAX_OUTPUT_BYTES,
@@ -64,7 +64,7 @@ pub struct BatchResponse {
 
 /// The worker: decodes, processes and reports each message of a batch.
 pub struct Worker {
-    processor: Arc<dyn Processor>,
+    engine: Engine,
     work: Arc<dyn Queue>,
     dlq: Arc<dyn Queue>,
     results: Arc<dyn Queue>,
@@ -131,6 +131,31 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// How the worker runs the user's code.
+enum Engine {
+    /// One call per item, the batch's items concurrently.
+    Each(Arc<dyn Processor>),
+    /// One call for the batch's items (see [`BatchProcessor`]).
+    Batch(Arc<dyn BatchProcessor>),
+}
+
+/// What a message gets before any processor runs.
+enum Gate {
+    /// An attempt (or the record that its item is out of attempts).
+    Ready(Ready),
+    /// Nothing of the processor's: settled as planned.
+    Settled(Plan),
+}
+
+/// A message whose item will get an attempt (or be recorded as out of attempts).
+struct Ready {
+    body: WorkBody,
+    attempt: u32,
+    span: tracing::Span,
+    /// Received past the run's limit: recorded as terminal, not run.
+    exhausted: bool,
+}
+
 /// What became of one message, before anything is sent.
 #[derive(Debug)]
 enum Plan {
@@ -157,7 +182,27 @@ impl Worker {
         config: WorkerConfig,
     ) -> Self {
         Self {
-            processor,
+            engine: Engine::Each(processor),
+            work,
+            dlq,
+            results,
+            config,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// A worker whose user code takes a whole batch at once: each
+    /// [`Worker::handle`] calls it once, with every message that gets an
+    /// attempt.
+    pub fn batched(
+        processor: Arc<dyn BatchProcessor>,
+        work: Arc<dyn Queue>,
+        dlq: Arc<dyn Queue>,
+        results: Arc<dyn Queue>,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            engine: Engine::Batch(processor),
             work,
             dlq,
             results,
@@ -234,13 +279,37 @@ impl Worker {
     ) -> (Vec<Plan>, Vec<bool>) {
         let (known, hold) = self.copies(batch);
         let copy: Vec<bool> = known.iter().map(Option::is_some).collect();
-        let plans = futures::future::join_all(batch.iter().zip(known).map(|(d, known)| async {
-            match known {
-                Some(plan) => plan,
-                None => self.plan(d, deadline).await,
+        let plans = match &self.engine {
+            Engine::Each(processor) => {
+                futures::future::join_all(batch.iter().zip(known).map(|(d, known)| async {
+                    match known {
+                        Some(plan) => plan,
+                        None => self.plan(processor, d, deadline).await,
+                    }
+                }))
+                .await
             }
-        }))
-        .await;
+            Engine::Batch(processor) => {
+                // The user's code sees only the messages this worker took hold of.
+                let fresh: Vec<Delivery> = batch
+                    .iter()
+                    .zip(&copy)
+                    .filter(|(_, c)| !**c)
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                let mut planned = self
+                    .plan_batch(processor, &fresh, deadline)
+                    .await
+                    .into_iter();
+                known
+                    .into_iter()
+                    .map(|k| {
+                        k.or_else(|| planned.next())
+                            .expect("one plan per fresh message")
+                    })
+                    .collect()
+            }
+        };
         let mut failed = vec![false; batch.len()];
 
         // Dead letters first, results second: once the tally counts an item
@@ -357,132 +426,286 @@ impl Worker {
         }
     }
 
-    async fn plan(&self, d: &Delivery, deadline: Option<Instant>) -> Plan {
+    /// Decodes a message and decides whether its item gets an attempt now.
+    fn gate(&self, d: &Delivery, deadline: Option<Instant>) -> Gate {
         let body = match WorkBody::decode(&d.body) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(message_id = %d.message_id, error = %e, "undecodable message; dead-lettering it");
-                return Plan::Malformed;
+                return Gate::Settled(Plan::Malformed);
             }
         };
         let attempt = body.prior_attempts + d.receive_count;
         let span = tracing::info_span!("item", run = %body.run, item = %body.item,
             message_id = %d.message_id, attempt);
-        async {
-            if let Some(deadline) = deadline {
-                if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin {
-                    tracing::info!("not started: the invocation is about to end");
-                    return Plan::Retry {
-                        delay: Duration::ZERO,
-                    };
-                }
+        if let Some(deadline) = deadline {
+            if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin {
+                span.in_scope(|| tracing::info!("not started: the invocation is about to end"));
+                return Gate::Settled(Plan::Retry {
+                    delay: Duration::ZERO,
+                });
             }
+        }
+        // A receive past the limit means the last attempt never reported
+        // (a crash or a kill); record that as terminal rather than run again.
+        let exhausted = d.receive_count > body.max_receives;
+        Gate::Ready(Ready {
+            body,
+            attempt,
+            span,
+            exhausted,
+        })
+    }
+
+    fn no_outcome(body: &WorkBody) -> ProcessError {
+        ProcessError::retryable(format!(
+            "no outcome after {} receives (the worker crashed or timed out)",
+            body.max_receives
+        ))
+    }
+
+    async fn plan(
+        &self,
+        processor: &Arc<dyn Processor>,
+        d: &Delivery,
+        deadline: Option<Instant>,
+    ) -> Plan {
+        let ready = match self.gate(d, deadline) {
+            Gate::Ready(ready) => ready,
+            Gate::Settled(plan) => return plan,
+        };
+        let span = ready.span.clone();
+        async {
             let started_at = now_millis();
             let clock = Instant::now();
-            // A receive past the limit means the last attempt never reported
-            // (a crash or a kill); record that as terminal rather than run again.
-            let (outcome, log) = if d.receive_count > body.max_receives {
-                let e = ProcessError::retryable(format!(
-                    "no outcome after {} receives (the worker crashed or timed out)",
-                    body.max_receives
-                ));
-                (Err(e), None)
+            let (outcome, log) = if ready.exhausted {
+                (Err(Self::no_outcome(&ready.body)), None)
             } else {
-                self.run_processor(&body, attempt, deadline).await
+                self.run_processor(processor, &ready.body, ready.attempt, deadline)
+                    .await
             };
-            let outcome = outcome.and_then(|output| match output {
-                Some(o) if o.get().len() > MAX_OUTPUT_BYTES => Err(ProcessError::permanent(format!(
-                    "the output is {} bytes; an item's output may be at most {MAX_OUTPUT_BYTES}",
-                    o.get().len()
-                ))),
-                // JSON null reads back as no output: say so from the start.
-                Some(o) if o.get() == "null" => Ok(None),
-                other => Ok(other),
-            });
-            let duration_ms = clock.elapsed().as_millis() as u64;
-            let last = d.receive_count >= body.max_receives;
-            let mut output = None;
-            let (outcome, dead_letter, retry) = match outcome {
-                Ok(out) => {
-                    tracing::info!(duration_ms, "succeeded");
-                    output = out;
-                    (AttemptOutcome::Succeeded, None, None)
-                }
-                Err(mut e) => {
-                    e.message = bounded_error(e.message);
-                    let terminal = e.kind == ErrorKind::Permanent || last;
-                    if terminal {
-                        tracing::info!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
-                    } else {
-                        tracing::info!(error = %e.message, "failed; will retry");
-                    }
-                    let dead_letter = terminal.then(|| {
-                        WorkBody {
-                            dead: Some(DeadLetter {
-                                error: e.message.clone(),
-                                attempts: attempt,
-                            }),
-                            ..body.clone()
-                        }
-                        .encode()
-                    });
-                    // A processor's hint (an idempotency claim that another
-                    // attempt holds until its deadline) can only lengthen it.
-                    let retry = (!terminal).then(|| {
-                        let delay = self.retry_delay(d.receive_count);
-                        e.retry_after
-                            .map_or(delay, |after| delay.max(after.min(MAX_VISIBILITY)))
-                    });
-                    let outcome = AttemptOutcome::Failed {
-                        kind: e.kind,
-                        error: e.message,
-                        terminal,
-                    };
-                    (outcome, dead_letter, retry)
-                }
-            };
-            Plan::Report {
-                result: ResultBody {
-                    run: body.run.clone(),
-                    item: body.item.clone(),
-                    seq: body.seq,
-                    attempt: Attempt {
-                        attempt,
-                        message_id: d.message_id.clone(),
-                        started_at,
-                        duration_ms,
-                        outcome,
-                        output,
-                        log,
-                    },
-                },
-                dead_letter,
-                retry,
-            }
+            self.finish(d, &ready, started_at, clock.elapsed(), outcome, log)
         }
         .instrument(span)
         .await
+    }
+
+    /// Plans a batch whose items one [`BatchProcessor`] call works on.
+    ///
+    /// Why the isolation of items still holds: the call gets only the
+    /// messages that decoded and are due an attempt (a malformed body, a
+    /// late start or an exhausted item is settled alone, as for a
+    /// per-item processor); its answer is one outcome per item, each
+    /// checked and reported on its own (an oversized or missing outcome
+    /// fails its item only); and each attempt keeps its own log. Only what
+    /// befalls the call itself (a panic, the timeout) befalls all of its
+    /// items, and retryably: the batch is the user code's unit of work.
+    async fn plan_batch(
+        &self,
+        processor: &Arc<dyn BatchProcessor>,
+        batch: &[Delivery],
+        deadline: Option<Instant>,
+    ) -> Vec<Plan> {
+        let gates: Vec<Gate> = batch.iter().map(|d| self.gate(d, deadline)).collect();
+        let started_at = now_millis();
+        let clock = Instant::now();
+        let timeout_at = self.config.item_timeout.map(|t| clock + t);
+        let attempts: Vec<BatchAttempt> = gates
+            .iter()
+            .filter_map(|g| match g {
+                Gate::Ready(r) if !r.exhausted => Some(r),
+                _ => None,
+            })
+            .map(|r| BatchAttempt {
+                item: r.body.item(),
+                ctx: self.context(&r.body, r.attempt, timeout_at, deadline),
+            })
+            .collect();
+        let mut outcomes = self
+            .run_batch(processor, attempts, timeout_at)
+            .await
+            .into_iter();
+        let elapsed = clock.elapsed();
+        batch
+            .iter()
+            .zip(gates)
+            .map(|(d, gate)| match gate {
+                Gate::Settled(plan) => plan,
+                Gate::Ready(ready) => {
+                    let (outcome, log) = if ready.exhausted {
+                        (Err(Self::no_outcome(&ready.body)), None)
+                    } else {
+                        outcomes.next().unwrap_or_else(|| {
+                            (
+                                Err(ProcessError::retryable("no outcome for this item")),
+                                None,
+                            )
+                        })
+                    };
+                    let span = ready.span.clone();
+                    span.in_scope(|| self.finish(d, &ready, started_at, elapsed, outcome, log))
+                }
+            })
+            .collect()
+    }
+
+    /// Turns an attempt's outcome into what to report.
+    fn finish(
+        &self,
+        d: &Delivery,
+        ready: &Ready,
+        started_at: u64,
+        elapsed: Duration,
+        outcome: Result<Option<Output>, ProcessError>,
+        log: Option<String>,
+    ) -> Plan {
+        let (body, attempt) = (&ready.body, ready.attempt);
+        let outcome = outcome.and_then(|output| match output {
+            Some(o) if o.get().len() > MAX_OUTPUT_BYTES => Err(ProcessError::permanent(format!(
+                "the output is {} bytes; an item's output may be at most {MAX_OUTPUT_BYTES}",
+                o.get().len()
+            ))),
+            // JSON null reads back as no output: say so from the start.
+            Some(o) if o.get() == "null" => Ok(None),
+            other => Ok(other),
+        });
+        let duration_ms = elapsed.as_millis() as u64;
+        let last = d.receive_count >= body.max_receives;
+        let mut output = None;
+        let (outcome, dead_letter, retry) = match outcome {
+            Ok(out) => {
+                tracing::info!(duration_ms, "succeeded");
+                output = out;
+                (AttemptOutcome::Succeeded, None, None)
+            }
+            Err(mut e) => {
+                e.message = bounded_error(e.message);
+                let terminal = e.kind == ErrorKind::Permanent || last;
+                if terminal {
+                    tracing::info!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
+                } else {
+                    tracing::info!(error = %e.message, "failed; will retry");
+                }
+                let dead_letter = terminal.then(|| {
+                    WorkBody {
+                        dead: Some(DeadLetter {
+                            error: e.message.clone(),
+                            attempts: attempt,
+                        }),
+                        ..body.clone()
+                    }
+                    .encode()
+                });
+                // A processor's hint (an idempotency claim that another
+                // attempt holds until its deadline) can only lengthen it.
+                let retry = (!terminal).then(|| {
+                    let delay = self.retry_delay(d.receive_count);
+                    e.retry_after
+                        .map_or(delay, |after| delay.max(after.min(MAX_VISIBILITY)))
+                });
+                let outcome = AttemptOutcome::Failed {
+                    kind: e.kind,
+                    error: e.message,
+                    terminal,
+                };
+                (outcome, dead_letter, retry)
+            }
+        };
+        Plan::Report {
+            result: ResultBody {
+                run: body.run.clone(),
+                item: body.item.clone(),
+                seq: body.seq,
+                attempt: Attempt {
+                    attempt,
+                    message_id: d.message_id.clone(),
+                    started_at,
+                    duration_ms,
+                    outcome,
+                    output,
+                    log,
+                },
+            },
+            dead_letter,
+            retry,
+        }
+    }
+
+    /// The attempt's context: its deadline is the item timeout or the
+    /// invocation's end, whichever is first.
+    fn context(
+        &self,
+        body: &WorkBody,
+        attempt: u32,
+        timeout_at: Option<Instant>,
+        deadline: Option<Instant>,
+    ) -> AttemptContext {
+        let mut ctx = AttemptContext::new(body.run.clone(), &body.item(), attempt);
+        ctx.deadline = match (timeout_at, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ctx
+    }
+
+    /// Runs one [`BatchProcessor`] call; returns each attempt's outcome and log.
+    async fn run_batch(
+        &self,
+        processor: &Arc<dyn BatchProcessor>,
+        attempts: Vec<BatchAttempt>,
+        timeout_at: Option<Instant>,
+    ) -> Vec<(Result<Option<Output>, ProcessError>, Option<String>)> {
+        if attempts.is_empty() {
+            return Vec::new();
+        }
+        let n = attempts.len();
+        let attempts = Arc::new(attempts);
+        let (processor, in_call) = (processor.clone(), attempts.clone());
+        let fut = PanicScope(Box::pin(
+            async move { processor.process_batch(&in_call).await },
+        ));
+        let caught = AssertUnwindSafe(fut).catch_unwind();
+        let res = match self.config.item_timeout.zip(timeout_at) {
+            Some((t, at)) => match tokio::time::timeout_at(at, caught).await {
+                Ok(r) => r.map_err(panic_error),
+                Err(_) => Err(ProcessError::retryable(format!(
+                    "timed out after {} ms",
+                    t.as_millis()
+                ))),
+            },
+            None => caught.await.map_err(panic_error),
+        };
+        let mut outcomes: Vec<_> = match res {
+            Ok(outcomes) => outcomes.into_iter().take(n).collect(),
+            Err(e) => vec![Err(e); n],
+        };
+        outcomes.resize_with(n, || {
+            Err(ProcessError::retryable(
+                "the batch processor gave no outcome for this item",
+            ))
+        });
+        outcomes
+            .into_iter()
+            .zip(attempts.iter())
+            .map(|(outcome, a)| (outcome, a.ctx.take_log()))
+            .collect()
     }
 
     /// Runs the processor on one item; returns its outcome and the log the
     /// attempt wrote (also when it timed out or panicked).
     async fn run_processor(
         &self,
+        processor: &Arc<dyn Processor>,
         body: &WorkBody,
         attempt: u32,
         deadline: Option<Instant>,
     ) -> (Result<Option<Output>, ProcessError>, Option<String>) {
         let item = body.item();
-        let mut ctx = AttemptContext::new(body.run.clone(), &item, attempt);
         // The attempt is cut off at the item timeout; the invocation ends at
         // `deadline` (by then Lambda has stopped the process).
         let timeout_at = self.config.item_timeout.map(|t| Instant::now() + t);
-        ctx.deadline = match (timeout_at, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let ctx = Arc::new(ctx);
-        let processor = self.processor.clone();
+        let ctx = Arc::new(self.context(body, attempt, timeout_at, deadline));
+        let processor = processor.clone();
         let in_attempt = ctx.clone();
         let fut = PanicScope(Box::pin(async move {
             processor.process(&item, &in_attempt).await
@@ -501,14 +724,7 @@ impl Worker {
             },
             None => caught.await,
         };
-        let res = res.unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
-            Err(ProcessError::retryable(format!("panic: {msg}")))
-        });
+        let res = res.unwrap_or_else(|panic| Err(panic_error(panic)));
         (res, ctx.take_log())
     }
 
@@ -519,6 +735,16 @@ impl Worker {
         // Up to 25% jitter, so a burst of failures does not retry in lockstep.
         capped + capped.mul_f64(fastrand::f64() * 0.25)
     }
+}
+
+/// A caught panic as the retryable failure of the attempts it interrupted.
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> ProcessError {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    ProcessError::retryable(format!("panic: {msg}"))
 }
 
 thread_local! {
