@@ -100,38 +100,98 @@ port, fn, payload = sys.argv[1:]
 req = urllib.request.Request(f"http://127.0.0.1:{port}/2015-03-31/functions/{fn}/invocations",
                              data=payload.encode(), method="POST",
                              headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(req, timeout=120) as r:
+with urllib.request.urlopen(req, timeout=10) as r:
     body = r.read()
     if r.headers.get("X-Amz-Function-Error") or b"errorType" in body:
         sys.exit(1)
 PY
 }
 
+# Variables cargo sets for a test or a build script. A cargo command that
+# inherited them (this script started by a test) would see a changed
+# CARGO_MANIFEST_DIR and rerun ring's build script, rebuilding the AWS SDK
+# above it. The profile settings (CARGO_PROFILE_*), CARGO_HOME and
+# CARGO_TARGET_DIR stay: they choose the build to reuse.
+clean_cargo_env() {
+    local v
+    for v in $(compgen -e); do
+        case "$v" in
+            CARGO_MANIFEST_*|CARGO_PKG_*|CARGO_CRATE_NAME|CARGO_BIN_*|CARGO_PRIMARY_PACKAGE|\
+            CARGO_TARGET_TMPDIR|CARGO_RUSTC_CURRENT_DIR) unset "$v" ;;
+        esac
+    done
+}
+
+# The function binaries as `cargo test --workspace` (what `make test` runs)
+# builds them: the same invocation unifies the same features, so the stack
+# reuses the tests' build instead of compiling the AWS SDK a second time
+# (a plain `cargo build -p settle-lambda` would). Writes "NAME PATH" lines.
+build_functions() {
+    say "building the functions as make test does (cargo test --workspace --no-run; log: $STATE/build.log)"
+    (
+        clean_cargo_env
+        cd "$ROOT"
+        cargo test --workspace --no-run --message-format=json-render-diagnostics 2>"$STATE/build.log"
+    ) | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    # The binaries themselves, not their unit-test executables.
+    if (m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["bin"]
+            and not m.get("profile", {}).get("test")
+            and t.get("name") in ("dispatcher", "worker", "reducer")
+            and "settle-lambda" in m.get("package_id", "")):
+        print(t["name"], m["executable"])
+' >"$STATE/bins" || true
+    [[ "$(wc -l <"$STATE/bins")" -eq 3 ]] || { down_keep_logs; die "could not build the functions; see $STATE/build.log"; }
+}
+
+# One execution environment of function $1 (binary $2): polls the watch's
+# Runtime API for its invocations. Lambda starts a fresh environment when
+# one dies; so does this, a second later.
+start_instance() {
+    local fn="$1" bin="$2" lport
+    lport="$(cat "$STATE/lambda_port")"
+    (
+        export AWS_LAMBDA_RUNTIME_API="http://127.0.0.1:$lport/.rt/$fn"
+        export AWS_LAMBDA_FUNCTION_NAME="$fn" AWS_LAMBDA_FUNCTION_VERSION=1
+        # template.yaml's MemorySize.
+        export AWS_LAMBDA_FUNCTION_MEMORY_SIZE=256
+        exec setsid bash -c 'while :; do "$0"; sleep 1; done' "$bin"
+    ) </dev/null >>"$STATE/$fn.log" 2>&1 &
+    echo $! >>"$STATE/instance_pids"
+}
+
 start_functions() {
     local visibility="$1" lport wc rc
     [[ -x "$VENV/bin/cargo-lambda" ]] || die "$VENV/bin/cargo-lambda not found: run make venv"
-    lport="$(free_port)"
     wc="${SETTLE_STACK_WORKER_CONCURRENCY:-2}"
     rc="${SETTLE_STACK_REDUCER_CONCURRENCY:-1}"
+    build_functions
+
+    lport="$(free_port)"
     echo "$lport" >"$STATE/lambda_port"
-    say "starting the functions under cargo lambda watch on 127.0.0.1:$lport (log: $STATE/functions.log)"
+    say "starting the Lambda APIs (cargo lambda watch) on 127.0.0.1:$lport (log: $STATE/watch.log)"
     (
-        # The functions inherit this environment, as Lambda sets a function's
-        # Environment: the stack's (template.yaml Globals), each function's own
-        # settings (only the function that reads one uses it), and the
+        cd "$ROOT"
+        exec setsid "$VENV/bin/cargo-lambda" lambda watch --only-lambda-apis \
+            --invoke-address 127.0.0.1 --invoke-port "$lport"
+    ) </dev/null >"$STATE/watch.log" 2>&1 &
+    echo $! >"$STATE/watch_pid"
+
+    say "starting the functions: $wc worker, $rc reducer, 1 dispatcher (logs: $STATE/{worker,reducer,dispatcher}.log)"
+    (
+        # The functions get this environment, as Lambda hands a function its
+        # Environment: the stack's (template.yaml Globals), each function's
+        # own settings (only the function that reads one uses it), and the
         # worker's processor settings as the caller set them.
         while IFS= read -r line; do [[ -n "$line" ]] && export "${line?}"; done < "$STATE/env"
-        # Variables cargo sets for a test or build script: a `cargo run` that
-        # inherited them would see a changed CARGO_MANIFEST_DIR and rebuild
-        # ring's build script and the AWS SDK above it. The profile settings
-        # (CARGO_PROFILE_*) and CARGO_TARGET_DIR stay, so the functions are
-        # the test build's own binaries.
-        for v in $(compgen -e); do
-            case "$v" in
-                CARGO_MANIFEST_*|CARGO_PKG_*|CARGO_CRATE_NAME|CARGO_BIN_*|CARGO_PRIMARY_PACKAGE|\
-                CARGO_TARGET_TMPDIR|CARGO_RUSTC_CURRENT_DIR|AWS_ENDPOINT_URL_*) unset "$v" ;;
-            esac
-        done
+        clean_cargo_env
+        for v in $(compgen -e); do [[ "$v" == AWS_ENDPOINT_URL_* ]] && unset "$v"; done
         export AWS_ENDPOINT_URL="http://127.0.0.1:$(cat "$STATE/port")"
         export AWS_ENDPOINT_URL_LAMBDA="http://127.0.0.1:$lport"
         export AWS_REGION=$REGION AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
@@ -145,36 +205,35 @@ start_functions() {
         export SETTLE_TOLERATED_FAILURE_PERCENT="${SETTLE_TOLERATED_FAILURE_PERCENT:-100}"
         export SETTLE_DISPATCH_MARGIN_MS="${SETTLE_DISPATCH_MARGIN_MS:-30000}"
         export RUST_LOG="${RUST_LOG:-info}"
-        export PATH="$VENV/bin:$PATH"
-        cd "$ROOT"
-        exec setsid "$VENV/bin/cargo-lambda" lambda watch --ignore-changes --quiet \
-            --invoke-address 127.0.0.1 --invoke-port "$lport" \
-            --concurrency "$(( wc > rc ? wc : rc ))" --package settle-lambda
-    ) </dev/null >"$STATE/functions.log" 2>&1 &
-    echo $! >"$STATE/watch_pid"
+        local fn bin i
+        while read -r fn bin; do
+            local n=1
+            [[ "$fn" == worker ]] && n="$wc"
+            [[ "$fn" == reducer ]] && n="$rc"
+            for ((i = 0; i < n; i++)); do start_instance "$fn" "$bin"; done
+        done <"$STATE/bins"
+    )
 
-    # The first invoke of each function starts it, and compiles it if the
-    # build is not there yet: wait for all three before feeding them.
-    local ready="${SETTLE_STACK_READY_SECONDS:-900}" start=$SECONDS fn payload
+    # Each function answers once it has started (its cold start done).
+    local ready="${SETTLE_STACK_READY_SECONDS:-120}" start=$SECONDS fn payload
     for fn in worker reducer dispatcher; do
         payload='{"Records": []}'
         # A manual invoke with nothing pending creates no run.
         [[ "$fn" == dispatcher ]] && payload='{}'
-        say "waiting for the $fn function (compiling it first if needed; at most ${ready} s in all)"
         until invoke "$lport" "$fn" "$payload"; do
-            alive watch_pid || { local log="$STATE/functions.log"; down_keep_logs; die "cargo lambda watch exited; see $log"; }
+            alive watch_pid || { down_keep_logs; die "cargo lambda watch exited; see $STATE/watch.log"; }
             if (( SECONDS - start > ready )); then
                 down_keep_logs
-                die "the $fn function did not answer within $ready s; see $STATE/functions.log"
+                die "the $fn function did not answer within $ready s; see $STATE/$fn.log"
             fi
-            sleep 1
+            sleep 0.5
         done
     done
 
     local tick="${SETTLE_STACK_TICK_SECONDS:-60}"
-    "$VENV/bin/python" - "$STATE" "$ROOT" "$tick" "$visibility" "$wc" "$rc" <<'PY' >"$STATE/esm.json"
+    "$VENV/bin/python" - "$STATE" "$ROOT" "$tick" "$wc" "$rc" <<'PY' >"$STATE/esm.json"
 import json, sys
-state, root, tick, visibility, wc, rc = sys.argv[1:]
+state, root, tick, wc, rc = sys.argv[1:]
 env = dict(l.strip().split("=", 1) for l in open(f"{state}/env") if "=" in l)
 port = open(f"{state}/port").read().strip()
 lport = open(f"{state}/lambda_port").read().strip()
@@ -246,9 +305,8 @@ stop_group() {
     rm -f "$file"
 }
 
-# Function processes still attached to this stack's Runtime API: the watch
-# starts each in a process group of its own and stops them when it stops,
-# but not if it was killed.
+# Function processes still attached to this stack's Runtime API, should
+# one have left its instance's process group.
 stop_functions() {
     [[ -f "$STATE/lambda_port" ]] || return 0
     local api="AWS_LAMBDA_RUNTIME_API=http://127.0.0.1:$(cat "$STATE/lambda_port")/" f pid
@@ -263,6 +321,14 @@ stop_functions() {
 # Stops everything but leaves the logs, for a failed `up` to point at.
 down_keep_logs() {
     stop_group esm_pid
+    if [[ -f "$STATE/instance_pids" ]]; then
+        local pid
+        while read -r pid; do
+            echo "$pid" >"$STATE/instance_pid"
+            stop_group instance_pid
+        done <"$STATE/instance_pids"
+        rm -f "$STATE/instance_pids"
+    fi
     stop_group watch_pid
     stop_functions
     if [[ -f "$STATE/pid" ]]; then
@@ -280,7 +346,7 @@ down_keep_logs() {
 down() {
     down_keep_logs
     # Only what `up` wrote: SETTLE_EMULATOR_DIR may name a directory of the caller's.
-    rm -f "$STATE"/{moto.log,functions.log,esm.log}
+    rm -f "$STATE"/{moto.log,watch.log,build.log,bins,worker.log,reducer.log,dispatcher.log,esm.log}
     rmdir "$STATE" 2>/dev/null || true
 }
 

@@ -57,8 +57,8 @@ impl Stack {
         assert!(
             out.status.success(),
             "the offline stack did not start (infra/emulator.sh up --deployed):\n{stderr}\n\
-             It needs cargo-lambda and moto in .venv (make venv) and builds the \
-             functions of crates/settle-lambda on its first start.\n{}",
+             It needs cargo-lambda and moto in .venv (make venv), and builds the \
+             functions as `cargo test --workspace` does.\n{}",
             stack.logs()
         );
         stack.exports = String::from_utf8(out.stdout)
@@ -95,15 +95,22 @@ impl Stack {
 
     /// The tails of the stack's logs, for a failure message.
     fn logs(&self) -> String {
-        ["esm.log", "functions.log", "moto.log"]
-            .iter()
-            .map(|name| {
-                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-                format!("--- {name} (last 40 lines) ---\n{tail}\n")
-            })
-            .collect()
+        [
+            "esm.log",
+            "worker.log",
+            "reducer.log",
+            "dispatcher.log",
+            "watch.log",
+            "build.log",
+        ]
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            format!("--- {name} (last 40 lines) ---\n{tail}\n")
+        })
+        .collect()
     }
 
     fn backend(&self) -> settle_aws::AwsBackend {
