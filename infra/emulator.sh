@@ -5,8 +5,9 @@
 #
 #   eval "$(infra/emulator.sh up)"              start it (or find it running); prints only export lines
 #   eval "$(infra/emulator.sh up --deployed)"   the offline stack: moto, plus the dispatcher, worker and
-#                                               reducer binaries under `cargo lambda watch`, fed by
-#                                               infra/esm.py (event source mappings and the schedule)
+#                                               reducer binaries (as `cargo test --workspace` builds
+#                                               them) behind the Lambda APIs of `cargo lambda watch`,
+#                                               fed by infra/esm.py (event source mappings, schedule)
 #   infra/emulator.sh down                      stop all of it and remove its state
 #
 # SETTLE_EMULATOR_DIR (default .settle/emulator) holds its state and logs,
@@ -16,10 +17,10 @@
 #   SETTLE_STACK_TICK_SECONDS          the dispatcher's schedule (default 60; 0: no ticks)
 #   SETTLE_STACK_VISIBILITY            the work and results queues' visibility timeout
 #                                      (default 10 s, not 180: a failed batch comes back in seconds)
-#   SETTLE_STACK_WORKER_CONCURRENCY    worker invocations at once (default 2)
-#   SETTLE_STACK_REDUCER_CONCURRENCY   reducer invocations at once (default 1: see docs/testing.md)
-#   SETTLE_STACK_READY_SECONDS         how long `up` waits for the functions to answer (default 900:
-#                                      the first invoke compiles them if needed)
+#   SETTLE_STACK_WORKER_CONCURRENCY    worker instances, so invocations at once (default 2)
+#   SETTLE_STACK_REDUCER_CONCURRENCY   reducer instances (default 1: moto, see docs/lambda.md)
+#   SETTLE_STACK_READY_SECONDS         how long `up` waits, once built, for the functions to
+#                                      answer (default 120)
 #   SETTLE_ITEM_TIMEOUT_MS, SETTLE_RETRY_DELAY_MS, SETTLE_MAX_RECEIVES,
 #   SETTLE_TOLERATED_FAILURE_PERCENT, SETTLE_DISPATCH_MARGIN_MS   the functions' settings
 #   SETTLE_PROCESSOR, SETTLE_HTTP_URL, SETTLE_HTTP_SECRET, SETTLE_HTTP_SECRET_HEADER,
