@@ -25,6 +25,9 @@
 #   SETTLE_TOLERATED_FAILURE_PERCENT, SETTLE_DISPATCH_MARGIN_MS   the functions' settings
 #   SETTLE_PROCESSOR, SETTLE_HTTP_URL, SETTLE_HTTP_SECRET, SETTLE_HTTP_SECRET_HEADER,
 #   SETTLE_FUNCTION_NAME               passed through to the worker as they are
+#   SETTLE_STACK_EXTRA_FUNCTIONS       more functions, "NAME=EXECUTABLE ...", one instance each
+#                                      (e.g. a user's function for SETTLE_FUNCTION_NAME); the watch
+#                                      serves only names of binary targets of this workspace
 #
 # Progress and errors go to stderr, so that stdout stays eval-able.
 set -euo pipefail
@@ -165,6 +168,7 @@ start_instance() {
         exec setsid bash -c 'while :; do "$0"; sleep 1; done' "$bin"
     ) </dev/null >>"$STATE/$fn.log" 2>&1 &
     echo $! >>"$STATE/instance_pids"
+    grep -qxF "$fn.log" "$STATE/logs" 2>/dev/null || echo "$fn.log" >>"$STATE/logs"
 }
 
 start_functions() {
@@ -172,6 +176,13 @@ start_functions() {
     [[ -x "$VENV/bin/cargo-lambda" ]] || die "$VENV/bin/cargo-lambda not found: run make venv"
     wc="${SETTLE_STACK_WORKER_CONCURRENCY:-2}"
     rc="${SETTLE_STACK_REDUCER_CONCURRENCY:-1}"
+    local extra
+    for extra in ${SETTLE_STACK_EXTRA_FUNCTIONS:-}; do
+        [[ "$extra" == ?*=* && -x "${extra#*=}" ]] || {
+            down_keep_logs
+            die "SETTLE_STACK_EXTRA_FUNCTIONS: want NAME=EXECUTABLE (an executable file), got $extra"
+        }
+    done
     build_functions
 
     lport="$(free_port)"
@@ -213,6 +224,11 @@ start_functions() {
             [[ "$fn" == reducer ]] && n="$rc"
             for ((i = 0; i < n; i++)); do start_instance "$fn" "$bin"; done
         done <"$STATE/bins"
+        # A user's function for the worker to invoke (SETTLE_FUNCTION_NAME).
+        local extra
+        for extra in ${SETTLE_STACK_EXTRA_FUNCTIONS:-}; do
+            start_instance "${extra%%=*}" "${extra#*=}"
+        done
     )
 
     # Each function answers once it has started (its cold start done).
@@ -347,7 +363,11 @@ down_keep_logs() {
 down() {
     down_keep_logs
     # Only what `up` wrote: SETTLE_EMULATOR_DIR may name a directory of the caller's.
-    rm -f "$STATE"/{moto.log,watch.log,build.log,bins,worker.log,reducer.log,dispatcher.log,esm.log}
+    if [[ -f "$STATE/logs" ]]; then
+        local log
+        while read -r log; do rm -f "${STATE:?}/$log"; done <"$STATE/logs"
+    fi
+    rm -f "$STATE"/{moto.log,watch.log,build.log,bins,logs,esm.log}
     rmdir "$STATE" 2>/dev/null || true
 }
 
