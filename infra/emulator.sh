@@ -19,6 +19,8 @@
 #                                      (default 10 s, not 180: a failed batch comes back in seconds)
 #   SETTLE_STACK_WORKER_CONCURRENCY    worker instances, so invocations at once (default 2)
 #   SETTLE_STACK_REDUCER_CONCURRENCY   reducer instances (default 1: moto, see docs/lambda.md)
+#   SETTLE_STACK_INVOKE_TIMEOUT_SECONDS  how long the ESM waits for a worker's or reducer's answer
+#                                      before it leaves the batch to its visibility (default 60)
 #   SETTLE_STACK_READY_SECONDS         how long `up` waits, once built, for the functions to
 #                                      answer (default 120)
 #   SETTLE_ITEM_TIMEOUT_MS, SETTLE_RETRY_DELAY_MS, SETTLE_MAX_RECEIVES,
@@ -43,6 +45,14 @@ die() { say "error: $*"; exit 1; }
 alive() { [[ -f "$STATE/$1" ]] && kill -0 "$(cat "$STATE/$1")" 2>/dev/null; }
 
 running() { [[ -f "$STATE/port" ]] && alive pid; }
+
+# Whether process $1 still runs: an exited one whose parent (init, once this
+# script is gone) has not reaped it yet does not.
+runs() {
+    local stat
+    stat="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+    [[ -n "$stat" && "$stat" != Z* ]]
+}
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -248,9 +258,10 @@ start_functions() {
     done
 
     local tick="${SETTLE_STACK_TICK_SECONDS:-60}"
-    "$VENV/bin/python" - "$STATE" "$ROOT" "$tick" "$wc" "$rc" <<'PY' >"$STATE/esm.json"
+    "$VENV/bin/python" - "$STATE" "$ROOT" "$tick" "$wc" "$rc" "${SETTLE_STACK_INVOKE_TIMEOUT_SECONDS:-60}" \
+        <<'PY' >"$STATE/esm.json"
 import json, sys
-state, root, tick, wc, rc = sys.argv[1:]
+state, root, tick, wc, rc, timeout = sys.argv[1:]
 env = dict(l.strip().split("=", 1) for l in open(f"{state}/env") if "=" in l)
 port = open(f"{state}/port").read().strip()
 lport = open(f"{state}/lambda_port").read().strip()
@@ -258,13 +269,13 @@ print(json.dumps({
     "sqs_endpoint": f"http://127.0.0.1:{port}",
     "lambda_endpoint": f"http://127.0.0.1:{lport}",
     "region": "us-east-1",
-    # template.yaml: the functions' Events and Timeouts (plus slack for the
-    # emulator's own overhead, since nothing here kills a late function).
+    # template.yaml: the functions' Events; the wait for an answer is their
+    # Timeout (30 s) with slack, since nothing here stops a late function.
     "mappings": [
         {"function": "worker", "queue_url": env["SETTLE_WORK_QUEUE_URL"], "batch_size": 10,
-         "window_seconds": 0, "concurrency": int(wc), "timeout_seconds": 60},
+         "window_seconds": 0, "concurrency": int(wc), "timeout_seconds": float(timeout)},
         {"function": "reducer", "queue_url": env["SETTLE_RESULTS_QUEUE_URL"], "batch_size": 9,
-         "window_seconds": 2, "concurrency": int(rc), "timeout_seconds": 60},
+         "window_seconds": 2, "concurrency": int(rc), "timeout_seconds": float(timeout)},
     ],
     "dispatcher": "dispatcher",
     "dispatcher_timeout_seconds": 930,
@@ -314,7 +325,7 @@ stop_group() {
     pid="$(cat "$file")"
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 1 50); do runs "$pid" || break; sleep 0.1; done
         kill -KILL -- "-$pid" 2>/dev/null || true
         kill -KILL "$pid" 2>/dev/null || true
         say "stopped $1 ${pid}"
@@ -352,7 +363,7 @@ down_keep_logs() {
         local pid; pid="$(cat "$STATE/pid")"
         if kill -0 "$pid" 2>/dev/null; then
             kill "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            for _ in $(seq 1 50); do runs "$pid" || break; sleep 0.1; done
             kill -9 "$pid" 2>/dev/null || true
             say "stopped (pid $pid)"
         fi

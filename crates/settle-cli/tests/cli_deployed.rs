@@ -36,10 +36,16 @@ impl Stack {
     /// `infra/emulator.sh up --deployed` with its own state directory; the
     /// dispatcher ticks every `tick_seconds` (0: never).
     fn up(tick_seconds: u32) -> Self {
+        Self::up_with(tick_seconds, &[])
+    }
+
+    /// As [`Stack::up`], with more settings for `infra/emulator.sh`.
+    fn up_with(tick_seconds: u32, settings: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let started = Instant::now();
         let out = Command::new(repo_root().join("infra/emulator.sh"))
             .args(["up", "--deployed"])
+            .envs(settings.iter().copied())
             .env("SETTLE_EMULATOR_DIR", dir.path())
             .env("SETTLE_STACK_TICK_SECONDS", tick_seconds.to_string())
             // Retries in a fraction of a second (rounded up to SQS's whole
@@ -111,6 +117,28 @@ impl Stack {
             format!("--- {name} (last 40 lines) ---\n{tail}\n")
         })
         .collect()
+    }
+
+    /// Kills the worker function's processes, not the instances' loops,
+    /// which start fresh ones as Lambda starts fresh environments.
+    fn kill_workers(&self) {
+        let pids = std::fs::read_to_string(self.dir.path().join("instance_pids")).unwrap();
+        let mut killed = 0;
+        for pid in pids.split_whitespace() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).ends_with("/worker\0") {
+                let status = Command::new("pkill")
+                    .args(["-KILL", "-P", pid])
+                    .status()
+                    .unwrap();
+                killed += usize::from(status.success());
+            }
+        }
+        assert!(killed > 0, "no worker process to kill among {pids:?}");
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     fn backend(&self) -> settle_aws::AwsBackend {
@@ -374,4 +402,50 @@ fn a_scheduled_tick_starts_a_run_that_settles_exactly() {
             .len(),
         1
     );
+}
+
+/// A worker that dies in the middle of a batch: the event source mapping
+/// gets no answer, deletes nothing, and the message comes back after its
+/// visibility timeout to a fresh instance; the run settles as if nothing
+/// had happened, the item on its second receive.
+#[test]
+fn a_worker_killed_mid_batch_loses_nothing() {
+    let stack = Stack::up_with(0, &[("SETTLE_STACK_INVOKE_TIMEOUT_SECONDS", "8")]);
+    let env = stack.env();
+    let items = env.scripts("i.jsonl", &[("slow", "sleep:4000")]);
+    let args = ["run", "--items", items.as_str(), "--json"];
+    let run = env.spawn(&args);
+    let aws = stack.backend();
+    let b = aws.backend();
+    let started = Instant::now();
+    // The ESM has received the message: its invocation starts at once and
+    // then sleeps for 4 s.
+    while depth(b.work.as_ref()).1 == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the work message was never received"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stack.kill_workers();
+    let out = wait(run, &args);
+    eprintln!("killed run settled {:?} after the start", started.elapsed());
+    out.expect_code(0);
+    let run = out.json();
+    assert_run(&run, "succeeded", 1, 1, 0, 0);
+    let slow = env.show(&run_id(&run), "slow");
+    assert_eq!(slow["attempts"], 2, "{slow}");
+    let failed = Instant::now();
+    while !stack
+        .log("esm.log")
+        .contains("worker: invocation of 1 messages failed")
+    {
+        assert!(
+            failed.elapsed() < Duration::from_secs(15),
+            "the ESM did not log the failed invocation:\n{}",
+            stack.log("esm.log")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
