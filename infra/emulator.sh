@@ -204,6 +204,13 @@ start_functions() {
             --invoke-address 127.0.0.1 --invoke-port "$lport"
     ) </dev/null >"$STATE/watch.log" 2>&1 &
     echo $! >"$STATE/watch_pid"
+    # A function started before the Runtime API listens would exit at once.
+    local i
+    for ((i = 0; i < 300; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$lport") 2>/dev/null && break
+        alive watch_pid || { down_keep_logs; die "cargo lambda watch exited; see $STATE/watch.log"; }
+        sleep 0.1
+    done
 
     say "starting the functions: $wc worker, $rc reducer, 1 dispatcher (logs: $STATE/{worker,reducer,dispatcher}.log)"
     (

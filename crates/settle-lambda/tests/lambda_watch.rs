@@ -98,6 +98,17 @@ async fn worker_fixture_through_cargo_lambda_watch() {
             .env("PATH", &path)
             .current_dir(repo_root()),
     ));
+    // A worker started before the Runtime API listens exits at once, and
+    // the invokes would then wait for it forever.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err() {
+        assert!(
+            started.elapsed() < READY_WITHIN,
+            "cargo lambda watch did not listen within {READY_WITHIN:?} (log: {})",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _worker = Watch(spawn(
         Command::new(env!("CARGO_BIN_EXE_worker"))
             .envs(cfg.to_env())
@@ -111,14 +122,31 @@ async fn worker_fixture_through_cargo_lambda_watch() {
             .env("RUST_LOG", "info"),
     ));
 
+    // `cargo lambda invoke` waits as long as no worker takes the request:
+    // bound it, so that a worker that died says so instead of hanging.
     let invoke = |data: &[&str]| {
-        Command::new(&cargo_lambda)
+        let mut child = Command::new(&cargo_lambda)
             .args(["lambda", "invoke", "worker", "--output-format", "json"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port", &port])
             .args(data)
             .current_dir(repo_root())
-            .output()
-            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let asked = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if asked.elapsed() > READY_WITHIN {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cargo lambda invoke got no answer within {READY_WITHIN:?} (watch and worker log: {})",
+                    log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
     };
     // Warm up with an empty batch: the worker answers once its cold start
     // is done, and the fixture must not be the request that waits for it.
