@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv emulator-up emulator-down venv-sam sam-build
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv emulator-up emulator-down venv-sam sam-build stack-up
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,6 +35,7 @@ test-steps: # The steps of `make test`, in an environment that has the emulator'
 	.venv/bin/cfn-lint template.yaml
 	.venv/bin/python infra/check_template.py
 	$(SAM) validate --lint --region us-east-1 --template template.yaml
+	.venv/bin/python -m unittest -q infra/test_esm.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | python3 scripts/test_summary.py
 
@@ -58,6 +59,9 @@ $(SAM_STAMP): infra/requirements-sam.txt
 
 emulator-up: venv ## Start the local AWS emulator with the default stack; prints export lines
 	@infra/emulator.sh up
+
+stack-up: venv ## The offline stack: the emulator plus the three functions under cargo lambda watch, fed by infra/esm.py; prints export lines
+	@infra/emulator.sh up --deployed
 
 emulator-down: ## Stop the local AWS emulator
 	@infra/emulator.sh down
