@@ -27,6 +27,8 @@
 #   SETTLE_TOLERATED_FAILURE_PERCENT, SETTLE_DISPATCH_MARGIN_MS   the functions' settings
 #   SETTLE_PROCESSOR, SETTLE_HTTP_URL, SETTLE_HTTP_SECRET, SETTLE_HTTP_SECRET_HEADER,
 #   SETTLE_FUNCTION_NAME               passed through to the worker as they are
+#   SETTLE_STACK_WORKER                the worker function's executable instead of the stock one
+#                                      (a user's own Rust worker, e.g. examples/rust-worker's)
 #   SETTLE_STACK_EXTRA_FUNCTIONS       more functions, "NAME=EXECUTABLE ...", one instance each
 #                                      (e.g. a user's function for SETTLE_FUNCTION_NAME); the watch
 #                                      serves only names of binary targets of this workspace
@@ -162,6 +164,10 @@ for line in sys.stdin:
         print(t["name"], m["executable"])
 ' >"$STATE/bins" || true
     [[ "$(wc -l <"$STATE/bins")" -eq 3 ]] || { down_keep_logs; die "could not build the functions; see $STATE/build.log"; }
+    if [[ -n "${SETTLE_STACK_WORKER:-}" ]]; then
+        [[ -x "$SETTLE_STACK_WORKER" ]] || { down_keep_logs; die "SETTLE_STACK_WORKER: not an executable file: $SETTLE_STACK_WORKER"; }
+        sed -i "s|^worker .*|worker $SETTLE_STACK_WORKER|" "$STATE/bins"
+    fi
 }
 
 # One execution environment of function $1 (binary $2): polls the watch's

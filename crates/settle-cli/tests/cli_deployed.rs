@@ -45,13 +45,13 @@ impl Stack {
         let started = Instant::now();
         let out = Command::new(repo_root().join("infra/emulator.sh"))
             .args(["up", "--deployed"])
-            .envs(settings.iter().copied())
             .env("SETTLE_EMULATOR_DIR", dir.path())
             .env("SETTLE_STACK_TICK_SECONDS", tick_seconds.to_string())
             // Retries in a fraction of a second (rounded up to SQS's whole
             // seconds), not the template's 1 s doubling per receive.
             .env("SETTLE_RETRY_DELAY_MS", "200")
             .env("SETTLE_PROCESSOR", "scripted")
+            .envs(settings.iter().copied())
             .env_remove("SETTLE_WORKERS")
             .output()
             .expect("run infra/emulator.sh");
@@ -448,4 +448,281 @@ fn a_worker_killed_mid_batch_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Builds a binary of this workspace (an example: the user's function or
+/// worker) as `cargo build` does, and returns its path.
+fn build_example(package: &str) -> PathBuf {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // The test's own CARGO_* variables would make cargo build the
+    // dependencies anew with other settings.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .current_dir(repo_root())
+        .args([
+            "build",
+            "-p",
+            package,
+            "--message-format=json-render-diagnostics",
+        ])
+        .output()
+        .expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "bin")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo build -p {package} built no binary"))
+}
+
+fn jsonl(values: &[Value]) -> String {
+    values.iter().map(|v| format!("{v}\n")).collect()
+}
+
+/// The results of a run, `(id, status, attempts)` in input order.
+fn results(env: &Env, run: &str) -> Vec<Value> {
+    let out = env.settle(&["results", run]);
+    out.expect_code(0);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn brief(lines: &[Value]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l["id"].as_str().unwrap().to_owned(),
+                l["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(want: &[(&str, &str)]) -> Vec<(String, String)> {
+    want.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+/// The function kind: the stock worker invokes the user's own function
+/// (the fixture, served by the same Lambda APIs) once per batch.
+#[test]
+fn deployed_function_kind_invokes_the_users_function() {
+    let function = build_example("settle-fixture-function");
+    let extra = format!("settle-fixture-function={}", function.display());
+    let stack = Stack::up_with(
+        0,
+        &[
+            ("SETTLE_PROCESSOR", "function"),
+            ("SETTLE_FUNCTION_NAME", "settle-fixture-function"),
+            ("SETTLE_STACK_EXTRA_FUNCTIONS", extra.as_str()),
+        ],
+    );
+    let env = stack.env();
+    let items = env.write(
+        "i.jsonl",
+        jsonl(&[
+            json!({"id": "ok1", "payload": {"script": "ok", "output": {"n": 1}}}),
+            json!({"id": "perm", "payload": {"script": "permanent"}}),
+            json!({"id": "r1", "payload": {"script": "retryable:1"}}),
+            json!({"id": "r4", "payload": {"script": "retryable:4"}}),
+        ]),
+    );
+    let run = env.ok_json(&["run", "--items", &items, "--max-receives", "3", "--json"]);
+    let id = run_id(&run);
+    assert_run(&run, "partial", 4, 2, 2, 0);
+    let lines = results(&env, &id);
+    assert_eq!(
+        brief(&lines),
+        pairs(&[
+            ("ok1", "succeeded"),
+            ("perm", "failed"),
+            ("r1", "succeeded"),
+            ("r4", "failed")
+        ])
+    );
+    assert_eq!(lines[0]["output"], json!({"n": 1}));
+    assert_eq!(lines[1]["error"], "permanent failure (scripted)");
+    // The attempt's log names the invocation that covered it.
+    let perm = env.show(&id, "perm");
+    let log = perm["history"][0]["log"].as_str().unwrap();
+    assert!(log.contains("settle-fixture-function"), "{log}");
+    assert_eq!(env.show(&id, "r1")["attempts"], 2);
+
+    // r4 fails its 4th attempt and succeeds on its 5th.
+    let all = env.ok_json(&["redrive", &id, "--json"]);
+    assert_run_extra(&all, &REDRIVE_KEYS, "partial", 4, 3, 1, 0);
+    assert_eq!(env.show(&id, "r4")["attempts"], 5);
+    let b = stack.backend();
+    assert_eq!(
+        depth(b.backend().dlq.as_ref()),
+        (1, 0),
+        "one dead letter: perm"
+    );
+}
+
+/// An HTTP endpoint on 127.0.0.1 for the http kind: `ok*` items succeed
+/// with a JSON body, `perm` gets 422, and `later` gets 429 with
+/// `Retry-After: 2` on its first request. Keeps when each id was asked.
+fn endpoint() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/renew", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end().to_ascii_lowercase();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let body: Value = serde_json::from_slice(&body).unwrap();
+                    let id = body["id"].as_str().unwrap_or_default().to_owned();
+                    let before = s.lock().unwrap().iter().filter(|(i, _)| *i == id).count();
+                    s.lock().unwrap().push((id.clone(), Instant::now()));
+                    let (status, extra, text) = match id.as_str() {
+                        "perm" => ("422 Unprocessable", "", "card declined".to_owned()),
+                        "later" if before == 0 => {
+                            ("429 Too Many", "Retry-After: 2\r\n", "slow down".to_owned())
+                        }
+                        _ => ("200 OK", "", format!(r#"{{"renewed":"{id}"}}"#)),
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if reader.get_mut().write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// The http kind: the stock worker posts each item to the endpoint; a 429's
+/// Retry-After holds the item back (no request before it).
+#[test]
+fn deployed_http_kind_posts_each_item_and_respects_retry_after() {
+    let (url, seen) = endpoint();
+    let stack = Stack::up_with(
+        0,
+        &[
+            ("SETTLE_PROCESSOR", "http"),
+            ("SETTLE_HTTP_URL", url.as_str()),
+        ],
+    );
+    let env = stack.env();
+    let items = env.write(
+        "i.jsonl",
+        jsonl(&[
+            json!({"id": "ok1", "payload": {"plan": "pro"}}),
+            json!({"id": "perm", "payload": {"plan": "pro"}}),
+            json!({"id": "later", "payload": {"plan": "pro"}}),
+        ]),
+    );
+    let run = env.ok_json(&["run", "--items", &items, "--json"]);
+    let id = run_id(&run);
+    assert_run(&run, "partial", 3, 2, 1, 0);
+    let lines = results(&env, &id);
+    assert_eq!(
+        brief(&lines),
+        pairs(&[
+            ("ok1", "succeeded"),
+            ("perm", "failed"),
+            ("later", "succeeded")
+        ])
+    );
+    assert_eq!(lines[0]["output"], json!({"renewed": "ok1"}));
+    let error = lines[1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("422") && error.contains("card declined"),
+        "{error}"
+    );
+    assert_eq!(env.show(&id, "later")["attempts"], 2);
+    let asked: Vec<Instant> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| i == "later")
+        .map(|(_, at)| *at)
+        .collect();
+    assert_eq!(asked.len(), 2, "later was asked twice");
+    let waited = asked[1] - asked[0];
+    assert!(
+        waited >= Duration::from_secs(2),
+        "asked again after {waited:?}, before its Retry-After"
+    );
+    let perm = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| i == "perm")
+        .count();
+    assert_eq!(perm, 1, "a permanent failure is not retried");
+}
+
+/// The user's own Rust worker (examples/rust-worker) in place of the stock
+/// one: the same processor as the CLI's, with its outputs and logs.
+#[test]
+fn deployed_own_rust_worker_runs_the_users_processor() {
+    let worker = build_example("settle-example-renewals-worker");
+    let stack = Stack::up_with(0, &[("SETTLE_STACK_WORKER", worker.to_str().unwrap())]);
+    let env = stack.env();
+    let items = env.write(
+        "i.jsonl",
+        jsonl(&[
+            json!({"id": "sub-1", "payload": {"user": "u-1", "plan": "pro", "card": "4242424242424242"}}),
+            json!({"id": "sub-2", "payload": {"user": "u-2", "plan": "basic", "card": "4000000000000002"}}),
+        ]),
+    );
+    let run = env.ok_json(&["run", "--items", &items, "--json"]);
+    let id = run_id(&run);
+    assert_run(&run, "partial", 2, 1, 1, 0);
+    let lines = results(&env, &id);
+    assert_eq!(
+        brief(&lines),
+        pairs(&[("sub-1", "succeeded"), ("sub-2", "failed")])
+    );
+    assert_eq!(lines[0]["output"]["amount_cents"], 1500);
+    assert_eq!(lines[1]["error"], "card ...0002 declined");
+    let declined = env.show(&id, "sub-2");
+    let log = declined["history"][0]["log"].as_str().unwrap();
+    assert!(log.starts_with("renewing u-2 on basic"), "{log}");
 }
