@@ -474,8 +474,10 @@ async fn a_process_that_says_hello_takes_many_items_answered_out_of_order() {
         );
     }
     // 8 at once per process: processes take several items each, not one
-    // per item (a slow start may add a few: see FIRST_WAVE_GRACE).
-    assert!(pids.len() < 20, "{} processes for 40 items", pids.len());
+    // per item. How many start depends on how fast python3 says hello: a
+    // start slower than FIRST_WAVE_GRACE (a loaded machine) adds processes,
+    // so the bound is only that some process took more than one item.
+    assert!(pids.len() < 40, "{} processes for 40 items", pids.len());
 }
 
 #[tokio::test]
