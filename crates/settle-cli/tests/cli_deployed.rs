@@ -571,15 +571,36 @@ fn deployed_function_kind_invokes_the_users_function() {
         (1, 0),
         "one dead letter: perm"
     );
+
+    // A function error (the fixture panics) fails its batch's items as
+    // retryable, with the reason, until their attempts run out.
+    let boom = env.write(
+        "boom.jsonl",
+        jsonl(&[json!({"id": "boom", "payload": {"script": "panic"}})]),
+    );
+    let run = env.ok_json(&["run", "--items", &boom, "--max-receives", "2", "--json"]);
+    let id = run_id(&run);
+    assert_run(&run, "failed", 1, 0, 1, 0);
+    let shown = env.show(&id, "boom");
+    assert_eq!(
+        history(&shown),
+        vec![
+            h(1, "failed", Some("retryable"), false),
+            h(2, "failed", Some("retryable"), true),
+        ]
+    );
+    let error = shown["history"][1]["error"].as_str().unwrap();
+    assert!(error.contains("scripted panic"), "{error}");
 }
+
+/// When each item id was asked, in order.
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
 
 /// An HTTP endpoint on 127.0.0.1 for the http kind: `ok*` items succeed
 /// with a JSON body, `perm` gets 422, and `later` gets 429 with
 /// `Retry-After: 2` on its first request. Keeps when each id was asked.
-fn endpoint() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
-) {
+
+fn endpoint() -> (String, Asked) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/renew", listener.local_addr().unwrap());
