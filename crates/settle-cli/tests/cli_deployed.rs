@@ -599,7 +599,6 @@ type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
 /// An HTTP endpoint on 127.0.0.1 for the http kind: `ok*` items succeed
 /// with a JSON body, `perm` gets 422, and `later` gets 429 with
 /// `Retry-After: 2` on its first request. Keeps when each id was asked.
-
 fn endpoint() -> (String, Asked) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
