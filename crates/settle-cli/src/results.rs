@@ -86,7 +86,7 @@ fn tempfile_in(dir: &Path, path: &Path) -> Result<std::path::PathBuf> {
     Ok(dir.join(format!(".{name}.{}.partial", std::process::id())))
 }
 
-async fn write(
+pub(crate) async fn write(
     d: &Deployment,
     run: &RunId,
     only: Option<ResultStatus>,
