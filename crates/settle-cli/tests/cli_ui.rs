@@ -93,27 +93,11 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// A request with this server's Host unless `headers` names one.
+    /// A request with this server's Host unless `headers` names one; a
+    /// POST's body is a form.
     fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            req.push_str(&format!("Host: {}\r\n", self.addr));
-        }
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if method == "POST" {
-            req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        Resp::parse(&raw)
+        let body = (method == "POST").then_some(("application/x-www-form-urlencoded", body));
+        raw(&self.addr, method, path, headers, body)
     }
 
     fn get(&self, path: &str) -> Resp {
@@ -156,6 +140,57 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request on its own connection, with `addr` as its Host
+/// unless `headers` names one, and `body` with its content type.
+fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some((kind, body)) = body {
+        req.push_str(&format!(
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    // Up to the body's Content-Length (some servers keep the connection
+    // open after it), else to the end.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                break;
+            }
+        }
+    }
+    Resp::parse(&raw)
 }
 
 #[derive(Debug)]
@@ -605,4 +640,247 @@ fn the_token_is_needed_on_every_request() {
     );
     let dry = env.ok_json(&["redrive", &run, "--dry-run", "--json"]);
     assert_eq!(dry["would_redrive"], 3, "{dry}");
+}
+
+/// A headless Chromium driven through chromedriver's WebDriver API, both
+/// killed on drop.
+struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+/// The WebDriver key of an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    fn start() -> Self {
+        for tool in ["chromium", "chromedriver"] {
+            let found = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(
+                found,
+                "{tool} is not installed: `make test` installs it (Debian packages chromium and chromium-driver)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", "--window-size=1200,800",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            },
+        }}});
+        let mut b = Self {
+            driver,
+            addr,
+            session: String::new(),
+            _profile: profile,
+        };
+        let v = b.call("POST", "/session", Some(caps));
+        b.session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_owned();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let text = body.map(|b| b.to_string());
+        let r = raw(
+            &self.addr,
+            method,
+            path,
+            &[],
+            text.as_deref().map(|t| ("application/json", t)),
+        );
+        let v: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("chromedriver answered {} ({e}): {}", r.status, r.body));
+        assert_eq!(r.status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn session(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn open(&self, url: &str) {
+        self.session("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.session(
+            "POST",
+            "/element",
+            Some(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        let id = el[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {css}: {el}"))
+            .to_owned();
+        self.session(
+            "POST",
+            &format!("/element/{id}/click"),
+            Some(serde_json::json!({})),
+        );
+    }
+
+    /// The text of the first element that matches, as the page shows it now.
+    fn text(&self, css: &str) -> String {
+        let v = self.session(
+            "POST",
+            "/execute/sync",
+            Some(serde_json::json!({
+                "script": "var e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+                "args": [css],
+            })),
+        );
+        match v.as_str() {
+            Some(t) => t.to_owned(),
+            None => panic!(
+                "no {css} on the page:\n{}",
+                self.session("GET", "/source", None)
+            ),
+        }
+    }
+
+    fn title(&self) -> String {
+        self.session("GET", "/title", None)
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A PNG of the window, written to `path`.
+    fn screenshot(&self, path: &std::path::Path) {
+        let v = self.session("GET", "/screenshot", None);
+        let png = base64(v.as_str().unwrap());
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                raw(
+                    &self.addr,
+                    "DELETE",
+                    &format!("/session/{}", self.session),
+                    &[],
+                    None,
+                )
+            }));
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = text
+        .bytes()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(value(c)) << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// An operator in a real browser: the runs page, a run, an item, its retry
+/// confirmed, and the tally following. With SETTLE_UI_SCREENSHOTS=DIR the
+/// pages' screenshots are kept there (docs/img holds the committed ones).
+#[test]
+fn a_browser_retries_an_item_and_sees_the_tally_follow() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+    let shots = std::env::var_os("SETTLE_UI_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env.dir.path().to_owned());
+    std::fs::create_dir_all(&shots).unwrap();
+    let b = Browser::start();
+
+    b.open(&format!("http://{}/", ui.addr));
+    assert_eq!(b.title(), "Runs · settle");
+    assert_eq!(
+        b.text("td.tally"),
+        "2 succeeded / 3 failed / 0 pending of 5"
+    );
+    b.screenshot(&shots.join("ui-runs.png"));
+
+    b.click("table.runs td a");
+    assert_eq!(b.title(), format!("Run {run} · settle"));
+    assert_eq!(b.text("[data-field=succeeded]"), "2");
+    assert_eq!(b.text("[data-field=failed]"), "3");
+    b.screenshot(&shots.join("ui-run.png"));
+
+    b.click("a[href$=\"item?id=r1\"]");
+    assert_eq!(b.title(), "Item r1 · settle");
+    b.screenshot(&shots.join("ui-item.png"));
+
+    b.click(".actions a.button");
+    assert_eq!(b.text("[data-field=will-move]"), "1");
+    b.screenshot(&shots.join("ui-confirm.png"));
+    b.click("button[type=submit]");
+    assert_eq!(b.text("[data-field=moved]"), "1");
+    assert_eq!(b.text("[data-field=not-moved]"), "0");
+
+    // The run page's script follows the tally to the retried item's success.
+    b.click("a.button");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.text("[data-field=succeeded]") != "3" || !b.text("[data-field=busy]").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the page's tally did not follow: {} succeeded",
+            b.text("[data-field=succeeded]")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.text("[data-field=failed]"), "2");
+    assert_eq!(b.text("[data-field=pending]"), "0");
+    b.screenshot(&shots.join("ui-run-after-retry.png"));
+    let v = ui.settled(&run);
+    assert_eq!((&v["succeeded"], &v["failed"]), (&3.into(), &2.into()));
+    assert_eq!(env.show(&run, "r1")["status"], "succeeded");
 }

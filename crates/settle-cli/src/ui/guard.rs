@@ -120,7 +120,7 @@ fn refuse(status: StatusCode, why: &str) -> Response {
 }
 
 /// The middleware: refuses what does not pass, and adds the headers that
-/// keep pages out of other sites' frames and tokens out of referrers.
+/// keep pages out of other sites' frames and their addresses from other sites.
 pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let host = headers
@@ -187,9 +187,11 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
             "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'",
         ),
     );
+    // Not `no-referrer`: under it a browser sends `Origin: null` with a
+    // form's POST, which the origin check must refuse.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
