@@ -884,3 +884,40 @@ fn a_browser_retries_an_item_and_sees_the_tally_follow() {
     assert_eq!((&v["succeeded"], &v["failed"]), (&3.into(), &2.into()));
     assert_eq!(env.show(&run, "r1")["status"], "succeeded");
 }
+
+/// The same pages and retries on the AWS backend (the local emulator at
+/// AWS_ENDPOINT_URL, as `make test` starts it), with local workers: the
+/// server reads the stack through the same ports and processes what a
+/// retry moves.
+#[test]
+fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
+    let env = Env::aws(6);
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+    ui.get("/")
+        .expect(200)
+        .has("<td class=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>");
+    let page = ui.get(&format!("/runs/{run}"));
+    page.expect(200);
+    assert_eq!(
+        reason_rows(&page.body),
+        [(2, RETRYABLE.to_owned()), (1, PERMANENT.to_owned())]
+    );
+    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">1</strong> item");
+    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
+        .expect(200)
+        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+    let v = ui.settled(&run);
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["total"]),
+        (&3.into(), &2.into(), &5.into())
+    );
+    let r1 = env.show(&run, "r1");
+    assert_eq!(
+        (&r1["status"], &r1["attempts"]),
+        (&"succeeded".into(), &4.into())
+    );
+    assert_eq!(env.show(&run, "r2")["status"], "failed");
+}
