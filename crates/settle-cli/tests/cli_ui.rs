@@ -591,6 +591,8 @@ fn the_token_is_needed_on_every_request() {
     out.expect_code(2).stderr_has("is not a loopback address");
     let out = env.settle(&["ui", "--token", " "]);
     out.expect_code(2).stderr_has("must not be empty");
+    let out = env.settle(&["ui", "--token", "a;b"]);
+    out.expect_code(2).stderr_has("no spaces");
 
     let ui = Server::start(&env, &["--token", "s3cret"]);
     let retry = format!("/runs/{run}/retry");
@@ -619,6 +621,10 @@ fn the_token_is_needed_on_every_request() {
         "{cookie}"
     );
     let cookie = cookie.split(';').next().unwrap().to_owned();
+    // Never a redirect to another site.
+    let away = ui.request("GET", "//evil.example/?token=s3cret", &[], "");
+    away.expect(303);
+    assert_eq!(away.header("location"), Some("/"));
     ui.request("GET", &format!("/runs/{run}"), &[("Cookie", &cookie)], "")
         .expect(200);
     // The token does not stand in for the Origin check.

@@ -140,7 +140,14 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
         if let Some(token) = &guard.token {
             if let Some(given) = query_token(req.uri().query()) {
                 if same(&given, token) {
-                    let mut to = req.uri().path().to_owned();
+                    // A path of "//host/..." would send the browser to
+                    // another site: such a path goes to the runs page.
+                    let path = req.uri().path();
+                    let mut to = if path.starts_with("//") {
+                        "/".to_owned()
+                    } else {
+                        path.to_owned()
+                    };
                     let rest = strip_token(req.uri().query().unwrap_or(""));
                     if !rest.is_empty() {
                         to.push('?');

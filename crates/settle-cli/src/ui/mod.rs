@@ -47,6 +47,17 @@ pub async fn serve(d: Arc<Deployment>, args: UiArgs, stop: Stop) -> Result<ExitC
         Some(t) if t.trim().is_empty() => {
             return Err(input("--token (SETTLE_UI_TOKEN) must not be empty"))
         }
+        // It travels in a cookie and a header: no separators, no spaces.
+        Some(t)
+            if !t
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, ';' | ',' | '"' | '\\')) =>
+        {
+            return Err(input(
+                "--token (SETTLE_UI_TOKEN) may hold letters, digits and punctuation \
+                 other than ; , \" \\, and no spaces",
+            ))
+        }
         t => t,
     };
     if !args.listen.ip().is_loopback() && token.is_none() {
