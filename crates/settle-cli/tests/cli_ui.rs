@@ -927,3 +927,46 @@ fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
     );
     assert_eq!(env.show(&run, "r2")["status"], "failed");
 }
+
+/// A run page lists the failed items 50 at a time, in id order, and its
+/// next-page link reads on from the last one shown.
+#[test]
+fn failed_items_are_paged() {
+    let env = Env::new();
+    let ids: Vec<String> = (0..60).map(|i| format!("p{i:02}")).collect();
+    let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "permanent")).collect();
+    let items = env.scripts("i.jsonl", &scripts);
+    let run = run_id(&env.run(&items, &["--max-receives", "1"]));
+    let ui = Server::start(&env, &[]);
+
+    let listed = |body: &str| -> Vec<String> {
+        body.split("<td class=\"item\"><a href=\"")
+            .skip(1)
+            .map(|row| {
+                row.split("\">")
+                    .nth(1)
+                    .unwrap()
+                    .split("</a>")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let first = ui.get(&format!("/runs/{run}"));
+    first.expect(200);
+    assert_eq!(reason_rows(&first.body), [(60, PERMANENT.to_owned())]);
+    assert_eq!(listed(&first.body), ids[..50]);
+    let next = first
+        .body
+        .split("\">next page</a>")
+        .next()
+        .and_then(|b| b.rsplit("<a href=\"").next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(next, format!("/runs/{run}?after=p49"));
+    let second = ui.get(&next);
+    second.expect(200);
+    assert_eq!(listed(&second.body), ids[50..]);
+    assert!(!second.body.contains("next page"), "{}", second.body);
+}
