@@ -933,7 +933,8 @@ fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
 #[test]
 fn failed_items_are_paged() {
     let env = Env::new();
-    let ids: Vec<String> = (0..60).map(|i| format!("p{i:02}")).collect();
+    // Two full pages: the second has no next-page link.
+    let ids: Vec<String> = (0..100).map(|i| format!("p{i:02}")).collect();
     let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "permanent")).collect();
     let items = env.scripts("i.jsonl", &scripts);
     let run = run_id(&env.run(&items, &["--max-receives", "1"]));
@@ -955,7 +956,7 @@ fn failed_items_are_paged() {
     };
     let first = ui.get(&format!("/runs/{run}"));
     first.expect(200);
-    assert_eq!(reason_rows(&first.body), [(60, PERMANENT.to_owned())]);
+    assert_eq!(reason_rows(&first.body), [(100, PERMANENT.to_owned())]);
     assert_eq!(listed(&first.body), ids[..50]);
     let next = first
         .body

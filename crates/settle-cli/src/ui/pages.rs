@@ -248,17 +248,22 @@ pub async fn run(
             Some(a) => Some(ItemId::new(a.clone()).map_err(|e| input(format!("after: {e}")))?),
             None => None,
         };
+        // One more than a page: a next-page link only when there is one.
         let mut shown = Vec::new();
-        let next = scan_failures(&ui, &run.id, after, report::REASONS_SAMPLE, |id, rec| {
+        let mut next = scan_failures(&ui, &run.id, after, report::REASONS_SAMPLE, |id, rec| {
             if q.reason
                 .as_deref()
                 .is_none_or(|r| report::reason(id, rec) == r)
             {
                 shown.push((id.clone(), rec.clone()));
             }
-            shown.len() < ITEMS_PAGE
+            shown.len() <= ITEMS_PAGE
         })
         .await?;
+        if shown.len() > ITEMS_PAGE {
+            shown.truncate(ITEMS_PAGE);
+            next = shown.last().map(|(id, _)| id.clone());
+        }
         match &q.reason {
             Some(r) => {
                 let _ = writeln!(
