@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv browser ui-screenshots emulator-up emulator-down
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv browser ui-screenshots emulator-up emulator-down venv-sam sam-build stack-up
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ demo: build-cli ## 2,000 renewals through a stand-in payment gateway by a Python
 
 run: demo ## Alias of demo
 
-test: venv browser ## Every check and test (fmt, clippy, unit, conformance, end-to-end, the dashboard in headless Chromium), with the AWS emulator
+test: venv venv-sam browser ## Every check and test (fmt, clippy, unit, conformance, end-to-end, the dashboard in headless Chromium), with the AWS emulator
 	@set -e; started=1; \
 	  if [ -f .settle/emulator/pid ] && kill -0 "$$(cat .settle/emulator/pid)" 2>/dev/null; then started=; fi; \
 	  eval "$$(infra/emulator.sh up)"; \
@@ -34,6 +34,8 @@ test-steps: # The steps of `make test`, in an environment that has the emulator'
 	$(CARGO) fmt --all -- --check
 	.venv/bin/cfn-lint template.yaml
 	.venv/bin/python infra/check_template.py
+	$(SAM) validate --lint --region us-east-1 --template template.yaml
+	.venv/bin/python -m unittest -q infra/test_esm.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | python3 scripts/test_summary.py
 
@@ -55,8 +57,21 @@ $(VENV_STAMP): infra/requirements.txt
 	.venv/bin/pip install --quiet --disable-pip-version-check -r infra/requirements.txt
 	touch $@
 
+SAM_STAMP := .venv-sam/.stamp-requirements
+# No telemetry: the machine may have no network, and the template is ours.
+SAM := SAM_CLI_TELEMETRY=0 .venv-sam/bin/sam
+
+venv-sam: $(SAM_STAMP) ## AWS SAM CLI (sam validate, sam build) in .venv-sam
+$(SAM_STAMP): infra/requirements-sam.txt
+	test -x .venv-sam/bin/python || python3 -m venv .venv-sam
+	.venv-sam/bin/pip install --quiet --disable-pip-version-check -r infra/requirements-sam.txt
+	touch $@
+
 emulator-up: venv ## Start the local AWS emulator with the default stack; prints export lines
 	@infra/emulator.sh up
+
+stack-up: venv ## The offline stack: the emulator plus the three functions under cargo lambda watch, fed by infra/esm.py; prints export lines
+	@infra/emulator.sh up --deployed
 
 emulator-down: ## Stop the local AWS emulator
 	@infra/emulator.sh down
@@ -70,12 +85,16 @@ invoke-worker: ## Invoke the worker on infra/events/worker-sqs.json (sam local: 
 invoke-reducer: ## Invoke the reducer on infra/events/reducer-sqs.json (sam local: needs Docker)
 	sam local invoke ReducerFunction --event infra/events/reducer-sqs.json
 
-deploy: venv ## Build with SAM (cargo lambda) and deploy the stack to AWS, asking for its settings (needs aws-sam-cli)
-	PATH="$(CURDIR)/.venv/bin:$$PATH" $(LAMBDA_PROFILE_ENV) sam build --beta-features && sam deploy --guided
+deploy: venv venv-sam ## Build with SAM (cargo lambda) and deploy the stack to AWS, asking for its settings
+	PATH="$(CURDIR)/.venv/bin:$(CURDIR)/.venv-sam/bin:$$PATH" $(LAMBDA_PROFILE_ENV) SAM_CLI_TELEMETRY=0 sam build --beta-features && SAM_CLI_TELEMETRY=0 sam deploy --guided
 
-lint-template: venv ## cfn-lint template.yaml, and check that it mirrors infra/stack.json (what the emulator and tests create)
+sam-build: venv venv-sam ## sam build --beta-features: the arm64 bootstraps of the stack's functions into .aws-sam/build (release builds; takes a while)
+	PATH="$(CURDIR)/.venv/bin:$(CURDIR)/.venv-sam/bin:$$PATH" $(LAMBDA_PROFILE_ENV) SAM_CLI_TELEMETRY=0 sam build --beta-features
+
+lint-template: venv venv-sam ## cfn-lint and sam validate --lint template.yaml, and check that it mirrors infra/stack.json (what the emulator and tests create)
 	.venv/bin/cfn-lint template.yaml
 	.venv/bin/python infra/check_template.py
+	$(SAM) validate --lint --region us-east-1 --template template.yaml
 
 cost: venv ## AWS cost per million items from the calls of 10,000 items on the emulator (COUNT=, RUNS= to change; about 25 minutes)
 	$(CARGO) build -p settle-cli

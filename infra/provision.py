@@ -2,7 +2,13 @@
 infra/stack.json (the same definition crates/settle-aws/src/provision.rs
 reads), then prints the SETTLE_* variables as NAME=VALUE lines.
 
-Usage: provision.py ENDPOINT [PREFIX]   (PREFIX names a separate stack, e.g. for scripts/cost.py)"""
+Usage: provision.py ENDPOINT [PREFIX] [--visibility SECONDS]
+  PREFIX names a separate stack, e.g. for scripts/cost.py. --visibility
+  sets the work and results queues' VisibilityTimeout instead of the
+  stack's 180 s (6 x the functions' timeout, as Lambda's SQS event source
+  asks), so that on the offline stack (infra/emulator.sh up --deployed) a
+  batch that failed as a whole comes back in seconds."""
+import argparse
 import json
 import os
 import sys
@@ -11,8 +17,12 @@ import boto3
 
 
 def main() -> int:
-    endpoint = sys.argv[1]
-    prefix = sys.argv[2] if len(sys.argv) > 2 else ""
+    p = argparse.ArgumentParser()
+    p.add_argument("endpoint")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--visibility", type=int)
+    args = p.parse_args()
+    endpoint, prefix = args.endpoint, args.prefix
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "stack.json")) as f:
         stack = json.load(f)
@@ -24,6 +34,8 @@ def main() -> int:
     # Dead-letter queues first: the others name them in their policy.
     for key, q in sorted(stack["queues"].items(), key=lambda kv: "dead_letter" in kv[1]):
         attrs = dict(q["attributes"])
+        if args.visibility is not None and "VisibilityTimeout" in attrs:
+            attrs["VisibilityTimeout"] = str(args.visibility)
         if q.get("dead_letter"):
             attrs["RedrivePolicy"] = json.dumps({
                 "deadLetterTargetArn": arns[q["dead_letter"]],

@@ -1,6 +1,7 @@
-//! End to end through a real Lambda Runtime API: `cargo lambda watch` runs
-//! the worker binary, `cargo lambda invoke` sends it
-//! `infra/events/worker-sqs.json`, and the worker talks to the AWS emulator
+//! End to end through a real Lambda Runtime API: `cargo lambda watch
+//! --only-lambda-apis` serves it to this build's worker binary,
+//! `cargo lambda invoke` sends it `infra/events/worker-sqs.json`, and the
+//! worker talks to the AWS emulator
 //! (moto_server) through the AWS backend. Needs the emulator's environment
 //! (`eval "$(infra/emulator.sh up)"`, which `make test` does) and
 //! cargo-lambda (`make venv`); without them it fails and says so.
@@ -16,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PANIC: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f603";
-/// The first invoke compiles the worker if the test build did not already.
-const READY_WITHIN: Duration = Duration::from_secs(600);
+/// The worker's cold start, on a loaded machine.
+const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn require_emulator() {
     let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
@@ -43,12 +44,12 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Stops `cargo lambda watch` and the function processes it started.
+/// Stops `cargo lambda watch`, or the worker, when the test ends.
 struct Watch(Child);
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        // The watch runs in its own process group: end the whole group.
+        // Each runs in its own process group: end the whole group.
         let group = format!("-{}", self.0.id());
         let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let _ = self.0.wait();
@@ -75,48 +76,80 @@ async fn worker_fixture_through_cargo_lambda_watch() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("{prefix}watch.log"))).unwrap();
-    let watch = {
+    let log_path = std::env::temp_dir().join(format!("{prefix}watch.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    // The watch serves only the Lambda APIs; the worker is this test
+    // build's own binary. Letting the watch `cargo run` it would build it
+    // with other features than `cargo test --workspace` unifies, and so
+    // compile the AWS SDK a second time.
+    let spawn = |cmd: &mut Command| {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(&cargo_lambda);
-        // cargo sets CARGO_MANIFEST_DIR, CARGO_PKG_* etc. for this test; the
-        // watch's own `cargo run` would inherit them, and ring's build script
-        // reruns when CARGO_MANIFEST_DIR changes, rebuilding the whole AWS
-        // SDK (minutes). Hand it a plain cargo environment.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.args(["lambda", "watch", "--ignore-changes", "--quiet"])
-            .args(["--invoke-address", "127.0.0.1", "--invoke-port", &port])
-            .args(["--package", "settle-lambda"])
-            .envs(cfg.to_env())
-            .env("PATH", &path)
-            .env("RUST_LOG", "info")
-            .current_dir(repo_root())
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stderr(log.try_clone().unwrap())
             .process_group(0)
             .spawn()
-            .expect("start cargo lambda watch")
+            .expect("start a process of the watch")
     };
-    let _watch = Watch(watch);
-
-    let invoke = |data: &[&str]| {
+    let _watch = Watch(spawn(
         Command::new(&cargo_lambda)
+            .args(["lambda", "watch", "--only-lambda-apis"])
+            .args(["--invoke-address", "127.0.0.1", "--invoke-port", &port])
+            .env("PATH", &path)
+            .current_dir(repo_root()),
+    ));
+    // A worker started before the Runtime API listens exits at once, and
+    // the invokes would then wait for it forever.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err() {
+        assert!(
+            started.elapsed() < READY_WITHIN,
+            "cargo lambda watch did not listen within {READY_WITHIN:?} (log: {})",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _worker = Watch(spawn(
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .envs(cfg.to_env())
+            .env(
+                "AWS_LAMBDA_RUNTIME_API",
+                format!("http://127.0.0.1:{port}/.rt/worker"),
+            )
+            .env("AWS_LAMBDA_FUNCTION_NAME", "worker")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("RUST_LOG", "info"),
+    ));
+
+    // `cargo lambda invoke` waits as long as no worker takes the request:
+    // bound it, so that a worker that died says so instead of hanging.
+    let invoke = |data: &[&str]| {
+        let mut child = Command::new(&cargo_lambda)
             .args(["lambda", "invoke", "worker", "--output-format", "json"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port", &port])
             .args(data)
             .current_dir(repo_root())
-            .output()
-            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let asked = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if asked.elapsed() > READY_WITHIN {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cargo lambda invoke got no answer within {READY_WITHIN:?} (watch and worker log: {})",
+                    log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
     };
-    // Warm up with an empty batch: the first invoke starts (and may first
-    // compile) the worker, and its deadline is counted from the invoke, so
-    // the fixture must not be the request that waits for the compiler.
+    // Warm up with an empty batch: the worker answers once its cold start
+    // is done, and the fixture must not be the request that waits for it.
     let started = Instant::now();
     loop {
         let out = invoke(&["--data-ascii", r#"{"Records": []}"#]);
@@ -127,11 +160,9 @@ async fn worker_fixture_through_cargo_lambda_watch() {
         }
         assert!(
             started.elapsed() < READY_WITHIN,
-            "cargo lambda invoke kept failing for {READY_WITHIN:?}: {}\n(watch log: {})",
+            "cargo lambda invoke kept failing for {READY_WITHIN:?}: {}\n(watch and worker log: {})",
             String::from_utf8_lossy(&out.stderr),
-            std::env::temp_dir()
-                .join(format!("{prefix}watch.log"))
-                .display()
+            log_path.display()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

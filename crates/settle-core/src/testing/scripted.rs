@@ -22,7 +22,10 @@ use std::time::Duration;
 ///
 /// A success returns `payload.output`, if there is one, as the item's
 /// output; `payload.log`, if there is one, is written to every attempt's
-/// log (what `make cost` uses to price outputs and logs).
+/// log. `payload.output_bytes: N` makes the output `{"receipt":"rrr..."}`
+/// of N bytes, and `payload.log_bytes: N` writes a log line of N bytes to
+/// every attempt: sized outputs and logs without carrying them in the
+/// payload (what `make cost` uses to price them).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Scripted;
 
@@ -32,6 +35,17 @@ struct ScriptPayload {
     output: Option<Box<serde_json::value::RawValue>>,
     // Any JSON, so that an odd `log` never changes what the script does.
     log: Option<serde_json::Value>,
+    output_bytes: Option<usize>,
+    log_bytes: Option<usize>,
+}
+
+/// `{"receipt":"rrr..."}` of `bytes` bytes (at least the 15 of its frame).
+pub fn sized_output(bytes: usize) -> String {
+    const FRAME: usize = r#"{"receipt":""}"#.len();
+    format!(
+        r#"{{"receipt":"{}"}}"#,
+        "r".repeat(bytes.saturating_sub(FRAME).max(1))
+    )
 }
 
 /// A parsed script.
@@ -88,7 +102,14 @@ impl Processor for Scripted {
         if let Some(serde_json::Value::String(log)) = &p.log {
             ctx.log(log);
         }
-        let done = || Ok(p.output.clone().map(Output::raw));
+        if let Some(n) = p.log_bytes.filter(|n| *n > 0) {
+            ctx.log(&format!("{}\n", "l".repeat(n - 1)));
+        }
+        let sized = p
+            .output_bytes
+            .and_then(|n| serde_json::value::RawValue::from_string(sized_output(n)).ok())
+            .map(Output::raw);
+        let done = || Ok(sized.clone().or_else(|| p.output.clone().map(Output::raw)));
         match p.script.as_deref().map_or(Script::Ok, Script::parse) {
             Script::Ok => done(),
             Script::Permanent => Err(ProcessError::permanent("permanent failure (scripted)")),
@@ -167,5 +188,18 @@ mod tests {
         let ctx = AttemptContext::new(RunId::generate(0), &it, 1);
         assert!(Scripted.process(&it, &ctx).await.is_err());
         assert_eq!(ctx.take_log(), None);
+    }
+
+    #[tokio::test]
+    async fn scripted_sizes_its_output_and_log_on_request() {
+        let it = item(r#"{"script":"ok","output_bytes":100,"log_bytes":100}"#);
+        let ctx = AttemptContext::new(RunId::generate(0), &it, 1);
+        let out = Scripted.process(&it, &ctx).await.unwrap().unwrap();
+        assert_eq!(out.get().len(), 100);
+        assert!(out.get().starts_with(r#"{"receipt":"rr"#), "{}", out.get());
+        let log = ctx.take_log().unwrap();
+        assert_eq!((log.len(), log.ends_with('\n')), (100, true));
+        // Smaller than its frame: still a valid object.
+        assert_eq!(sized_output(3), r#"{"receipt":"r"}"#);
     }
 }
