@@ -103,7 +103,7 @@ impl Processor for Scripted {
             ctx.log(log);
         }
         if let Some(n) = p.log_bytes.filter(|n| *n > 0) {
-            ctx.log(&format!("{}\n", "l".repeat(n - 1)));
+            ctx.log(format!("{}\n", "l".repeat(n - 1)));
         }
         let sized = p
             .output_bytes
