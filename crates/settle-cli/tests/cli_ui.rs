@@ -970,4 +970,12 @@ fn failed_items_are_paged() {
     second.expect(200);
     assert_eq!(listed(&second.body), ids[50..]);
     assert!(!second.body.contains("next page"), "{}", second.body);
+
+    // The streamed download is `settle results`, line for line.
+    let results = ui.get(&format!("/runs/{run}/results.jsonl"));
+    results.expect(200);
+    let cli = env.settle(&["results", &run]);
+    cli.expect_code(0);
+    assert_eq!(results.body.lines().count(), 100);
+    assert_eq!(results.body, cli.stdout);
 }

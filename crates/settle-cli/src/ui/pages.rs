@@ -647,18 +647,33 @@ pub async fn retry(
     Ok(Html(page("Retried", &body)))
 }
 
-/// The run's results as `settle results` writes them.
+/// The run's results as `settle results` writes them, streamed page by
+/// page (a run may have millions of items). A failure part-way ends the
+/// response early, so the download is seen to be incomplete.
 pub async fn results(State(ui): S, Path(run): Path<String>) -> Result<Response, PageError> {
     let run = commands::resolve(&ui.d, Some(&run)).await?;
-    let mut out = Vec::new();
-    crate::results::write(&ui.d, &run.id, None, &mut out).await?;
     let name = format!("attachment; filename=\"{}.jsonl\"", run.id.as_str());
+    // The cursor after the last page sent; `None` once the end was read.
+    let start: Option<Option<String>> = Some(None);
+    let lines = futures::stream::try_unfold(start, move |cursor| {
+        let (ui, run) = (ui.clone(), run.id.clone());
+        async move {
+            let Some(cursor) = cursor else {
+                return Ok(None);
+            };
+            Ok::<_, anyhow::Error>(
+                crate::results::page(&ui.d, &run, None, cursor.as_deref())
+                    .await?
+                    .map(|(lines, _, next)| (lines, next.map(Some))),
+            )
+        }
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
             (header::CONTENT_DISPOSITION, name),
         ],
-        out,
+        axum::body::Body::from_stream(lines),
     )
         .into_response())
 }
