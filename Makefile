@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv emulator-up emulator-down venv-sam sam-build stack-up
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv browser ui-screenshots emulator-up emulator-down venv-sam sam-build stack-up
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ demo: build-cli ## 2,000 renewals through a stand-in payment gateway by a Python
 
 run: demo ## Alias of demo
 
-test: venv venv-sam ## Every check and test (fmt, clippy, unit, conformance, end-to-end), with the AWS emulator
+test: venv venv-sam browser ## Every check and test (fmt, clippy, unit, conformance, end-to-end, the dashboard in headless Chromium), with the AWS emulator
 	@set -e; started=1; \
 	  if [ -f .settle/emulator/pid ] && kill -0 "$$(cat .settle/emulator/pid)" 2>/dev/null; then started=; fi; \
 	  eval "$$(infra/emulator.sh up)"; \
@@ -38,6 +38,16 @@ test-steps: # The steps of `make test`, in an environment that has the emulator'
 	.venv/bin/python -m unittest -q infra/test_esm.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | python3 scripts/test_summary.py
+
+# The dashboard's browser test (crates/settle-cli/tests/cli_ui.rs) drives
+# headless Chromium through chromedriver: Debian's packages, installed as root.
+browser: ## Install chromium and chromium-driver (Debian packages) if missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "chromium and chromedriver are missing: install the Debian packages chromium and chromium-driver (as root)" >&2; exit 1; fi; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
+ui-screenshots: browser ## Refresh the dashboard's screenshots in docs/img (its browser test, keeping the PNGs)
+	SETTLE_UI_SCREENSHOTS=$(CURDIR)/docs/img $(CARGO) test -p settle-cli --test cli_ui a_browser_retries_an_item
 
 VENV_STAMP := .venv/.stamp-requirements
 

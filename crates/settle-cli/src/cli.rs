@@ -145,6 +145,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The operator's dashboard: runs, failures by reason, items, retries,
+    /// served over HTTP (docs/ui.md).
+    Ui(UiArgs),
     /// Write a JSONL file of scripted demo or benchmark items to stdout.
     Generate {
         #[arg(long)]
@@ -173,7 +176,7 @@ impl Command {
             | Command::Logs { json, .. }
             | Command::Replay { json, .. }
             | Command::Runs { json, .. } => *json,
-            Command::Generate { .. } | Command::Results { .. } => false,
+            Command::Generate { .. } | Command::Results { .. } | Command::Ui(_) => false,
         }
     }
 
@@ -203,6 +206,31 @@ impl Command {
             Command::Run(_) | Command::Load { .. } | Command::Dispatch { .. }
         )
     }
+}
+
+/// `settle ui`'s flags.
+#[derive(Debug, Args)]
+pub struct UiArgs {
+    /// The address to serve on. Anything but a loopback address needs --token.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// A secret every request must carry: `Authorization: Bearer TOKEN`, or
+    /// the cookie that opening any page with `?token=TOKEN` sets.
+    #[arg(long, env = "SETTLE_UI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Another Host header value to accept (a name the server is reached
+    /// by, as `name` or `name:port`; repeatable). The listen address and
+    /// localhost, 127.0.0.1 and [::1] with its port are always accepted.
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_hosts: Vec<String>,
+    /// Show runs and items only: no retry buttons, and every action is
+    /// refused (403).
+    #[arg(long)]
+    pub read_only: bool,
+    /// How the items a retry moves are processed here (embedded backend,
+    /// or --workers local).
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

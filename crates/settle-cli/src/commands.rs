@@ -59,6 +59,16 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             None => {}
         }
     }
+    if matches!(cli.command, Command::Ui(_)) {
+        let d = std::sync::Arc::new(Deployment::open(&cli).await?);
+        let Command::Ui(args) = cli.command else {
+            unreachable!("matched above")
+        };
+        let stop = Stop::install().context("cannot handle SIGINT and SIGTERM")?;
+        let code = crate::ui::serve(d.clone(), args, stop).await;
+        d.close().await;
+        return code;
+    }
     let d = &Deployment::open(&cli).await?;
     // The commands that write take over SIGINT and SIGTERM to stop cleanly;
     // the others die of them as usual.
@@ -278,7 +288,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { .. } => unreachable!("handled above"),
+        Command::Generate { .. } | Command::Ui(_) => unreachable!("handled above"),
     }
 }
 
@@ -341,7 +351,7 @@ async fn new_run(
 
 /// The processor for local work on `run`; none with deployed workers,
 /// which bring their own.
-fn local_processor(
+pub(crate) fn local_processor(
     d: &Deployment,
     run: &RunRecord,
     p: &ProcessArgs,
@@ -432,7 +442,7 @@ impl Read for StopReader {
 }
 
 /// One item's ledger row in `run`.
-async fn item_record(
+pub(crate) async fn item_record(
     d: &Deployment,
     run: &RunRecord,
     item_id: &str,
@@ -454,7 +464,7 @@ async fn item_record(
     Ok((id, rec.value))
 }
 
-async fn get_run(d: &Deployment, id: &RunId) -> Result<RunRecord> {
+pub(crate) async fn get_run(d: &Deployment, id: &RunId) -> Result<RunRecord> {
     d.backend
         .ledger
         .run(id)
@@ -463,7 +473,7 @@ async fn get_run(d: &Deployment, id: &RunId) -> Result<RunRecord> {
 }
 
 /// The named run, or the latest one.
-async fn resolve(d: &Deployment, id: Option<&str>) -> Result<RunRecord> {
+pub(crate) async fn resolve(d: &Deployment, id: Option<&str>) -> Result<RunRecord> {
     match id {
         Some(s) => {
             let id = RunId::parse(s).map_err(|err| input(err.to_string()))?;
@@ -616,37 +626,22 @@ async fn redrive_cmd(
     } else {
         local_processor(d, &run, p)?
     };
-    if run.redriving && !dry_run {
-        // An earlier redrive was cut off: its messages are back in the work
-        // queue while their items still count as failed. Processing them
-        // first keeps this redrive from taking them for missing.
-        eprintln!(
-            "Finishing an earlier redrive of run {} first (it was interrupted)",
-            run.id
-        );
-        if let Finish::Interrupted(run, signal) =
-            process(d, &run.id, p, chosen.as_ref(), Until::Drained, stop)
-                .await
-                .context("processing an earlier redrive's items")?
-        {
-            return finish(d, Finish::Interrupted(run, signal), json, None).await;
-        }
-    }
     let should_stop = || stop.signal().is_some();
-    let moved = redrive::redrive(
-        d.backend.ledger.as_ref(),
-        d.backend.dlq.as_ref(),
-        d.backend.work.as_ref(),
-        &run.id,
+    let moved = match redrive_move(
+        d,
+        &run,
         only.as_ref(),
         dry_run,
+        p,
+        chosen.as_ref(),
+        stop,
         &should_stop,
     )
-    .await
-    .map_err(|err| match err {
-        RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
-        other => input(other.to_string()),
-    })?;
+    .await?
+    {
+        Moved::Report(report) => report,
+        Moved::Interrupted(finished) => return finish(d, finished, json, None).await,
+    };
     let n = moved.items.len() as u64;
     if !moved.missing.is_empty() {
         // Not an error: the rest moved. But say so, so that nobody takes
@@ -700,20 +695,7 @@ async fn redrive_cmd(
     } else {
         eprintln!("Redriving {n} items of run {}", run.id);
     }
-    // Even with nothing moved: the run's redrive is open until the queues
-    // drain, and this closes it.
-    let finished = match process(d, &run.id, p, chosen.as_ref(), Until::Drained, stop)
-        .await
-        .context("processing the redriven items")?
-    {
-        // A redrive moves items between buckets; what it processed is what it moved.
-        Finish::Done(run, took, _) => Finish::Done(run, took, n),
-        other => other,
-    };
-    let finished = match (finished, stop.signal()) {
-        (Finish::Done(run, ..), Some(signal)) => Finish::Interrupted(run, signal),
-        (other, _) => other,
-    };
+    let finished = redrive_process(d, &run.id, p, chosen.as_ref(), n, stop).await?;
     let mut value = Value::Null;
     extra(&mut value);
     let code = finish(
@@ -738,4 +720,88 @@ fn redrive_exit(moved: &redrive::RedriveReport) -> ExitCode {
     } else {
         ExitCode::from(3)
     }
+}
+
+/// What [`redrive_move`] came to.
+#[derive(Debug)]
+pub(crate) enum Moved {
+    /// The move was made (or, on a dry run, counted).
+    Report(redrive::RedriveReport),
+    /// A signal stopped the processing of an earlier, interrupted redrive
+    /// before this one moved anything.
+    Interrupted(Finish),
+}
+
+/// The moving half of a redrive, shared by `settle redrive` and `settle ui`:
+/// first finishes an earlier redrive of the run that was cut off (its
+/// messages are back in the work queue while their items still count as
+/// failed; processing them first keeps this redrive from taking them for
+/// missing), then moves the run's dead letters (all, or `only` those
+/// items) back to the work queue. The caller then processes what moved
+/// with [`redrive_process`], which also closes the run's redrive.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn redrive_move(
+    d: &Deployment,
+    run: &RunRecord,
+    only: Option<&BTreeSet<ItemId>>,
+    dry_run: bool,
+    p: &ProcessArgs,
+    chosen: Option<&processors::Chosen>,
+    stop: &Stop,
+    should_stop: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<Moved> {
+    if run.redriving && !dry_run {
+        eprintln!(
+            "Finishing an earlier redrive of run {} first (it was interrupted)",
+            run.id
+        );
+        if let Finish::Interrupted(run, signal) =
+            process(d, &run.id, p, chosen, Until::Drained, stop)
+                .await
+                .context("processing an earlier redrive's items")?
+        {
+            return Ok(Moved::Interrupted(Finish::Interrupted(run, signal)));
+        }
+    }
+    let moved = redrive::redrive(
+        d.backend.ledger.as_ref(),
+        d.backend.dlq.as_ref(),
+        d.backend.work.as_ref(),
+        &run.id,
+        only,
+        dry_run,
+        should_stop,
+    )
+    .await
+    .map_err(|err| match err {
+        RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
+        other => input(other.to_string()),
+    })?;
+    Ok(Moved::Report(moved))
+}
+
+/// The processing half of a redrive: processes until the queues drain,
+/// which closes the run's redrive, even with nothing moved (the redrive
+/// was opened all the same). `moved` is what the redrive moved, reported
+/// as what was processed.
+pub(crate) async fn redrive_process(
+    d: &Deployment,
+    run: &RunId,
+    p: &ProcessArgs,
+    chosen: Option<&processors::Chosen>,
+    moved: u64,
+    stop: &Stop,
+) -> Result<Finish> {
+    let finished = match process(d, run, p, chosen, Until::Drained, stop)
+        .await
+        .context("processing the redriven items")?
+    {
+        // A redrive moves items between buckets; what it processed is what it moved.
+        Finish::Done(run, took, _) => Finish::Done(run, took, moved),
+        other => other,
+    };
+    Ok(match (finished, stop.signal()) {
+        (Finish::Done(run, ..), Some(signal)) => Finish::Interrupted(run, signal),
+        (other, _) => other,
+    })
 }

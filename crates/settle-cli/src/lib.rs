@@ -28,6 +28,7 @@ mod replay;
 mod report;
 mod results;
 mod signals;
+mod ui;
 
 use clap::Parser;
 use settle_core::Processor;

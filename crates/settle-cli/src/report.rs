@@ -61,19 +61,24 @@ pub const REASONS_SAMPLE: usize = 10_000;
 /// Reasons listed under a summary before "and N other reasons".
 const REASONS_SHOWN: usize = 5;
 
+/// A failed item's reason: its last error, with the item's own id read as
+/// `<id>` (see [`reasons`]).
+pub fn reason(id: &ItemId, rec: &ItemRecord) -> String {
+    let error = rec.last_error.as_deref().unwrap_or("(no error recorded)");
+    if id.as_str().len() > 2 && error.contains(id.as_str()) {
+        error.replace(id.as_str(), "<id>")
+    } else {
+        error.to_owned()
+    }
+}
+
 /// A run's failures counted by reason, most frequent first. The item's own
 /// id in an error reads `<id>`, so "card declined for sub-7" and "... for
 /// sub-9" are one reason.
 pub fn reasons(failures: &[(ItemId, ItemRecord)]) -> Vec<(String, u64)> {
     let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for (id, rec) in failures {
-        let error = rec.last_error.as_deref().unwrap_or("(no error recorded)");
-        let reason = if id.as_str().len() > 2 && error.contains(id.as_str()) {
-            error.replace(id.as_str(), "<id>")
-        } else {
-            error.to_owned()
-        };
-        *counts.entry(reason).or_default() += 1;
+        *counts.entry(reason(id, rec)).or_default() += 1;
     }
     let mut out: Vec<(String, u64)> = counts.into_iter().collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));

@@ -92,40 +92,60 @@ async fn write(
     only: Option<ResultStatus>,
     w: &mut impl Write,
 ) -> Result<u64> {
-    let b = &d.backend;
     let mut cursor: Option<String> = None;
     let mut n = 0;
     loop {
-        let (items, next) = b.source.claimed(run, cursor.as_deref(), PAGE).await?;
-        if items.is_empty() {
+        let Some((lines, count, next)) = page(d, run, only, cursor.as_deref()).await? else {
             return Ok(n);
-        }
-        let keys: Vec<_> = items.iter().map(|i| (run.clone(), i.id.clone())).collect();
-        let rows = b.ledger.items(&keys).await?;
-        for key in &keys {
-            let line = match rows.get(key).map(|v| &v.value) {
-                Some(rec) if rec.status == ItemStatus::Succeeded => {
-                    if only == Some(ResultStatus::Failed) {
-                        continue;
-                    }
-                    json!({"id": key.1, "status": "succeeded", "attempts": rec.attempts, "output": rec.output()})
-                }
-                Some(rec) if rec.status == ItemStatus::Failed => {
-                    if only == Some(ResultStatus::Succeeded) {
-                        continue;
-                    }
-                    json!({"id": key.1, "status": "failed", "attempts": rec.attempts, "error": rec.last_error})
-                }
-                other => {
-                    if only.is_some() {
-                        continue;
-                    }
-                    json!({"id": key.1, "status": "pending", "attempts": other.map_or(0, |r| r.attempts)})
-                }
-            };
-            writeln!(w, "{line}")?;
-            n += 1;
-        }
+        };
+        w.write_all(lines.as_bytes())?;
+        n += count;
         cursor = next;
     }
+}
+
+/// The results of the run's next [`PAGE`] claimed items after `cursor`:
+/// their JSON lines, how many, and the cursor after them; `None` at the
+/// end. `settle ui` streams its download page by page with it.
+pub(crate) async fn page(
+    d: &Deployment,
+    run: &RunId,
+    only: Option<ResultStatus>,
+    cursor: Option<&str>,
+) -> Result<Option<(String, u64, Option<String>)>> {
+    let b = &d.backend;
+    let (items, next) = b.source.claimed(run, cursor, PAGE).await?;
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let keys: Vec<_> = items.iter().map(|i| (run.clone(), i.id.clone())).collect();
+    let rows = b.ledger.items(&keys).await?;
+    let mut out = String::new();
+    let mut n = 0;
+    for key in &keys {
+        let line = match rows.get(key).map(|v| &v.value) {
+            Some(rec) if rec.status == ItemStatus::Succeeded => {
+                if only == Some(ResultStatus::Failed) {
+                    continue;
+                }
+                json!({"id": key.1, "status": "succeeded", "attempts": rec.attempts, "output": rec.output()})
+            }
+            Some(rec) if rec.status == ItemStatus::Failed => {
+                if only == Some(ResultStatus::Succeeded) {
+                    continue;
+                }
+                json!({"id": key.1, "status": "failed", "attempts": rec.attempts, "error": rec.last_error})
+            }
+            other => {
+                if only.is_some() {
+                    continue;
+                }
+                json!({"id": key.1, "status": "pending", "attempts": other.map_or(0, |r| r.attempts)})
+            }
+        };
+        out.push_str(&line.to_string());
+        out.push('\n');
+        n += 1;
+    }
+    Ok(Some((out, n, next)))
 }

@@ -1,0 +1,679 @@
+//! The pages and the small JSON endpoint behind the live tally.
+
+use super::html::{bar, esc, page, url};
+use super::{PageError, Ui};
+use crate::commands::{self, input, Moved};
+use crate::process::Finish;
+use crate::report;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::{Form, Json};
+use serde::Deserialize;
+use settle_core::domain::{now_millis, AttemptOutcome, ErrorKind, ItemStatus};
+use settle_core::{ItemId, ItemRecord, RunId, RunRecord};
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+type S = State<Arc<Ui>>;
+
+/// Runs on the runs page, newest first.
+const RUNS_SHOWN: usize = 50;
+/// Failed items per page of the run page.
+const ITEMS_PAGE: usize = 50;
+/// Failures read per ledger call.
+const LEDGER_PAGE: usize = 1000;
+
+/// "S succeeded / F failed / P pending of T".
+fn tally(run: &RunRecord) -> String {
+    format!(
+        "{} succeeded / {} failed / {} pending of {}",
+        run.succeeded,
+        run.failed,
+        run.pending(),
+        run.total
+    )
+}
+
+/// How long the run has taken: until it settled, or until now.
+fn took(run: &RunRecord) -> Duration {
+    let end = match run.settled_at {
+        Some(at) if run.is_settled() => at,
+        _ => now_millis(),
+    };
+    Duration::from_millis(end.saturating_sub(run.created_at))
+}
+
+fn seconds(d: Duration) -> String {
+    if d < Duration::from_secs(60) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
+fn rate(run: &RunRecord) -> String {
+    let secs = took(run).as_secs_f64();
+    if secs <= 0.0 {
+        return "-".into();
+    }
+    format!("{:.0}", (run.succeeded + run.failed) as f64 / secs)
+}
+
+pub async fn runs(State(ui): S) -> Result<Html<String>, PageError> {
+    let runs = ui.d.backend.ledger.runs(RUNS_SHOWN).await?;
+    let mut body = format!(
+        "<h1>Runs</h1>\n<p class=\"muted\">{}, newest first</p>\n",
+        esc(&ui.d.describe())
+    );
+    if runs.is_empty() {
+        body.push_str("<p>No runs yet.</p>\n");
+    } else {
+        body.push_str(
+            "<table class=\"runs\"><tr><th>run</th><th>status</th><th>tally</th><th></th>\
+             <th>started</th><th>duration</th><th>items/s</th></tr>\n",
+        );
+        for run in &runs {
+            let status = run.status().as_str();
+            let _ = writeln!(
+                body,
+                "<tr><td><a href=\"/runs/{}\">{}</a></td><td class=\"status {status}\">{status}</td>\
+                 <td class=\"tally\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                url(run.id.as_str()),
+                esc(run.id.as_str()),
+                tally(run),
+                bar(run.succeeded, run.failed, run.total),
+                report::time(run.created_at),
+                seconds(took(run)),
+                rate(run)
+            );
+        }
+        body.push_str("</table>\n");
+    }
+    Ok(Html(page("Runs", &body)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RunQuery {
+    reason: Option<String>,
+    /// The last item id of the previous page.
+    after: Option<String>,
+}
+
+/// Reads the run's failures in id order after `after`, in ledger pages,
+/// until `f` says stop or `budget` rows were read. Returns the id of the
+/// last row read when more may follow.
+async fn scan_failures(
+    ui: &Ui,
+    run: &RunId,
+    after: Option<ItemId>,
+    budget: usize,
+    mut f: impl FnMut(&ItemId, &ItemRecord) -> bool,
+) -> Result<Option<ItemId>, PageError> {
+    let mut after = after;
+    let mut read = 0;
+    loop {
+        let page =
+            ui.d.backend
+                .ledger
+                .failures(run, after.as_ref(), LEDGER_PAGE.min(budget - read))
+                .await?;
+        let full = page.len() == LEDGER_PAGE.min(budget - read);
+        for (id, rec) in &page {
+            read += 1;
+            after = Some(id.clone());
+            if !f(id, rec) {
+                return Ok(after);
+            }
+        }
+        if !full {
+            return Ok(None);
+        }
+        if read >= budget {
+            return Ok(after);
+        }
+    }
+}
+
+/// Every failed item of the run whose reason is `reason`.
+async fn with_reason(ui: &Ui, run: &RunId, reason: &str) -> Result<BTreeSet<ItemId>, PageError> {
+    let mut ids = BTreeSet::new();
+    scan_failures(ui, run, None, usize::MAX, |id, rec| {
+        if report::reason(id, rec) == reason {
+            ids.insert(id.clone());
+        }
+        true
+    })
+    .await?;
+    Ok(ids)
+}
+
+fn run_link(run: &RunId) -> String {
+    format!("/runs/{}", url(run.as_str()))
+}
+
+fn retry_link(run: &RunId, query: &str) -> String {
+    format!("/runs/{}/retry?{query}", url(run.as_str()))
+}
+
+pub async fn run(
+    State(ui): S,
+    Path(run): Path<String>,
+    Query(q): Query<RunQuery>,
+) -> Result<Html<String>, PageError> {
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let link = run_link(&run.id);
+    let status = run.status().as_str();
+    let mut body = format!(
+        "<h1>Run <code>{}</code></h1>\n<section class=\"live\" data-live-run=\"/api/runs/{}\">\n\
+         <p class=\"big\"><span class=\"status {status}\" data-field=\"status\">{status}</span> \
+         <span data-field=\"succeeded\">{}</span> succeeded / <span data-field=\"failed\">{}</span> failed / \
+         <span data-field=\"pending\">{}</span> pending of <span data-field=\"total\">{}</span>\
+         <span class=\"muted\" data-field=\"busy\"></span></p>\n{}\n\
+         <p class=\"muted\">started {}, {}, {} items/s; max receives {}</p>\n</section>\n",
+        esc(run.id.as_str()),
+        url(run.id.as_str()),
+        run.succeeded,
+        run.failed,
+        run.pending(),
+        run.total,
+        bar(run.succeeded, run.failed, run.total),
+        report::time(run.created_at),
+        seconds(took(&run)),
+        rate(&run),
+        run.config.max_receives,
+    );
+    let _ = write!(
+        body,
+        "<p class=\"actions\"><a href=\"/runs/{}/results.jsonl\">Download results (JSONL)</a>",
+        url(run.id.as_str())
+    );
+    if !ui.read_only && run.failed > 0 {
+        let _ = write!(
+            body,
+            " <a class=\"button\" href=\"{}\">Retry all failed</a>",
+            retry_link(&run.id, "scope=all")
+        );
+    }
+    body.push_str("</p>\n");
+
+    // Failures by reason, from at most the first REASONS_SAMPLE failures.
+    let mut sample = Vec::new();
+    let more = scan_failures(&ui, &run.id, None, report::REASONS_SAMPLE, |id, rec| {
+        sample.push((id.clone(), rec.clone()));
+        true
+    })
+    .await?;
+    let reasons = report::reasons(&sample);
+    if !reasons.is_empty() {
+        let of = if more.is_some() {
+            format!(" (of the first {})", sample.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            body,
+            "<h2>Failures by reason{of}</h2>\n<table class=\"reasons\"><tr><th>items</th><th>reason</th><th></th></tr>"
+        );
+        for (reason, n) in &reasons {
+            let retry = if ui.read_only {
+                String::new()
+            } else {
+                format!(
+                    "<a class=\"button\" href=\"{}\">Retry these</a>",
+                    esc(&retry_link(
+                        &run.id,
+                        &format!("scope=reason&reason={}", url(reason))
+                    ))
+                )
+            };
+            let _ = writeln!(
+                body,
+                "<tr><td class=\"count\">{n}</td><td class=\"reason\"><a href=\"{}?reason={}\">{}</a></td><td>{retry}</td></tr>",
+                link,
+                url(reason),
+                esc(reason)
+            );
+        }
+        body.push_str("</table>\n");
+    }
+    drop(sample);
+
+    // One page of failed items, filtered by reason.
+    if run.failed > 0 {
+        let after = match &q.after {
+            Some(a) => Some(ItemId::new(a.clone()).map_err(|e| input(format!("after: {e}")))?),
+            None => None,
+        };
+        // One more than a page: a next-page link only when there is one.
+        let mut shown = Vec::new();
+        let mut next = scan_failures(&ui, &run.id, after, report::REASONS_SAMPLE, |id, rec| {
+            if q.reason
+                .as_deref()
+                .is_none_or(|r| report::reason(id, rec) == r)
+            {
+                shown.push((id.clone(), rec.clone()));
+            }
+            shown.len() <= ITEMS_PAGE
+        })
+        .await?;
+        if shown.len() > ITEMS_PAGE {
+            shown.truncate(ITEMS_PAGE);
+            next = shown.last().map(|(id, _)| id.clone());
+        }
+        match &q.reason {
+            Some(r) => {
+                let _ = writeln!(
+                    body,
+                    "<h2>Failed items: {}</h2>\n<p><a href=\"{link}\">all reasons</a></p>",
+                    esc(r)
+                );
+            }
+            None => body.push_str("<h2>Failed items</h2>\n"),
+        }
+        body.push_str(
+            "<table class=\"items\"><tr><th>item</th><th>attempts</th><th>last error</th><th></th></tr>\n",
+        );
+        for (id, rec) in &shown {
+            let retry = if ui.read_only {
+                String::new()
+            } else {
+                format!(
+                    "<a class=\"button\" href=\"{}\">Retry</a>",
+                    esc(&retry_link(
+                        &run.id,
+                        &format!("scope=item&item={}", url(id.as_str()))
+                    ))
+                )
+            };
+            let _ = writeln!(
+                body,
+                "<tr><td class=\"item\"><a href=\"{link}/item?id={}\">{}</a></td><td>{}</td>\
+                 <td class=\"error\">{}</td><td>{retry}</td></tr>",
+                url(id.as_str()),
+                esc(id.as_str()),
+                rec.attempts,
+                esc(rec.last_error.as_deref().unwrap_or(""))
+            );
+        }
+        body.push_str("</table>\n");
+        if let Some(next) = next {
+            let reason = q
+                .reason
+                .as_deref()
+                .map(|r| format!("reason={}&", url(r)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                body,
+                "<p><a href=\"{link}?{}after={}\">next page</a></p>",
+                esc(&reason),
+                url(next.as_str())
+            );
+        }
+    }
+    Ok(Html(page(&format!("Run {}", run.id), &body)))
+}
+
+/// The live tally: the run's JSON as `settle status --json` prints it,
+/// and whether this server is still processing a retry.
+pub async fn run_json(State(ui): S, Path(run): Path<String>) -> Result<Response, PageError> {
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let mut v = report::run_json(&run);
+    v["busy"] = serde_json::json!(ui.busy.try_lock().is_err());
+    Ok(Json(v).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ItemQuery {
+    id: String,
+}
+
+fn outcome(o: &AttemptOutcome) -> (String, String) {
+    match o {
+        AttemptOutcome::Succeeded => ("succeeded".into(), String::new()),
+        AttemptOutcome::Failed {
+            kind,
+            error,
+            terminal,
+        } => (
+            format!(
+                "failed ({}{})",
+                match kind {
+                    ErrorKind::Retryable => "retryable",
+                    ErrorKind::Permanent => "permanent",
+                },
+                if *terminal { ", terminal" } else { "" }
+            ),
+            error.clone(),
+        ),
+    }
+}
+
+pub async fn item(
+    State(ui): S,
+    Path(run): Path<String>,
+    Query(q): Query<ItemQuery>,
+) -> Result<Html<String>, PageError> {
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let (id, rec) = commands::item_record(&ui.d, &run, &q.id).await?;
+    let link = run_link(&run.id);
+    let mut body = format!(
+        "<p><a href=\"{link}\">run {}</a></p>\n<h1>Item <code>{}</code></h1>\n\
+         <p class=\"big\"><span class=\"status {st}\">{st}</span> after {} attempts</p>\n",
+        esc(run.id.as_str()),
+        esc(id.as_str()),
+        rec.attempts,
+        st = rec.status.as_str(),
+    );
+    if let Some(e) = &rec.last_error {
+        let _ = writeln!(body, "<p class=\"error\">last error: {}</p>", esc(e));
+    }
+    if rec.status == ItemStatus::Failed && !ui.read_only {
+        let _ = writeln!(
+            body,
+            "<p class=\"actions\"><a class=\"button\" href=\"{}\">Retry this item</a></p>",
+            esc(&retry_link(
+                &run.id,
+                &format!("scope=item&item={}", url(id.as_str()))
+            ))
+        );
+    }
+    if let Some(out) = rec.output() {
+        let _ = writeln!(
+            body,
+            "<h2>Output</h2>\n<pre class=\"output\">{}</pre>",
+            esc(out.get())
+        );
+    }
+    body.push_str(
+        "<h2>Attempts</h2>\n<table class=\"attempts\"><tr><th>#</th><th>started</th><th>duration</th>\
+         <th>outcome</th><th>error</th></tr>\n",
+    );
+    for a in &rec.history {
+        let (what, error) = outcome(&a.outcome);
+        let _ = writeln!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{} ms</td><td class=\"outcome\">{}</td><td class=\"error\">{}</td></tr>",
+            a.attempt,
+            report::time(a.started_at),
+            a.duration_ms,
+            esc(&what),
+            esc(&error)
+        );
+    }
+    body.push_str("</table>\n");
+    for a in &rec.history {
+        let _ = writeln!(
+            body,
+            "<details><summary>attempt {}: log and output</summary>",
+            a.attempt
+        );
+        match &a.log {
+            Some(log) => {
+                let _ = writeln!(body, "<h3>log</h3><pre class=\"log\">{}</pre>", esc(log));
+            }
+            None => body.push_str("<p class=\"muted\">no log</p>\n"),
+        }
+        if let Some(out) = &a.output {
+            let _ = writeln!(
+                body,
+                "<h3>output</h3><pre class=\"output\">{}</pre>",
+                esc(out.get())
+            );
+        }
+        body.push_str("</details>\n");
+    }
+    Ok(Html(page(&format!("Item {}", id.as_str()), &body)))
+}
+
+/// What a retry is for, as the confirm page's query and the retry's form.
+#[derive(Debug, Deserialize)]
+pub struct Target {
+    scope: String,
+    reason: Option<String>,
+    item: Option<String>,
+}
+
+/// The items a retry would move: `None` for all of the run's failed
+/// items; and how to say so.
+async fn targets(
+    ui: &Ui,
+    run: &RunRecord,
+    t: &Target,
+) -> Result<(Option<BTreeSet<ItemId>>, u64, String), PageError> {
+    match (t.scope.as_str(), &t.reason, &t.item) {
+        ("all", ..) => Ok((None, run.failed, "every failed item".into())),
+        ("reason", Some(reason), _) => {
+            let ids = with_reason(ui, &run.id, reason).await?;
+            let n = ids.len() as u64;
+            Ok((
+                Some(ids),
+                n,
+                format!("the failed items whose reason is “{}”", esc(reason)),
+            ))
+        }
+        ("item", _, Some(item)) => {
+            let (id, rec) = commands::item_record(&ui.d, run, item).await?;
+            if rec.status != ItemStatus::Failed {
+                return Err(PageError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "item \"{}\" has not failed (it is {}); only failed items are retried",
+                        id.as_str(),
+                        rec.status.as_str()
+                    ),
+                ));
+            }
+            let what = format!("item <code>{}</code>", esc(id.as_str()));
+            Ok((Some(BTreeSet::from([id])), 1, what))
+        }
+        _ => Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "scope must be all, reason (with reason=) or item (with item=)",
+        )),
+    }
+}
+
+fn hidden(t: &Target) -> String {
+    let mut out = format!(
+        "<input type=\"hidden\" name=\"scope\" value=\"{}\">",
+        esc(&t.scope)
+    );
+    if let Some(r) = &t.reason {
+        let _ = write!(
+            out,
+            "<input type=\"hidden\" name=\"reason\" value=\"{}\">",
+            esc(r)
+        );
+    }
+    if let Some(i) = &t.item {
+        let _ = write!(
+            out,
+            "<input type=\"hidden\" name=\"item\" value=\"{}\">",
+            esc(i)
+        );
+    }
+    out
+}
+
+fn items(n: u64) -> String {
+    if n == 1 {
+        "1 item".into()
+    } else {
+        format!("{n} items")
+    }
+}
+
+/// The confirm step: how many items a retry will move, and the button.
+pub async fn confirm(
+    State(ui): S,
+    Path(run): Path<String>,
+    Query(t): Query<Target>,
+) -> Result<Html<String>, PageError> {
+    if ui.read_only {
+        return Err(PageError::new(
+            StatusCode::FORBIDDEN,
+            "read-only: actions are refused",
+        ));
+    }
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let (_, n, what) = targets(&ui, &run, &t).await?;
+    let link = run_link(&run.id);
+    let mut body = format!(
+        "<p><a href=\"{link}\">run {}</a></p>\n<h1>Retry {} of run <code>{}</code>?</h1>\n",
+        esc(run.id.as_str()),
+        items(n),
+        esc(run.id.as_str())
+    );
+    if n == 0 {
+        let _ = writeln!(
+            body,
+            "<p>Nothing to retry: no failed items match ({what}).</p>"
+        );
+    } else {
+        let _ = writeln!(
+            body,
+            "<p class=\"confirm\">This will move <strong data-field=\"will-move\">{n}</strong> \
+             {} ({what}) from the dead-letter queue back to the work queue, as \
+             <code>settle redrive</code> does; each is attempted again with the run's processor \
+             and the tally follows.</p>\n<form method=\"post\" action=\"/runs/{}/retry\">{}\
+             <button type=\"submit\" class=\"danger\">Retry {}</button> <a href=\"{link}\">Cancel</a></form>",
+            if n == 1 { "item" } else { "items" },
+            url(run.id.as_str()),
+            hidden(&t),
+            items(n)
+        );
+    }
+    Ok(Html(page("Retry", &body)))
+}
+
+/// The retry itself: `settle redrive`'s move, then its processing in the
+/// background (on the embedded backend, or with local workers, the local
+/// runner here; with deployed workers it only follows the tally).
+pub async fn retry(
+    State(ui): S,
+    Path(run): Path<String>,
+    Form(t): Form<Target>,
+) -> Result<Html<String>, PageError> {
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let (only, n, what) = targets(&ui, &run, &t).await?;
+    if n == 0 {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            "nothing to retry: no failed items match",
+        ));
+    }
+    let Ok(busy) = ui.busy.clone().try_lock_owned() else {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            "a retry is still being processed by this server; try again once its items have settled",
+        ));
+    };
+    let chosen = commands::local_processor(&ui.d, &run, &ui.process)?;
+    let stop = ui.stop.clone();
+    let should_stop = move || stop.signal().is_some();
+    let moved = commands::redrive_move(
+        &ui.d,
+        &run,
+        only.as_ref(),
+        false,
+        &ui.process,
+        chosen.as_ref(),
+        &ui.stop,
+        &should_stop,
+    )
+    .await?;
+    let report = match moved {
+        Moved::Report(r) => r,
+        Moved::Interrupted(_) => {
+            return Err(PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping: the server is shutting down",
+            ))
+        }
+    };
+    let n = report.items.len() as u64;
+    let not_moved = report.missing.len() as u64;
+    ui.retries.fetch_add(1, Ordering::Relaxed);
+    ui.moved.fetch_add(n, Ordering::Relaxed);
+    ui.not_moved.fetch_add(not_moved, Ordering::Relaxed);
+    tracing::info!(run = %run.id, moved = n, not_moved, "retry from the ui");
+    let bg = ui.clone();
+    let run_id = run.id.clone();
+    tokio::spawn(async move {
+        let _busy = busy;
+        match commands::redrive_process(&bg.d, &run_id, &bg.process, chosen.as_ref(), n, &bg.stop).await {
+            Ok(Finish::Done(..)) => {}
+            Ok(Finish::Interrupted(..)) => eprintln!(
+                "settle ui: stopped while processing retried items of run {run_id}; `settle resume {run_id}` finishes them"
+            ),
+            Err(e) => eprintln!(
+                "error: processing the retried items of run {run_id}: {e:#}; `settle resume {run_id}` finishes them"
+            ),
+        }
+    });
+    let link = run_link(&run.id);
+    let mut body = format!(
+        "<p><a href=\"{link}\">run {}</a></p>\n<h1>Retried {what}</h1>\n\
+         <p class=\"result\">Moved <strong data-field=\"moved\">{n}</strong> {}; not moved: \
+         <strong data-field=\"not-moved\">{not_moved}</strong>.</p>\n",
+        esc(run.id.as_str()),
+        if n == 1 { "item" } else { "items" },
+    );
+    if not_moved > 0 {
+        let shown: Vec<String> = report
+            .missing
+            .iter()
+            .take(5)
+            .map(|i| esc(i.as_str()))
+            .collect();
+        let _ =
+            writeln!(
+            body,
+            "<p>Not moved: {}{}. Their messages were hidden by another pass over the dead-letter \
+             queue (a redrive or reconciliation running now, or one that was cut off) for up to \
+             2 minutes; retry again after that.</p>",
+            shown.join(", "),
+            if report.missing.len() > 5 { ", …" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        body,
+        "<p><a class=\"button\" href=\"{link}\">Follow the tally</a></p>"
+    );
+    Ok(Html(page("Retried", &body)))
+}
+
+/// The run's results as `settle results` writes them, streamed page by
+/// page (a run may have millions of items). A failure part-way ends the
+/// response early, so the download is seen to be incomplete.
+pub async fn results(State(ui): S, Path(run): Path<String>) -> Result<Response, PageError> {
+    let run = commands::resolve(&ui.d, Some(&run)).await?;
+    let name = format!("attachment; filename=\"{}.jsonl\"", run.id.as_str());
+    // The cursor after the last page sent; `None` once the end was read.
+    let start: Option<Option<String>> = Some(None);
+    let lines = futures::stream::try_unfold(start, move |cursor| {
+        let (ui, run) = (ui.clone(), run.id.clone());
+        async move {
+            let Some(cursor) = cursor else {
+                return Ok(None);
+            };
+            Ok::<_, anyhow::Error>(
+                crate::results::page(&ui.d, &run, None, cursor.as_deref())
+                    .await?
+                    .map(|(lines, _, next)| (lines, next.map(Some))),
+            )
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
+            (header::CONTENT_DISPOSITION, name),
+        ],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}

@@ -1,0 +1,981 @@
+//! End-to-end tests of `settle ui` on the real binary and the embedded
+//! backend, over plain HTTP/1.1 on 127.0.0.1: the pages show the exact
+//! tally, retries move exactly what they say, and every refused request
+//! leaves the tally as it was.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An item id that is also markup: every page must escape it.
+const MARKUP_ID: &str = "<p&\"1>";
+const RETRYABLE: &str = "retryable failure 3 of 3 (scripted)";
+const PERMANENT: &str = "permanent failure (scripted)";
+
+/// Five items at max receives 3: two succeed; r1 and r2 fail after three
+/// attempts (and succeed on a fourth), the markup id fails for good.
+fn failed_run(env: &Env) -> String {
+    let items = env.scripts(
+        "i.jsonl",
+        &[
+            ("ok1", "ok"),
+            ("r1", "retryable:3"),
+            ("ok2", "ok"),
+            ("r2", "retryable:3"),
+            (MARKUP_ID, "permanent"),
+        ],
+    );
+    let run = env.run(&items, &["--max-receives", "3"]);
+    assert_run(&run, "partial", 5, 2, 3, 0);
+    run_id(&run)
+}
+
+/// A running `settle ui`, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(env: &Env, extra: &[&str]) -> Self {
+        let mut args = vec!["ui", "--listen", "127.0.0.1:0"];
+        args.extend(FAST);
+        args.extend(extra);
+        let mut child = env.spawn(&args);
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split(" on http://").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let addr = rest.split('/').next().unwrap().to_owned();
+                        let _ = tx.send(addr);
+                    }
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "settle ui did not say where it listens\nstderr:\n{}",
+                    log.lock().unwrap()
+                )
+            });
+        Self {
+            child,
+            addr,
+            stderr: log,
+        }
+    }
+
+    fn port(&self) -> &str {
+        self.addr.rsplit(':').next().unwrap()
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A request with this server's Host unless `headers` names one; a
+    /// POST's body is a form.
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+        let body = (method == "POST").then_some(("application/x-www-form-urlencoded", body));
+        raw(&self.addr, method, path, headers, body)
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, &[], "")
+    }
+
+    /// A POST as this server's own page sends it.
+    fn post(&self, path: &str, body: &str) -> Resp {
+        let origin = self.origin();
+        self.request("POST", path, &[("Origin", &origin)], body)
+    }
+
+    fn tally(&self, run: &str) -> Value {
+        let r = self.get(&format!("/api/runs/{run}"));
+        r.expect(200);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    /// Waits until the run has settled and this server is not processing
+    /// a retry, and returns the tally.
+    fn settled(&self, run: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.tally(run);
+            if v["pending"] == 0 && v["redriving"] == false && v["busy"] == false {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {run} did not settle: {v}\nstderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, with `addr` as its Host
+/// unless `headers` names one, and `body` with its content type.
+fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some((kind, body)) = body {
+        req.push_str(&format!(
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    // Up to the body's Content-Length (some servers keep the connection
+    // open after it), else to the end.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                break;
+            }
+        }
+    }
+    Resp::parse(&raw)
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn parse(raw: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked {
+            unchunk(body)
+        } else {
+            body.to_owned()
+        };
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn expect(&self, status: u16) -> &Self {
+        assert_eq!(self.status, status, "body:\n{}", self.body);
+        self
+    }
+
+    fn has(&self, needle: &str) -> &Self {
+        assert!(
+            self.body.contains(needle),
+            "the page does not contain {needle:?}:\n{}",
+            self.body
+        );
+        self
+    }
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The rows of a run page's "Failures by reason": (count, reason).
+fn reason_rows(html: &str) -> Vec<(u64, String)> {
+    html.split("<td class=\"count\">")
+        .skip(1)
+        .map(|row| {
+            let (n, rest) = row.split_once("</td>").unwrap();
+            let text = rest
+                .split("\">")
+                .nth(2)
+                .unwrap()
+                .split("</a>")
+                .next()
+                .unwrap();
+            (n.parse().unwrap(), text.to_owned())
+        })
+        .collect()
+}
+
+fn form_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn pages_show_the_exact_tally_and_failures_by_reason() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+
+    let runs = ui.get("/");
+    runs.expect(200)
+        .has(&format!("<a href=\"/runs/{run}\">{run}</a>"))
+        .has("<td class=\"status partial\">partial</td>")
+        .has("<td class=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>");
+    assert_eq!(
+        runs.header("content-security-policy")
+            .map(|v| v.contains("frame-ancestors 'none'")),
+        Some(true)
+    );
+
+    let page = ui.get(&format!("/runs/{run}"));
+    page.expect(200)
+        .has("<span data-field=\"succeeded\">2</span> succeeded / <span data-field=\"failed\">3</span> failed / <span data-field=\"pending\">0</span> pending of <span data-field=\"total\">5</span>")
+        .has("Retry all failed");
+    assert_eq!(
+        reason_rows(&page.body),
+        [(2, RETRYABLE.to_owned()), (1, PERMANENT.to_owned())]
+    );
+    // The markup id is text on every page, never markup.
+    page.has("&lt;p&amp;&quot;1&gt;");
+    assert!(!page.body.contains(MARKUP_ID), "{}", page.body);
+    assert_eq!(page.body.matches("<td class=\"item\">").count(), 3);
+
+    // Filtered by reason: only that reason's items.
+    let only = ui.get(&format!("/runs/{run}?reason={}", form_value(RETRYABLE)));
+    only.expect(200);
+    assert_eq!(only.body.matches("<td class=\"item\">").count(), 2);
+    only.has(">r1</a>").has(">r2</a>");
+    assert!(!only.body.contains("&lt;p&amp;"), "{}", only.body);
+
+    // The item page: every attempt, and the retry button.
+    let item = ui.get(&format!("/runs/{run}/item?id=r1"));
+    item.expect(200).has("Retry this item").has(RETRYABLE);
+    assert_eq!(item.body.matches("<td class=\"outcome\">").count(), 3);
+    let markup = ui.get(&format!("/runs/{run}/item?id={}", form_value(MARKUP_ID)));
+    markup
+        .expect(200)
+        .has("<code>&lt;p&amp;&quot;1&gt;</code>")
+        .has("failed (permanent, terminal)");
+    ui.get(&format!("/runs/{run}/item?id=nope")).expect(404);
+    ui.get("/runs/r20990101T000000Z-000000").expect(404);
+
+    // The live tally's JSON, and the results as `settle results` writes them.
+    let v = ui.tally(&run);
+    assert_eq!(
+        (
+            &v["succeeded"],
+            &v["failed"],
+            &v["pending"],
+            &v["total"],
+            &v["status"],
+            &v["busy"]
+        ),
+        (
+            &2.into(),
+            &3.into(),
+            &0.into(),
+            &5.into(),
+            &"partial".into(),
+            &false.into()
+        )
+    );
+    let results = ui.get(&format!("/runs/{run}/results.jsonl"));
+    results.expect(200);
+    assert_eq!(results.header("content-type"), Some("application/x-ndjson"));
+    let cli = env.settle(&["results", &run]);
+    cli.expect_code(0);
+    assert_eq!(results.body, cli.stdout);
+    assert_eq!(results.body.lines().count(), 5);
+
+    let metrics = ui.get("/metrics");
+    metrics.expect(200);
+    for line in [
+        format!("settle_run_items{{run=\"{run}\",status=\"succeeded\"}} 2"),
+        format!("settle_run_items{{run=\"{run}\",status=\"failed\"}} 3"),
+        format!("settle_run_items{{run=\"{run}\",status=\"pending\"}} 0"),
+        format!("settle_run_items{{run=\"{run}\",status=\"total\"}} 5"),
+        "settle_ui_retries_total 0".to_owned(),
+    ] {
+        assert!(
+            metrics.body.lines().any(|l| l == line),
+            "{line} in\n{}",
+            metrics.body
+        );
+    }
+}
+
+#[test]
+fn a_retry_moves_exactly_what_it_confirmed() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+
+    // One item: the confirm step says 1, the retry moves it, it succeeds.
+    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">1</strong> item");
+    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
+        .expect(200)
+        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+    let v = ui.settled(&run);
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["status"]),
+        (&3.into(), &2.into(), &"partial".into())
+    );
+    let r1 = env.show(&run, "r1");
+    assert_eq!(
+        (&r1["status"], &r1["attempts"]),
+        (&"succeeded".into(), &4.into())
+    );
+    let r2 = env.show(&run, "r2");
+    assert_eq!(
+        (&r2["status"], &r2["attempts"]),
+        (&"failed".into(), &3.into())
+    );
+    // An item that has not failed is not retried.
+    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
+        .expect(409);
+
+    // All failed: exactly the two left; the permanent one fails again.
+    ui.get(&format!("/runs/{run}/retry?scope=all"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">2</strong> items");
+    ui.post(&format!("/runs/{run}/retry"), "scope=all")
+        .expect(200)
+        .has("Moved <strong data-field=\"moved\">2</strong> items; not moved: <strong data-field=\"not-moved\">0</strong>");
+    let v = ui.settled(&run);
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["total"]),
+        (&4.into(), &1.into(), &5.into())
+    );
+    let failures = env.failures(&run);
+    let ids: Vec<&str> = failures["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["item_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [MARKUP_ID]);
+    assert_eq!(env.show(&run, MARKUP_ID)["attempts"], 2);
+    for ok in ["ok1", "ok2"] {
+        assert_eq!(
+            env.show(&run, ok)["attempts"],
+            1,
+            "{ok} was not attempted again"
+        );
+    }
+
+    // By reason: the permanent one alone.
+    ui.get(&format!(
+        "/runs/{run}/retry?scope=reason&reason={}",
+        form_value(PERMANENT)
+    ))
+    .expect(200)
+    .has("<strong data-field=\"will-move\">1</strong> item");
+    ui.post(
+        &format!("/runs/{run}/retry"),
+        &format!("scope=reason&reason={}", form_value(PERMANENT)),
+    )
+    .expect(200)
+    .has("Moved <strong data-field=\"moved\">1</strong> item");
+    let v = ui.settled(&run);
+    assert_eq!((&v["succeeded"], &v["failed"]), (&4.into(), &1.into()));
+    assert_eq!(env.show(&run, MARKUP_ID)["attempts"], 3);
+
+    let metrics = ui.get("/metrics");
+    for line in [
+        "settle_ui_retries_total 3",
+        "settle_ui_retried_items_total 4",
+        "settle_ui_retry_not_moved_total 0",
+    ] {
+        assert!(
+            metrics.body.lines().any(|l| l == line),
+            "{line} in\n{}",
+            metrics.body
+        );
+    }
+}
+
+/// What a refused request must not have changed: the tally, and the
+/// dead letters a redrive would move.
+fn unchanged(env: &Env, ui: &Server, run: &str) {
+    let v = ui.tally(run);
+    assert_eq!(
+        (
+            &v["succeeded"],
+            &v["failed"],
+            &v["pending"],
+            &v["redriving"]
+        ),
+        (&2.into(), &3.into(), &0.into(), &false.into())
+    );
+    let dry = env.ok_json(&["redrive", run, "--dry-run", "--json"]);
+    assert_eq!(dry["would_redrive"], 3, "{dry}");
+}
+
+#[test]
+fn cross_site_and_misdirected_requests_are_refused() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+    let retry = format!("/runs/{run}/retry");
+    let host = ui.addr.clone();
+
+    // No Origin and no Sec-Fetch-Site: not from a page of this server.
+    ui.request("POST", &retry, &[], "scope=all").expect(403);
+    unchanged(&env, &ui, &run);
+    ui.request(
+        "POST",
+        &retry,
+        &[("Origin", "http://evil.example")],
+        "scope=all",
+    )
+    .expect(403);
+    ui.request("POST", &retry, &[("Origin", "null")], "scope=all")
+        .expect(403);
+    ui.request(
+        "POST",
+        &retry,
+        &[("Sec-Fetch-Site", "cross-site")],
+        "scope=all",
+    )
+    .expect(403);
+    let origin = ui.origin();
+    ui.request(
+        "POST",
+        &retry,
+        &[("Origin", &origin), ("Sec-Fetch-Site", "same-site")],
+        "scope=all",
+    )
+    .expect(403);
+    unchanged(&env, &ui, &run);
+
+    // DNS rebinding: a name that is not this server's, even with a
+    // matching Origin.
+    let evil = format!("evil.example:{}", ui.port());
+    let evil_origin = format!("http://{evil}");
+    ui.request("GET", "/", &[("Host", &evil)], "").expect(421);
+    ui.request(
+        "POST",
+        &retry,
+        &[("Host", &evil), ("Origin", &evil_origin)],
+        "scope=all",
+    )
+    .expect(421);
+    ui.request("GET", "/", &[("Host", "127.0.0.1")], "")
+        .expect(421);
+    unchanged(&env, &ui, &run);
+    // The loopback names with the port are this server's.
+    let localhost = format!("localhost:{}", ui.port());
+    ui.request("GET", "/", &[("Host", &localhost)], "")
+        .expect(200);
+    ui.request("GET", "/", &[("Host", &host)], "").expect(200);
+    drop(ui);
+
+    // --allow-host adds a name.
+    let ui = Server::start(&env, &["--allow-host", "ops.internal"]);
+    let ops = format!("ops.internal:{}", ui.port());
+    ui.request("GET", "/", &[("Host", &ops)], "").expect(200);
+    unchanged(&env, &ui, &run);
+}
+
+#[test]
+fn read_only_hides_and_refuses_every_action() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &["--read-only"]);
+    let page = ui.get(&format!("/runs/{run}"));
+    page.expect(200);
+    assert!(!page.body.contains("Retry"), "{}", page.body);
+    let item = ui.get(&format!("/runs/{run}/item?id=r1"));
+    item.expect(200);
+    assert!(!item.body.contains("Retry"), "{}", item.body);
+    ui.get(&format!("/runs/{run}/retry?scope=all")).expect(403);
+    for body in ["scope=all", "scope=item&item=r1"] {
+        ui.post(&format!("/runs/{run}/retry"), body).expect(403);
+    }
+    unchanged(&env, &ui, &run);
+}
+
+#[test]
+fn the_token_is_needed_on_every_request() {
+    let env = Env::new();
+    let run = failed_run(&env);
+
+    // Not loopback and no token: refused before anything listens.
+    let out = env.settle(&["ui", "--listen", "0.0.0.0:0"]);
+    out.expect_code(2).stderr_has("is not a loopback address");
+    let out = env.settle(&["ui", "--token", " "]);
+    out.expect_code(2).stderr_has("must not be empty");
+    let out = env.settle(&["ui", "--token", "a;b"]);
+    out.expect_code(2).stderr_has("no spaces");
+
+    let ui = Server::start(&env, &["--token", "s3cret"]);
+    let retry = format!("/runs/{run}/retry");
+    let origin = ui.origin();
+    ui.get("/").expect(401);
+    ui.get(&format!("/api/runs/{run}")).expect(401);
+    ui.get("/metrics").expect(401);
+    ui.request("GET", "/", &[("Authorization", "Bearer wrong")], "")
+        .expect(401);
+    ui.request("POST", &retry, &[("Origin", &origin)], "scope=all")
+        .expect(401);
+    ui.request("GET", "/?token=wrong", &[], "").expect(401);
+
+    let bearer = [("Authorization", "Bearer s3cret")];
+    ui.request("GET", "/", &bearer, "").expect(200).has(&run);
+    // ?token= once sets the cookie and sends the browser on without it.
+    let set = ui.request("GET", &format!("/runs/{run}?token=s3cret"), &[], "");
+    set.expect(303);
+    assert_eq!(
+        set.header("location"),
+        Some(format!("/runs/{run}").as_str())
+    );
+    let cookie = set.header("set-cookie").unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    // Never a redirect to another site.
+    let away = ui.request("GET", "//evil.example/?token=s3cret", &[], "");
+    away.expect(303);
+    assert_eq!(away.header("location"), Some("/"));
+    ui.request("GET", &format!("/runs/{run}"), &[("Cookie", &cookie)], "")
+        .expect(200);
+    // The token does not stand in for the Origin check.
+    ui.request(
+        "POST",
+        &retry,
+        &[bearer[0], ("Origin", "http://evil.example")],
+        "scope=all",
+    )
+    .expect(403);
+    let v: Value = serde_json::from_str(
+        &ui.request("GET", &format!("/api/runs/{run}"), &bearer, "")
+            .body,
+    )
+    .unwrap();
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["redriving"]),
+        (&2.into(), &3.into(), &false.into())
+    );
+    let dry = env.ok_json(&["redrive", &run, "--dry-run", "--json"]);
+    assert_eq!(dry["would_redrive"], 3, "{dry}");
+}
+
+/// A headless Chromium driven through chromedriver's WebDriver API, both
+/// killed on drop.
+struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+/// The WebDriver key of an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    fn start() -> Self {
+        for tool in ["chromium", "chromedriver"] {
+            let found = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(
+                found,
+                "{tool} is not installed: `make test` installs it (Debian packages chromium and chromium-driver)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", "--window-size=1200,800",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            },
+        }}});
+        let mut b = Self {
+            driver,
+            addr,
+            session: String::new(),
+            _profile: profile,
+        };
+        let v = b.call("POST", "/session", Some(caps));
+        b.session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_owned();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let text = body.map(|b| b.to_string());
+        let r = raw(
+            &self.addr,
+            method,
+            path,
+            &[],
+            text.as_deref().map(|t| ("application/json", t)),
+        );
+        let v: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("chromedriver answered {} ({e}): {}", r.status, r.body));
+        assert_eq!(r.status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn session(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn open(&self, url: &str) {
+        self.session("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.session(
+            "POST",
+            "/element",
+            Some(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        let id = el[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {css}: {el}"))
+            .to_owned();
+        self.session(
+            "POST",
+            &format!("/element/{id}/click"),
+            Some(serde_json::json!({})),
+        );
+    }
+
+    /// The text of the first element that matches, as the page shows it now.
+    fn text(&self, css: &str) -> String {
+        let v = self.session(
+            "POST",
+            "/execute/sync",
+            Some(serde_json::json!({
+                "script": "var e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+                "args": [css],
+            })),
+        );
+        match v.as_str() {
+            Some(t) => t.to_owned(),
+            None => panic!(
+                "no {css} on the page:\n{}",
+                self.session("GET", "/source", None)
+            ),
+        }
+    }
+
+    fn title(&self) -> String {
+        self.session("GET", "/title", None)
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A PNG of the window, written to `path`.
+    fn screenshot(&self, path: &std::path::Path) {
+        let v = self.session("GET", "/screenshot", None);
+        let png = base64(v.as_str().unwrap());
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                raw(
+                    &self.addr,
+                    "DELETE",
+                    &format!("/session/{}", self.session),
+                    &[],
+                    None,
+                )
+            }));
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = text
+        .bytes()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(value(c)) << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// An operator in a real browser: the runs page, a run, an item, its retry
+/// confirmed, and the tally following. With SETTLE_UI_SCREENSHOTS=DIR the
+/// pages' screenshots are kept there (docs/img holds the committed ones).
+#[test]
+fn a_browser_retries_an_item_and_sees_the_tally_follow() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+    let shots = std::env::var_os("SETTLE_UI_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env.dir.path().to_owned());
+    std::fs::create_dir_all(&shots).unwrap();
+    let b = Browser::start();
+
+    b.open(&format!("http://{}/", ui.addr));
+    assert_eq!(b.title(), "Runs · settle");
+    assert_eq!(
+        b.text("td.tally"),
+        "2 succeeded / 3 failed / 0 pending of 5"
+    );
+    b.screenshot(&shots.join("ui-runs.png"));
+
+    b.click("table.runs td a");
+    assert_eq!(b.title(), format!("Run {run} · settle"));
+    assert_eq!(b.text("[data-field=succeeded]"), "2");
+    assert_eq!(b.text("[data-field=failed]"), "3");
+    b.screenshot(&shots.join("ui-run.png"));
+
+    b.click("a[href$=\"item?id=r1\"]");
+    assert_eq!(b.title(), "Item r1 · settle");
+    b.screenshot(&shots.join("ui-item.png"));
+
+    b.click(".actions a.button");
+    assert_eq!(b.text("[data-field=will-move]"), "1");
+    b.screenshot(&shots.join("ui-confirm.png"));
+    b.click("button[type=submit]");
+    assert_eq!(b.text("[data-field=moved]"), "1");
+    assert_eq!(b.text("[data-field=not-moved]"), "0");
+
+    // The run page's script follows the tally to the retried item's success.
+    b.click("a.button");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.text("[data-field=succeeded]") != "3" || !b.text("[data-field=busy]").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the page's tally did not follow: {} succeeded",
+            b.text("[data-field=succeeded]")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.text("[data-field=failed]"), "2");
+    assert_eq!(b.text("[data-field=pending]"), "0");
+    b.screenshot(&shots.join("ui-run-after-retry.png"));
+    let v = ui.settled(&run);
+    assert_eq!((&v["succeeded"], &v["failed"]), (&3.into(), &2.into()));
+    assert_eq!(env.show(&run, "r1")["status"], "succeeded");
+}
+
+/// The same pages and retries on the AWS backend (the local emulator at
+/// AWS_ENDPOINT_URL, as `make test` starts it), with local workers: the
+/// server reads the stack through the same ports and processes what a
+/// retry moves.
+#[test]
+fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
+    let env = Env::aws(6);
+    let run = failed_run(&env);
+    let ui = Server::start(&env, &[]);
+    ui.get("/")
+        .expect(200)
+        .has("<td class=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>");
+    let page = ui.get(&format!("/runs/{run}"));
+    page.expect(200);
+    assert_eq!(
+        reason_rows(&page.body),
+        [(2, RETRYABLE.to_owned()), (1, PERMANENT.to_owned())]
+    );
+    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">1</strong> item");
+    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
+        .expect(200)
+        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+    let v = ui.settled(&run);
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["total"]),
+        (&3.into(), &2.into(), &5.into())
+    );
+    let r1 = env.show(&run, "r1");
+    assert_eq!(
+        (&r1["status"], &r1["attempts"]),
+        (&"succeeded".into(), &4.into())
+    );
+    assert_eq!(env.show(&run, "r2")["status"], "failed");
+}
+
+/// A run page lists the failed items 50 at a time, in id order, and its
+/// next-page link reads on from the last one shown.
+#[test]
+fn failed_items_are_paged() {
+    let env = Env::new();
+    // Two full pages: the second has no next-page link.
+    let ids: Vec<String> = (0..100).map(|i| format!("p{i:02}")).collect();
+    let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "permanent")).collect();
+    let items = env.scripts("i.jsonl", &scripts);
+    let run = run_id(&env.run(&items, &["--max-receives", "1"]));
+    let ui = Server::start(&env, &[]);
+
+    let listed = |body: &str| -> Vec<String> {
+        body.split("<td class=\"item\"><a href=\"")
+            .skip(1)
+            .map(|row| {
+                row.split("\">")
+                    .nth(1)
+                    .unwrap()
+                    .split("</a>")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let first = ui.get(&format!("/runs/{run}"));
+    first.expect(200);
+    assert_eq!(reason_rows(&first.body), [(100, PERMANENT.to_owned())]);
+    assert_eq!(listed(&first.body), ids[..50]);
+    let next = first
+        .body
+        .split("\">next page</a>")
+        .next()
+        .and_then(|b| b.rsplit("<a href=\"").next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(next, format!("/runs/{run}?after=p49"));
+    let second = ui.get(&next);
+    second.expect(200);
+    assert_eq!(listed(&second.body), ids[50..]);
+    assert!(!second.body.contains("next page"), "{}", second.body);
+
+    // The streamed download is `settle results`, line for line.
+    let results = ui.get(&format!("/runs/{run}/results.jsonl"));
+    results.expect(200);
+    let cli = env.settle(&["results", &run]);
+    cli.expect_code(0);
+    assert_eq!(results.body.lines().count(), 100);
+    assert_eq!(results.body, cli.stdout);
+}
