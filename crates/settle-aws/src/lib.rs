@@ -269,6 +269,7 @@ impl AwsBackend {
             // end its attempts before the queue parks its messages, so that
             // every dead-lettered item has a terminal result in the tally.
             fixed_max_receive_count: self.work_max_receive_count,
+            cheap_dlq_scan: false,
         }
     }
 

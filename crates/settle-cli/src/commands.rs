@@ -539,10 +539,12 @@ async fn all_failures(
 /// Prints how processing ended; `extra` fields join the run's JSON.
 /// After an interruption, an item may have been dead-lettered twice (its
 /// work message outlived the killed process that had sent its dead letter):
-/// keeps one copy per failed item. Scans the DLQ only when it holds more
+/// keeps one copy per failed item. Scans the DLQ only where scans are cheap
+/// ([`settle_core::Capabilities::cheap_dlq_scan`]), and only when it holds more
 /// messages than the run has failed items.
 async fn drop_extra_dead_letters(d: &Deployment, run: &RunRecord) -> Result<()> {
-    if d.backend.dlq.depth().await?.total() <= run.failed {
+    if !d.backend.capabilities.cheap_dlq_scan || d.backend.dlq.depth().await?.total() <= run.failed
+    {
         return Ok(());
     }
     let n = reconcile::drop_extra_dead_letters(d.backend.dlq.as_ref(), &run.id).await?;

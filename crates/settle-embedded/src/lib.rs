@@ -41,6 +41,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     reducer_window: Duration::ZERO,
     // The work queue's limit follows each run's (`Embedded::set_max_receives`).
     fixed_max_receive_count: None,
+    // A scan reads pages of one local file.
+    cheap_dlq_scan: true,
 };
 
 /// The whole backend over one database file.

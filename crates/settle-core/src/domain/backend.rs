@@ -46,4 +46,10 @@ pub struct Capabilities {
     /// for a run: a run's `max_receives` must stay below it. `None` when
     /// the backend sets it for each run, or does not know it.
     pub fixed_max_receive_count: Option<u32>,
+    /// Whether a whole scan of the DLQ is cheap enough to make after every
+    /// `resume`, to delete the extra dead letters an interruption can leave.
+    /// Not on SQS: its DLQ keeps every run's failures for days, and each
+    /// message scanned is a billed receive and a billed release; there the
+    /// next redrive deletes the extra copies.
+    pub cheap_dlq_scan: bool,
 }
