@@ -96,13 +96,13 @@ lint-template: venv venv-sam ## cfn-lint and sam validate --lint template.yaml, 
 	.venv/bin/python infra/check_template.py
 	$(SAM) validate --lint --region us-east-1 --template template.yaml
 
-cost: venv ## AWS cost per million items from the calls of 10,000 items on the emulator (COUNT=, RUNS= to change; about 25 minutes)
+cost: venv ## AWS cost per million items from the calls of 10,000 items on the emulator (COUNT=, RUNS=, COST_ARGS="--output-bytes 0 --log-bytes 0" to change; about 15-25 minutes)
 	$(CARGO) build -p settle-cli
 	@set -e; started=1; \
 	  if [ -f .settle/emulator/pid ] && kill -0 "$$(cat .settle/emulator/pid)" 2>/dev/null; then started=; fi; \
 	  eval "$$(infra/emulator.sh up)"; \
 	  if [ -n "$$started" ]; then trap 'infra/emulator.sh down' EXIT; fi; \
-	  python3 scripts/cost.py $${COUNT:-10000} --runs $${RUNS:-10}
+	  python3 scripts/cost.py $${COUNT:-10000} --runs $${RUNS:-10} $(COST_ARGS)
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
