@@ -1,10 +1,13 @@
 """Checks that template.yaml builds the same queues and tables as
 infra/stack.json, the definition the emulator and the tests create, so
-that what is tested is what is deployed. Run by `make test`.
+that what is tested is what is deployed; and that its dashboard's body is
+JSON and charts every metric the worker writes
+(crates/settle-lambda/src/metrics.rs). Run by `make test`.
 
 Usage: check_template.py [TEMPLATE] [STACK_JSON]   (exit 1 and a list of differences if they disagree)
 """
 import json
+import re
 import sys
 
 from cfnlint.decode import decode  # ships with cfn-lint, reads CloudFormation's !Ref/!GetAtt tags
@@ -20,6 +23,23 @@ def resolve(value, params):
     if isinstance(value, dict) and set(value) == {"Ref"}:
         return params[value["Ref"]]["Default"]
     return value
+
+
+def check_dashboard(res, metrics_rs="crates/settle-lambda/src/metrics.rs"):
+    """The dashboard's body, its ${...} substituted, must be JSON, and chart
+    each metric name the worker's EMF lines declare."""
+    body, _ = res["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    try:
+        widgets = json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]
+    except ValueError as e:
+        return [f"Dashboard.DashboardBody is not JSON: {e}"]
+    charted = {m[1] for w in widgets for m in w["properties"].get("metrics", []) if m[0] == "Settle"}
+    with open(metrics_rs) as f:
+        written = set(re.findall(r'\("(Item[A-Za-z]+)", "(?:Count|Milliseconds)"', f.read()))
+    if not written:
+        return [f"no metric names found in {metrics_rs}"]
+    return [f"Dashboard: the worker writes {name}, which no widget charts" for name in sorted(written - charted)] + \
+        [f"Dashboard: charts Settle/{name}, which the worker does not write" for name in sorted(charted - written)]
 
 
 def main() -> int:
@@ -66,6 +86,7 @@ def main() -> int:
                  (keys.get("HASH"), keys.get("RANGE")))
             same(f"{logical}.{ix['name']}.Projection", ix["projection"],
                  got.get("Projection", {}).get("ProjectionType"))
+    diffs += check_dashboard(res)
     if diffs:
         print("template.yaml and infra/stack.json disagree:\n  " + "\n  ".join(diffs))
         return 1

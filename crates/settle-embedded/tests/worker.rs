@@ -713,3 +713,40 @@ async fn copies_of_held_or_settled_messages_do_not_run_again() {
     assert_eq!(ids, ["perm", "slow"]);
     assert_eq!(drain(&e.dlq).await.len(), 1);
 }
+
+/// The batch response counts what each run's attempts came to (the
+/// worker function's metrics).
+#[tokio::test]
+async fn the_response_counts_each_runs_attempts() {
+    let (e, worker) = open().await;
+    let (run, other) = (RunId::generate(0), RunId::generate(1));
+    let mut redriven = WorkBody::decode(&body(&run, "back", "ok", 3)).unwrap();
+    redriven.redrive = Some("pass".into());
+    e.work
+        .send(vec![
+            body(&run, "a-ok", "ok", 3),
+            body(&run, "b-perm", "permanent", 3),
+            body(&run, "c-retry", "retryable:1", 3),
+            redriven.encode(),
+            body(&other, "d-ok", "ok", 3),
+        ])
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    let response = worker.handle(&batch, None).await;
+    let mine = &response.runs[&run];
+    assert_eq!(
+        (
+            mine.succeeded,
+            mine.failed,
+            mine.retried,
+            mine.dead_lettered,
+            mine.redriven,
+            mine.durations_ms.len()
+        ),
+        (2, 1, 1, 1, 1, 4)
+    );
+    let theirs = &response.runs[&other];
+    assert_eq!((theirs.succeeded, theirs.durations_ms.len()), (1, 1));
+    assert_eq!(response.runs.len(), 2);
+}

@@ -7,6 +7,7 @@
 
 pub mod dispatcher;
 pub mod function;
+pub mod metrics;
 pub mod records;
 pub mod reducer;
 pub mod run;

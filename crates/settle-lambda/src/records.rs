@@ -154,6 +154,7 @@ mod tests {
         let r = batch_response(
             BatchResponse {
                 failures: vec!["x".into()],
+                ..BatchResponse::default()
             },
             vec!["y".into()],
         );

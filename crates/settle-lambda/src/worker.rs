@@ -7,6 +7,7 @@
 
 use crate::records::{batch_response, deliveries, UnidentifiedRecord};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use settle_core::domain::now_millis;
 use settle_core::work::{Worker, WorkerConfig};
 use settle_core::{Backend, BatchProcessor, Processor};
 use std::sync::Arc;
@@ -16,6 +17,12 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct WorkerFunction {
     worker: Worker,
+    /// The metrics' dimension: Lambda's name for this function.
+    name: String,
+}
+
+fn function_name() -> String {
+    std::env::var(crate::self_invoke::FUNCTION_NAME_VAR).unwrap_or_else(|_| "worker".into())
 }
 
 impl WorkerFunction {
@@ -28,6 +35,7 @@ impl WorkerFunction {
                 backend.results.clone(),
                 config,
             ),
+            name: function_name(),
         }
     }
 
@@ -46,6 +54,7 @@ impl WorkerFunction {
                 backend.results.clone(),
                 config,
             ),
+            name: function_name(),
         }
     }
 
@@ -60,6 +69,10 @@ impl WorkerFunction {
     ) -> Result<SqsBatchResponse, UnidentifiedRecord> {
         let records = deliveries(event)?;
         let core = self.worker.handle(&records.deliveries, deadline).await;
+        // CloudWatch Logs reads these lines as metrics (crate::metrics).
+        for line in crate::metrics::emf_lines(&self.name, &core.runs, now_millis()) {
+            println!("{line}");
+        }
         let retried = core.failures.len() + records.rejected.len();
         tracing::info!(
             messages = records.deliveries.len() + records.rejected.len(),

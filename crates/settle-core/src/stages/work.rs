@@ -5,13 +5,13 @@
 use crate::domain::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
 use crate::domain::processor::{AttemptContext, BatchAttempt, BatchProcessor, Processor};
 use crate::domain::{
-    bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError,
+    bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError, RunId,
     MAX_OUTPUT_BYTES,
 };
 use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -60,6 +60,27 @@ impl Default for WorkerConfig {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchResponse {
     pub failures: Vec<String>,
+    /// What the batch's attempts came to, per run: the worker's metrics.
+    pub runs: BTreeMap<RunId, RunCounts>,
+}
+
+/// What one batch's attempts came to for one run. Counts only attempts
+/// whose result was sent: one that could not be is retried, and counted
+/// when it reports.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Attempts that succeeded.
+    pub succeeded: u64,
+    /// Attempts that failed for good: their items are failed.
+    pub failed: u64,
+    /// Attempts that failed and will be retried.
+    pub retried: u64,
+    /// Dead letters sent (terminal failures).
+    pub dead_lettered: u64,
+    /// Attempts of items that a redrive sent back.
+    pub redriven: u64,
+    /// Each attempt's duration, in milliseconds.
+    pub durations_ms: Vec<u64>,
 }
 
 /// The worker: decodes, processes and reports each message of a batch.
@@ -166,6 +187,8 @@ enum Plan {
         result: ResultBody,
         dead_letter: Option<String>,
         retry: Option<Duration>,
+        /// The message was sent back by a redrive.
+        redriven: bool,
     },
     /// Undecodable: park the raw body in the DLQ so nothing is lost.
     Malformed,
@@ -218,6 +241,7 @@ impl Worker {
         let (plans, mut failed) = self
             .with_heartbeat(batch, self.report(batch, deadline))
             .await;
+        let runs = counts(&plans, &failed);
         for (i, plan) in plans.iter().enumerate() {
             let delay = match plan {
                 Plan::Retry { delay } => Some(*delay),
@@ -240,6 +264,7 @@ impl Worker {
                 .filter(|(_, f)| *f)
                 .map(|(d, _)| d.message_id.clone())
                 .collect(),
+            runs,
         }
     }
 
@@ -628,6 +653,7 @@ impl Worker {
             },
             dead_letter,
             retry,
+            redriven: body.redrive.is_some(),
         }
     }
 
@@ -745,6 +771,36 @@ fn panic_error(panic: Box<dyn std::any::Any + Send>) -> ProcessError {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned());
     ProcessError::retryable(format!("panic: {msg}"))
+}
+
+/// Per run, what the reported attempts came to (`unsent[i]`: message i's
+/// report could not be sent).
+fn counts(plans: &[Plan], unsent: &[bool]) -> BTreeMap<RunId, RunCounts> {
+    let mut runs: BTreeMap<RunId, RunCounts> = BTreeMap::new();
+    for (plan, unsent) in plans.iter().zip(unsent) {
+        let Plan::Report {
+            result,
+            dead_letter,
+            redriven,
+            ..
+        } = plan
+        else {
+            continue;
+        };
+        if *unsent {
+            continue;
+        }
+        let c = runs.entry(result.run.clone()).or_default();
+        match &result.attempt.outcome {
+            AttemptOutcome::Succeeded => c.succeeded += 1,
+            AttemptOutcome::Failed { terminal: true, .. } => c.failed += 1,
+            AttemptOutcome::Failed { .. } => c.retried += 1,
+        }
+        c.dead_lettered += u64::from(dead_letter.is_some());
+        c.redriven += u64::from(*redriven);
+        c.durations_ms.push(result.attempt.duration_ms);
+    }
+    runs
 }
 
 thread_local! {
