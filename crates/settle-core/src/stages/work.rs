@@ -184,7 +184,8 @@ enum Plan {
     Retry { delay: Duration },
     /// Report the result; then retry after `retry` if set, else the message is done.
     Report {
-        result: ResultBody,
+        // Boxed: the other variants are a few words.
+        result: Box<ResultBody>,
         dead_letter: Option<String>,
         retry: Option<Duration>,
         /// The message was sent back by a redrive.
@@ -637,7 +638,7 @@ impl Worker {
             }
         };
         Plan::Report {
-            result: ResultBody {
+            result: Box::new(ResultBody {
                 run: body.run.clone(),
                 item: body.item.clone(),
                 seq: body.seq,
@@ -650,7 +651,7 @@ impl Worker {
                     output,
                     log,
                 },
-            },
+            }),
             dead_letter,
             retry,
             redriven: body.redrive.is_some(),
