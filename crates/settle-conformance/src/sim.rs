@@ -1133,6 +1133,13 @@ async fn simulate_in(
                      run read {rec:?}"
                 );
             }
+            // Empty twice, a second apart, as the CLI waits for queue
+            // counts to settle: on the emulator a send cut off by a crash
+            // can still land (moto answers late under load).
+            if in_queues(s).await != Some(0) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
             in_queues(s).await == Some(0)
         }
     };
