@@ -716,6 +716,24 @@ fn deployed_http_kind_posts_each_item_and_respects_retry_after() {
         .filter(|(i, _)| i == "perm")
         .count();
     assert_eq!(perm, 1, "a permanent failure is not retried");
+
+    // The redrive posts it once more, and it fails again.
+    let all = env.ok_json(&["redrive", &id, "--json"]);
+    assert_run_extra(&all, &REDRIVE_KEYS, "partial", 3, 2, 1, 0);
+    assert_eq!(all["redriven"], 1);
+    let perm = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| i == "perm")
+        .count();
+    assert_eq!(perm, 2, "the redrive's one request");
+    let b = stack.backend();
+    assert_eq!(
+        depth(b.backend().dlq.as_ref()),
+        (1, 0),
+        "one dead letter: perm"
+    );
 }
 
 /// The user's own Rust worker (examples/rust-worker) in place of the stock
@@ -745,4 +763,12 @@ fn deployed_own_rust_worker_runs_the_users_processor() {
     let declined = env.show(&id, "sub-2");
     let log = declined["history"][0]["log"].as_str().unwrap();
     assert!(log.starts_with("renewing u-2 on basic"), "{log}");
+
+    // The redrive: the card is declined again, on a second attempt.
+    let all = env.ok_json(&["redrive", &id, "--json"]);
+    assert_run_extra(&all, &REDRIVE_KEYS, "partial", 2, 1, 1, 0);
+    let again = env.show(&id, "sub-2");
+    assert_eq!(again["history"].as_array().unwrap().len(), 2);
+    let log = again["history"][1]["log"].as_str().unwrap();
+    assert!(log.contains("(attempt 2)"), "{log}");
 }
