@@ -140,7 +140,7 @@ impl AwsConfig {
 /// message (`ValidationException: ...`); the SDK's own context display would
 /// also dump the raw HTTP response. Other errors (no connection, a timeout)
 /// keep the full chain, which is what says why.
-pub(crate) fn describe<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
+pub fn describe<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
 where
     E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + Send + Sync + 'static,
     R: std::fmt::Debug,

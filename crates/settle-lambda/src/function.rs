@@ -29,8 +29,8 @@ use serde_json::value::RawValue;
 use settle_core::domain::{now_millis, Output, ProcessError};
 use settle_core::ports::BoxError;
 use settle_core::{BatchAttempt, BatchProcessor};
+use settle_processors::http::causes;
 use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -371,21 +371,6 @@ fn quote(bytes: &[u8]) -> String {
         let kept = line.trim_end_matches('\u{FFFD}').len();
         line.truncate(kept);
         line.push_str("...");
-    }
-    line
-}
-
-/// An error and its causes on one line, each said once.
-fn causes(e: &(dyn StdError + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
     }
     line
 }

@@ -79,7 +79,7 @@ pub async fn read_secret(
             .await
             .map_err(|e| SecretError::Ssm {
                 source_name: source.clone(),
-                detail: detail(&e),
+                detail: settle_aws::describe(&e),
                 source: Box::new(e),
             })?
             .parameter
@@ -92,7 +92,7 @@ pub async fn read_secret(
             .await
             .map_err(|e| SecretError::SecretsManager {
                 source_name: source.clone(),
-                detail: detail(&e),
+                detail: settle_aws::describe(&e),
                 source: Box::new(e),
             })?
             .secret_string
@@ -101,25 +101,6 @@ pub async fn read_secret(
             })?,
     };
     Ok(SecretValue::new(value))
-}
-
-/// A service's answer as `Code: message` (`ParameterNotFound: ...`,
-/// `AccessDeniedException: ...`); any other failure (no connection, a
-/// timeout) with its causes. Neither can hold the secret's value: it was
-/// never received.
-fn detail<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
-where
-    E: std::error::Error + aws_sdk_ssm::error::ProvideErrorMetadata + Send + Sync + 'static,
-    R: std::fmt::Debug,
-{
-    match e.as_service_error() {
-        Some(se) => format!(
-            "{}: {}",
-            se.code().unwrap_or("service error"),
-            se.message().unwrap_or("(no message)")
-        ),
-        None => aws_sdk_ssm::error::DisplayErrorContext(e).to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -449,7 +449,7 @@ fn one_line(bytes: &[u8], max: usize) -> String {
 
 /// An error and its causes, on one line, each said once (hyper and
 /// reqwest often repeat their source's text in their own).
-fn causes(e: &(dyn StdError + 'static)) -> String {
+pub fn causes(e: &(dyn StdError + 'static)) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
