@@ -205,14 +205,7 @@ impl Worker {
         results: Arc<dyn Queue>,
         config: WorkerConfig,
     ) -> Self {
-        Self {
-            engine: Engine::Each(processor),
-            work,
-            dlq,
-            results,
-            config,
-            seen: Mutex::default(),
-        }
+        Self::with(Engine::Each(processor), [work, dlq, results], config)
     }
 
     /// A worker whose user code takes a whole batch at once: each
@@ -225,8 +218,13 @@ impl Worker {
         results: Arc<dyn Queue>,
         config: WorkerConfig,
     ) -> Self {
+        Self::with(Engine::Batch(processor), [work, dlq, results], config)
+    }
+
+    fn with(engine: Engine, queues: [Arc<dyn Queue>; 3], config: WorkerConfig) -> Self {
+        let [work, dlq, results] = queues;
         Self {
-            engine: Engine::Batch(processor),
+            engine,
             work,
             dlq,
             results,
