@@ -47,7 +47,7 @@ browser: ## Install chromium and chromium-driver (Debian packages) if missing
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 ui-screenshots: browser ## Refresh the dashboard's screenshots in docs/img (its browser test, keeping the PNGs)
-	SETTLE_UI_SCREENSHOTS=$(CURDIR)/docs/img $(CARGO) test -p settle-cli --test cli_ui a_browser_retries_an_item
+	SETTLE_UI_SCREENSHOTS=$(CURDIR)/docs/img $(CARGO) test -p settle-cli --test cli_ui -- a_browser_operates_a_run_on_the_embedded_backend a_settling_run_is_followed_live
 
 VENV_STAMP := .venv/.stamp-requirements
 

@@ -303,8 +303,12 @@ fn pages_show_the_exact_tally_and_failures_by_reason() {
     let runs = ui.get("/");
     runs.expect(200)
         .has(&format!("<a href=\"/runs/{run}\">{run}</a>"))
-        .has("<td class=\"status partial\">partial</td>")
-        .has("<td class=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>");
+        .has("<td class=\"status partial\" data-field=\"status\">partial</td>")
+        .has(
+            "<td class=\"tally\" data-field=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>",
+        );
+    // A settled run is not polled.
+    assert!(!runs.body.contains("data-live-run"), "{}", runs.body);
     assert_eq!(
         runs.header("content-security-policy")
             .map(|v| v.contains("frame-ancestors 'none'")),
@@ -419,6 +423,29 @@ fn a_retry_moves_exactly_what_it_confirmed() {
     // An item that has not failed is not retried.
     ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
         .expect(409);
+
+    // Selected items: the confirm step counts them; an item that has not
+    // failed, or none at all, is refused before anything moves.
+    let selected = format!("scope=selected&item=r2&item={}", form_value(MARKUP_ID));
+    ui.get(&format!("/runs/{run}/retry?{selected}"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">2</strong> items (the 2 selected items that have failed)")
+        .has("<input type=\"hidden\" name=\"item\" value=\"r2\"><input type=\"hidden\" name=\"item\" value=\"&lt;p&amp;&quot;1&gt;\">");
+    // One that has not failed (any more) is left as it is, and said so.
+    ui.get(&format!("/runs/{run}/retry?scope=selected&item=r2&item=ok1"))
+        .expect(200)
+        .has("<strong data-field=\"will-move\">1</strong> item (the 1 selected items that have failed; not failed, left as they are: <code>ok1</code> (succeeded))");
+    ui.post(
+        &format!("/runs/{run}/retry"),
+        "scope=selected&item=ok1&item=r1",
+    )
+    .expect(409)
+    .has("item &quot;ok1&quot; has not failed (it is succeeded)");
+    ui.post(&format!("/runs/{run}/retry"), "scope=selected")
+        .expect(400)
+        .has("no items selected");
+    let v = ui.tally(&run);
+    assert_eq!((&v["succeeded"], &v["failed"]), (&3.into(), &2.into()));
 
     // All failed: exactly the two left; the permanent one fails again.
     ui.get(&format!("/runs/{run}/retry?scope=all"))
@@ -698,6 +725,10 @@ impl Browser {
                     "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--no-first-run", "--window-size=1200,800",
+                    // A name that resolves to this machine but is not the
+                    // server's: what a DNS rebinding attack looks like.
+                    "--host-resolver-rules=MAP rebind.test 127.0.0.1",
+                    "--no-proxy-server",
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
             },
@@ -775,6 +806,69 @@ impl Browser {
         }
     }
 
+    /// Runs `script` in the page with `args` and returns its value.
+    fn exec(&self, script: &str, args: Value) -> Value {
+        self.session(
+            "POST",
+            "/execute/sync",
+            Some(serde_json::json!({ "script": script, "args": args })),
+        )
+    }
+
+    /// The text of every element that matches.
+    fn texts(&self, css: &str) -> Vec<String> {
+        let v = self.exec(
+            "return Array.from(document.querySelectorAll(arguments[0])).map(function (e) { return e.textContent; });",
+            serde_json::json!([css]),
+        );
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn count(&self, css: &str) -> usize {
+        self.texts(css).len()
+    }
+
+    /// `expr` of the first element that matches (`e.` is prepended), as text.
+    fn attr(&self, css: &str, expr: &str) -> String {
+        let v = self.exec(
+            &format!(
+                "var e = document.querySelector(arguments[0]); return e ? String(e.{expr}) : null;"
+            ),
+            serde_json::json!([css]),
+        );
+        v.as_str()
+            .unwrap_or_else(|| panic!("no {css} on the page: {}", self.text("body")))
+            .to_owned()
+    }
+
+    /// Waits (up to 60 s) until the first element that matches exists and
+    /// `done` holds for its text.
+    fn wait_for(&self, css: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.exec(
+                "var e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+                serde_json::json!([css]),
+            );
+            if v.as_str().is_some_and(&done) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} did not come: {}",
+                self.session("GET", "/source", None)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn url(&self) -> String {
+        self.session("GET", "/url", None)
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     fn title(&self) -> String {
         self.session("GET", "/title", None)
             .as_str()
@@ -833,62 +927,298 @@ fn base64(text: &str) -> Vec<u8> {
     out
 }
 
-/// An operator in a real browser: the runs page, a run, an item, its retry
-/// confirmed, and the tally following. With SETTLE_UI_SCREENSHOTS=DIR the
-/// pages' screenshots are kept there (docs/img holds the committed ones).
-#[test]
-fn a_browser_retries_an_item_and_sees_the_tally_follow() {
-    let env = Env::new();
-    let run = failed_run(&env);
-    let ui = Server::start(&env, &[]);
-    let shots = std::env::var_os("SETTLE_UI_SCREENSHOTS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env.dir.path().to_owned());
-    std::fs::create_dir_all(&shots).unwrap();
-    let b = Browser::start();
+/// A page served from another origin (another port of 127.0.0.1) that
+/// posts a "retry all" form to `target` as soon as it loads: a cross-site
+/// request forgery as a browser makes it.
+fn forging_site(target: &str) -> String {
+    let html = format!(
+        "<!doctype html><html><body><form method=\"post\" action=\"{target}\">\
+         <input type=\"hidden\" name=\"scope\" value=\"all\"></form>\
+         <script>document.forms[0].submit()</script></body></html>"
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                html.len()
+            );
+        }
+    });
+    format!("http://{addr}/")
+}
 
-    b.open(&format!("http://{}/", ui.addr));
+/// An operator in a real browser against a run with failures on `env`'s
+/// backend: the runs page's exact tally, the run page's failures by reason,
+/// refused requests that change nothing (a forged cross-site POST, a
+/// rebound host name, a missing token, `--read-only`), one item retried
+/// from its page with the tally on screen following, and "retry all"
+/// moving exactly the failed items. With `shots` the pages' screenshots
+/// are written there.
+fn operate_in_a_browser(env: &Env, shots: Option<&std::path::Path>) {
+    let run = failed_run(env);
+    let ui = Server::start(env, &[]);
+    let b = Browser::start();
+    let shot = |name: &str| {
+        if let Some(dir) = shots {
+            b.screenshot(&dir.join(name));
+        }
+    };
+    let home = format!("http://{}/", ui.addr);
+
+    b.open(&home);
     assert_eq!(b.title(), "Runs · settle");
     assert_eq!(
         b.text("td.tally"),
         "2 succeeded / 3 failed / 0 pending of 5"
     );
-    b.screenshot(&shots.join("ui-runs.png"));
+    shot("ui-runs.png");
 
     b.click("table.runs td a");
     assert_eq!(b.title(), format!("Run {run} · settle"));
     assert_eq!(b.text("[data-field=succeeded]"), "2");
     assert_eq!(b.text("[data-field=failed]"), "3");
-    b.screenshot(&shots.join("ui-run.png"));
+    assert_eq!(b.texts("table.reasons td.count"), ["2", "1"]);
+    assert_eq!(b.texts("table.reasons td.reason"), [RETRYABLE, PERMANENT]);
+    assert_eq!(b.texts("td.item"), ["<p&\"1>", "r1", "r2"]);
+    shot("ui-run.png");
 
+    // Refused, each leaving the tally as it was. A form on another site
+    // posting to this one:
+    let retry = format!("{}runs/{run}/retry", home);
+    b.open(&forging_site(&retry));
+    b.wait_for("body", |t| t.contains("cross-site request refused"));
+    unchanged(env, &ui, &run);
+    // The server's port under a name that is not the server's (DNS
+    // rebinding: Chromium resolves rebind.test to 127.0.0.1).
+    b.open(&format!("http://rebind.test:{}/", ui.port()));
+    assert!(
+        b.text("body").contains("does not answer to that Host"),
+        "{}",
+        b.text("body")
+    );
+    unchanged(env, &ui, &run);
+    // A server with a token, without it; then with it once in the address.
+    let locked = Server::start(env, &["--token", "s3cret"]);
+    b.open(&format!("http://{}/runs/{run}", locked.addr));
+    assert!(
+        b.text("body").contains("a token is needed"),
+        "{}",
+        b.text("body")
+    );
+    b.open(&format!("http://{}/runs/{run}?token=s3cret", locked.addr));
+    assert_eq!(b.title(), format!("Run {run} · settle"));
+    assert_eq!(b.url(), format!("http://{}/runs/{run}", locked.addr));
+    drop(locked);
+    unchanged(env, &ui, &run);
+    // Read-only: no action on the pages, and a POST from its own page refused.
+    let ro = Server::start(env, &["--read-only"]);
+    b.open(&format!("http://{}/runs/{run}", ro.addr));
+    assert_eq!(b.text("[data-field=failed]"), "3");
+    assert!(!b.text("main").contains("Retry"), "{}", b.text("main"));
+    b.open(&format!("http://{}/runs/{run}/item?id=r1", ro.addr));
+    assert!(!b.text("main").contains("Retry"), "{}", b.text("main"));
+    let status = b.exec(
+        "var x = new XMLHttpRequest(); x.open('POST', arguments[0], false); \
+         x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded'); \
+         x.send('scope=all'); return [x.status, x.responseText];",
+        serde_json::json!([format!("/runs/{run}/retry")]),
+    );
+    assert_eq!(status[0], 403, "{status}");
+    assert!(
+        status[1].as_str().unwrap().contains("read-only"),
+        "{status}"
+    );
+    b.open(&format!("http://{}/runs/{run}/retry?scope=all", ro.addr));
+    assert!(b.text("body").contains("read-only"), "{}", b.text("body"));
+    drop(ro);
+    unchanged(env, &ui, &run);
+
+    // One item from its page: confirmed, moved, and the tally follows.
+    b.open(&format!("{home}runs/{run}"));
     b.click("a[href$=\"item?id=r1\"]");
     assert_eq!(b.title(), "Item r1 · settle");
-    b.screenshot(&shots.join("ui-item.png"));
-
+    shot("ui-item.png");
     b.click(".actions a.button");
     assert_eq!(b.text("[data-field=will-move]"), "1");
-    b.screenshot(&shots.join("ui-confirm.png"));
+    shot("ui-confirm.png");
     b.click("button[type=submit]");
-    assert_eq!(b.text("[data-field=moved]"), "1");
+    b.wait_for("[data-field=moved]", |t| t == "1");
     assert_eq!(b.text("[data-field=not-moved]"), "0");
-
-    // The run page's script follows the tally to the retried item's success.
     b.click("a.button");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while b.text("[data-field=succeeded]") != "3" || !b.text("[data-field=busy]").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the page's tally did not follow: {} succeeded",
-            b.text("[data-field=succeeded]")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(b.text("[data-field=failed]"), "2");
-    assert_eq!(b.text("[data-field=pending]"), "0");
-    b.screenshot(&shots.join("ui-run-after-retry.png"));
+    follow(&b, "3", "2");
+    shot("ui-run-after-retry.png");
     let v = ui.settled(&run);
     assert_eq!((&v["succeeded"], &v["failed"]), (&3.into(), &2.into()));
     assert_eq!(env.show(&run, "r1")["status"], "succeeded");
+
+    // Every item of the page selected: the confirm step counts them, and
+    // cancelling moves nothing.
+    b.click("[data-select-all]");
+    b.click("[data-retry-selected]");
+    b.wait_for("[data-field=will-move]", |t| t == "2");
+    b.click("form a");
+    assert_eq!(b.title(), format!("Run {run} · settle"));
+    assert_eq!(b.text("[data-field=failed]"), "2");
+
+    // Retry all: exactly the two failed items move; r2 then succeeds and
+    // the permanent one fails again.
+    b.click(".actions a.button");
+    assert_eq!(b.text("[data-field=will-move]"), "2");
+    b.click("button[type=submit]");
+    b.wait_for("[data-field=moved]", |t| t == "2");
+    b.click("a.button");
+    follow(&b, "4", "1");
+    let v = ui.settled(&run);
+    assert_eq!(
+        (&v["succeeded"], &v["failed"], &v["total"]),
+        (&4.into(), &1.into(), &5.into())
+    );
+    for (item, status, attempts) in [
+        ("ok1", "succeeded", 1),
+        ("ok2", "succeeded", 1),
+        ("r1", "succeeded", 4),
+        ("r2", "succeeded", 4),
+        (MARKUP_ID, "failed", 2),
+    ] {
+        let v = env.show(&run, item);
+        assert_eq!(
+            (v["status"].as_str(), v["attempts"].as_u64()),
+            (Some(status), Some(attempts)),
+            "{item}: {v}"
+        );
+    }
+    let dry = env.ok_json(&["redrive", &run, "--dry-run", "--json"]);
+    assert_eq!(
+        dry["would_redrive"], 1,
+        "one dead letter for the one failed item: {dry}"
+    );
+}
+
+/// Waits until the run page's live tally shows `succeeded` and `failed`
+/// with nothing pending and no retry processing.
+fn follow(b: &Browser, succeeded: &str, failed: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while b.text("[data-field=succeeded]") != succeeded
+        || b.text("[data-field=failed]") != failed
+        || b.text("[data-field=pending]") != "0"
+        || !b.text("[data-field=busy]").is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the page's tally did not follow to {succeeded} succeeded / {failed} failed: {}",
+            b.text("section.live")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The browser test on the embedded backend. With
+/// SETTLE_UI_SCREENSHOTS=DIR the pages' screenshots are kept there
+/// (docs/img holds the committed ones).
+#[test]
+fn a_browser_operates_a_run_on_the_embedded_backend() {
+    let env = Env::new();
+    let shots = std::env::var_os("SETTLE_UI_SCREENSHOTS").map(std::path::PathBuf::from);
+    if let Some(dir) = &shots {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    operate_in_a_browser(&env, shots.as_deref());
+}
+
+/// The browser test on the AWS backend (the local emulator at
+/// AWS_ENDPOINT_URL, as `make test` starts it), with local workers.
+#[test]
+fn a_browser_operates_a_run_on_the_emulator() {
+    operate_in_a_browser(&Env::aws(6), None);
+}
+
+/// A run still settling: its row on the runs page and its run page follow
+/// the tally live and chart its throughput. With SETTLE_UI_SCREENSHOTS=DIR
+/// the run page's screenshot is kept there.
+#[test]
+fn a_settling_run_is_followed_live_with_its_throughput() {
+    let env = Env::new();
+    let ids: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "sleep:400")).collect();
+    let items = env.scripts("slow.jsonl", &scripts);
+    let mut args = vec![
+        "run",
+        "--items",
+        &items,
+        "--json",
+        "--concurrency",
+        "1",
+        "--batch-size",
+        "1",
+    ];
+    args.extend(FAST);
+    let running = env.spawn(&args);
+    // The dashboard needs the database the run creates.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.db().exists() || env.settle(&["runs", "--json"]).code != 0 {
+        assert!(Instant::now() < deadline, "the run did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ui = Server::start(&env, &[]);
+    let b = Browser::start();
+    let home = format!("http://{}/", ui.addr);
+    // The run appears on the runs page as a live row.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        b.open(&home);
+        if b.count("tr[data-live-run]") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no settling run: {}",
+            b.text("main")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run = b.attr("table.runs td a", "textContent");
+    // The row's tally and chart move without a reload.
+    b.wait_for("tr[data-live-run] svg.chart", |_| {
+        b.attr("tr[data-live-run] svg.chart", "dataset.points")
+            .parse::<u32>()
+            .unwrap()
+            >= 2
+    });
+    b.open(&format!("{home}runs/{run}"));
+    b.wait_for("figure.throughput", |_| {
+        b.attr("figure.throughput svg.chart", "dataset.points")
+            .parse::<u32>()
+            .unwrap()
+            >= 3
+            && b.text("[data-field=rate-peak]")
+                .parse::<u32>()
+                .is_ok_and(|n| n > 0)
+    });
+    let points = b.attr("figure.throughput polyline", "getAttribute('points')");
+    assert!(points.split(' ').count() >= 3, "{points}");
+    if let Some(dir) = std::env::var_os("SETTLE_UI_SCREENSHOTS") {
+        b.screenshot(&std::path::Path::new(&dir).join("ui-run-live.png"));
+    }
+    follow(&b, "40", "0");
+    let out = wait(running, &args);
+    out.expect_code(0);
+    assert_run(&out.json(), "succeeded", 40, 40, 0, 0);
+    // Settled, it is a plain row.
+    b.open(&home);
+    assert_eq!(b.count("tr[data-live-run]"), 0);
+    assert_eq!(
+        b.text("td.tally"),
+        "40 succeeded / 0 failed / 0 pending of 40"
+    );
 }
 
 /// The same pages and retries on the AWS backend (the local emulator at
@@ -900,9 +1230,9 @@ fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
     let env = Env::aws(6);
     let run = failed_run(&env);
     let ui = Server::start(&env, &[]);
-    ui.get("/")
-        .expect(200)
-        .has("<td class=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>");
+    ui.get("/").expect(200).has(
+        "<td class=\"tally\" data-field=\"tally\">2 succeeded / 3 failed / 0 pending of 5</td>",
+    );
     let page = ui.get(&format!("/runs/{run}"));
     page.expect(200);
     assert_eq!(

@@ -1,14 +1,14 @@
 //! The pages and the small JSON endpoint behind the live tally.
 
-use super::html::{bar, esc, page, url};
+use super::html::{bar, esc, page, url, url_decode};
 use super::{PageError, Ui};
 use crate::commands::{self, input, Moved};
 use crate::process::Finish;
 use crate::report;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::{Form, Json};
+use axum::Json;
 use serde::Deserialize;
 use settle_core::domain::{now_millis, AttemptOutcome, ErrorKind, ItemStatus};
 use settle_core::{ItemId, ItemRecord, RunId, RunRecord};
@@ -63,6 +63,25 @@ fn rate(run: &RunRecord) -> String {
     format!("{:.0}", (run.succeeded + run.failed) as f64 / secs)
 }
 
+/// The throughput-over-time chart that the page's script draws from the
+/// live tally: items settled per second, sampled while the page is open.
+/// A `hidden` one (a settled run's) shows once the run moves again.
+fn chart(caption: bool, hidden: bool) -> String {
+    let svg = "<svg class=\"chart\" data-field=\"chart\" data-points=\"0\" viewBox=\"0 0 300 60\" \
+               preserveAspectRatio=\"none\" role=\"img\" aria-label=\"items settled per second\">\
+               <polyline points=\"\"></polyline></svg>";
+    if caption {
+        format!(
+            "<figure class=\"throughput\"{}>{svg}<figcaption class=\"muted\">\
+             <span data-field=\"rate-now\">-</span> items/s now, peak <span data-field=\"rate-peak\">-</span> \
+             (sampled while this page is open)</figcaption></figure>\n",
+            if hidden { " hidden" } else { "" }
+        )
+    } else {
+        format!("<span class=\"spark\">{svg}<span data-field=\"rate-now\"></span></span>")
+    }
+}
+
 pub async fn runs(State(ui): S) -> Result<Html<String>, PageError> {
     let runs = ui.d.backend.ledger.runs(RUNS_SHOWN).await?;
     let mut body = format!(
@@ -74,14 +93,26 @@ pub async fn runs(State(ui): S) -> Result<Html<String>, PageError> {
     } else {
         body.push_str(
             "<table class=\"runs\"><tr><th>run</th><th>status</th><th>tally</th><th></th>\
-             <th>started</th><th>duration</th><th>items/s</th></tr>\n",
+             <th>started</th><th>duration</th><th>items/s</th><th>throughput</th></tr>\n",
         );
         for run in &runs {
             let status = run.status().as_str();
+            // A run still settling follows its tally live, with its
+            // throughput beside it.
+            let (live, throughput) = if run.is_settled() {
+                (String::new(), String::new())
+            } else {
+                (
+                    format!(" data-live-run=\"/api/runs/{}\"", url(run.id.as_str())),
+                    chart(false, false),
+                )
+            };
             let _ = writeln!(
                 body,
-                "<tr><td><a href=\"/runs/{}\">{}</a></td><td class=\"status {status}\">{status}</td>\
-                 <td class=\"tally\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr{live}><td><a href=\"/runs/{}\">{}</a></td>\
+                 <td class=\"status {status}\" data-field=\"status\">{status}</td>\
+                 <td class=\"tally\" data-field=\"tally\">{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{throughput}</td></tr>",
                 url(run.id.as_str()),
                 esc(run.id.as_str()),
                 tally(run),
@@ -173,7 +204,7 @@ pub async fn run(
          <span data-field=\"succeeded\">{}</span> succeeded / <span data-field=\"failed\">{}</span> failed / \
          <span data-field=\"pending\">{}</span> pending of <span data-field=\"total\">{}</span>\
          <span class=\"muted\" data-field=\"busy\"></span></p>\n{}\n\
-         <p class=\"muted\">started {}, {}, {} items/s; max receives {}</p>\n</section>\n",
+         <p class=\"muted\">started {}, {}, {} items/s; max receives {}</p>\n{}</section>\n",
         esc(run.id.as_str()),
         url(run.id.as_str()),
         run.succeeded,
@@ -185,6 +216,7 @@ pub async fn run(
         seconds(took(&run)),
         rate(&run),
         run.config.max_receives,
+        chart(true, run.is_settled()),
     );
     let _ = write!(
         body,
@@ -274,24 +306,45 @@ pub async fn run(
             }
             None => body.push_str("<h2>Failed items</h2>\n"),
         }
-        body.push_str(
-            "<table class=\"items\"><tr><th>item</th><th>attempts</th><th>last error</th><th></th></tr>\n",
-        );
+        // The selected items go to the confirm page, which asks first.
+        let select = !ui.read_only;
+        if select {
+            let _ = writeln!(
+                body,
+                "<form class=\"select\" method=\"get\" action=\"/runs/{}/retry\">\
+                 <input type=\"hidden\" name=\"scope\" value=\"selected\">",
+                url(run.id.as_str())
+            );
+        }
+        body.push_str("<table class=\"items\"><tr>");
+        if select {
+            body.push_str(
+                "<th><input type=\"checkbox\" data-select-all aria-label=\"select every item on this page\"></th>",
+            );
+        }
+        body.push_str("<th>item</th><th>attempts</th><th>last error</th><th></th></tr>\n");
         for (id, rec) in &shown {
-            let retry = if ui.read_only {
-                String::new()
-            } else {
-                format!(
-                    "<a class=\"button\" href=\"{}\">Retry</a>",
-                    esc(&retry_link(
-                        &run.id,
-                        &format!("scope=item&item={}", url(id.as_str()))
-                    ))
+            let (check, retry) = if select {
+                (
+                    format!(
+                        "<td><input type=\"checkbox\" name=\"item\" value=\"{}\" aria-label=\"select {}\"></td>",
+                        esc(id.as_str()),
+                        esc(id.as_str())
+                    ),
+                    format!(
+                        "<a class=\"button\" href=\"{}\">Retry</a>",
+                        esc(&retry_link(
+                            &run.id,
+                            &format!("scope=item&item={}", url(id.as_str()))
+                        ))
+                    ),
                 )
+            } else {
+                (String::new(), String::new())
             };
             let _ = writeln!(
                 body,
-                "<tr><td class=\"item\"><a href=\"{link}/item?id={}\">{}</a></td><td>{}</td>\
+                "<tr>{check}<td class=\"item\"><a href=\"{link}/item?id={}\">{}</a></td><td>{}</td>\
                  <td class=\"error\">{}</td><td>{retry}</td></tr>",
                 url(id.as_str()),
                 esc(id.as_str()),
@@ -300,6 +353,11 @@ pub async fn run(
             );
         }
         body.push_str("</table>\n");
+        if select {
+            body.push_str(
+                "<p><button type=\"submit\" data-retry-selected>Retry selected</button></p></form>\n",
+            );
+        }
         if let Some(next) = next {
             let reason = q
                 .reason
@@ -429,12 +487,35 @@ pub async fn item(
     Ok(Html(page(&format!("Item {}", id.as_str()), &body)))
 }
 
-/// What a retry is for, as the confirm page's query and the retry's form.
-#[derive(Debug, Deserialize)]
+/// Items one retry may name: a page of failed items is 50.
+const SELECTED_MAX: usize = 1000;
+
+/// What a retry is for: the confirm page's query, and the same fields as
+/// the retry's form. `item` repeats for the items selected on a run page.
+#[derive(Debug, Default)]
 pub struct Target {
     scope: String,
     reason: Option<String>,
-    item: Option<String>,
+    items: Vec<String>,
+}
+
+impl Target {
+    /// From `application/x-www-form-urlencoded` text (a query or a form
+    /// body); unknown fields are ignored.
+    fn parse(form: &str) -> Self {
+        let mut t = Self::default();
+        for pair in form.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = url_decode(v);
+            match url_decode(k).as_str() {
+                "scope" => t.scope = v,
+                "reason" => t.reason = Some(v),
+                "item" => t.items.push(v),
+                _ => {}
+            }
+        }
+        t
+    }
 }
 
 /// The items a retry would move: `None` for all of the run's failed
@@ -444,9 +525,9 @@ async fn targets(
     run: &RunRecord,
     t: &Target,
 ) -> Result<(Option<BTreeSet<ItemId>>, u64, String), PageError> {
-    match (t.scope.as_str(), &t.reason, &t.item) {
+    match (t.scope.as_str(), &t.reason) {
         ("all", ..) => Ok((None, run.failed, "every failed item".into())),
-        ("reason", Some(reason), _) => {
+        ("reason", Some(reason)) => {
             let ids = with_reason(ui, &run.id, reason).await?;
             let n = ids.len() as u64;
             Ok((
@@ -455,24 +536,63 @@ async fn targets(
                 format!("the failed items whose reason is “{}”", esc(reason)),
             ))
         }
-        ("item", _, Some(item)) => {
-            let (id, rec) = commands::item_record(&ui.d, run, item).await?;
-            if rec.status != ItemStatus::Failed {
+        ("item" | "selected", _) if !t.items.is_empty() => {
+            if t.items.len() > SELECTED_MAX {
                 return Err(PageError::new(
-                    StatusCode::CONFLICT,
+                    StatusCode::BAD_REQUEST,
                     format!(
-                        "item \"{}\" has not failed (it is {}); only failed items are retried",
-                        id.as_str(),
-                        rec.status.as_str()
+                        "{} items selected: one retry takes at most {SELECTED_MAX}; \
+                         retry by reason or all failed items instead",
+                        t.items.len()
                     ),
                 ));
             }
-            let what = format!("item <code>{}</code>", esc(id.as_str()));
-            Ok((Some(BTreeSet::from([id])), 1, what))
+            let mut ids = BTreeSet::new();
+            let mut left = Vec::new();
+            for item in &t.items {
+                let (id, rec) = commands::item_record(&ui.d, run, item).await?;
+                if rec.status == ItemStatus::Failed {
+                    ids.insert(id);
+                } else {
+                    left.push((id, rec.status));
+                }
+            }
+            // One item named on its own must have failed; of a selection
+            // (from a page read a while ago), those that no longer have
+            // are left as they are, and the confirm page says so.
+            if t.scope == "item" || ids.is_empty() {
+                if let Some((id, status)) = left.first() {
+                    return Err(PageError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "item \"{}\" has not failed (it is {}); only failed items are retried",
+                            id.as_str(),
+                            status.as_str()
+                        ),
+                    ));
+                }
+            }
+            let mut what = match ids.first() {
+                Some(id) if t.scope == "item" => format!("item <code>{}</code>", esc(id.as_str())),
+                _ => format!("the {} selected items that have failed", ids.len()),
+            };
+            if !left.is_empty() {
+                let left: Vec<String> = left
+                    .iter()
+                    .map(|(id, status)| format!("<code>{}</code> ({})", esc(id.as_str()), status.as_str()))
+                    .collect();
+                let _ = write!(what, "; not failed, left as they are: {}", left.join(", "));
+            }
+            let n = ids.len() as u64;
+            Ok((Some(ids), n, what))
         }
+        ("selected", _) => Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "no items selected: tick the failed items to retry, then Retry selected",
+        )),
         _ => Err(PageError::new(
             StatusCode::BAD_REQUEST,
-            "scope must be all, reason (with reason=) or item (with item=)",
+            "scope must be all, reason (with reason=), or item or selected (with one or more item=)",
         )),
     }
 }
@@ -489,7 +609,7 @@ fn hidden(t: &Target) -> String {
             esc(r)
         );
     }
-    if let Some(i) = &t.item {
+    for i in &t.items {
         let _ = write!(
             out,
             "<input type=\"hidden\" name=\"item\" value=\"{}\">",
@@ -511,7 +631,7 @@ fn items(n: u64) -> String {
 pub async fn confirm(
     State(ui): S,
     Path(run): Path<String>,
-    Query(t): Query<Target>,
+    RawQuery(query): RawQuery,
 ) -> Result<Html<String>, PageError> {
     if ui.read_only {
         return Err(PageError::new(
@@ -519,6 +639,7 @@ pub async fn confirm(
             "read-only: actions are refused",
         ));
     }
+    let t = Target::parse(query.as_deref().unwrap_or(""));
     let run = commands::resolve(&ui.d, Some(&run)).await?;
     let (_, n, what) = targets(&ui, &run, &t).await?;
     let link = run_link(&run.id);
@@ -556,8 +677,9 @@ pub async fn confirm(
 pub async fn retry(
     State(ui): S,
     Path(run): Path<String>,
-    Form(t): Form<Target>,
+    form: String,
 ) -> Result<Html<String>, PageError> {
+    let t = Target::parse(&form);
     let run = commands::resolve(&ui.d, Some(&run)).await?;
     let (only, n, what) = targets(&ui, &run, &t).await?;
     if n == 0 {
@@ -676,4 +798,19 @@ pub async fn results(State(ui): S, Path(run): Path<String>) -> Result<Response, 
         axum::body::Body::from_stream(lines),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Target;
+
+    #[test]
+    fn a_target_keeps_every_selected_item_decoded() {
+        let t = Target::parse("scope=selected&item=a+b&item=%3Cp%26%221%3E&x=1&item=&reason");
+        assert_eq!(t.scope, "selected");
+        assert_eq!(t.items, ["a b", "<p&\"1>", ""]);
+        assert_eq!(t.reason.as_deref(), Some(""));
+        let t = Target::parse("");
+        assert!(t.scope.is_empty() && t.items.is_empty() && t.reason.is_none());
+    }
 }

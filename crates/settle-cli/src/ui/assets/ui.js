@@ -1,37 +1,90 @@
-// The run page's live tally: polls the run's JSON while the page is open
-// (slower while the tab is hidden or the run is quiet) and updates the
-// numbers and the bar in place. Nothing else on the pages needs script.
+// The live parts of the pages. Every element with data-live-run (the run
+// page's tally, a settling run's row on the runs page) polls that run's
+// JSON while the page is open (slower while the tab is hidden or the run
+// is quiet), updates its own fields and bar in place, and draws the
+// throughput it samples (items settled per second) in its chart. The
+// "select every item" box ticks a page's failed items. Nothing else needs
+// script: every action is a link to a confirm page and a form.
 (function () {
   "use strict";
-  var live = document.querySelector("[data-live-run]");
-  if (!live) return;
-  var url = live.getAttribute("data-live-run");
-  function set(field, text) {
-    var nodes = document.querySelectorAll('[data-field="' + field + '"]');
-    for (var i = 0; i < nodes.length; i++) nodes[i].textContent = text;
-  }
-  function poll() {
-    if (document.hidden) { setTimeout(poll, 3000); return; }
-    fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (v) {
-        var quiet = true;
-        if (v) {
-          ["succeeded", "failed", "pending", "total", "status"].forEach(function (f) { set(f, String(v[f])); });
-          var st = document.querySelector('.live [data-field="status"]');
-          if (st) st.className = "status " + v.status;
-          set("busy", v.busy ? " (processing a retry)" : "");
-          var bar = document.querySelector('.live [data-field="bar"]');
-          if (bar && v.total > 0) {
-            bar.children[0].style.width = (v.succeeded * 100 / v.total) + "%";
-            bar.children[1].style.width = (v.failed * 100 / v.total) + "%";
-          }
-          quiet = v.pending === 0 && !v.redriving && !v.busy;
-          live.setAttribute("data-quiet", quiet ? "true" : "false");
+  var POINTS = 120;
+
+  function watch(el) {
+    var url = el.getAttribute("data-live-run");
+    var samples = [];
+    var last = null;
+    function each(field, f) {
+      var nodes = el.querySelectorAll('[data-field="' + field + '"]');
+      for (var i = 0; i < nodes.length; i++) f(nodes[i]);
+    }
+    function set(field, text) {
+      each(field, function (n) { n.textContent = text; });
+    }
+    function draw(v) {
+      var now = Date.now();
+      var done = v.succeeded + v.failed;
+      if (last && now > last.t) {
+        samples.push(Math.max(0, (done - last.done) * 1000 / (now - last.t)));
+        if (samples.length > POINTS) samples.shift();
+      }
+      last = { t: now, done: done };
+      if (!samples.length) return;
+      var peak = Math.max.apply(null, samples);
+      var scale = Math.max(peak, 1);
+      // The chart fills its width from 30 samples on.
+      var span = Math.max(samples.length - 1, 30);
+      var points = samples.map(function (r, i) {
+        return (i * 300 / span).toFixed(1) + "," + (59 - r * 57 / scale).toFixed(1);
+      }).join(" ");
+      each("chart", function (svg) {
+        svg.querySelector("polyline").setAttribute("points", points);
+        svg.setAttribute("data-points", String(samples.length));
+      });
+      set("rate-now", String(Math.round(samples[samples.length - 1])));
+      set("rate-peak", String(Math.round(peak)));
+    }
+    function show(v) {
+      ["succeeded", "failed", "pending", "total", "status"].forEach(function (f) { set(f, String(v[f])); });
+      set("tally", v.succeeded + " succeeded / " + v.failed + " failed / " + v.pending + " pending of " + v.total);
+      each("status", function (n) { n.className = "status " + v.status; });
+      set("busy", v.busy ? " (processing a retry)" : "");
+      each("bar", function (bar) {
+        if (v.total > 0) {
+          bar.children[0].style.width = (v.succeeded * 100 / v.total) + "%";
+          bar.children[1].style.width = (v.failed * 100 / v.total) + "%";
         }
-        setTimeout(poll, quiet ? 5000 : 1000);
-      })
-      .catch(function () { setTimeout(poll, 5000); });
+      });
+      draw(v);
+    }
+    function poll() {
+      if (document.hidden) { setTimeout(poll, 3000); return; }
+      fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (v) {
+          var quiet = true;
+          if (v) {
+            show(v);
+            quiet = v.pending === 0 && !v.redriving && !v.busy;
+            // A settled run's chart shows once the run moves again.
+            var fig = el.querySelector("figure.throughput[hidden]");
+            if (fig && !quiet && samples.length) fig.hidden = false;
+            el.setAttribute("data-quiet", quiet ? "true" : "false");
+          }
+          setTimeout(poll, quiet ? 5000 : 1000);
+        })
+        .catch(function () { setTimeout(poll, 5000); });
+    }
+    poll();
   }
-  poll();
+
+  var live = document.querySelectorAll("[data-live-run]");
+  for (var i = 0; i < live.length; i++) watch(live[i]);
+
+  var all = document.querySelector("[data-select-all]");
+  if (all) {
+    all.addEventListener("change", function () {
+      var boxes = all.form.querySelectorAll('input[name="item"]');
+      for (var i = 0; i < boxes.length; i++) boxes[i].checked = all.checked;
+    });
+  }
 })();
