@@ -146,7 +146,9 @@ pub fn build(spec: &ProcessorSpec, args: &ProcessArgs) -> Result<Chosen> {
             .map_or_else(default_processes, |n| n as usize),
     };
     let processor = match (spec, crate::LIBRARY.get()) {
-        (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => l.processor.clone(),
+        (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => {
+            Arc::new(settle_processors::Limited::new(l.processor.clone(), items))
+        }
         _ => settle_processors::build(spec, parallelism).map_err(|e| input(e.to_string()))?,
     };
     let batch = args.batch_size.max(1) as usize;

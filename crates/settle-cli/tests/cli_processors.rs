@@ -578,3 +578,35 @@ fn a_retry_after_is_honoured_before_the_next_attempt() {
     );
     assert_eq!(v["output"], "done");
 }
+
+/// `--concurrency N` is the most items worked on at once whatever the
+/// batch size, for the scripted processor too (a worker hands every item
+/// of a batch over together): at 1, ten items of one batch that sleep
+/// 100 ms each finish at least 100 ms apart.
+#[test]
+fn concurrency_bounds_the_items_at_once_whatever_the_batch() {
+    let env = Env::new();
+    let ids: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "sleep:100")).collect();
+    let items = env.scripts("slow.jsonl", &scripts);
+    let run = env.run(&items, &["--concurrency", "1", "--batch-size", "10"]);
+    assert_run(&run, "succeeded", 5, 5, 0, 0);
+    let run = run_id(&run);
+    let mut ends: Vec<u128> = ids
+        .iter()
+        .map(|id| {
+            let a = &env.show(&run, id)["history"][0];
+            let started = humantime::parse_rfc3339(a["started_at"].as_str().unwrap()).unwrap();
+            let started = started
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            started + u128::from(a["duration_ms"].as_u64().unwrap())
+        })
+        .collect();
+    ends.sort_unstable();
+    for w in ends.windows(2) {
+        // Milliseconds on both sides: 1 ms of rounding.
+        assert!(w[1] - w[0] >= 99, "items finished together: {ends:?}");
+    }
+}
