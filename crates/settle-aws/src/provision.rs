@@ -51,29 +51,47 @@ pub struct IndexDef {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error("infra/stack.json is malformed: {0}")]
+    #[error("infra/stack.json is not a stack definition")]
+    Json(#[source] serde_json::Error),
+    /// A definition that parses but does not hold together.
+    #[error("infra/stack.json: {0}")]
     Definition(String),
-    #[error("{op} for {target} failed: {message}")]
+    #[error("infra/stack.json: table {table}: {what} is incomplete")]
+    Build {
+        table: String,
+        what: &'static str,
+        #[source]
+        source: aws_smithy_types::error::operation::BuildError,
+    },
+    #[error("{op} for {target} failed")]
     Aws {
         op: &'static str,
         target: String,
-        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("DynamoDB table {0} did not become ACTIVE within 60 s")]
+    NotActive(String),
+    #[error("the stack created does not name every queue and table the backend needs")]
+    Names(#[source] crate::ConfigError),
 }
 
 impl Stack {
     /// The shipped definition.
     pub fn default_stack() -> Result<Self, ProvisionError> {
-        serde_json::from_str(STACK_JSON).map_err(|e| ProvisionError::Definition(e.to_string()))
+        serde_json::from_str(STACK_JSON).map_err(ProvisionError::Json)
     }
 }
 
-fn aws<E: std::error::Error>(op: &'static str, target: &str) -> impl Fn(E) -> ProvisionError {
+fn aws<E: std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+    target: &str,
+) -> impl Fn(E) -> ProvisionError {
     let target = target.to_owned();
     move |e| ProvisionError::Aws {
         op,
         target: target.clone(),
-        message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -149,7 +167,7 @@ pub async fn create_stack(
                     .attribute_name(n)
                     .key_type(k)
                     .build()
-                    .map_err(|e| ProvisionError::Definition(e.to_string()))
+                    .map_err(build(key, "a key schema element"))
             };
             Ok(vec![el(h, KeyType::Hash)?, el(r, KeyType::Range)?])
         };
@@ -164,7 +182,7 @@ pub async fn create_stack(
                     .attribute_name(a)
                     .attribute_type(attr_type(a)?)
                     .build()
-                    .map_err(|e| ProvisionError::Definition(e.to_string()))?,
+                    .map_err(build(key, "an attribute definition"))?,
             );
         }
         for ix in &t.indexes {
@@ -178,7 +196,7 @@ pub async fn create_stack(
                             .build(),
                     )
                     .build()
-                    .map_err(|e| ProvisionError::Definition(e.to_string()))?,
+                    .map_err(build(key, "a secondary index"))?,
             );
         }
         match create.send().await {
@@ -197,7 +215,19 @@ pub async fn create_stack(
             .cloned()
             .or_else(|| (k == crate::EMULATOR_WRITE_LOCK).then(|| std::env::var(k).ok())?)
     })
-    .map_err(|e| ProvisionError::Definition(e.to_string()))
+    .map_err(ProvisionError::Names)
+}
+
+fn build(
+    table: &str,
+    what: &'static str,
+) -> impl Fn(aws_smithy_types::error::operation::BuildError) -> ProvisionError {
+    let table = table.to_owned();
+    move |source| ProvisionError::Build {
+        table: table.clone(),
+        what,
+        source,
+    }
 }
 
 /// Waits until a new table takes writes (at once on an emulator, seconds on AWS).
@@ -215,9 +245,5 @@ async fn wait_active(dynamo: &aws_sdk_dynamodb::Client, name: &str) -> Result<()
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    Err(ProvisionError::Aws {
-        op: "DynamoDB.DescribeTable",
-        target: name.to_owned(),
-        message: "the table did not become ACTIVE within 60 s".into(),
-    })
+    Err(ProvisionError::NotActive(name.to_owned()))
 }

@@ -77,7 +77,7 @@ pub struct FaultTally {
     pub redeliveries: u64,
     /// Malformed bodies sent to the work queue beside real sends.
     pub malformed: u64,
-    /// "<kind> <port>.<call>" → count.
+    /// "`<kind> <port>.<call>`" → count.
     pub by_call: BTreeMap<String, u64>,
 }
 

@@ -313,7 +313,7 @@ impl Db {
     /// Copies the whole WAL into the database file and empties the WAL, so
     /// that the database file alone holds every commit: for a process about
     /// to exit, whose connections are not closed (which would do the same).
-    /// Best effort, waiting at most [`EXIT_CHECKPOINT_WAIT`]: while another
+    /// Best effort, waiting at most 250 ms: while another
     /// process keeps writing, or reads an older snapshot, it does nothing
     /// (that process's own checkpoints and exit take care of it).
     pub async fn checkpoint_on_exit(&self) {

@@ -10,7 +10,7 @@
 //!   once, answers them in any order, and carries each item's log in its
 //!   answer (its stderr is then no item's). The helpers of `sdk/` say hello.
 //! - Until the pool's first process has spoken (or for its first
-//!   [`FIRST_WAVE_GRACE`]), at most one process per core is started: a
+//!   200 ms), at most one process per core is started: a
 //!   command that says hello needs few processes, and its first hello
 //!   tells. Once one has answered without a hello, every
 //!   process of the command takes one item at a time, and the pool grows

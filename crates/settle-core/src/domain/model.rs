@@ -409,7 +409,7 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Output>,
     /// What the processor wrote while working on this item and nothing
-    /// else, bounded by [`bounded_log`]; `None` if it wrote nothing.
+    /// else, its last [`MAX_LOG_BYTES`]; `None` if it wrote nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
 }

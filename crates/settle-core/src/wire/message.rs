@@ -81,7 +81,7 @@ impl WorkBody {
 
 /// A results-queue message: one attempt at one item, for the reducer. On
 /// the wire the attempt's fields (and its outcome's) sit beside `run`,
-/// `item` and `seq` in one flat object; see [`WireResult`].
+/// `item` and `seq` in one flat object (the private `WireResult`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultBody {
     pub run: RunId,
