@@ -64,6 +64,9 @@ pub fn runner(d: &Deployment, args: &ProcessArgs, chosen: &Chosen) -> Runner {
             // slow item does not get its whole batch redelivered.
             item_timeout: Some(visibility / 2),
             visibility: Some(visibility),
+            // Every item of the batches in flight is handed over at once;
+            // `--concurrency` bounds how many of them run.
+            concurrency: Some(chosen.items),
             ..WorkerConfig::default()
         },
     );

@@ -89,12 +89,15 @@ pub struct Chosen {
     pub processor: Arc<dyn Processor>,
     /// Worker batches the local runner processes at once.
     pub batches: usize,
+    /// Items worked on at once across those batches (`--concurrency`).
+    pub items: usize,
 }
 
 impl std::fmt::Debug for Chosen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Chosen")
             .field("batches", &self.batches)
+            .field("items", &self.items)
             .finish_non_exhaustive()
     }
 }
@@ -146,9 +149,7 @@ pub fn build(spec: &ProcessorSpec, args: &ProcessArgs) -> Result<Chosen> {
             .map_or_else(default_processes, |n| n as usize),
     };
     let processor = match (spec, crate::LIBRARY.get()) {
-        (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => {
-            Arc::new(settle_processors::Limited::new(l.processor.clone(), items))
-        }
+        (ProcessorSpec::Library { name }, Some(l)) if *name == l.name => l.processor.clone(),
         _ => settle_processors::build(spec, parallelism).map_err(|e| input(e.to_string()))?,
     };
     let batch = args.batch_size.max(1) as usize;
@@ -161,5 +162,6 @@ pub fn build(spec: &ProcessorSpec, args: &ProcessArgs) -> Result<Chosen> {
     Ok(Chosen {
         processor,
         batches: batches.max(1),
+        items,
     })
 }

@@ -580,9 +580,10 @@ fn a_retry_after_is_honoured_before_the_next_attempt() {
 }
 
 /// `--concurrency N` is the most items worked on at once whatever the
-/// batch size, for the scripted processor too (a worker hands every item
-/// of a batch over together): at 1, ten items of one batch that sleep
-/// 100 ms each finish at least 100 ms apart.
+/// batch size, for the scripted processor too (a worker gets every item
+/// of a batch together): at 1, five items of one batch that sleep 100 ms
+/// each finish at least 100 ms apart, and each attempt lasts its own
+/// 100 ms, not its wait for a turn.
 #[test]
 fn concurrency_bounds_the_items_at_once_whatever_the_batch() {
     let env = Env::new();
@@ -601,7 +602,12 @@ fn concurrency_bounds_the_items_at_once_whatever_the_batch() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_millis();
-            started + u128::from(a["duration_ms"].as_u64().unwrap())
+            let took = a["duration_ms"].as_u64().unwrap();
+            assert!(
+                took < 400,
+                "{id}: its wait counted in its attempt ({took} ms)"
+            );
+            started + u128::from(took)
         })
         .collect();
     ends.sort_unstable();

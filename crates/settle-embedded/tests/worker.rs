@@ -750,3 +750,74 @@ async fn the_response_counts_each_runs_attempts() {
     assert_eq!((theirs.succeeded, theirs.durations_ms.len()), (1, 1));
     assert_eq!(response.runs.len(), 2);
 }
+
+/// Counts the attempts in its hands, and the most at once; each takes 100 ms.
+#[derive(Default)]
+struct Counting {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl settle_core::Processor for Counting {
+    async fn process(
+        &self,
+        _: &Item,
+        _: &settle_core::AttemptContext,
+    ) -> Result<Option<settle_core::domain::Output>, settle_core::domain::ProcessError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.now.fetch_sub(1, SeqCst);
+        Ok(None)
+    }
+}
+
+/// With items at once bounded, a batch's items take turns, and an item's
+/// wait for its turn is no part of its attempt: eight items of 100 ms at
+/// one at a time all succeed under a 400 ms item timeout, each attempt
+/// lasting its own 100 ms.
+#[tokio::test]
+async fn bounded_items_take_turns_without_their_wait_counting() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let counting = Arc::new(Counting::default());
+    let worker = Worker::new(
+        counting.clone(),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            item_timeout: Some(Duration::from_millis(400)),
+            visibility: Some(VIS),
+            concurrency: Some(1),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send(
+            (0..8)
+                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(batch.len(), 8);
+    let resp = worker.handle(&batch, None).await;
+    assert!(resp.failures.is_empty(), "{:?}", resp.failures);
+    assert_eq!(counting.most.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let res = results(&drain(&e.results).await);
+    assert_eq!(res.len(), 8);
+    for r in &res {
+        assert_eq!(r.attempt.outcome, AttemptOutcome::Succeeded, "{r:?}");
+        assert!(
+            r.attempt.duration_ms < 400,
+            "{}: the wait counted in its attempt ({} ms)",
+            r.item.as_str(),
+            r.attempt.duration_ms
+        );
+    }
+}

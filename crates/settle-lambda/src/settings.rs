@@ -77,6 +77,8 @@ impl WorkerSettings {
                 // messages' visibility while it holds them.
                 visibility: Some(env.millis("SETTLE_WORK_VISIBILITY_MS", 0)?)
                     .filter(|v| !v.is_zero()),
+                // One batch per invocation: its size bounds it.
+                concurrency: None,
             },
         })
     }

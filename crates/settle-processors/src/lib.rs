@@ -59,7 +59,7 @@ pub fn build(
     parallelism: Parallelism,
 ) -> Result<Arc<dyn settle_core::Processor>, SpecError> {
     Ok(match spec {
-        ProcessorSpec::Scripted => Arc::new(Limited::new(Arc::new(Scripted), parallelism.items)),
+        ProcessorSpec::Scripted => Arc::new(Scripted),
         ProcessorSpec::Library { name } => return Err(SpecError::NotInThisBinary(name.clone())),
         ProcessorSpec::Exec {
             command,
@@ -83,44 +83,6 @@ pub fn build(
             parallelism.processes,
         )?),
     })
-}
-
-/// A processor held to a number of attempts at once, for processors that do
-/// not bound themselves (the scripted one, a binary's own Rust processor):
-/// the worker runs every item of its batches in flight at once, so without
-/// it `--concurrency N` would mean N rounded up to whole batches.
-pub struct Limited {
-    inner: Arc<dyn settle_core::Processor>,
-    slots: tokio::sync::Semaphore,
-}
-
-impl Limited {
-    pub fn new(inner: Arc<dyn settle_core::Processor>, items: usize) -> Self {
-        Self {
-            inner,
-            slots: tokio::sync::Semaphore::new(items.max(1)),
-        }
-    }
-}
-
-impl std::fmt::Debug for Limited {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Limited")
-            .field("free", &self.slots.available_permits())
-            .finish_non_exhaustive()
-    }
-}
-
-#[async_trait::async_trait]
-impl settle_core::Processor for Limited {
-    async fn process(
-        &self,
-        item: &settle_core::domain::Item,
-        ctx: &settle_core::AttemptContext,
-    ) -> Result<Option<settle_core::domain::Output>, settle_core::domain::ProcessError> {
-        let _slot = slot(&self.slots).await?;
-        self.inner.process(item, ctx).await
-    }
 }
 
 /// The item as a processor process receives it: one JSON object.

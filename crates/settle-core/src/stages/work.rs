@@ -41,6 +41,12 @@ pub struct WorkerConfig {
     /// The work queue's visibility timeout, if known: while a batch is in
     /// hand its messages' visibility is extended (see `Worker::handle`).
     pub visibility: Option<Duration>,
+    /// Items worked on at once across all of this worker's batches, if
+    /// bounded (the local runner's `--concurrency`; a Lambda worker has one
+    /// batch). An item waits for a place before its attempt starts, so the
+    /// wait counts neither in its duration nor against its timeout; its
+    /// message stays hidden meanwhile, with the rest of its batch.
+    pub concurrency: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -51,6 +57,7 @@ impl Default for WorkerConfig {
             item_timeout: None,
             deadline_margin: Duration::from_secs(2),
             visibility: None,
+            concurrency: None,
         }
     }
 }
@@ -90,6 +97,8 @@ pub struct Worker {
     dlq: Arc<dyn Queue>,
     results: Arc<dyn Queue>,
     config: WorkerConfig,
+    /// Places for items at once, when `config.concurrency` bounds them.
+    slots: Option<tokio::sync::Semaphore>,
     seen: Mutex<Seen>,
 }
 
@@ -228,6 +237,9 @@ impl Worker {
             work,
             dlq,
             results,
+            slots: config
+                .concurrency
+                .map(|n| tokio::sync::Semaphore::new(n.max(1))),
             config,
             seen: Mutex::default(),
         }
@@ -500,6 +512,12 @@ impl Worker {
         };
         let span = ready.span.clone();
         async {
+            // A place among the items at once, for an attempt that runs.
+            // The semaphore is never closed: `ok()` only drops the Result.
+            let _slot = match (&self.slots, ready.exhausted) {
+                (Some(slots), false) => slots.acquire().await.ok(),
+                _ => None,
+            };
             let started_at = now_millis();
             let clock = Instant::now();
             let (outcome, log) = if ready.exhausted {
