@@ -140,10 +140,11 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
         if let Some(token) = &guard.token {
             if let Some(given) = query_token(req.uri().query()) {
                 if same(&given, token) {
-                    // A path of "//host/..." would send the browser to
+                    // A path of "//host/..." (or "/\\host/...", which
+                    // browsers read the same) would send the browser to
                     // another site: such a path goes to the runs page.
                     let path = req.uri().path();
-                    let mut to = if path.starts_with("//") {
+                    let mut to = if path.starts_with("//") || path.starts_with("/\\") {
                         "/".to_owned()
                     } else {
                         path.to_owned()

@@ -33,11 +33,23 @@ pub(crate) struct Ui {
     /// a time in this process, so that two local runners never share a
     /// redrive, and the server waits for it before it exits.
     busy: Arc<tokio::sync::Mutex<()>>,
+    /// The run whose retried items are being processed here, for its page.
+    retrying: std::sync::Mutex<Option<settle_core::RunId>>,
     stop: Stop,
     /// Retries this server made, and the items they moved and did not move.
     retries: AtomicU64,
     moved: AtomicU64,
     not_moved: AtomicU64,
+}
+
+impl Ui {
+    fn retrying(&self) -> std::sync::MutexGuard<'_, Option<settle_core::RunId>> {
+        // Held for an assignment or a comparison: a panic cannot leave it
+        // half-written.
+        self.retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Serves until SIGINT or SIGTERM, then waits for a retry's processing
@@ -84,6 +96,7 @@ pub async fn serve(d: Arc<Deployment>, args: UiArgs, stop: Stop) -> Result<ExitC
         process: args.process,
         read_only: args.read_only,
         busy: Arc::default(),
+        retrying: std::sync::Mutex::default(),
         stop: stop.clone(),
         retries: AtomicU64::new(0),
         moved: AtomicU64::new(0),

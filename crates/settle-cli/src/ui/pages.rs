@@ -6,7 +6,7 @@ use crate::commands::{self, input, Moved};
 use crate::process::Finish;
 use crate::report;
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -103,7 +103,10 @@ pub async fn runs(State(ui): S) -> Result<Html<String>, PageError> {
                 (String::new(), String::new())
             } else {
                 (
-                    format!(" data-live-run=\"/api/runs/{}\"", url(run.id.as_str())),
+                    format!(
+                        " data-live-run=\"/api/runs/{}\" data-live-until-settled",
+                        url(run.id.as_str())
+                    ),
                     chart(false, false),
                 )
             };
@@ -380,7 +383,7 @@ pub async fn run(
 pub async fn run_json(State(ui): S, Path(run): Path<String>) -> Result<Response, PageError> {
     let run = commands::resolve(&ui.d, Some(&run)).await?;
     let mut v = report::run_json(&run);
-    v["busy"] = serde_json::json!(ui.busy.try_lock().is_err());
+    v["busy"] = serde_json::json!(ui.retrying().as_ref() == Some(&run.id));
     Ok(Json(v).into_response())
 }
 
@@ -518,83 +521,144 @@ impl Target {
     }
 }
 
-/// The items a retry would move: `None` for all of the run's failed
-/// items; and how to say so.
-async fn targets(
-    ui: &Ui,
-    run: &RunRecord,
-    t: &Target,
-) -> Result<(Option<BTreeSet<ItemId>>, u64, String), PageError> {
-    match (t.scope.as_str(), &t.reason) {
-        ("all", ..) => Ok((None, run.failed, "every failed item".into())),
-        ("reason", Some(reason)) => {
+/// What a retry would move.
+struct Targets {
+    /// `None` for all of the run's failed items.
+    only: Option<BTreeSet<ItemId>>,
+    n: u64,
+    /// What they are, as HTML.
+    what: String,
+    /// Selected items that have not failed (any more), as HTML: left as
+    /// they are.
+    left: Vec<String>,
+}
+
+/// The items a retry would move, and how to say so.
+async fn targets(ui: &Ui, run: &RunRecord, t: &Target) -> Result<Targets, PageError> {
+    let mut left = Vec::new();
+    let (only, n, what) = match (t.scope.as_str(), &t.reason, t.items.as_slice()) {
+        ("all", ..) => (None, run.failed, "every failed item".to_owned()),
+        ("reason", Some(reason), _) => {
             let ids = with_reason(ui, &run.id, reason).await?;
             let n = ids.len() as u64;
-            Ok((
-                Some(ids),
-                n,
-                format!("the failed items whose reason is “{}”", esc(reason)),
+            let what = format!("the failed items whose reason is “{}”", esc(reason));
+            (Some(ids), n, what)
+        }
+        ("item", _, [item]) => {
+            let (id, rec) = commands::item_record(&ui.d, run, item).await?;
+            if rec.status != ItemStatus::Failed {
+                return Err(not_failed(&id, rec.status));
+            }
+            let what = format!("item <code>{}</code>", esc(id.as_str()));
+            (Some(BTreeSet::from([id])), 1, what)
+        }
+        ("item", ..) => {
+            return Err(PageError::new(
+                StatusCode::BAD_REQUEST,
+                "scope=item takes exactly one item=; scope=selected takes several",
             ))
         }
-        ("item" | "selected", _) if !t.items.is_empty() => {
-            if t.items.len() > SELECTED_MAX {
+        ("selected", _, []) => {
+            return Err(PageError::new(
+                StatusCode::BAD_REQUEST,
+                "no items selected: tick the failed items to retry, then Retry selected",
+            ))
+        }
+        ("selected", _, items) => {
+            let mut ids = BTreeSet::new();
+            for item in items {
+                ids.insert(
+                    ItemId::new(item.clone())
+                        .map_err(|e| input(format!("item id {item:?}: {e}")))?,
+                );
+            }
+            if ids.len() > SELECTED_MAX {
                 return Err(PageError::new(
                     StatusCode::BAD_REQUEST,
                     format!(
                         "{} items selected: one retry takes at most {SELECTED_MAX}; \
                          retry by reason or all failed items instead",
-                        t.items.len()
+                        ids.len()
                     ),
                 ));
             }
-            let mut ids = BTreeSet::new();
-            let mut left = Vec::new();
-            for item in &t.items {
-                let (id, rec) = commands::item_record(&ui.d, run, item).await?;
-                if rec.status == ItemStatus::Failed {
-                    ids.insert(id);
-                } else {
-                    left.push((id, rec.status));
+            // One ledger read for the whole selection.
+            let keys: Vec<(RunId, ItemId)> =
+                ids.iter().map(|i| (run.id.clone(), i.clone())).collect();
+            let rows = ui.d.backend.ledger.items(&keys).await?;
+            let mut failed = BTreeSet::new();
+            let mut not = Vec::new();
+            for key in keys {
+                match rows.get(&key) {
+                    Some(row) if row.value.status == ItemStatus::Failed => {
+                        failed.insert(key.1);
+                    }
+                    Some(row) => not.push((key.1, row.value.status)),
+                    None => {
+                        return Err(input(format!(
+                            "no record of item \"{}\" in run {} (not in the run, or not attempted yet)",
+                            report::clean(key.1.as_str()),
+                            run.id
+                        ))
+                        .into())
+                    }
                 }
             }
-            // One item named on its own must have failed; of a selection
-            // (from a page read a while ago), those that no longer have
-            // are left as they are, and the confirm page says so.
-            if t.scope == "item" || ids.is_empty() {
-                if let Some((id, status)) = left.first() {
-                    return Err(PageError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "item \"{}\" has not failed (it is {}); only failed items are retried",
-                            id.as_str(),
-                            status.as_str()
-                        ),
-                    ));
+            // Those that no longer have failed (the page was read before
+            // another retry) are left as they are, and said so; if none
+            // has, there is nothing to confirm.
+            if failed.is_empty() {
+                if let Some((id, status)) = not.first() {
+                    return Err(not_failed(id, *status));
                 }
             }
-            let mut what = match ids.first() {
-                Some(id) if t.scope == "item" => format!("item <code>{}</code>", esc(id.as_str())),
-                _ => format!("the {} selected items that have failed", ids.len()),
+            left = not
+                .iter()
+                .map(|(id, status)| format!("<code>{}</code> ({})", esc(id.as_str()), status.as_str()))
+                .collect();
+            let n = failed.len() as u64;
+            let what = if n == 1 {
+                "the 1 selected item that has failed".to_owned()
+            } else {
+                format!("the {n} selected items that have failed")
             };
-            if !left.is_empty() {
-                let left: Vec<String> = left
-                    .iter()
-                    .map(|(id, status)| format!("<code>{}</code> ({})", esc(id.as_str()), status.as_str()))
-                    .collect();
-                let _ = write!(what, "; not failed, left as they are: {}", left.join(", "));
-            }
-            let n = ids.len() as u64;
-            Ok((Some(ids), n, what))
+            (Some(failed), n, what)
         }
-        ("selected", _) => Err(PageError::new(
-            StatusCode::BAD_REQUEST,
-            "no items selected: tick the failed items to retry, then Retry selected",
-        )),
-        _ => Err(PageError::new(
-            StatusCode::BAD_REQUEST,
-            "scope must be all, reason (with reason=), or item or selected (with one or more item=)",
-        )),
+        _ => {
+            return Err(PageError::new(
+                StatusCode::BAD_REQUEST,
+                "scope must be all, reason (with reason=), item (with one item=) or selected (with item= for each)",
+            ))
+        }
+    };
+    Ok(Targets {
+        only,
+        n,
+        what,
+        left,
+    })
+}
+
+fn not_failed(id: &ItemId, status: ItemStatus) -> PageError {
+    PageError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "item \"{}\" has not failed (it is {}); only failed items are retried",
+            id.as_str(),
+            status.as_str()
+        ),
+    )
+}
+
+/// The selected items a retry leaves as they are, as a paragraph.
+fn left_as_they_are(left: &[String]) -> String {
+    if left.is_empty() {
+        return String::new();
     }
+    format!(
+        "<p class=\"left\">Not failed, so left as they are: {}.</p>\n",
+        left.join(", ")
+    )
 }
 
 fn hidden(t: &Target) -> String {
@@ -641,7 +705,7 @@ pub async fn confirm(
     }
     let t = Target::parse(query.as_deref().unwrap_or(""));
     let run = commands::resolve(&ui.d, Some(&run)).await?;
-    let (_, n, what) = targets(&ui, &run, &t).await?;
+    let Targets { n, what, left, .. } = targets(&ui, &run, &t).await?;
     let link = run_link(&run.id);
     let mut body = format!(
         "<p><a href=\"{link}\">run {}</a></p>\n<h1>Retry {} of run <code>{}</code>?</h1>\n",
@@ -660,9 +724,10 @@ pub async fn confirm(
             "<p class=\"confirm\">This will move <strong data-field=\"will-move\">{n}</strong> \
              {} ({what}) from the dead-letter queue back to the work queue, as \
              <code>settle redrive</code> does; each is attempted again with the run's processor \
-             and the tally follows.</p>\n<form method=\"post\" action=\"/runs/{}/retry\">{}\
+             and the tally follows.</p>\n{}<form method=\"post\" action=\"/runs/{}/retry\">{}\
              <button type=\"submit\" class=\"danger\">Retry {}</button> <a href=\"{link}\">Cancel</a></form>",
             if n == 1 { "item" } else { "items" },
+            left_as_they_are(&left),
             url(run.id.as_str()),
             hidden(&t),
             items(n)
@@ -677,11 +742,31 @@ pub async fn confirm(
 pub async fn retry(
     State(ui): S,
     Path(run): Path<String>,
+    headers: HeaderMap,
     form: String,
 ) -> Result<Html<String>, PageError> {
+    let form_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form_type {
+        return Err(PageError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a retry is a form: Content-Type application/x-www-form-urlencoded",
+        ));
+    }
     let t = Target::parse(&form);
     let run = commands::resolve(&ui.d, Some(&run)).await?;
-    let (only, n, what) = targets(&ui, &run, &t).await?;
+    let Targets {
+        only,
+        n,
+        what,
+        left,
+    } = targets(&ui, &run, &t).await?;
     if n == 0 {
         return Err(PageError::new(
             StatusCode::CONFLICT,
@@ -725,6 +810,7 @@ pub async fn retry(
     tracing::info!(run = %run.id, moved = n, not_moved, "retry from the ui");
     let bg = ui.clone();
     let run_id = run.id.clone();
+    *ui.retrying() = Some(run.id.clone());
     tokio::spawn(async move {
         let _busy = busy;
         match commands::redrive_process(&bg.d, &run_id, &bg.process, chosen.as_ref(), n, &bg.stop).await {
@@ -736,14 +822,16 @@ pub async fn retry(
                 "error: processing the retried items of run {run_id}: {e:#}; `settle resume {run_id}` finishes them"
             ),
         }
+        *bg.retrying() = None;
     });
     let link = run_link(&run.id);
     let mut body = format!(
         "<p><a href=\"{link}\">run {}</a></p>\n<h1>Retried {what}</h1>\n\
          <p class=\"result\">Moved <strong data-field=\"moved\">{n}</strong> {}; not moved: \
-         <strong data-field=\"not-moved\">{not_moved}</strong>.</p>\n",
+         <strong data-field=\"not-moved\">{not_moved}</strong>.</p>\n{}",
         esc(run.id.as_str()),
         if n == 1 { "item" } else { "items" },
+        left_as_they_are(&left),
     );
     if not_moved > 0 {
         let shown: Vec<String> = report

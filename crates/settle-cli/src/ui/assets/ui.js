@@ -1,10 +1,12 @@
 // The live parts of the pages. Every element with data-live-run (the run
 // page's tally, a settling run's row on the runs page) polls that run's
 // JSON while the page is open (slower while the tab is hidden or the run
-// is quiet), updates its own fields and bar in place, and draws the
-// throughput it samples (items settled per second) in its chart. The
-// "select every item" box ticks a page's failed items. Nothing else needs
-// script: every action is a link to a confirm page and a form.
+// is quiet; a row stops once its run has settled, and any element stops
+// at an answer that polling again cannot change, such as 401 or 404),
+// updates its own fields and bar in place, and draws the throughput it
+// samples in its chart. The "select every item" box ticks a page's failed
+// items. Nothing else needs script: every action is a link to a confirm
+// page and a form.
 (function () {
   "use strict";
   var POINTS = 120;
@@ -20,14 +22,17 @@
     function set(field, text) {
       each(field, function (n) { n.textContent = text; });
     }
+    // Items settled per second: new successes, and new failures beyond
+    // those that a retry turned into successes (a retried item that fails
+    // again changes no count, so it does not show).
     function draw(v) {
       var now = Date.now();
-      var done = v.succeeded + v.failed;
       if (last && now > last.t) {
-        samples.push(Math.max(0, (done - last.done) * 1000 / (now - last.t)));
+        var settled = (v.succeeded - last.s) + Math.max(0, v.failed - last.f);
+        samples.push(Math.max(0, settled * 1000 / (now - last.t)));
         if (samples.length > POINTS) samples.shift();
       }
-      last = { t: now, done: done };
+      last = { t: now, s: v.succeeded, f: v.failed };
       if (!samples.length) return;
       var peak = Math.max.apply(null, samples);
       var scale = Math.max(peak, 1);
@@ -58,9 +63,14 @@
     }
     function poll() {
       if (document.hidden) { setTimeout(poll, 3000); return; }
+      var once = el.hasAttribute("data-live-until-settled");
       fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
-        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (r) {
+          if (r.status >= 400 && r.status < 500) return "stop";
+          return r.ok ? r.json() : null;
+        })
         .then(function (v) {
+          if (v === "stop") return;
           var quiet = true;
           if (v) {
             show(v);
@@ -69,6 +79,7 @@
             var fig = el.querySelector("figure.throughput[hidden]");
             if (fig && !quiet && samples.length) fig.hidden = false;
             el.setAttribute("data-quiet", quiet ? "true" : "false");
+            if (once && quiet && v.status !== "running") return;
           }
           setTimeout(poll, quiet ? 5000 : 1000);
         })
