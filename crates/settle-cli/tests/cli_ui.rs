@@ -1261,6 +1261,13 @@ fn a_settling_run_is_followed_live_with_its_throughput() {
     let points = b.attr("figure.throughput polyline", "getAttribute('points')");
     assert!(points.split(' ').count() >= 3, "{points}");
     if let Some(dir) = std::env::var_os("SETTLE_UI_SCREENSHOTS") {
+        // A longer line for the picture.
+        b.wait_for("figure.throughput", |_| {
+            b.attr("figure.throughput svg.chart", "dataset.points")
+                .parse::<u32>()
+                .unwrap()
+                >= 10
+        });
         b.screenshot(&std::path::Path::new(&dir).join("ui-run-live.png"));
     }
     let _ = running.kill();
