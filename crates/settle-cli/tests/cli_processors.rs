@@ -616,3 +616,49 @@ fn concurrency_bounds_the_items_at_once_whatever_the_batch() {
         assert!(w[1] - w[0] >= 99, "items finished together: {ends:?}");
     }
 }
+
+/// A jsonl command that takes one item at a time (no hello), at the
+/// default concurrency: the items beyond its processes wait for one
+/// outside their attempts, so none times out waiting. 48 items of 500 ms
+/// over the default 4 processes per core, under a 2 s item timeout
+/// (`--visibility-timeout 4`): each succeeds at its first attempt, which
+/// lasts about its own 500 ms.
+#[test]
+fn items_waiting_for_a_one_at_a_time_process_do_not_time_out() {
+    let env = Env::new();
+    let script = env.write(
+        "slow.sh",
+        r#"while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+  sleep 0.5
+  printf '{"id":"%s","status":"ok"}\n' "$id"
+done
+"#,
+    );
+    let ids: Vec<String> = (0..48).map(|i| format!("j{i:02}")).collect();
+    let scripts: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "ok")).collect();
+    let file = env.scripts("slow.jsonl", &scripts);
+    let cmd = format!("sh {script}");
+    let run = env.ok_json(&[
+        "run",
+        "--items",
+        &file,
+        "--json",
+        "--exec",
+        &cmd,
+        "--protocol",
+        "jsonl",
+        "--visibility-timeout",
+        "4",
+        "--retry-delay-ms",
+        "20",
+    ]);
+    assert_run(&run, "succeeded", 48, 48, 0, 0);
+    let run = run_id(&run);
+    for id in &ids {
+        let v = env.show(&run, id);
+        let took = v["history"][0]["duration_ms"].as_u64().unwrap();
+        assert_eq!(v["attempts"], 1, "{id}: {v}");
+        assert!(took < 2000, "{id}: {took} ms");
+    }
+}

@@ -821,3 +821,95 @@ async fn bounded_items_take_turns_without_their_wait_counting() {
         );
     }
 }
+
+/// What a processor says it can take at once bounds the items started
+/// too, under the worker's own bound.
+#[tokio::test]
+async fn a_processors_capacity_bounds_the_items_at_once() {
+    struct Two(Counting);
+    #[async_trait::async_trait]
+    impl settle_core::Processor for Two {
+        async fn process(
+            &self,
+            item: &Item,
+            ctx: &settle_core::AttemptContext,
+        ) -> Result<Option<settle_core::domain::Output>, settle_core::domain::ProcessError>
+        {
+            self.0.process(item, ctx).await
+        }
+        fn capacity(&self) -> Option<usize> {
+            Some(2)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let two = Arc::new(Two(Counting::default()));
+    let worker = Worker::new(
+        two.clone(),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            item_timeout: Some(Duration::from_millis(400)),
+            visibility: Some(VIS),
+            concurrency: Some(8),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send(
+            (0..8)
+                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    let resp = worker.handle(&batch, None).await;
+    assert!(resp.failures.is_empty(), "{:?}", resp.failures);
+    assert_eq!(two.0.most.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// An item that waited for its place into the invocation's last margin is
+/// not started: it goes back untouched, as one that arrived then would.
+#[tokio::test]
+async fn an_item_that_waited_into_the_deadline_margin_is_not_started() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let counting = Arc::new(Counting::default());
+    let worker = Worker::new(
+        counting.clone(),
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        WorkerConfig {
+            visibility: Some(VIS),
+            concurrency: Some(1),
+            deadline_margin: Duration::from_millis(100),
+            ..WorkerConfig::default()
+        },
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send((0..4).map(|i| body(&run, &format!("i{i}"), "ok", 3)).collect())
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    // Four items of 100 ms, one at a time, 250 ms before the end: the
+    // fourth could start at 300 ms at the earliest.
+    let now = settle_core::domain::now_millis();
+    let resp = worker
+        .handle(&batch, Some(Instant::now() + Duration::from_millis(250)))
+        .await;
+    let res = results(&drain(&e.results).await);
+    assert!(!res.is_empty() && res.len() < 4, "{res:?}");
+    for r in &res {
+        assert!(
+            r.attempt.started_at <= now + 150 + 1,
+            "{} started inside the margin",
+            r.item.as_str()
+        );
+    }
+    assert_eq!(resp.failures.len(), 4 - res.len(), "{:?}", resp.failures);
+}

@@ -876,6 +876,18 @@ enum Status {
 
 #[async_trait]
 impl Processor for Jsonl {
+    /// Until the command is known to say hello, as many items as the
+    /// processes that may start take one each: the first wave while it has
+    /// its grace, then every process. A command that says hello has no
+    /// limit of its own beyond `items`.
+    fn capacity(&self) -> Option<usize> {
+        match self.kind.load(Ordering::Acquire) {
+            SAYS_HELLO => None,
+            UNKNOWN if !self.first_wave_over() => Some(self.first_wave),
+            _ => Some(self.max_processes),
+        }
+    }
+
     async fn process(
         &self,
         item: &Item,

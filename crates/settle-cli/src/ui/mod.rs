@@ -52,6 +52,15 @@ impl Ui {
     }
 }
 
+/// Clears [`Ui::retrying`] when dropped: the end of a retry's processing.
+pub(crate) struct Retrying(Arc<Ui>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        *self.0.retrying() = None;
+    }
+}
+
 /// Serves until SIGINT or SIGTERM, then waits for a retry's processing
 /// (which stops at the same signal) so the database is left whole.
 pub async fn serve(d: Arc<Deployment>, args: UiArgs, stop: Stop) -> Result<ExitCode> {

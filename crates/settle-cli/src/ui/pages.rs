@@ -812,7 +812,10 @@ pub async fn retry(
     let run_id = run.id.clone();
     *ui.retrying() = Some(run.id.clone());
     tokio::spawn(async move {
+        // Dropped in this order, also if processing panics: the run's page
+        // stops saying "processing a retry", then the next retry may start.
         let _busy = busy;
+        let _retrying = super::Retrying(bg.clone());
         match commands::redrive_process(&bg.d, &run_id, &bg.process, chosen.as_ref(), n, &bg.stop).await {
             Ok(Finish::Done(..)) => {}
             Ok(Finish::Interrupted(..)) => eprintln!(
@@ -822,7 +825,6 @@ pub async fn retry(
                 "error: processing the retried items of run {run_id}: {e:#}; `settle resume {run_id}` finishes them"
             ),
         }
-        *bg.retrying() = None;
     });
     let link = run_link(&run.id);
     let mut body = format!(

@@ -77,6 +77,18 @@ pub trait Processor: Send + Sync + 'static {
         item: &Item,
         ctx: &AttemptContext,
     ) -> Result<Option<Output>, ProcessError>;
+
+    /// How many items it can work on at once right now without keeping one
+    /// waiting inside [`Processor::process`], when it knows better than the
+    /// worker's bound: a pool of processes that turned out to take one item
+    /// each. A worker with a bound
+    /// ([`crate::stages::work::WorkerConfig::concurrency`]) starts no more
+    /// attempts at once than this, so that an attempt's start, duration
+    /// and timeout begin when the item can really start. `None` (the
+    /// default): no limit of its own.
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One attempt of a batch handed to a [`BatchProcessor`].

@@ -43,9 +43,12 @@ pub struct WorkerConfig {
     pub visibility: Option<Duration>,
     /// Items worked on at once across all of this worker's batches, if
     /// bounded (the local runner's `--concurrency`; a Lambda worker has one
-    /// batch). An item waits for a place before its attempt starts, so the
-    /// wait counts neither in its duration nor against its timeout; its
-    /// message stays hidden meanwhile, with the rest of its batch.
+    /// batch), and never more than the processor's own
+    /// [`Processor::capacity`]. For a per-item processor only: a
+    /// [`BatchProcessor`] gets its batch whole. An item waits for a place
+    /// before its attempt starts, so the wait counts neither in its
+    /// duration nor against its timeout; with `visibility` set, its message
+    /// stays hidden meanwhile, with the rest of its batch.
     pub concurrency: Option<usize>,
 }
 
@@ -98,8 +101,74 @@ pub struct Worker {
     results: Arc<dyn Queue>,
     config: WorkerConfig,
     /// Places for items at once, when `config.concurrency` bounds them.
-    slots: Option<tokio::sync::Semaphore>,
+    places: Option<Places>,
     seen: Mutex<Seen>,
+}
+
+/// Places for the items a worker works on at once: at most its bound, in
+/// the order they ask (a FIFO semaphore), and at most what the processor
+/// says it can take now ([`Processor::capacity`]).
+#[derive(Debug)]
+struct Places {
+    bound: tokio::sync::Semaphore,
+    /// Places taken, for the processor's own limit.
+    taken: Mutex<usize>,
+    freed: tokio::sync::Notify,
+}
+
+/// How often a waiting item looks at the processor's capacity again,
+/// which can grow without a place being freed (a process said hello).
+const CAPACITY_RECHECK: Duration = Duration::from_millis(50);
+
+impl Places {
+    fn new(bound: usize) -> Self {
+        Self {
+            bound: tokio::sync::Semaphore::new(bound.max(1)),
+            taken: Mutex::default(),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn taken(&self) -> std::sync::MutexGuard<'_, usize> {
+        // Held for a count's update: a panic cannot leave it half-written.
+        self.taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn take(&self, processor: &dyn Processor) -> Place<'_> {
+        // Never closed: `ok()` only drops the Result.
+        let permit = self.bound.acquire().await.ok();
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut taken = self.taken();
+                if processor.capacity().is_none_or(|cap| *taken < cap.max(1)) {
+                    *taken += 1;
+                    return Place {
+                        places: self,
+                        _permit: permit,
+                    };
+                }
+            }
+            let _ = tokio::time::timeout(CAPACITY_RECHECK, freed).await;
+        }
+    }
+}
+
+/// A place taken; freed when dropped.
+struct Place<'a> {
+    places: &'a Places,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        *self.places.taken() -= 1;
+        self.places.freed.notify_waiters();
+    }
 }
 
 /// How many settled message ids a worker remembers.
@@ -237,9 +306,7 @@ impl Worker {
             work,
             dlq,
             results,
-            slots: config
-                .concurrency
-                .map(|n| tokio::sync::Semaphore::new(n.max(1))),
+            places: config.concurrency.map(Places::new),
             config,
             seen: Mutex::default(),
         }
@@ -389,10 +456,12 @@ impl Worker {
     /// [`Seen`]) and takes hold of the others until the returned [`Hold`]
     /// is dropped, also when the batch's future is (a cut-off invocation).
     fn copies(&self, batch: &[Delivery]) -> (Vec<Option<Plan>>, Hold<'_>) {
-        // The copy of a held message comes back once the holder is done
-        // (its attempt is bounded by the item timeout, its report by a
-        // visibility timeout): then it is settled (and acknowledged) or due
-        // for its retry.
+        // The copy of a held message comes back once the holder is likely
+        // done (its attempt is bounded by the item timeout, its report by a
+        // visibility timeout; an item waiting for a place takes longer, and
+        // a copy that comes back while it still waits is handed back
+        // again): then it is settled (and acknowledged) or due for its
+        // retry.
         let later = self.config.item_timeout.unwrap_or_default()
             + self.config.visibility.unwrap_or(self.config.retry_delay);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -513,11 +582,20 @@ impl Worker {
         let span = ready.span.clone();
         async {
             // A place among the items at once, for an attempt that runs.
-            // The semaphore is never closed: `ok()` only drops the Result.
-            let _slot = match (&self.slots, ready.exhausted) {
-                (Some(slots), false) => slots.acquire().await.ok(),
+            let _place = match (&self.places, ready.exhausted) {
+                (Some(places), false) => Some(places.take(processor.as_ref()).await),
                 _ => None,
             };
+            // The wait may have run into the invocation's end.
+            if let Some(deadline) = deadline {
+                if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin
+                {
+                    tracing::info!("not started: the invocation is about to end");
+                    return Plan::Retry {
+                        delay: Duration::ZERO,
+                    };
+                }
+            }
             let started_at = now_millis();
             let clock = Instant::now();
             let (outcome, log) = if ready.exhausted {

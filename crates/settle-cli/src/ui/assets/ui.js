@@ -2,7 +2,7 @@
 // page's tally, a settling run's row on the runs page) polls that run's
 // JSON while the page is open (slower while the tab is hidden or the run
 // is quiet; a row stops once its run has settled, and any element stops
-// at an answer that polling again cannot change, such as 401 or 404),
+// at an answer that polling again cannot change: 401, 403, 404, 410, 421),
 // updates its own fields and bar in place, and draws the throughput it
 // samples in its chart. The "select every item" box ticks a page's failed
 // items. Nothing else needs script: every action is a link to a confirm
@@ -66,7 +66,8 @@
       var once = el.hasAttribute("data-live-until-settled");
       fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
         .then(function (r) {
-          if (r.status >= 400 && r.status < 500) return "stop";
+          // Gone or not allowed: asking again will not change that.
+          if ([401, 403, 404, 410, 421].indexOf(r.status) >= 0) return "stop";
           return r.ok ? r.json() : null;
         })
         .then(function (v) {
