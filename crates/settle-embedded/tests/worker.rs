@@ -892,7 +892,11 @@ async fn an_item_that_waited_into_the_deadline_margin_is_not_started() {
     );
     let run = RunId::generate(0);
     e.work
-        .send((0..4).map(|i| body(&run, &format!("i{i}"), "ok", 3)).collect())
+        .send(
+            (0..4)
+                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
+                .collect(),
+        )
         .await
         .unwrap();
     let batch = e.work.receive(10, VIS).await.unwrap();
