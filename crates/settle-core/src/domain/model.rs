@@ -513,10 +513,13 @@ impl ItemRecord {
                     self.status = ItemStatus::Succeeded;
                 }
             },
-            AttemptOutcome::Failed {
-                error, terminal, ..
-            } => {
-                self.last_error = Some(error.clone());
+            AttemptOutcome::Failed { terminal, .. } => {
+                // The latest failed attempt's error, in whatever order the
+                // results arrive (a queue need not keep theirs).
+                self.last_error = self.history.iter().rev().find_map(|h| match &h.outcome {
+                    AttemptOutcome::Failed { error, .. } => Some(error.clone()),
+                    AttemptOutcome::Succeeded => None,
+                });
                 if *terminal && self.status == ItemStatus::Pending {
                     delta.failed = 1;
                     self.status = ItemStatus::Failed;
@@ -784,6 +787,34 @@ mod tests {
         );
         assert_eq!(r.status, ItemStatus::Pending);
         assert_eq!(r.last_error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn the_last_error_is_the_latest_attempts_in_any_order() {
+        let failed = |n: u32, terminal: bool| {
+            let mut a = attempt(n, &format!("m{n}"), fail(terminal));
+            if let AttemptOutcome::Failed { error, .. } = &mut a.outcome {
+                *error = format!("failure {n} of 3");
+            }
+            a
+        };
+        for order in [[1, 2, 3], [3, 2, 1], [2, 3, 1], [1, 3, 2]] {
+            let mut r = ItemRecord::default();
+            let mut total = TallyDelta::default();
+            for n in order {
+                total.add(r.apply(&failed(n, n == 3), 1).unwrap());
+            }
+            assert_eq!(r.last_error.as_deref(), Some("failure 3 of 3"), "{order:?}");
+            assert_eq!((r.status, r.attempts), (ItemStatus::Failed, 3), "{order:?}");
+            assert_eq!(
+                total,
+                TallyDelta {
+                    succeeded: 0,
+                    failed: 1
+                },
+                "{order:?}"
+            );
+        }
     }
 
     #[test]
