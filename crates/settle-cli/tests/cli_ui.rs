@@ -401,6 +401,17 @@ fn pages_show_the_exact_tally_and_failures_by_reason() {
     }
 }
 
+/// Retries r1 alone as the pages do: the confirm step says 1, the POST
+/// moves 1.
+fn retry_r1(ui: &Server, run: &str) {
+    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
+        .expect(200)
+        .has("This will move <strong data-field=\"will-move\">1</strong> item");
+    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
+        .expect(200)
+        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+}
+
 #[test]
 fn a_retry_moves_exactly_what_it_confirmed() {
     let env = Env::new();
@@ -408,12 +419,7 @@ fn a_retry_moves_exactly_what_it_confirmed() {
     let ui = Server::start(&env, &[]);
 
     // One item: the confirm step says 1, the retry moves it, it succeeds.
-    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
-        .expect(200)
-        .has("This will move <strong data-field=\"will-move\">1</strong> item");
-    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
-        .expect(200)
-        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+    retry_r1(&ui, &run);
     let v = ui.settled(&run);
     assert_eq!(
         (&v["succeeded"], &v["failed"], &v["status"]),
@@ -1313,12 +1319,7 @@ fn aws_pages_and_a_retry_read_the_stack_through_the_same_ports() {
         reason_rows(&page.body),
         [(2, RETRYABLE.to_owned()), (1, PERMANENT.to_owned())]
     );
-    ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
-        .expect(200)
-        .has("This will move <strong data-field=\"will-move\">1</strong> item");
-    ui.post(&format!("/runs/{run}/retry"), "scope=item&item=r1")
-        .expect(200)
-        .has("Moved <strong data-field=\"moved\">1</strong> item; not moved: <strong data-field=\"not-moved\">0</strong>");
+    retry_r1(&ui, &run);
     let v = ui.settled(&run);
     assert_eq!(
         (&v["succeeded"], &v["failed"], &v["total"]),

@@ -751,6 +751,36 @@ async fn the_response_counts_each_runs_attempts() {
     assert_eq!(response.runs.len(), 2);
 }
 
+/// A fresh database, a worker over it with `processor` and `config`, and
+/// a batch of `n` items that succeed (in hand, received).
+async fn in_hand(
+    processor: Arc<dyn settle_core::Processor>,
+    config: WorkerConfig,
+    n: usize,
+) -> (Embedded, Worker, Vec<Delivery>) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
+    let worker = Worker::new(
+        processor,
+        Arc::new(e.work.clone()),
+        Arc::new(e.dlq.clone()),
+        Arc::new(e.results.clone()),
+        config,
+    );
+    let run = RunId::generate(0);
+    e.work
+        .send(
+            (0..n)
+                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let batch = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(batch.len(), n);
+    (e, worker, batch)
+}
+
 /// Counts the attempts in its hands, and the most at once; each takes 100 ms.
 #[derive(Default)]
 struct Counting {
@@ -780,32 +810,14 @@ impl settle_core::Processor for Counting {
 /// lasting its own 100 ms.
 #[tokio::test]
 async fn bounded_items_take_turns_without_their_wait_counting() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
     let counting = Arc::new(Counting::default());
-    let worker = Worker::new(
-        counting.clone(),
-        Arc::new(e.work.clone()),
-        Arc::new(e.dlq.clone()),
-        Arc::new(e.results.clone()),
-        WorkerConfig {
-            item_timeout: Some(Duration::from_millis(400)),
-            visibility: Some(VIS),
-            concurrency: Some(1),
-            ..WorkerConfig::default()
-        },
-    );
-    let run = RunId::generate(0);
-    e.work
-        .send(
-            (0..8)
-                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    let batch = e.work.receive(10, VIS).await.unwrap();
-    assert_eq!(batch.len(), 8);
+    let config = WorkerConfig {
+        item_timeout: Some(Duration::from_millis(400)),
+        visibility: Some(VIS),
+        concurrency: Some(1),
+        ..WorkerConfig::default()
+    };
+    let (e, worker, batch) = in_hand(counting.clone(), config, 8).await;
     let resp = worker.handle(&batch, None).await;
     assert!(resp.failures.is_empty(), "{:?}", resp.failures);
     assert_eq!(counting.most.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -841,31 +853,14 @@ async fn a_processors_capacity_bounds_the_items_at_once() {
             Some(2)
         }
     }
-    let dir = tempfile::tempdir().unwrap().keep();
-    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
     let two = Arc::new(Two(Counting::default()));
-    let worker = Worker::new(
-        two.clone(),
-        Arc::new(e.work.clone()),
-        Arc::new(e.dlq.clone()),
-        Arc::new(e.results.clone()),
-        WorkerConfig {
-            item_timeout: Some(Duration::from_millis(400)),
-            visibility: Some(VIS),
-            concurrency: Some(8),
-            ..WorkerConfig::default()
-        },
-    );
-    let run = RunId::generate(0);
-    e.work
-        .send(
-            (0..8)
-                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    let batch = e.work.receive(10, VIS).await.unwrap();
+    let config = WorkerConfig {
+        item_timeout: Some(Duration::from_millis(400)),
+        visibility: Some(VIS),
+        concurrency: Some(8),
+        ..WorkerConfig::default()
+    };
+    let (_e, worker, batch) = in_hand(two.clone(), config, 8).await;
     let resp = worker.handle(&batch, None).await;
     assert!(resp.failures.is_empty(), "{:?}", resp.failures);
     assert_eq!(two.0.most.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -875,31 +870,13 @@ async fn a_processors_capacity_bounds_the_items_at_once() {
 /// not started: it goes back untouched, as one that arrived then would.
 #[tokio::test]
 async fn an_item_that_waited_into_the_deadline_margin_is_not_started() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let e = Embedded::open(&dir.join("s.db")).await.unwrap();
-    let counting = Arc::new(Counting::default());
-    let worker = Worker::new(
-        counting.clone(),
-        Arc::new(e.work.clone()),
-        Arc::new(e.dlq.clone()),
-        Arc::new(e.results.clone()),
-        WorkerConfig {
-            visibility: Some(VIS),
-            concurrency: Some(1),
-            deadline_margin: Duration::from_millis(100),
-            ..WorkerConfig::default()
-        },
-    );
-    let run = RunId::generate(0);
-    e.work
-        .send(
-            (0..4)
-                .map(|i| body(&run, &format!("i{i}"), "ok", 3))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    let batch = e.work.receive(10, VIS).await.unwrap();
+    let config = WorkerConfig {
+        visibility: Some(VIS),
+        concurrency: Some(1),
+        deadline_margin: Duration::from_millis(100),
+        ..WorkerConfig::default()
+    };
+    let (e, worker, batch) = in_hand(Arc::new(Counting::default()), config, 4).await;
     // Four items of 100 ms, one at a time, 250 ms before the end: the
     // fourth could start at 300 ms at the earliest.
     let now = settle_core::domain::now_millis();
