@@ -9,7 +9,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use settle_core::message::MAX_BODY_BYTES;
-use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH};
+use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH, MAX_SEND_DELAY};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -122,7 +122,7 @@ impl Queue for SqsQueue {
         &self.name
     }
 
-    async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
+    async fn send_delayed(&self, bodies: Vec<(String, Duration)>) -> Result<(), PortError> {
         if bodies.len() > MAX_QUEUE_BATCH {
             return Err(PortError::Invalid(format!(
                 "send to {}: {} messages; a batch holds at most {MAX_QUEUE_BATCH}",
@@ -130,22 +130,34 @@ impl Queue for SqsQueue {
                 bodies.len()
             )));
         }
-        let total: usize = bodies.iter().map(String::len).sum();
+        let total: usize = bodies.iter().map(|(b, _)| b.len()).sum();
         if total > MAX_BODY_BYTES {
             return Err(PortError::Invalid(format!(
                 "send to {}: {total} bytes in one batch; SQS takes at most {MAX_BODY_BYTES}",
                 self.name
             )));
         }
-        let mut pending: Vec<(usize, String)> = bodies.into_iter().enumerate().collect();
+        if let Some((_, d)) = bodies.iter().find(|(_, d)| *d > MAX_SEND_DELAY) {
+            return Err(PortError::Invalid(format!(
+                "send to {}: a delay of {} s; SQS delays a message by at most {} s",
+                self.name,
+                d.as_secs(),
+                MAX_SEND_DELAY.as_secs()
+            )));
+        }
+        let mut pending: Vec<(usize, (String, Duration))> =
+            bodies.into_iter().enumerate().collect();
         let mut tries = 0;
         while !pending.is_empty() {
             let entries = pending
                 .iter()
-                .map(|(i, body)| {
+                .map(|(i, (body, delay))| {
+                    // Whole seconds, rounded up: never received early.
+                    let secs = whole_secs(*delay);
                     SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
                         .message_body(body.clone())
+                        .set_delay_seconds((secs > 0).then_some(secs))
                         .build()
                         .map_err(|e| PortError::backend("SQS.SendMessageBatch", e))
                 })

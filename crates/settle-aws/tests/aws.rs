@@ -158,6 +158,7 @@ async fn a_run_settles_exactly_and_its_calls_are_counted() {
         b.work.as_ref(),
         &run.id,
         None,
+        false,
     )
     .await
     .unwrap();

@@ -130,6 +130,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                 b.work.as_ref(),
                 &record.id,
                 None,
+                false,
             );
             // Dispatch saves its progress page by page: cut off anywhere, a
             // resume goes on from the last page saved (a resent message is
@@ -166,7 +167,8 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                 }
             );
             let chosen = local_processor(d, &run, &p)?;
-            let finished = process(d, &run.id, &p, chosen.as_ref(), Until::Settled, stop).await?;
+            let finished =
+                process(d, &run.id, &p, chosen.as_ref(), Until::Settled, true, stop).await?;
             if let Finish::Done(settled, ..) = &finished {
                 drop_extra_dead_letters(d, settled).await?;
             }
@@ -326,6 +328,7 @@ async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
         &args.process,
         chosen.as_ref(),
         Until::Settled,
+        false,
         stop,
     )
     .await?;
@@ -758,7 +761,7 @@ pub(crate) async fn redrive_move(
             run.id
         );
         if let Finish::Interrupted(run, signal) =
-            process(d, &run.id, p, chosen, Until::Drained, stop)
+            process(d, &run.id, p, chosen, Until::Drained, true, stop)
                 .await
                 .context("processing an earlier redrive's items")?
         {
@@ -794,7 +797,7 @@ pub(crate) async fn redrive_process(
     moved: u64,
     stop: &Stop,
 ) -> Result<Finish> {
-    let finished = match process(d, run, p, chosen, Until::Drained, stop)
+    let finished = match process(d, run, p, chosen, Until::Drained, true, stop)
         .await
         .context("processing the redriven items")?
     {

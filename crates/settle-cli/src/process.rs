@@ -67,9 +67,11 @@ pub fn runner(d: &Deployment, args: &ProcessArgs, chosen: &Chosen) -> Runner {
             // Every item of the batches in flight is handed over at once;
             // `--concurrency` bounds how many of them run.
             concurrency: Some(chosen.items),
+            result_lag: Some(d.results_visibility(visibility) + d.reducer_window()),
             ..WorkerConfig::default()
         },
-    );
+    )
+    .reading(b.ledger.clone());
     Runner {
         worker: Arc::new(worker),
         work,
@@ -100,6 +102,7 @@ pub async fn process(
     args: &ProcessArgs,
     chosen: Option<&Chosen>,
     until: Until,
+    resumed: bool,
     stop: &Stop,
 ) -> Result<Finish> {
     let started = Instant::now();
@@ -129,6 +132,7 @@ pub async fn process(
                 b.work.as_ref(),
                 &run,
                 None,
+                resumed,
             )
             .await
         })

@@ -305,6 +305,13 @@ impl Queue for FaultyQueue {
         self.faults.after("queue.send", res)
     }
 
+    async fn send_delayed(&self, messages: Vec<(String, Duration)>) -> Result<(), PortError> {
+        self.send_malformed().await;
+        self.faults.before("queue.send")?;
+        let res = self.inner.send_delayed(messages).await;
+        self.faults.after("queue.send", res)
+    }
+
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError> {
         self.faults.before("queue.receive")?;
         let got = self.inner.receive(max, visibility).await?;

@@ -48,6 +48,10 @@ pub struct Subject {
     pub idempotency: Arc<dyn IdempotencyStore>,
     /// The work queue's redrive limit: receives before a message moves to `dlq`.
     pub work_max_receives: u32,
+    /// Whether the CLI keeps one dead letter per failed item when a run
+    /// settles ([`settle_core::Capabilities::cheap_dlq_scan`]): then the
+    /// simulation does the same and asserts exactly one.
+    pub cheap_dlq_scan: bool,
 }
 
 /// The visibility timeout the clauses use: SQS counts whole seconds.

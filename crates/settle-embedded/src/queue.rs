@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use settle_core::domain::now_millis;
 use settle_core::message::MAX_BODY_BYTES;
-use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH};
+use settle_core::ports::{Delivery, PortError, Queue, QueueDepth, MAX_QUEUE_BATCH, MAX_SEND_DELAY};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -136,6 +136,30 @@ pub struct EmbeddedQueue {
 }
 
 impl EmbeddedQueue {
+    /// Stores one page of `bodies` with their slots' state.
+    async fn put<'a>(
+        &self,
+        bodies: impl ExactSizeIterator<Item = &'a str> + Clone,
+        slots: Vec<Slot>,
+    ) -> Result<(), PortError> {
+        check_batch("send", bodies.len())?;
+        let total: usize = bodies.clone().map(str::len).sum();
+        if total > MAX_BODY_BYTES {
+            return Err(PortError::Invalid(format!(
+                "the batch's bodies are {total} bytes together; at most {MAX_BODY_BYTES}"
+            )));
+        }
+        let id = self.id;
+        let blob = encode_bodies(bodies);
+        self.db
+            .write(move |c| {
+                insert_page(c, id, &slots, &blob, None)?;
+                Ok(())
+            })
+            .await
+            .map_err(port_err("SendMessageBatch"))
+    }
+
     /// Opens the queue `name`, creating it if needed.
     pub(crate) async fn open(db: &Db, name: &str) -> Result<Self, DbError> {
         let owned = name.to_owned();
@@ -248,15 +272,6 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
-        check_batch("send", bodies.len())?;
-        let total: usize = bodies.iter().map(String::len).sum();
-        if total > MAX_BODY_BYTES {
-            return Err(PortError::Invalid(format!(
-                "the batch's bodies are {total} bytes together; at most {MAX_BODY_BYTES}"
-            )));
-        }
-        let id = self.id;
-        let blob = encode_bodies(bodies.iter().map(String::as_str));
         let slots = vec![
             Slot {
                 visible_at: 0,
@@ -264,13 +279,31 @@ impl Queue for EmbeddedQueue {
             };
             bodies.len()
         ];
-        self.db
-            .write(move |c| {
-                insert_page(c, id, &slots, &blob, None)?;
-                Ok(())
+        self.put(bodies.iter().map(String::as_str), slots).await
+    }
+
+    async fn send_delayed(&self, messages: Vec<(String, Duration)>) -> Result<(), PortError> {
+        if let Some((_, d)) = messages.iter().find(|(_, d)| *d > MAX_SEND_DELAY) {
+            return Err(PortError::Invalid(format!(
+                "a delay of {} s; a message is delayed by at most {} s",
+                d.as_secs(),
+                MAX_SEND_DELAY.as_secs()
+            )));
+        }
+        let now = now_millis() as i64;
+        let slots = messages
+            .iter()
+            .map(|(_, d)| Slot {
+                visible_at: if d.is_zero() {
+                    0
+                } else {
+                    now + d.as_millis() as i64
+                },
+                count: 0,
             })
+            .collect();
+        self.put(messages.iter().map(|(b, _)| b.as_str()), slots)
             .await
-            .map_err(port_err("SendMessageBatch"))
     }
 
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError> {

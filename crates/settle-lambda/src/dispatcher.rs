@@ -285,16 +285,22 @@ impl DispatcherFunction {
             }
         }
         let ledger = self.backend.ledger.as_ref();
-        let run = match request {
-            DispatchRequest::Resume(id) => ledger
-                .run(&id)
-                .await
-                .map_err(port("read the run"))?
-                .ok_or(DispatchError::UnknownRun(id))?,
+        // `resumed`: a retried trigger finds the run its first try created,
+        // whose dispatch may have sent more than it saved. A continuation
+        // saved its progress before it handed over.
+        let (run, resumed) = match request {
+            DispatchRequest::Resume(id) => (
+                ledger
+                    .run(&id)
+                    .await
+                    .map_err(port("read the run"))?
+                    .ok_or(DispatchError::UnknownRun(id))?,
+                false,
+            ),
             DispatchRequest::Scheduled { event_id, time_ms } => {
                 let id = derived_run_id(time_ms, &event_id);
                 match self.open_or_create(id, self.defaults.clone()).await? {
-                    Some(run) => run,
+                    Some(opened) => opened,
                     None => return Ok(nothing_pending()),
                 }
             }
@@ -311,7 +317,7 @@ impl DispatcherFunction {
                 };
                 let id = derived_run_id(now_millis(), request_id);
                 match self.open_or_create(id, config).await? {
-                    Some(run) => run,
+                    Some(opened) => opened,
                     None => return Ok(nothing_pending()),
                 }
             }
@@ -320,12 +326,19 @@ impl DispatcherFunction {
         check_max_receives(run.config.max_receives, self.queue_max_receives)?;
         let id = run.id;
         let b = &self.backend;
-        let done = dispatch::dispatch(b.source.as_ref(), ledger, b.work.as_ref(), &id, stop_at)
-            .await
-            .map_err(|source| DispatchError::Dispatch {
-                run: id.clone(),
-                source,
-            })?;
+        let done = dispatch::dispatch(
+            b.source.as_ref(),
+            ledger,
+            b.work.as_ref(),
+            &id,
+            stop_at,
+            resumed,
+        )
+        .await
+        .map_err(|source| DispatchError::Dispatch {
+            run: id.clone(),
+            source,
+        })?;
         let run = ledger
             .run(&id)
             .await
@@ -366,16 +379,17 @@ impl DispatcherFunction {
     }
 
     /// The run `id` if it exists (a retried trigger), else a new one, unless
-    /// nothing is pending (`None`: a tick with no work leaves no empty run).
+    /// nothing is pending (`None`: a tick with no work leaves no empty run);
+    /// with whether it existed.
     async fn open_or_create(
         &self,
         id: RunId,
         config: RunConfig,
-    ) -> Result<Option<RunRecord>, DispatchError> {
+    ) -> Result<Option<(RunRecord, bool)>, DispatchError> {
         let ledger = self.backend.ledger.as_ref();
         if let Some(run) = ledger.run(&id).await.map_err(port("read the run"))? {
             tracing::info!(run = %id, "this trigger created the run before; resuming it");
-            return Ok(Some(run));
+            return Ok(Some((run, true)));
         }
         check_max_receives(config.max_receives, self.queue_max_receives)?;
         let pending = self
@@ -392,14 +406,14 @@ impl DispatcherFunction {
         match ledger.create_run(&run).await {
             Ok(()) => {
                 tracing::info!(run = %id, pending, "run created");
-                Ok(Some(run))
+                Ok(Some((run, false)))
             }
             // Another invocation of the same trigger created it meanwhile.
             Err(PortError::Invalid(_)) => ledger
                 .run(&id)
                 .await
                 .map_err(port("read the run"))?
-                .map(Some)
+                .map(|run| Some((run, true)))
                 .ok_or(DispatchError::UnknownRun(id)),
             Err(e) => Err(port("create the run")(e)),
         }

@@ -79,6 +79,10 @@ impl WorkerSettings {
                     .filter(|v| !v.is_zero()),
                 // One batch per invocation: its size bounds it.
                 concurrency: None,
+                // The results queue's visibility plus the reducer's batching
+                // window: how long a result may take to reach the ledger.
+                result_lag: Some(env.millis("SETTLE_RESULT_LAG_MS", 182_000)?)
+                    .filter(|v| !v.is_zero()),
             },
         })
     }

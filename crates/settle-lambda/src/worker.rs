@@ -34,7 +34,8 @@ impl WorkerFunction {
                 backend.dlq.clone(),
                 backend.results.clone(),
                 config,
-            ),
+            )
+            .reading(backend.ledger.clone()),
             name: function_name(),
         }
     }
@@ -53,7 +54,8 @@ impl WorkerFunction {
                 backend.dlq.clone(),
                 backend.results.clone(),
                 config,
-            ),
+            )
+            .reading(backend.ledger.clone()),
             name: function_name(),
         }
     }

@@ -32,5 +32,6 @@ pub async fn fresh(work_max_receives: u32) -> Subject {
         ledger: b.ledger,
         idempotency: b.idempotency,
         work_max_receives,
+        cheap_dlq_scan: b.capabilities.cheap_dlq_scan,
     }
 }

@@ -12,6 +12,10 @@ use std::time::Duration;
 /// locally works on AWS.
 pub const MAX_QUEUE_BATCH: usize = 10;
 
+/// SQS's longest delay of a sent message: a message sent with a delay is
+/// received no sooner than that delay after the send.
+pub const MAX_SEND_DELAY: Duration = Duration::from_secs(15 * 60);
+
 /// Splits consecutive bodies into send batches that SQS accepts: at most
 /// [`MAX_QUEUE_BATCH`] entries and at most
 /// [`MAX_BODY_BYTES`](crate::wire::message::MAX_BODY_BYTES) in all. Returns index ranges.
@@ -114,6 +118,9 @@ impl QueueDepth {
 /// - Each receive increments the message's receive count. If the queue has a
 ///   dead-letter queue with a limit of `max_receives`, a message already
 ///   received that many times moves there instead of being delivered again.
+/// - A message sent with a delay is not received before that delay has
+///   passed (at most [`MAX_SEND_DELAY`]; SQS counts it in whole seconds,
+///   rounded up).
 /// - Send, receive and delete take at most [`MAX_QUEUE_BATCH`] entries.
 /// - A body, and all bodies of one send together, are at most
 ///   [`crate::wire::message::MAX_BODY_BYTES`] bytes (see [`send_batches`]).
@@ -124,7 +131,13 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     /// A name for messages and logs.
     fn name(&self) -> &str;
     /// Sends the bodies; all are stored when this returns `Ok`.
-    async fn send(&self, bodies: Vec<String>) -> Result<(), PortError>;
+    async fn send(&self, bodies: Vec<String>) -> Result<(), PortError> {
+        self.send_delayed(bodies.into_iter().map(|b| (b, Duration::ZERO)).collect())
+            .await
+    }
+    /// Sends each body with its own delay (at most [`MAX_SEND_DELAY`];
+    /// `PortError::Invalid` beyond); all are stored when this returns `Ok`.
+    async fn send_delayed(&self, messages: Vec<(String, Duration)>) -> Result<(), PortError>;
     /// Receives up to `max` visible messages and hides them for `visibility`.
     /// May return fewer than are visible, or none.
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, PortError>;

@@ -51,12 +51,15 @@ pub enum Dispatched {
 }
 
 /// Claims and enqueues until nothing is pending, or until `deadline`.
+/// `resumed`: an earlier dispatch of this run may have been cut off after
+/// it sent more than it saved (a crash, a kill, a retried invocation).
 pub async fn dispatch(
     source: &dyn Source,
     ledger: &dyn Ledger,
     queue: &dyn Queue,
     run_id: &RunId,
     deadline: Option<Instant>,
+    resumed: bool,
 ) -> Result<Dispatched, DispatchError> {
     let run = ledger
         .run(run_id)
@@ -70,6 +73,11 @@ pub async fn dispatch(
     // progress is saved. A save still follows its own page's sends.
     let mut page = source.claimed(run_id, cursor.as_deref(), PAGE).await?;
     let mut saved: Option<BoxFuture<'_, Result<(), PortError>>> = None;
+    // After an interruption, what a dead dispatch may have sent past its
+    // last saved page: the page it was sending and the next one, sent
+    // while that save was on its way. Marked, so that workers wait for a
+    // copy already queued instead of running the item twice.
+    let mut resent_pages: u8 = if resumed { 2 } else { 0 };
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             if let Some(save) = saved.take() {
@@ -95,19 +103,22 @@ pub async fn dispatch(
             continue;
         }
         let n = items.len() as u64;
+        let resent = resent_pages > 0;
+        resent_pages -= u8::from(resent);
         let bodies: Vec<String> = items
             .into_iter()
             .enumerate()
             // `enqueued` counts the items before `cursor`, so an item's seq
             // is the same however often a resumed dispatch resends it.
             .map(|(i, item)| {
-                WorkBody::new(
+                let mut body = WorkBody::new(
                     run_id.clone(),
                     item,
                     enqueued + i as u64,
                     run.config.max_receives,
-                )
-                .encode()
+                );
+                body.resent = resent;
+                body.encode()
             })
             .collect();
         // Owned chunks: borrowing ones trip a higher-ranked lifetime error in tokio::spawn.

@@ -123,10 +123,10 @@ async fn scan(
         let mut reports = Vec::new();
         let mut marked = Vec::new();
         for (d, b) in parked.iter().filter(|(d, b)| !settled(d, b)) {
-            let attempts = (b.prior_attempts + d.receive_count.saturating_sub(1)).max(1);
+            let attempts = b.attempt();
             let error = format!(
-                "no result after {attempts} attempts: the work queue dead-lettered the message \
-                 (the worker crashed or timed out on each)"
+                "no result after attempt {attempts}: the work queue dead-lettered the message \
+                 (the worker crashed or timed out on each receive)"
             );
             reports.push(
                 ResultBody {

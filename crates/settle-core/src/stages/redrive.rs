@@ -231,11 +231,13 @@ impl Scan<'_> {
             }
             let bodies: Vec<String> = moves
                 .iter()
-                .map(|(d, b)| {
-                    // Attempts keep counting across the redrive.
+                .map(|(_, b)| {
+                    // Attempts keep counting across the redrive. A message
+                    // the queue parked by itself made its attempt (it died
+                    // on each receive).
                     let prior = match &b.dead {
                         Some(dead) => dead.attempts,
-                        None => b.prior_attempts + d.receive_count.saturating_sub(1),
+                        None => b.attempt(),
                     };
                     WorkBody {
                         prior_attempts: prior,

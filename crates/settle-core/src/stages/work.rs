@@ -2,26 +2,35 @@
 //! response out. Each message settles on its own: a processor error, a
 //! panic, a timeout or an undecodable body affects only that message.
 
-use crate::domain::ports::{send_batches, Delivery, PortError, Queue, MAX_QUEUE_BATCH};
+use crate::domain::ports::{
+    send_batches, Delivery, Ledger, PortError, Queue, MAX_QUEUE_BATCH, MAX_SEND_DELAY,
+};
 use crate::domain::processor::{AttemptContext, BatchAttempt, BatchProcessor, Processor};
 use crate::domain::{
-    bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, Output, ProcessError, RunId,
-    MAX_OUTPUT_BYTES,
+    bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ItemId, ItemStatus, Output,
+    ProcessError, RunId, MAX_OUTPUT_BYTES,
 };
-use crate::wire::message::{pack_results, DeadLetter, ResultBody, WorkBody};
+use crate::wire::message::{pack_results, DeadLetter, DecodeError, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-/// SQS's longest visibility timeout: the longest a retry can be put off.
+mod memory;
+mod places;
+
+use memory::{Hold, ItemKey, Known, Memory, Seen};
+use places::Places;
+
+/// The longest a retry can be put off (SQS's longest visibility timeout):
+/// a processor's longer retry-after is capped at it, and the attempt says so.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
 /// The default cap on a retry's delay ([`WorkerConfig::max_retry_delay`]).
@@ -30,7 +39,7 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 /// Tuning of the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Delay before the first retry of a retryable failure; doubles per receive.
+    /// Delay before the first retry of a retryable failure; doubles per attempt.
     pub retry_delay: Duration,
     /// Cap on the retry delay.
     pub max_retry_delay: Duration,
@@ -50,6 +59,13 @@ pub struct WorkerConfig {
     /// duration nor against its timeout; with `visibility` set, its message
     /// stays hidden meanwhile, with the rest of its batch.
     pub concurrency: Option<usize>,
+    /// How long a reported result may take to reach the ledger: the results
+    /// queue's visibility timeout (a reducer that died holding a result
+    /// makes it wait that long) plus the reducers' batching window. A
+    /// message delivered again, or sent again by a resumed dispatch, with
+    /// no outcome known waits this long once before it runs. Without it,
+    /// the item timeout plus the visibility timeout.
+    pub result_lag: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -61,6 +77,7 @@ impl Default for WorkerConfig {
             deadline_margin: Duration::from_secs(2),
             visibility: None,
             concurrency: None,
+            result_lag: None,
         }
     }
 }
@@ -70,6 +87,9 @@ impl Default for WorkerConfig {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchResponse {
     pub failures: Vec<String>,
+    /// The latest receipt of a message that was received again while this
+    /// batch held it, by message id: only the latest receipt deletes it.
+    pub receipts: HashMap<String, String>,
     /// What the batch's attempts came to, per run: the worker's metrics.
     pub runs: BTreeMap<RunId, RunCounts>,
 }
@@ -102,123 +122,10 @@ pub struct Worker {
     config: WorkerConfig,
     /// Places for items at once, when `config.concurrency` bounds them.
     places: Option<Places>,
-    seen: Mutex<Seen>,
-}
-
-/// Places for the items a worker works on at once: at most its bound, in
-/// the order they ask (a FIFO semaphore), and at most what the processor
-/// says it can take now ([`Processor::capacity`]).
-#[derive(Debug)]
-struct Places {
-    bound: tokio::sync::Semaphore,
-    /// Places taken, for the processor's own limit.
-    taken: Mutex<usize>,
-    freed: tokio::sync::Notify,
-}
-
-/// How often a waiting item looks at the processor's capacity again,
-/// which can grow without a place being freed (a process said hello).
-const CAPACITY_RECHECK: Duration = Duration::from_millis(50);
-
-impl Places {
-    fn new(bound: usize) -> Self {
-        Self {
-            bound: tokio::sync::Semaphore::new(bound.max(1)),
-            taken: Mutex::default(),
-            freed: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn taken(&self) -> std::sync::MutexGuard<'_, usize> {
-        // Held for a count's update: a panic cannot leave it half-written.
-        self.taken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    async fn take(&self, processor: &dyn Processor) -> Place<'_> {
-        // Never closed: `ok()` only drops the Result.
-        let permit = self.bound.acquire().await.ok();
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let mut taken = self.taken();
-                if processor.capacity().is_none_or(|cap| *taken < cap.max(1)) {
-                    *taken += 1;
-                    return Place {
-                        places: self,
-                        _permit: permit,
-                    };
-                }
-            }
-            let _ = tokio::time::timeout(CAPACITY_RECHECK, freed).await;
-        }
-    }
-}
-
-/// A place taken; freed when dropped.
-struct Place<'a> {
-    places: &'a Places,
-    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        *self.places.taken() -= 1;
-        self.places.freed.notify_waiters();
-    }
-}
-
-/// How many settled message ids a worker remembers.
-const SETTLED_MEMORY: usize = 4096;
-
-/// The messages this worker holds now, and the last ones it settled.
-///
-/// A queue delivers a message again once its visibility runs out, and so
-/// it may while its attempt is still reporting (a queue call stalled
-/// longer than the heartbeat's margin), or after it settled but before its
-/// delete landed. Processing such a copy would run the user's code twice
-/// for one attempt, retry a permanent failure and dead-letter the item
-/// twice. A copy of a message held here is handed back for later; a copy
-/// of a settled one is acknowledged (deleted with its new receipt, which
-/// the first delete's stale receipt could not do) without running again.
-/// This covers one process; a copy that reaches another process is the
-/// at-least-once delivery that the reducer and the idempotency keys absorb.
-#[derive(Debug, Default)]
-struct Seen {
-    held: HashSet<String>,
-    settled: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl Seen {
-    fn settle(&mut self, message_id: &str) {
-        if self.settled.insert(message_id.to_owned()) {
-            self.order.push_back(message_id.to_owned());
-            if self.order.len() > SETTLED_MEMORY {
-                if let Some(old) = self.order.pop_front() {
-                    self.settled.remove(&old);
-                }
-            }
-        }
-    }
-}
-
-/// The messages a batch holds; let go when dropped.
-struct Hold<'a> {
-    seen: &'a Mutex<Seen>,
-    held: Vec<String>,
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        for id in &self.held {
-            seen.held.remove(id);
-        }
-    }
+    memory: Memory,
+    /// Where the items' outcomes are read, if the worker may read them (see
+    /// [`Worker::reading`]).
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -256,24 +163,33 @@ struct Ready {
 }
 
 /// What became of one message, before anything is sent.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Plan {
-    /// Nothing to report (never started): deliver again.
+    /// Nothing to report: deliver this message again after `delay`. Only
+    /// for a copy of a message this worker holds, whose holder settles it.
     Retry { delay: Duration },
-    /// Report the result; then retry after `retry` if set, else the message is done.
+    /// Send `body` (this message's item, with its attempts so far) to the
+    /// work queue after `delay`; then this message is done. How an item
+    /// that got no attempt goes on without its receives counting.
+    Requeue { body: String, delay: Duration },
+    /// Report the result; then, if set, send the next attempt's message.
     Report {
         // Boxed: the other variants are a few words.
         result: Box<ResultBody>,
         dead_letter: Option<String>,
-        retry: Option<Duration>,
+        /// The retry: its message and its delay.
+        retry: Option<(String, Duration)>,
         /// The message was sent back by a redrive.
         redriven: bool,
     },
     /// Undecodable: park the raw body in the DLQ so nothing is lost.
     Malformed,
-    /// A copy of a message this worker already settled: acknowledge it.
+    /// A copy of a message whose attempt already settled: acknowledge it.
     Settled,
 }
+
+/// The items' outcomes read for one batch, by run and item.
+type Outcomes = HashMap<ItemKey, Known>;
 
 impl Worker {
     pub fn new(
@@ -308,29 +224,40 @@ impl Worker {
             results,
             places: config.concurrency.map(Places::new),
             config,
-            seen: Mutex::default(),
+            memory: Memory::default(),
+            ledger: None,
         }
+    }
+
+    /// Lets the worker read the items' outcomes before it runs them: one
+    /// [`Ledger::items`] call per batch. A message whose item already
+    /// succeeded, or already failed for good (until a redrive sends it
+    /// back), or whose attempt is already recorded (so its retry, if any,
+    /// was sent) is acknowledged without running the processor: a
+    /// leftover duplicate never runs an item again, and a permanent
+    /// failure is not attempted again before a redrive.
+    pub fn reading(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Handles a batch. Items run concurrently. `deadline` is when the
     /// invocation ends (Lambda's remaining time); items not started by then
-    /// minus the margin are reported for retry untouched.
+    /// minus the margin are sent again untouched, their attempt not used.
     pub async fn handle(&self, batch: &[Delivery], deadline: Option<Instant>) -> BatchResponse {
-        let (plans, mut failed) = self
+        let (plans, mut failed, receipts) = self
             .with_heartbeat(batch, self.report(batch, deadline))
             .await;
         let runs = counts(&plans, &failed);
         for (i, plan) in plans.iter().enumerate() {
-            let delay = match plan {
-                Plan::Retry { delay } => Some(*delay),
-                Plan::Report { retry, .. } => *retry,
-                Plan::Malformed | Plan::Settled => None,
-            };
-            if let Some(delay) = delay {
+            if let Plan::Retry { delay } = plan {
                 failed[i] = true;
-                // Best effort: without it the visibility timeout paces the retry.
-                if let Err(e) = self.work.change_visibility(&batch[i].receipt, delay).await {
-                    tracing::debug!(error = %e, message_id = %batch[i].message_id, "could not set retry delay");
+                let receipt = receipts
+                    .get(&batch[i].message_id)
+                    .unwrap_or(&batch[i].receipt);
+                // Best effort: without it the visibility timeout paces it.
+                if let Err(e) = self.work.change_visibility(receipt, *delay).await {
+                    tracing::debug!(error = %e, message_id = %batch[i].message_id, "could not set the delay");
                 }
             }
         }
@@ -342,16 +269,18 @@ impl Worker {
                 .filter(|(_, f)| *f)
                 .map(|(d, _)| d.message_id.clone())
                 .collect(),
+            receipts,
             runs,
         }
     }
 
     /// Runs `work` while keeping the batch's messages hidden: every third
     /// of [`WorkerConfig::visibility`] their visibility is extended by a
-    /// whole one, so that a message is not delivered again (and its item
-    /// processed twice, or dead-lettered twice) while its attempt, its dead
-    /// letter or its result is still on its way. Stops before the retry
-    /// delays are set, which it would otherwise undo.
+    /// whole one, with each message's latest receipt, so that a message is
+    /// not delivered again (and its item processed twice, or dead-lettered
+    /// twice) while its attempt, its dead letter or its result is still on
+    /// its way. Stops before the retry delays are set, which it would
+    /// otherwise undo.
     async fn with_heartbeat<T>(&self, batch: &[Delivery], work: impl Future<Output = T>) -> T {
         let Some(visibility) = self.config.visibility else {
             return work.await;
@@ -360,7 +289,9 @@ impl Worker {
             loop {
                 tokio::time::sleep(visibility / 3).await;
                 for d in batch {
-                    if let Err(e) = self.work.change_visibility(&d.receipt, visibility).await {
+                    let receipt = self.memory.receipt(&d.message_id);
+                    let receipt = receipt.as_deref().unwrap_or(&d.receipt);
+                    if let Err(e) = self.work.change_visibility(receipt, visibility).await {
                         tracing::debug!(error = %e, message_id = %d.message_id, "could not extend visibility");
                     }
                 }
@@ -373,53 +304,72 @@ impl Worker {
         }
     }
 
-    /// Plans every message, then sends the dead letters and the results;
-    /// returns the plans and which messages must come back.
+    /// Plans every message, then sends the dead letters, the next
+    /// attempts' messages and the results; returns the plans, which
+    /// messages must come back, and the latest receipts of those received
+    /// again meanwhile.
     async fn report(
         &self,
         batch: &[Delivery],
         deadline: Option<Instant>,
-    ) -> (Vec<Plan>, Vec<bool>) {
-        let (known, hold) = self.copies(batch);
-        let copy: Vec<bool> = known.iter().map(Option::is_some).collect();
+    ) -> (Vec<Plan>, Vec<bool>, HashMap<String, String>) {
+        // The copy of a held message comes back once the holder is likely
+        // done (its attempt is bounded by the item timeout, its report by a
+        // visibility timeout; an item waiting for a place takes longer, and
+        // a copy that comes back while it still waits is handed back
+        // again): by then the holder has deleted it with this copy's
+        // receipt, or it is settled here and acknowledged.
+        let later = self.config.item_timeout.unwrap_or_default()
+            + self.config.visibility.unwrap_or(self.config.retry_delay);
+        let (seen, mut hold) = self.memory.take(batch, later);
+        let copy: Vec<bool> = seen.iter().map(|s| matches!(s, Seen::Copy(_))).collect();
+        let bodies: Vec<Option<Result<WorkBody, DecodeError>>> = batch
+            .iter()
+            .zip(&seen)
+            .map(|(d, s)| matches!(s, Seen::New).then(|| WorkBody::decode(&d.body)))
+            .collect();
+        let outcomes = self.outcomes(&bodies).await;
+        let mut gates: Vec<Option<Gate>> = batch
+            .iter()
+            .zip(seen)
+            .zip(bodies)
+            .map(|((d, seen), body)| match (seen, body) {
+                (Seen::Copy(plan) | Seen::Unsent(plan), _) => Some(Gate::Settled(plan)),
+                (Seen::New, Some(body)) => {
+                    Some(self.gate(d, body, deadline, outcomes.as_ref(), &mut hold, later))
+                }
+                (Seen::New, None) => None,
+            })
+            .collect();
         let plans = match &self.engine {
             Engine::Each(processor) => {
-                futures::future::join_all(batch.iter().zip(known).map(|(d, known)| async {
-                    match known {
-                        Some(plan) => plan,
-                        None => self.plan(processor, d, deadline).await,
+                futures::future::join_all(batch.iter().zip(gates.iter_mut()).map(|(d, gate)| {
+                    let gate = gate.take().expect("one gate per message");
+                    async move {
+                        match gate {
+                            Gate::Settled(plan) => plan,
+                            Gate::Ready(ready) => self.plan(processor, d, ready, deadline).await,
+                        }
                     }
                 }))
                 .await
             }
             Engine::Batch(processor) => {
-                // The user's code sees only the messages this worker took hold of.
-                let fresh: Vec<Delivery> = batch
-                    .iter()
-                    .zip(&copy)
-                    .filter(|(_, c)| !**c)
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                let mut planned = self
-                    .plan_batch(processor, &fresh, deadline)
-                    .await
-                    .into_iter();
-                known
+                let gates: Vec<Gate> = gates
                     .into_iter()
-                    .map(|k| {
-                        k.or_else(|| planned.next())
-                            .expect("one plan per fresh message")
-                    })
-                    .collect()
+                    .map(|g| g.expect("one gate per message"))
+                    .collect();
+                self.plan_batch(processor, batch, gates, deadline).await
             }
         };
         let mut failed = vec![false; batch.len()];
 
-        // Dead letters first, results second: once the tally counts an item
-        // failed, its copy is already in the DLQ, so a redrive can always find
-        // it. A message whose copy or result was not stored is retried (a
-        // retry past the limit records "no outcome" and dead-letters again:
-        // a duplicate copy, never a missing one).
+        // Dead letters first, results last: once the tally counts an item
+        // failed, its copy is already in the DLQ, so a redrive can always
+        // find it; and once an attempt is recorded, its retry is already
+        // queued, so the gate may acknowledge a copy of its message (see
+        // [`Worker::reading`]). A message whose copy, retry or result was
+        // not stored comes back and runs its attempt again (counted once).
         let dead: Vec<(String, Vec<usize>)> = (0..batch.len())
             .filter_map(|i| match &plans[i] {
                 Plan::Report {
@@ -432,6 +382,18 @@ impl Worker {
             .collect();
         self.send_all(&self.dlq, dead, &mut failed, "dead-letter")
             .await;
+
+        let next: Vec<((String, Duration), Vec<usize>)> = (0..batch.len())
+            .filter(|&i| !failed[i])
+            .filter_map(|i| match &plans[i] {
+                Plan::Report {
+                    retry: Some(next), ..
+                } => Some((next.clone(), vec![i])),
+                Plan::Requeue { body, delay } => Some(((body.clone(), *delay), vec![i])),
+                _ => None,
+            })
+            .collect();
+        self.send_delayed_all(&self.work, next, &mut failed).await;
 
         // The batch's results travel together, one message for the lot.
         let (members, encoded): (Vec<usize>, Vec<String>) = (0..batch.len())
@@ -448,60 +410,81 @@ impl Worker {
         self.send_all(&self.results, reports, &mut failed, "send results")
             .await;
         self.remember(batch, &copy, &plans, &failed);
+        let receipts = hold.renewed(batch);
         drop(hold);
-        (plans, failed)
+        (plans, failed, receipts)
     }
 
-    /// Plans the copies of messages this worker holds or settled (see
-    /// [`Seen`]) and takes hold of the others until the returned [`Hold`]
-    /// is dropped, also when the batch's future is (a cut-off invocation).
-    fn copies(&self, batch: &[Delivery]) -> (Vec<Option<Plan>>, Hold<'_>) {
-        // The copy of a held message comes back once the holder is likely
-        // done (its attempt is bounded by the item timeout, its report by a
-        // visibility timeout; an item waiting for a place takes longer, and
-        // a copy that comes back while it still waits is handed back
-        // again): then it is settled (and acknowledged) or due for its
-        // retry.
-        let later = self.config.item_timeout.unwrap_or_default()
-            + self.config.visibility.unwrap_or(self.config.retry_delay);
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut held = Vec::new();
-        let plans = batch
+    /// Reads the outcomes of the decoded messages' items, if this worker
+    /// reads the ledger; `None` if the read failed.
+    async fn outcomes(&self, bodies: &[Option<Result<WorkBody, DecodeError>>]) -> Option<Outcomes> {
+        let Some(ledger) = &self.ledger else {
+            return Some(Outcomes::new());
+        };
+        let mut keys: Vec<(RunId, ItemId)> = bodies
             .iter()
-            .map(|d| {
-                if seen.settled.contains(&d.message_id) {
-                    tracing::info!(message_id = %d.message_id, "delivered again after it settled; acknowledged");
-                    Some(Plan::Settled)
-                } else if !seen.held.insert(d.message_id.clone()) {
-                    tracing::info!(message_id = %d.message_id, "delivered again while its attempt still runs; handed back");
-                    Some(Plan::Retry { delay: later })
-                } else {
-                    held.push(d.message_id.clone());
-                    None
-                }
-            })
+            .flatten()
+            .flatten()
+            .map(|b| (b.run.clone(), b.item.clone()))
             .collect();
-        (
-            plans,
-            Hold {
-                seen: &self.seen,
-                held,
-            },
-        )
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Some(Outcomes::new());
+        }
+        match ledger.items(&keys).await {
+            Ok(rows) => Some(
+                rows.into_iter()
+                    .map(|(k, v)| {
+                        let known = Known {
+                            status: v.value.status,
+                            attempts: v.value.attempts,
+                        };
+                        (k, known)
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the items' outcomes; their messages go round again");
+                None
+            }
+        }
     }
 
-    /// Remembers the batch's messages that settled for good: reported with
-    /// no retry to come, or parked as malformed.
+    /// Remembers what the batch's messages came to: those that settled
+    /// for good (reported, sent on, or parked as malformed), the items'
+    /// outcomes reported, and the outcomes that could not be reported.
     fn remember(&self, batch: &[Delivery], copy: &[bool], plans: &[Plan], failed: &[bool]) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for (i, d) in batch.iter().enumerate() {
-            let done = match &plans[i] {
-                Plan::Report { retry, .. } => retry.is_none(),
-                Plan::Malformed => true,
-                Plan::Retry { .. } | Plan::Settled => false,
-            };
-            if done && !copy[i] && !failed[i] {
-                seen.settle(&d.message_id);
+            if copy[i] {
+                continue;
+            }
+            match &plans[i] {
+                Plan::Report { result, .. } => {
+                    // Known here also when its report failed: its message
+                    // comes back with it, so another message of the item
+                    // must not run the attempt again meanwhile.
+                    if failed[i] {
+                        self.memory.unsent(&d.message_id, plans[i].clone());
+                    } else {
+                        self.memory.settled(&d.message_id);
+                    }
+                    let status = match &result.attempt.outcome {
+                        AttemptOutcome::Succeeded => ItemStatus::Succeeded,
+                        AttemptOutcome::Failed { terminal: true, .. } => ItemStatus::Failed,
+                        AttemptOutcome::Failed { .. } => ItemStatus::Pending,
+                    };
+                    let known = Known {
+                        status,
+                        attempts: result.attempt.attempt,
+                    };
+                    self.memory
+                        .reported((result.run.clone(), result.item.clone()), known);
+                }
+                Plan::Requeue { .. } | Plan::Malformed if !failed[i] => {
+                    self.memory.settled(&d.message_id)
+                }
+                _ => {}
             }
         }
     }
@@ -531,28 +514,132 @@ impl Worker {
         }
     }
 
-    /// Decodes a message and decides whether its item gets an attempt now.
-    fn gate(&self, d: &Delivery, deadline: Option<Instant>) -> Gate {
-        let body = match WorkBody::decode(&d.body) {
+    /// [`Worker::send_all`] for messages with a delay each.
+    async fn send_delayed_all(
+        &self,
+        queue: &Arc<dyn Queue>,
+        messages: Vec<((String, Duration), Vec<usize>)>,
+        failed: &mut [bool],
+    ) {
+        let sizes: Vec<usize> = messages.iter().map(|((b, _), _)| b.len()).collect();
+        for range in send_batches(&sizes) {
+            let chunk = &messages[range];
+            if let Err(e) = queue
+                .send_delayed(chunk.iter().map(|(m, _)| m.clone()).collect())
+                .await
+            {
+                tracing::error!(error = %e, "could not send the next attempts; the messages will be retried");
+                chunk
+                    .iter()
+                    .flat_map(|(_, of)| of)
+                    .for_each(|&i| failed[i] = true);
+            }
+        }
+    }
+
+    /// Decides whether a decoded message's item gets an attempt now.
+    fn gate(
+        &self,
+        d: &Delivery,
+        body: Result<WorkBody, DecodeError>,
+        deadline: Option<Instant>,
+        outcomes: Option<&Outcomes>,
+        hold: &mut Hold<'_>,
+        later: Duration,
+    ) -> Gate {
+        let mut body = match body {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(message_id = %d.message_id, error = %e, "undecodable message; dead-lettering it");
                 return Gate::Settled(Plan::Malformed);
             }
         };
-        let attempt = body.prior_attempts + d.receive_count;
+        let key = (body.run.clone(), body.item.clone());
+        let known = match (
+            outcomes.map(|o| o.get(&key).copied()),
+            self.memory.known(&key),
+        ) {
+            (Some(Some(a)), Some(b)) => Some(a.merge(b)),
+            (Some(a), b) => a.or(b),
+            // The ledger could not say: the message goes round again, its
+            // attempt unused, rather than risk running a settled item.
+            (None, None) => {
+                return Gate::Settled(Self::requeue(&body, self.config.retry_delay));
+            }
+            (None, b) => b,
+        };
+        if let Some(known) = known {
+            match known.status {
+                ItemStatus::Succeeded => {
+                    tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                        "the item already succeeded; acknowledged");
+                    return Gate::Settled(Plan::Settled);
+                }
+                // A redrive's message runs the next attempt after the
+                // recorded ones (a duplicate chain may have gone further
+                // than the dead letter it was sent from).
+                ItemStatus::Failed if body.redrive.is_some() => {
+                    body.prior_attempts = body.prior_attempts.max(known.attempts);
+                }
+                ItemStatus::Failed => {
+                    tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                        "the item already failed for good; acknowledged (a redrive runs it again)");
+                    return Gate::Settled(Plan::Settled);
+                }
+                ItemStatus::Pending if known.attempts >= body.attempt() => {
+                    tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                        attempt = body.attempt(), "this attempt is already recorded; acknowledged");
+                    return Gate::Settled(Plan::Settled);
+                }
+                ItemStatus::Pending => {}
+            }
+        }
+        // A dispatch that resumed may have sent this item twice: with no
+        // attempt known, the first message goes first.
+        if body.resent {
+            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                "sent again by a resumed dispatch with no outcome known; waiting for a copy");
+            body.resent = false;
+            return Gate::Settled(Self::requeue(&body, self.result_lag(later)));
+        }
+        // Delivered again, and neither this worker nor the ledger knows of
+        // its attempt: its holder may still be on it (in another process),
+        // or have reported just before it died, the result not yet reduced.
+        // Waiting once lets the ledger catch up, so that the copy is then
+        // acknowledged instead of run again. A worker that dies on every
+        // receive still reaches the limit below.
+        if d.receive_count == 2 {
+            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                "delivered again with no outcome known; waiting for it");
+            return Gate::Settled(Plan::Retry {
+                delay: self.result_lag(later),
+            });
+        }
+        if !self.memory.take_item(hold, &key, &d.message_id) {
+            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                "another message of this item is in hand; handed back");
+            return Gate::Settled(Plan::Retry { delay: later });
+        }
+        let attempt = body.attempt();
         let span = tracing::info_span!("item", run = %body.run, item = %body.item,
             message_id = %d.message_id, attempt);
         if let Some(deadline) = deadline {
             if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin {
                 span.in_scope(|| tracing::info!("not started: the invocation is about to end"));
-                return Gate::Settled(Plan::Retry {
-                    delay: Duration::ZERO,
-                });
+                return Gate::Settled(Self::requeue(&body, Duration::ZERO));
             }
         }
-        // A receive past the limit means the last attempt never reported
-        // (a crash or a kill); record that as terminal rather than run again.
+        if let Some(at) = body.not_before {
+            let now = now_millis();
+            if at > now {
+                return Gate::Settled(Self::requeue(&body, Duration::from_millis(at - now)));
+            }
+        }
+        // Received past the run's limit without an outcome: the attempt
+        // never reported, again and again (a processor that kills its
+        // worker); record that as terminal rather than run it again. The
+        // other receives that run nothing (a copy handed back, an item not
+        // started) send a fresh message instead, so they do not add up.
         let exhausted = d.receive_count > body.max_receives;
         Gate::Ready(Ready {
             body,
@@ -562,10 +649,29 @@ impl Worker {
         })
     }
 
-    fn no_outcome(body: &WorkBody) -> ProcessError {
+    /// How long a message with no outcome known waits once.
+    fn result_lag(&self, later: Duration) -> Duration {
+        self.config.result_lag.unwrap_or(later).max(later)
+    }
+
+    /// The message that carries `body`'s item on after `delay`, its
+    /// attempts unchanged; a delay longer than a queue allows is reached in
+    /// steps ([`WorkBody::not_before`]).
+    fn requeue(body: &WorkBody, delay: Duration) -> Plan {
+        let mut next = body.clone();
+        if delay > MAX_SEND_DELAY {
+            next.not_before = Some(now_millis() + delay.as_millis() as u64);
+        }
+        Plan::Requeue {
+            body: next.encode(),
+            delay: delay.min(MAX_SEND_DELAY),
+        }
+    }
+
+    fn no_outcome(d: &Delivery) -> ProcessError {
         ProcessError::retryable(format!(
             "no outcome after {} receives (the worker crashed or timed out)",
-            body.max_receives
+            d.receive_count.saturating_sub(1)
         ))
     }
 
@@ -573,12 +679,9 @@ impl Worker {
         &self,
         processor: &Arc<dyn Processor>,
         d: &Delivery,
+        ready: Ready,
         deadline: Option<Instant>,
     ) -> Plan {
-        let ready = match self.gate(d, deadline) {
-            Gate::Ready(ready) => ready,
-            Gate::Settled(plan) => return plan,
-        };
         let span = ready.span.clone();
         async {
             // A place among the items at once, for an attempt that runs.
@@ -591,15 +694,13 @@ impl Worker {
                 if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin
                 {
                     tracing::info!("not started: the invocation is about to end");
-                    return Plan::Retry {
-                        delay: Duration::ZERO,
-                    };
+                    return Self::requeue(&ready.body, Duration::ZERO);
                 }
             }
             let started_at = now_millis();
             let clock = Instant::now();
             let (outcome, log) = if ready.exhausted {
-                (Err(Self::no_outcome(&ready.body)), None)
+                (Err(Self::no_outcome(d)), None)
             } else {
                 self.run_processor(processor, &ready.body, ready.attempt, deadline)
                     .await
@@ -624,9 +725,9 @@ impl Worker {
         &self,
         processor: &Arc<dyn BatchProcessor>,
         batch: &[Delivery],
+        gates: Vec<Gate>,
         deadline: Option<Instant>,
     ) -> Vec<Plan> {
-        let gates: Vec<Gate> = batch.iter().map(|d| self.gate(d, deadline)).collect();
         let started_at = now_millis();
         let clock = Instant::now();
         let timeout_at = self.config.item_timeout.map(|t| clock + t);
@@ -653,7 +754,7 @@ impl Worker {
                 Gate::Settled(plan) => plan,
                 Gate::Ready(ready) => {
                     let (outcome, log) = if ready.exhausted {
-                        (Err(Self::no_outcome(&ready.body)), None)
+                        (Err(Self::no_outcome(d)), None)
                     } else {
                         outcomes.next().unwrap_or_else(|| {
                             (
@@ -690,7 +791,7 @@ impl Worker {
             other => Ok(other),
         });
         let duration_ms = elapsed.as_millis() as u64;
-        let last = d.receive_count >= body.max_receives;
+        let last = attempt >= body.max_receives || ready.exhausted;
         let mut output = None;
         let (outcome, dead_letter, retry) = match outcome {
             Ok(out) => {
@@ -699,8 +800,24 @@ impl Worker {
                 (AttemptOutcome::Succeeded, None, None)
             }
             Err(mut e) => {
-                e.message = bounded_error(e.message);
                 let terminal = e.kind == ErrorKind::Permanent || last;
+                // A processor's hint (an idempotency claim that another
+                // attempt holds until its deadline, a rate limit's
+                // Retry-After) can only lengthen the delay.
+                let mut delay = self.retry_delay(attempt);
+                if let Some(after) = e.retry_after.filter(|_| !terminal) {
+                    if after > MAX_VISIBILITY {
+                        cap_warning(after);
+                        e.message = format!(
+                            "{} (retry-after {} s capped at {} s)",
+                            e.message,
+                            after.as_secs(),
+                            MAX_VISIBILITY.as_secs()
+                        );
+                    }
+                    delay = delay.max(after.min(MAX_VISIBILITY));
+                }
+                e.message = bounded_error(e.message);
                 if terminal {
                     tracing::info!(error = %e.message, kind = ?e.kind, "failed for good; dead-lettering");
                 } else {
@@ -712,16 +829,21 @@ impl Worker {
                             error: e.message.clone(),
                             attempts: attempt,
                         }),
+                        not_before: None,
                         ..body.clone()
                     }
                     .encode()
                 });
-                // A processor's hint (an idempotency claim that another
-                // attempt holds until its deadline) can only lengthen it.
                 let retry = (!terminal).then(|| {
-                    let delay = self.retry_delay(d.receive_count);
-                    e.retry_after
-                        .map_or(delay, |after| delay.max(after.min(MAX_VISIBILITY)))
+                    let next = WorkBody {
+                        prior_attempts: attempt,
+                        not_before: None,
+                        ..body.clone()
+                    };
+                    match Self::requeue(&next, delay) {
+                        Plan::Requeue { body, delay } => (body, delay),
+                        _ => unreachable!("requeue plans a requeue"),
+                    }
                 });
                 let outcome = AttemptOutcome::Failed {
                     kind: e.kind,
@@ -849,12 +971,26 @@ impl Worker {
         (res, ctx.take_log())
     }
 
-    fn retry_delay(&self, receive_count: u32) -> Duration {
-        let exp = receive_count.saturating_sub(1).min(16);
+    /// The delay before the attempt after `attempt`.
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(16);
         let base = self.config.retry_delay.saturating_mul(1 << exp);
         let capped = base.min(self.config.max_retry_delay);
         // Up to 25% jitter, so a burst of failures does not retry in lockstep.
         capped + capped.mul_f64(fastrand::f64() * 0.25)
+    }
+}
+
+/// Says once per process that a processor asked for a retry later than
+/// [`MAX_VISIBILITY`]; each such attempt's error says it too.
+fn cap_warning(after: Duration) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "a processor asked to retry after {} s; retries are put off by at most {} s (12 h)",
+            after.as_secs(),
+            MAX_VISIBILITY.as_secs()
+        );
     }
 }
 
@@ -937,7 +1073,13 @@ pub async fn delete_done(
     let done: Vec<String> = batch
         .iter()
         .filter(|d| !response.failures.contains(&d.message_id))
-        .map(|d| d.receipt.clone())
+        .map(|d| {
+            response
+                .receipts
+                .get(&d.message_id)
+                .unwrap_or(&d.receipt)
+                .clone()
+        })
         .collect();
     let calls = done
         .chunks(MAX_QUEUE_BATCH)

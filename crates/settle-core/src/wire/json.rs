@@ -119,6 +119,12 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
             .num(dead.attempts.into())
             .raw("}");
     }
+    if b.resent {
+        o.raw(r#","resent":true"#);
+    }
+    if let Some(at) = b.not_before {
+        o.raw(r#","not_before":"#).num(at);
+    }
     if let Some(pass) = &b.redrive {
         o.raw(r#","redrive":"#).str(pass);
     }
@@ -266,6 +272,8 @@ mod tests {
             max_receives in any::<u32>(),
             dead in proptest::option::of((text(), any::<u32>())),
             redrive in proptest::option::of("[a-f0-9]{16}"),
+            not_before in proptest::option::of(any::<u64>()),
+            resent in any::<bool>(),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
         ) {
             let payload = RawValue::from_string(payload.to_owned()).unwrap();
@@ -273,6 +281,8 @@ mod tests {
             b.prior_attempts = prior_attempts;
             b.dead = dead.map(|(error, attempts)| DeadLetter { error, attempts });
             b.redrive = redrive;
+            b.not_before = not_before;
+            b.resent = resent;
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());
         }
     }

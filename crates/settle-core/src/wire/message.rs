@@ -36,7 +36,10 @@ pub struct WorkBody {
     /// per-run key: the DynamoDB ledger keeps each run's item statuses in
     /// bitmaps indexed by it (see docs/aws.md).
     pub seq: u64,
-    /// Attempts made by earlier messages for this item (non-zero after a redrive).
+    /// Attempts made by earlier messages for this item: this message's
+    /// attempt is the next one. A retry is a new message that carries the
+    /// count on, so receives that never ran the processor (a copy handed
+    /// back, a redelivery while the item is in hand) are not attempts.
     #[serde(default)]
     pub prior_attempts: u32,
     /// The run's receive limit, carried so one queue can serve runs with different limits.
@@ -45,6 +48,16 @@ pub struct WorkBody {
     /// Set on the copy the worker puts in the DLQ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead: Option<DeadLetter>,
+    /// Sent again by a dispatch that resumed after an interruption: a copy
+    /// of this item's first message may already be queued or in hand, so
+    /// a worker that knows of no attempt waits once before running it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
+    /// Not to be attempted before this time (milliseconds since the epoch):
+    /// a retry put off longer than a queue can delay a message is sent
+    /// again, delayed, until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Millis>,
     /// The redrive pass that sent this message back, carried into its dead
     /// letter: a pass tells its own messages, dead-lettered again while it
     /// still scans, from older copies of the same item.
@@ -62,8 +75,14 @@ impl WorkBody {
             max_receives,
             payload: item.payload,
             dead: None,
+            resent: false,
+            not_before: None,
             redrive: None,
         }
+    }
+    /// This message's attempt number.
+    pub fn attempt(&self) -> u32 {
+        self.prior_attempts.saturating_add(1)
     }
     pub fn encode(&self) -> String {
         crate::wire::json::work_body(self)

@@ -33,5 +33,6 @@ pub async fn fresh_with(work_max_receives: u32, inline: bool) -> Subject {
         ledger: Arc::new(e.store.clone()),
         idempotency: Arc::new(e.idempotency.clone()),
         work_max_receives,
+        cheap_dlq_scan: settle_embedded::CAPABILITIES.cheap_dlq_scan,
     }
 }
