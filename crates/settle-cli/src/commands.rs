@@ -64,7 +64,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         let Command::Ui(args) = cli.command else {
             unreachable!("matched above")
         };
-        let stop = Stop::install().context("cannot handle SIGINT and SIGTERM")?;
+        let stop = Stop::install(false).context("cannot handle SIGINT and SIGTERM")?;
         let code = crate::ui::serve(d.clone(), args, stop).await;
         d.close().await;
         return code;
@@ -77,7 +77,9 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         | Command::Load { .. }
         | Command::Dispatch { .. }
         | Command::Resume { .. }
-        | Command::Redrive { .. } => Stop::install().context("cannot handle SIGINT and SIGTERM")?,
+        | Command::Redrive { .. } => {
+            Stop::install(cli.command.json()).context("cannot handle SIGINT and SIGTERM")?
+        }
         _ => Stop::never(),
     };
     let writes = !cli.command.read_only();
@@ -122,6 +124,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
                 ));
             }
             let record = new_run(d, &run, spec).await?;
+            stop.set_run(&record.id);
             eprintln!("Dispatching run {}", record.id);
             let b = &d.backend;
             let dispatched = dispatch::dispatch(
@@ -153,6 +156,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             json,
         } => {
             let run = resolve(d, run_id.as_deref()).await?;
+            stop.set_run(&run.id);
             eprintln!(
                 "Resuming run {}: {} of {} items settled{}",
                 run.id,
@@ -296,11 +300,13 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
 
 /// Prints `value` as the last line of stdout with `--json`, else the human text.
 fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
-    if json {
-        println!("{value}");
-    } else {
-        print!("{}", human());
-    }
+    crate::signals::report(|| {
+        if json {
+            println!("{value}");
+        } else {
+            print!("{}", human());
+        }
+    });
 }
 
 async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
@@ -322,6 +328,7 @@ async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
         eprintln!("note: {before} items loaded earlier were pending and join this run");
     }
     eprintln!("Run {} started", record.id);
+    stop.set_run(&record.id);
     let finished = process(
         d,
         &record.id,
@@ -597,7 +604,7 @@ async fn finish(
                 for (k, v) in extra.into_iter().flatten() {
                     value[k] = v;
                 }
-                println!("{value}");
+                crate::signals::report(|| println!("{value}"));
             }
             Ok(signal.exit_code())
         }
@@ -614,6 +621,7 @@ async fn redrive_cmd(
     stop: &Stop,
 ) -> Result<ExitCode> {
     let run = resolve(d, Some(run_id)).await?;
+    stop.set_run(&run.id);
     let only: Option<BTreeSet<ItemId>> = if items.is_empty() {
         None
     } else {

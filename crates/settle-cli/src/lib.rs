@@ -120,13 +120,16 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.command.json();
+    // Dropped before the runtime (declared after it), whose threads reap
+    // the processes as they end; on every way out of here, panics included.
+    let _attempts = EndAttempts;
     match rt.block_on(commands::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", chain(&e));
             if json {
                 // A script reading stdout learns of the failure there too.
-                println!("{}", json_error(&e));
+                signals::report(|| println!("{}", json_error(&e)));
             }
             // Bad input (a file, a flag, an unknown id) exits 2; anything else 1.
             if is_input(&e) {
@@ -137,6 +140,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Ends the process groups of the `--exec` attempts still running (SIGTERM,
+/// then SIGKILL after the grace) when dropped: no attempt's process outlives
+/// Settle (invariant 10).
+struct EndAttempts;
+
+impl Drop for EndAttempts {
+    fn drop(&mut self) {
+        let groups = &settle_processors::groups::GROUPS;
+        if !groups.is_empty() {
+            eprintln!(
+                "ending the processes of the attempts still running (at most {} s)",
+                settle_processors::groups::KILL_GRACE.as_secs()
+            );
+        }
+        groups.end_all();
     }
 }
 

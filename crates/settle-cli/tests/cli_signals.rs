@@ -2,7 +2,8 @@
 //! killed once it exists keeps its items from the next run; an interrupted
 //! redrive is finished by one resume (or the next redrive) with a final
 //! tally and empty queues; SIGINT and SIGTERM stop every long command
-//! cleanly, saying how to continue.
+//! cleanly, saying how to continue, and a second signal still says it; no
+//! process of an `--exec` attempt outlives Settle, however it ends.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -432,4 +433,176 @@ fn a_settled_run_points_to_redrive_and_not_to_resume() {
     assert!(!out.stdout.contains("settle resume"), "{}", out.stdout);
     let v: Value = env.status(&id);
     assert_eq!(v["redriving"], false);
+}
+
+/// An `--exec` processor that ignores SIGTERM, leaves a grandchild behind
+/// (a `sleep` whose argument is a token unique to the test, its marker in
+/// /proc) and hangs: only SIGKILL of its whole group ends it. Returns the
+/// items file, the `--exec` command and the marker.
+fn stubborn_exec(env: &Env) -> (String, String, String) {
+    let marker = format!(
+        "300.{}{:09}",
+        std::process::id(),
+        fastrand::u32(..1_000_000_000)
+    );
+    let script = env.write(
+        "stubborn.sh",
+        format!("trap '' TERM\nsleep {marker} &\necho started >&2\nsleep 30\n"),
+    );
+    let items = env.scripts("items.jsonl", &[("a", "ok")]);
+    (items, format!("sh {script}"), marker)
+}
+
+/// The processes whose command line holds `marker` (zombies have none).
+fn marked(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits until a process holding `marker` runs: the attempt has started.
+fn wait_marked(marker: &str) {
+    for _ in 0..600 {
+        if !marked(marker).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the attempt never started its grandchild");
+}
+
+/// Asserts that no process holding `marker` is alive within `within`.
+fn assert_none_marked(marker: &str, within: Duration, when: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let left = marked(marker);
+        if left.is_empty() {
+            return;
+        }
+        if started.elapsed() >= within {
+            // Not left behind for the next test run.
+            for pid in &left {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            panic!("{when}: processes of an attempt outlived Settle: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stubborn_run<'a>(items: &'a str, exec: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--items", items, "--exec", exec, "--json"];
+    args.extend(FAST);
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn an_attempt_that_timed_out_does_not_outlive_the_run() {
+    let env = Env::new();
+    let (items, exec, marker) = stubborn_exec(&env);
+    // One receive: the run ends right after the attempt's timeout.
+    let out = env.settle(&stubborn_run(&items, &exec, &["--max-receives", "1"]));
+    out.expect_code(0);
+    assert_run(&out.json(), "failed", 1, 0, 1, 0);
+    assert_none_marked(&marker, Duration::ZERO, "after the run");
+}
+
+#[test]
+fn sigint_ends_the_attempts_processes_before_settle_exits() {
+    let env = Env::new();
+    let (items, exec, marker) = stubborn_exec(&env);
+    let args = stubborn_run(&items, &exec, &[]);
+    let mut run = Watched::start(&env, &args);
+    run.wait_for("started");
+    wait_marked(&marker);
+    run.signal("INT");
+    let out = run.finish();
+    out.expect_code(130).stderr_has("interrupted by SIGINT");
+    assert_none_marked(&marker, Duration::ZERO, "after SIGINT");
+}
+
+#[test]
+fn a_second_sigint_reports_once_and_ends_the_attempts_processes() {
+    let env = Env::new();
+    let (items, exec, marker) = stubborn_exec(&env);
+    let args = stubborn_run(&items, &exec, &[]);
+    let mut run = Watched::start(&env, &args);
+    run.wait_for("started");
+    wait_marked(&marker);
+    run.signal("INT");
+    // The clean stop waits for the attempt in flight (its timeout is 2.5 s).
+    run.wait_for("stopping cleanly");
+    run.signal("INT");
+    let out = run.finish();
+    out.expect_code(130).stderr_has("SIGINT: stopping now");
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one JSON object on stdout: {:?}",
+        out.stdout
+    );
+    let v = out.json();
+    let id = run_id(&v);
+    assert_eq!(
+        v,
+        json!({
+            "interrupted": true,
+            "forced": true,
+            "run_id": id,
+            "resume": format!("settle resume {id}"),
+        })
+    );
+    out.stderr_has(&format!("continue with: settle resume {id}"));
+    assert_none_marked(&marker, Duration::ZERO, "after a second SIGINT");
+}
+
+#[test]
+fn a_second_sigint_without_json_says_how_to_resume() {
+    let env = Env::new();
+    let (items, exec, marker) = stubborn_exec(&env);
+    let mut args = stubborn_run(&items, &exec, &[]);
+    args.retain(|a| *a != "--json");
+    let mut run = Watched::start(&env, &args);
+    run.wait_for("started");
+    wait_marked(&marker);
+    run.signal("INT");
+    run.wait_for("stopping cleanly");
+    run.signal("INT");
+    let out = run.finish();
+    out.expect_code(130)
+        .stderr_has("SIGINT: stopping now; continue with: settle resume r");
+    assert_eq!(out.stdout, "", "nothing on stdout");
+    assert_none_marked(&marker, Duration::ZERO, "after a second SIGINT");
+}
+
+#[test]
+fn the_attempts_processes_end_within_5_s_of_a_sigkill_of_settle() {
+    let env = Env::new();
+    let (items, exec, marker) = stubborn_exec(&env);
+    let args = stubborn_run(&items, &exec, &[]);
+    let mut run = Watched::start(&env, &args);
+    run.wait_for("started");
+    wait_marked(&marker);
+    run.signal("KILL");
+    let out = run.finish();
+    assert_eq!(out.code, 128 + 9, "{out:?}");
+    assert_none_marked(&marker, Duration::from_secs(5), "after SIGKILL");
 }

@@ -2,7 +2,7 @@
 //!
 //! | what | contract |
 //! |---|---|
-//! | command | `sh -c CMD`, in a process group of its own |
+//! | command | `sh -c CMD`, in a process group of its own, started once the group is listed (see [`crate::groups`]) |
 //! | stdin | the item: `{"id", "payload", "run_id", "attempt", "idempotency_key"}` and a newline |
 //! | environment | `SETTLE_RUN_ID`, `SETTLE_ITEM_ID`, `SETTLE_ATTEMPT`, `SETTLE_IDEMPOTENCY_KEY`, `SETTLE_DEADLINE_MS` (Unix epoch ms; absent without a deadline) |
 //! | stdout | the item's output: JSON if it parses, else kept as a string; nothing is no output |
@@ -11,9 +11,11 @@
 //! | exit 65 (EX_DATAERR), or a code of `--permanent-exit-codes` | failed permanently |
 //! | any other exit, death by a signal (or the shell's exit 128 + N for a command killed by signal N) | failed, retryable |
 //! | the item timeout | the whole process group is sent SIGTERM, then SIGKILL after [`KILL_GRACE`]; retryable |
+//! | Settle exits or is killed | the same, see [`crate::groups`] |
 //!
 //! The error is the last non-empty line of stderr, else the exit status.
 
+use crate::groups::{GuardError, GROUPS};
 use crate::{deadline_epoch_ms, item_json, last_line, SpecError};
 use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
@@ -22,12 +24,16 @@ use settle_core::domain::{Item, Output, ProcessError, MAX_OUTPUT_BYTES};
 use settle_core::{AttemptContext, Processor};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-/// How long a process group has between SIGTERM and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(2);
+pub use crate::groups::KILL_GRACE;
+
+/// What the attempt's group runs first: it waits for a line on stdin, which
+/// Settle writes once the group is listed and the guard knows it, and then
+/// becomes `sh -c CMD` (the same process). A Settle killed before that
+/// closes the pipe, and the user's command never starts.
+const AFTER_GO: &str = r#"IFS= read -r go || exit 125; exec sh -c "$1""#;
 
 /// Bytes of stderr kept aside for the error message (its last line).
 const ERROR_TAIL: usize = 4096;
@@ -101,27 +107,6 @@ pub(crate) fn check_command(command: &str) -> Result<(), SpecError> {
     }
 }
 
-/// A process group that is ended when this is dropped: on the way out of
-/// an attempt, also when the attempt timed out and its future was dropped.
-pub(crate) struct Group(pub(crate) Option<Pid>);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let Some(pgid) = self.0 else { return };
-        // No member left (the usual end): nothing to wait for.
-        if killpg(pgid, Signal::SIGTERM).is_err() {
-            return;
-        }
-        // Not on the runtime: the attempt may have been dropped by a timeout.
-        let _ = std::thread::Builder::new()
-            .name("settle-exec-kill".into())
-            .spawn(move || {
-                std::thread::sleep(KILL_GRACE);
-                let _ = killpg(pgid, Signal::SIGKILL);
-            });
-    }
-}
-
 #[async_trait]
 impl Processor for Exec {
     async fn process(
@@ -133,6 +118,8 @@ impl Processor for Exec {
         let deadline = deadline_epoch_ms(ctx);
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
+            .arg(AFTER_GO)
+            .arg("settle-exec")
             .arg(&self.command)
             .env("SETTLE_RUN_ID", ctx.run.as_str())
             .env("SETTLE_ITEM_ID", item.id.as_str())
@@ -150,9 +137,23 @@ impl Processor for Exec {
         let mut child = cmd.spawn().map_err(|e| {
             ProcessError::retryable(format!("cannot start `sh -c {}`: {e}", self.command))
         })?;
-        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
-        let _group = Group(pgid);
-        let input = item_json(item, ctx, deadline);
+        let pid = child.id().expect("not yet waited for");
+        let pgid = Pid::from_raw(pid as i32);
+        // Dropping `child` kills the waiting shell: the command never ran.
+        let _group = match GROUPS.attempt(pid) {
+            Ok(group) => group,
+            // No outcome for an attempt that never ran: the process is
+            // about to exit, and the item's message comes back.
+            Err(GuardError::Exiting) => std::future::pending().await,
+            Err(e) => {
+                return Err(ProcessError::retryable(format!(
+                    "not started: {}",
+                    crate::http::causes(&e)
+                )))
+            }
+        };
+        // The go-ahead line, then the item.
+        let input = format!("\n{}", item_json(item, ctx, deadline));
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -182,9 +183,7 @@ impl Processor for Exec {
             let status = child.wait().await;
             // What the command left behind in its group would hold the
             // pipes open: the attempt is over, so is its group.
-            if let Some(pgid) = pgid {
-                let _ = killpg(pgid, Signal::SIGTERM);
-            }
+            let _ = killpg(pgid, Signal::SIGTERM);
             status
         };
         let (_, (stdout, total), tail, status) = tokio::join!(feed, out, err, waited);

@@ -55,10 +55,10 @@
 //! For an attempt the worker drops at its timeout, it is what the routing
 //! task had read from the pipe by then; the rest goes to debug.
 
-use crate::exec::{check_command, Group, KILL_GRACE};
+use crate::exec::check_command;
+use crate::groups::{Group, GROUPS, KILL_GRACE};
 use crate::{deadline_epoch_ms, item_json, last_line, SpecError};
 use async_trait::async_trait;
-use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use settle_core::domain::{Item, Output, ProcessError, MAX_OUTPUT_BYTES};
@@ -274,7 +274,7 @@ impl Jsonl {
         let pid = child.id().unwrap_or_default();
         // From here on, dropping `group` ends the process: also on the way
         // out of this function. (Never pid 0: that would be Settle's group.)
-        let group = Group(child.id().map(|id| Pid::from_raw(id as i32)));
+        let group = GROUPS.unlisted(child.id());
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -354,7 +354,7 @@ struct Proc {
     /// Asks the stderr task to drain the pipe; it answers when done.
     drains: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// Taken (and so dropped: SIGTERM, then SIGKILL) to end the process.
-    group: Mutex<Option<Group>>,
+    group: Mutex<Option<Group<'static>>>,
     changed: Arc<Notify>,
     /// The pool's [`Jsonl::kind`], which the first process to speak sets.
     kind: Arc<AtomicU8>,

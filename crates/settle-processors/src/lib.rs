@@ -5,6 +5,7 @@
 //! wrote about that item, and nothing else, as the attempt's log.
 
 pub mod exec;
+pub mod groups;
 pub mod http;
 pub mod jsonl;
 
