@@ -21,6 +21,7 @@
 mod cli;
 mod commands;
 mod deployment;
+mod fresh;
 mod generate;
 mod process;
 mod processors;
@@ -123,7 +124,9 @@ fn main() -> ExitCode {
     match rt.block_on(commands::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            // Escaped for the terminal (an id or a processor's error may
+            // be in it); the JSON line below keeps it exact.
+            eprintln!("error: {}", report::clean(&chain(&e)));
             if json {
                 // A script reading stdout learns of the failure there too.
                 println!("{}", json_error(&e));
