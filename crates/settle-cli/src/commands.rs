@@ -123,7 +123,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             .with_context(|| format!("cannot write the call report to {}", path.display()))?;
     }
     if let (Err(_), Some(fresh)) = (&code, fresh) {
-        fresh.remove_if_empty(d).await;
+        fresh.remove_if_empty(&d).await;
     }
     code
 }

@@ -41,17 +41,20 @@ impl Fresh {
         })
     }
 
-    /// Removes the database if it holds nothing: no run and no pending
-    /// item. What another command put there meanwhile (it opened the new
-    /// file and committed before this check) keeps it.
-    pub(crate) async fn remove_if_empty(self, d: Deployment) {
-        let ledger_empty = d.backend.ledger.runs(1).await.is_ok_and(|r| r.is_empty());
-        let source_empty = d.backend.source.pending().await.is_ok_and(|n| n == 0);
-        // The connections close as `d` goes; on Unix the files can go
-        // before that, but the writer should not be mid-commit.
-        drop(d);
-        if ledger_empty && source_empty {
-            self.remove();
+    /// Removes the database if it holds nothing: no run and no item. The
+    /// check and the removal hold the database's write lock, so that what
+    /// another command loaded into the new file meanwhile keeps it. (One
+    /// that opened the file and is still waiting for that lock writes,
+    /// after it, into the removed file: two commands creating the same
+    /// database at the same moment are told apart no further.)
+    pub(crate) async fn remove_if_empty(self, d: &Deployment) {
+        let Some(e) = d.embedded() else { return };
+        let db = self.db.clone();
+        if let Err(err) = e.remove_if_empty(move || self.remove()).await {
+            eprintln!(
+                "warning: {} stays: this command created it, but cannot tell whether it is empty: {err}",
+                db.display()
+            );
         }
     }
 

@@ -68,7 +68,7 @@ pub fn hidden(c: char) -> bool {
 
 /// `text` with every character `escaped` says escaped (`char::escape_debug`
 /// writes each of them as `\u{..}` or a short escape).
-fn escape(text: &str, escaped: impl Fn(char) -> bool) -> Cow<'_, str> {
+pub(crate) fn escape(text: &str, escaped: impl Fn(char) -> bool) -> Cow<'_, str> {
     if !text.chars().any(&escaped) {
         return Cow::Borrowed(text);
     }
