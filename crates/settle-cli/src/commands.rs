@@ -88,7 +88,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Ok(d) => d,
         Err(e) => {
             if let Some(fresh) = fresh {
-                fresh.remove();
+                fresh.remove_dirs();
             }
             return Err(e);
         }

@@ -59,7 +59,7 @@ impl Fresh {
     }
 
     /// Removes whatever of the database's files and directories exists.
-    pub(crate) fn remove(self) {
+    fn remove(self) {
         for suffix in ["", "-wal", "-shm", "-journal"] {
             let mut name = self.db.clone().into_os_string();
             name.push(suffix);
@@ -73,7 +73,14 @@ impl Fresh {
                 ),
             }
         }
-        // Only while empty: anything another process put there stays.
+        self.remove_dirs();
+    }
+
+    /// Removes the directories made for the database, innermost first and
+    /// only while empty, so that anything another process put there stays:
+    /// for an open that failed, which may have failed on a file another
+    /// process created there meanwhile, and then that file stays too.
+    pub(crate) fn remove_dirs(&self) {
         for dir in &self.dirs {
             if std::fs::remove_dir(dir).is_err() {
                 break;
