@@ -199,7 +199,8 @@ impl Command {
     /// Whether the command may create the embedded database. Those that
     /// look at runs, or continue one, have nothing to do without one, and
     /// run in the wrong directory they must not leave an empty database
-    /// behind. `dispatch` creates it to say that nothing is pending.
+    /// behind. Those that create it remove it again when they fail with
+    /// nothing in it (`fresh::Fresh`).
     pub fn creates_database(&self) -> bool {
         matches!(
             self,
@@ -211,11 +212,13 @@ impl Command {
 /// `settle ui`'s flags.
 #[derive(Debug, Args)]
 pub struct UiArgs {
-    /// The address to serve on. Anything but a loopback address needs --token.
+    /// The address to serve on: IP:PORT, or HOST:PORT with a name
+    /// (localhost:8080). Anything but loopback addresses needs --token.
     #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: std::net::SocketAddr,
+    pub listen: crate::ui::Listen,
     /// A secret every request must carry: `Authorization: Bearer TOKEN`, or
-    /// the cookie that opening any page with `?token=TOKEN` sets.
+    /// the cookie that opening any page with `?token=TOKEN` sets. Prefer
+    /// SETTLE_UI_TOKEN: a command line is visible to every user in `ps`.
     #[arg(long, env = "SETTLE_UI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Another Host header value to accept (a name the server is reached

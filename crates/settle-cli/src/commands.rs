@@ -2,6 +2,7 @@
 
 use crate::cli::{BackendKind, Cli, Command, ProcessArgs, RunArgs, RunSettings, Workers};
 use crate::deployment::Deployment;
+use crate::fresh::Fresh;
 use crate::process::{process, Finish, Until};
 use crate::processors;
 use crate::report;
@@ -69,7 +70,29 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         d.close().await;
         return code;
     }
-    let d = &Deployment::open(&cli).await?;
+    // A missing items file is refused before the database is created; it
+    // is opened once (a named pipe cannot be opened twice).
+    let items = match &cli.command {
+        Command::Run(RunArgs { items, .. }) | Command::Load { items, .. } => {
+            Some(Items::open(items)?)
+        }
+        _ => None,
+    };
+    // Removed again if the command fails with nothing in it (see `Fresh`).
+    let fresh = if cli.backend == BackendKind::Embedded && cli.command.creates_database() {
+        Fresh::before(&cli.db)
+    } else {
+        None
+    };
+    let d = match Deployment::open(&cli).await {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(fresh) = fresh {
+                fresh.remove_dirs();
+            }
+            return Err(e);
+        }
+    };
     // The commands that write take over SIGINT and SIGTERM to stop cleanly;
     // the others die of them as usual.
     let stop = match cli.command {
@@ -77,13 +100,15 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         | Command::Load { .. }
         | Command::Dispatch { .. }
         | Command::Resume { .. }
-        | Command::Redrive { .. } => {
+        | Command::Redrive { .. }
+        // It removes its partial file before it goes.
+        | Command::Results { output: Some(_), .. } => {
             Stop::install(cli.command.json()).context("cannot handle SIGINT and SIGTERM")?
         }
         _ => Stop::never(),
     };
     let writes = !cli.command.read_only();
-    let code = command(d, cli.command, &stop).await;
+    let code = command(&d, cli.command, items, &stop).await;
     if writes {
         // A read-only command's checkpoint would only take the write lock
         // from a run it is watching, for nothing of its own.
@@ -97,18 +122,27 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         std::fs::write(path, format!("{report}\n"))
             .with_context(|| format!("cannot write the call report to {}", path.display()))?;
     }
+    if let (Err(_), Some(fresh)) = (&code, fresh) {
+        fresh.remove_if_empty(&d).await;
+    }
     code
 }
 
-async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCode> {
+async fn command(
+    d: &Deployment,
+    command: Command,
+    items: Option<Items>,
+    stop: &Stop,
+) -> Result<ExitCode> {
+    let items = || items.ok_or_else(|| anyhow::anyhow!("the items were not opened"));
     match command {
-        Command::Run(args) => run(d, args, stop).await,
-        Command::Load { items, json } => {
-            let n = load(d, &items, None, stop).await?;
+        Command::Run(args) => run(d, args, items()?, stop).await,
+        Command::Load { items: path, json } => {
+            let n = load(d, items()?, None, stop).await?;
             emit(
                 json,
                 json!({ "loaded": n, "pending": d.backend.source.pending().await? }),
-                || format!("Loaded {n} items from {}\n", items.display()),
+                || format!("Loaded {n} items from {}\n", path.display()),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -228,7 +262,7 @@ async fn command(d: &Deployment, command: Command, stop: &Stop) -> Result<ExitCo
             output,
         } => {
             let run = resolve(d, Some(&run_id)).await?;
-            let n = crate::results::export(d, &run.id, status, output.as_deref()).await?;
+            let n = crate::results::export(d, &run.id, status, output.as_deref(), stop).await?;
             if let Some(path) = &output {
                 eprintln!("Wrote {n} results of run {} to {}", run.id, path.display());
             }
@@ -309,7 +343,7 @@ fn emit(json: bool, value: Value, human: impl FnOnce() -> String) {
     });
 }
 
-async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
+async fn run(d: &Deployment, args: RunArgs, items: Items, stop: &Stop) -> Result<ExitCode> {
     // The processor is checked before anything is created.
     let spec = processors::named(&args.process.processor)?;
     let chosen = match (&spec, d.workers) {
@@ -323,7 +357,7 @@ async fn run(d: &Deployment, args: RunArgs, stop: &Stop) -> Result<ExitCode> {
     // The run is created with its items, in one step: killed at any moment,
     // `settle run` leaves either nothing or a run that owns all its items.
     let record = dispatch::new_run(run_config(&args.run, spec));
-    load(d, &args.items, Some(&record), stop).await?;
+    load(d, items, Some(&record), stop).await?;
     if before > 0 {
         eprintln!("note: {before} items loaded earlier were pending and join this run");
     }
@@ -377,20 +411,8 @@ pub(crate) fn local_processor(
 /// with its items); a bad line names the file and line.
 ///
 /// A signal stops the reading, and with it the load: nothing is loaded.
-async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop) -> Result<u64> {
-    let stdin = path == Path::new("-");
-    let name = if stdin {
-        "stdin".into()
-    } else {
-        path.display().to_string()
-    };
-    let raw: Box<dyn Read + Send> = if stdin {
-        Box::new(std::io::stdin())
-    } else {
-        let f = std::fs::File::open(path)
-            .map_err(|err| input(format!("cannot open items file {}: {err}", path.display())))?;
-        Box::new(f)
-    };
+async fn load(d: &Deployment, items: Items, run: Option<&RunRecord>, stop: &Stop) -> Result<u64> {
+    let Items { name, stdin, raw } = items;
     let reader: Box<dyn BufRead + Send> = Box::new(std::io::BufReader::with_capacity(
         1 << 16,
         StopReader {
@@ -429,6 +451,40 @@ async fn load(d: &Deployment, path: &Path, run: Option<&RunRecord>, stop: &Stop)
         Err(LoadError::Port(p)) => {
             Err(anyhow::Error::new(p).context("loading failed; nothing was loaded"))
         }
+    }
+}
+
+/// The items of `run` or `load`, opened.
+pub(crate) struct Items {
+    /// The file's path, or "stdin".
+    name: String,
+    stdin: bool,
+    raw: Box<dyn Read + Send>,
+}
+
+impl std::fmt::Debug for Items {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Items").field("name", &self.name).finish()
+    }
+}
+
+impl Items {
+    /// Opens the items file, or stdin for `-`.
+    fn open(path: &Path) -> Result<Self> {
+        if path == Path::new("-") {
+            return Ok(Self {
+                name: "stdin".into(),
+                stdin: true,
+                raw: Box::new(std::io::stdin()),
+            });
+        }
+        let f = std::fs::File::open(path)
+            .map_err(|err| input(format!("cannot open items file {}: {err}", path.display())))?;
+        Ok(Self {
+            name: path.display().to_string(),
+            stdin: false,
+            raw: Box::new(f),
+        })
     }
 }
 
@@ -659,7 +715,12 @@ async fn redrive_cmd(
     if !moved.missing.is_empty() {
         // Not an error: the rest moved. But say so, so that nobody takes
         // the redrive for complete.
-        let shown: Vec<&str> = moved.missing.iter().take(5).map(ItemId::as_str).collect();
+        let shown: Vec<_> = moved
+            .missing
+            .iter()
+            .take(5)
+            .map(|id| report::clean(id.as_str()))
+            .collect();
         let more = moved.missing.len().saturating_sub(shown.len());
         eprintln!(
             "note: {} failed {} no message in the dead-letter queue to move: {}{}. \

@@ -75,6 +75,14 @@ impl Deployment {
         }
     }
 
+    /// The embedded engine, if that is the backend.
+    pub fn embedded(&self) -> Option<&Embedded> {
+        match &self.kind {
+            Kind::Embedded(e) => Some(e),
+            Kind::Aws(_) => None,
+        }
+    }
+
     /// The AWS calls made so far, per operation (`None` on the embedded
     /// backend), for `--report-calls` and the cost figures.
     pub fn call_counts(&self) -> Option<std::collections::BTreeMap<String, u64>> {

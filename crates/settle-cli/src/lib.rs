@@ -21,6 +21,7 @@
 mod cli;
 mod commands;
 mod deployment;
+mod fresh;
 mod generate;
 mod process;
 mod processors;
@@ -126,7 +127,9 @@ fn main() -> ExitCode {
     match rt.block_on(commands::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            // Escaped for the terminal (an id or a processor's error may
+            // be in it); the JSON line below keeps it exact.
+            eprintln!("error: {}", report::clean(&chain(&e)));
             if json {
                 // A script reading stdout learns of the failure there too.
                 signals::report(|| println!("{}", json_error(&e)));
@@ -213,11 +216,43 @@ fn init_tracing(verbose: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| Unhidden(std::io::stderr()))
         // Colour codes only for a terminal: in a log file or a pipe they
         // are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Log lines on their way to stderr, with the characters of
+/// [`report::hidden`] escaped: `-v` logs carry ids and processors' errors,
+/// whose newlines would forge log lines. Two pass: the newline that ends
+/// the line, and ESC, which starts the colours (tracing-subscriber escapes
+/// an ESC in a value itself, so any left is its own).
+struct Unhidden<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Unhidden<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A line comes whole; bytes that are not UTF-8 pass as they are.
+        let Ok(text) = std::str::from_utf8(buf) else {
+            return self.0.write(buf);
+        };
+        let (line, end) = match text.strip_suffix('\n') {
+            Some(line) => (line, "\n"),
+            None => (text, ""),
+        };
+        match report::escape(line, |c| report::hidden(c) && c != '\u{1b}') {
+            std::borrow::Cow::Borrowed(_) => self.0.write(buf),
+            std::borrow::Cow::Owned(escaped) => {
+                self.0.write_all(escaped.as_bytes())?;
+                self.0.write_all(end.as_bytes())?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// A panic inside a processor is caught and recorded as that item's error;
@@ -236,6 +271,18 @@ fn quiet_contained_panics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_escape_hidden_characters_and_keep_their_end_and_colours() {
+        use std::io::Write;
+        let mut w = Unhidden(Vec::new());
+        let line = "\u{1b}[2mINFO\u{1b}[0m item=\u{202e}gnp.exe error=a\u{2028}b\nc\n";
+        assert_eq!(w.write(line.as_bytes()).unwrap(), line.len());
+        assert_eq!(
+            String::from_utf8(w.0).unwrap(),
+            "\u{1b}[2mINFO\u{1b}[0m item=\\u{202e}gnp.exe error=a\\u{2028}b\\nc\n"
+        );
+    }
 
     #[test]
     fn a_cause_already_quoted_is_said_once() {

@@ -22,18 +22,59 @@ pub fn run_json(run: &RunRecord) -> Value {
     })
 }
 
-/// Text from outside (a processor's error, an id stored by an older build)
-/// as it may reach a terminal: each control character escaped as Rust
-/// writes it (`\n`, `\u{1b}`), so that a newline cannot forge a line of the
-/// listing and an escape sequence cannot drive the terminal. JSON output
-/// keeps the text as it is; JSON escapes it anyway.
+/// Text from outside (a processor's error, an id) as it may reach a
+/// terminal: each character [`hidden`] escaped as Rust writes it (`\n`,
+/// `\u{1b}`, `\u{202e}`), so that a newline cannot forge a line of the
+/// listing, an escape sequence cannot drive the terminal, and a bidi
+/// override cannot show `\u{202e}gnp.exe` as `exe.png`. JSON output keeps
+/// the text as it is; JSON escapes the control characters anyway.
 pub fn clean(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    escape(text, hidden)
+}
+
+/// Whether a character must not reach a terminal as it is: a control
+/// character (Unicode category Cc), a format character (Cf: bidi controls,
+/// zero-width characters, the soft hyphen) or a line or paragraph separator
+/// (Zl, Zp). Each either moves or hides text, or breaks a line where a
+/// reader sees none. Cf, Zl and Zp are listed by code point, as of Unicode
+/// 16 (no crate of Unicode tables for a list this short); Cc is std's.
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c as u32,
+            0x00AD
+                | 0x0600..=0x0605
+                | 0x061C
+                | 0x06DD
+                | 0x070F
+                | 0x0890..=0x0891
+                | 0x08E2
+                | 0x180E
+                | 0x200B..=0x200F
+                | 0x2028..=0x202E
+                | 0x2060..=0x2064
+                | 0x2066..=0x206F
+                | 0xFEFF
+                | 0xFFF9..=0xFFFB
+                | 0x110BD
+                | 0x110CD
+                | 0x13430..=0x1343F
+                | 0x1BCA0..=0x1BCA3
+                | 0x1D173..=0x1D17A
+                | 0xE0001
+                | 0xE0020..=0xE007F
+        )
+}
+
+/// `text` with every character `escaped` says escaped (`char::escape_debug`
+/// writes each of them as `\u{..}` or a short escape).
+pub(crate) fn escape(text: &str, escaped: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !text.chars().any(&escaped) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if escaped(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -275,23 +316,9 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
 }
 
 /// An attempt's log as it may reach a terminal: lines stay lines, but
-/// every other control character is escaped (see [`clean`]).
+/// every other character [`hidden`] is escaped (see [`clean`]).
 pub fn clean_log(text: &str) -> Cow<'_, str> {
-    if !text
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    escape(text, |c| hidden(c) && c != '\n' && c != '\t')
 }
 
 /// Each attempt's log under a line naming the attempt.
@@ -486,6 +513,50 @@ mod tests {
         assert!(matches!(clean("plain é ✓"), Cow::Borrowed("plain é ✓")));
         assert_eq!(clean(FORGED), ESCAPED);
         assert_eq!(clean("a\tb\r\0\u{7f}\u{9f}"), "a\\tb\\r\\0\\u{7f}\\u{9f}");
+    }
+
+    #[test]
+    fn format_characters_and_separators_are_escaped_too() {
+        // A bidi override would show this id as "exe.png".
+        assert_eq!(clean("\u{202e}gnp.exe"), "\\u{202e}gnp.exe");
+        assert_eq!(
+            clean("a\u{2028}b\u{2029}c\u{200b}d\u{ad}e\u{feff}"),
+            "a\\u{2028}b\\u{2029}c\\u{200b}d\\u{ad}e\\u{feff}"
+        );
+        assert_eq!(clean_log("l1\n\u{2066}l2\t"), "l1\n\\u{2066}l2\t");
+        // Each range's ends are in, its neighbours out.
+        for (lo, hi) in [
+            (0x00AD, 0x00AD),
+            (0x0600, 0x0605),
+            (0x061C, 0x061C),
+            (0x06DD, 0x06DD),
+            (0x070F, 0x070F),
+            (0x0890, 0x0891),
+            (0x08E2, 0x08E2),
+            (0x180E, 0x180E),
+            (0x200B, 0x200F),
+            (0x2028, 0x202E),
+            (0x2060, 0x2064),
+            (0x2066, 0x206F),
+            (0xFEFF, 0xFEFF),
+            (0xFFF9, 0xFFFB),
+            (0x110BD, 0x110BD),
+            (0x110CD, 0x110CD),
+            (0x13430, 0x1343F),
+            (0x1BCA0, 0x1BCA3),
+            (0x1D173, 0x1D17A),
+            (0xE0001, 0xE0001),
+            (0xE0020, 0xE007F),
+        ] {
+            let ch = |cp: u32| char::from_u32(cp).unwrap();
+            assert!(hidden(ch(lo)) && hidden(ch(hi)), "U+{lo:04X}..U+{hi:04X}");
+            assert!(!hidden(ch(hi + 1)), "U+{:04X}", hi + 1);
+            assert!(!hidden(ch(lo - 1)), "U+{:04X}", lo - 1);
+        }
+        // Letters of the scripts those ranges sit in stay as they are.
+        for text in ["plain é ✓", "مرحبا", "שלום", "日本語", "a\u{200}b", " "] {
+            assert!(matches!(clean(text), Cow::Borrowed(_)), "{text:?}");
+        }
     }
 
     #[test]

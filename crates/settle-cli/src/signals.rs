@@ -1,5 +1,6 @@
 //! SIGINT and SIGTERM for the long commands (`run`, `resume`, `redrive`,
-//! `dispatch`, `load`): the first signal asks the command to stop cleanly
+//! `dispatch`, `load`) and for `results -o FILE` (which removes its
+//! partial file): the first signal asks the command to stop cleanly
 //! (what it did is saved, and it says how to continue); a second one ends
 //! the process at once, which loses nothing either (every step is
 //! committed or not at all): it says how to continue (one JSON object on

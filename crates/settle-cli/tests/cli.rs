@@ -786,3 +786,88 @@ fn run_reads_items_from_stdin() {
     out.expect_code(0);
     assert_run(&out.json(), "partial", 2, 1, 1, 0);
 }
+
+/// Ids reach the terminal with their bidi controls, separators and other
+/// invisible characters escaped (U+202E would show `\u{202e}gnp.exe` as
+/// `exe.png`); `--json` keeps them exact.
+#[test]
+fn terminal_output_escapes_bidi_controls_and_separators() {
+    let env = Env::new();
+    let spoof = "\u{202e}gnp.exe";
+    let split = "a\u{2028}b\u{200b}c";
+    let items = env.scripts("i.jsonl", &[(spoof, "permanent"), (split, "permanent")]);
+    let run = run_id(&env.run(&items, &[]));
+    let raw = ['\u{202e}', '\u{2028}', '\u{200b}'];
+    for args in [
+        vec!["failures", run.as_str()],
+        vec!["status", run.as_str()],
+        vec!["show", run.as_str(), spoof],
+    ] {
+        let out = env.settle(&args);
+        out.expect_code(0);
+        assert!(
+            out.stdout.contains("\\u{202e}gnp.exe"),
+            "{args:?}: {}",
+            out.stdout
+        );
+        assert!(!out.stdout.contains(raw), "{args:?}: {}", out.stdout);
+    }
+    let out = env.settle(&["failures", &run]);
+    assert!(
+        out.stdout.contains("a\\u{2028}b\\u{200b}c"),
+        "{}",
+        out.stdout
+    );
+    // JSON is exact: the ids as they are.
+    let failures = env.failures(&run);
+    let ids: BTreeSet<&str> = failures["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["item_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, BTreeSet::from([spoof, split]));
+    // An error naming the id: escaped on stderr, exact in the JSON error.
+    let out = env.settle(&["logs", &run, spoof, "--attempt", "9", "--json"]);
+    out.expect_code(2)
+        .stderr_has("item \"\\u{202e}gnp.exe\" of run");
+    assert!(!out.stderr.contains(raw), "{}", out.stderr);
+    assert!(out.json()["error"].as_str().unwrap().contains(spoof));
+}
+
+/// `results -o FILE` writes beside FILE and renames; the temporaries of
+/// earlier writes whose process is gone (SIGKILL) are removed by the next
+/// write of the same FILE, a live process's and another file's are not.
+#[test]
+fn results_to_a_file_removes_dead_writers_temporaries() {
+    let env = Env::new();
+    let items = env.scripts("i.jsonl", &[("a", "ok"), ("b", "permanent")]);
+    let run = run_id(&env.run(&items, &[]));
+    // A pid no process has: a child's that has exited.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let stale = env.write(&format!(".out.jsonl.{dead}.partial"), "stale");
+    let live = env.write(
+        &format!(".out.jsonl.{}.partial", std::process::id()),
+        "in progress",
+    );
+    let other = env.write(&format!(".other.jsonl.{dead}.partial"), "another file's");
+    env.settle(&["results", &run, "-o", "out.jsonl"])
+        .expect_code(0)
+        .stderr_has("Wrote 2 results");
+    assert!(
+        !std::path::Path::new(&stale).exists(),
+        "{stale} is still there"
+    );
+    assert!(std::path::Path::new(&live).exists());
+    assert!(std::path::Path::new(&other).exists());
+    let out = std::fs::read_to_string(env.path("out.jsonl")).unwrap();
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let left: Vec<String> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}

@@ -522,3 +522,96 @@ fn the_database_file_alone_holds_everything_after_a_command() {
     std::fs::copy(env.db(), copy.db()).unwrap();
     assert_eq!(copy.status(&run_id(&run)), run);
 }
+
+/// A refused `run` or `load` into a new database leaves no database, no
+/// `-wal` or `-shm` file and no directory behind: exit 2 means nothing was
+/// created. Covers the refusals before the load (a missing file), of the
+/// load itself (a repeated id, a bad line, no items), and of stdin, which
+/// cannot be read twice.
+#[test]
+fn a_refused_load_into_a_new_database_leaves_nothing() {
+    use std::io::Write;
+    let env = Env::new();
+    let dup = env.write(
+        "dup.jsonl",
+        b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"a\"}\n",
+    );
+    let bad = env.write("bad.jsonl", b"{\"id\":\"a\"}\n{\"id\":\n");
+    let empty = env.write("empty.jsonl", b"\n");
+    let missing = path_str(&env.path("missing.jsonl")).to_owned();
+    let cases: [(&str, &str, &[u8], &str); 7] = [
+        ("run", &missing, b"", "cannot open items file"),
+        (
+            "run",
+            &dup,
+            b"",
+            "line 3: duplicate id \"a\" (first on line 1)",
+        ),
+        ("run", &bad, b"", "line 2: "),
+        ("load", &dup, b"", "line 3: duplicate id"),
+        ("load", &empty, b"", "no items"),
+        (
+            "run",
+            "-",
+            b"{\"id\":\"x\"}\n{\"id\":\"x\"}\n",
+            "stdin line 2: duplicate id",
+        ),
+        ("load", "-", b"not json\n", "stdin line 1: "),
+    ];
+    for (i, (cmd, items, stdin, want)) in cases.into_iter().enumerate() {
+        let top = env.path(&format!("new{i}"));
+        let db = top.join("dir/x.db");
+        let mut args = vec![cmd, "--items", items];
+        if cmd == "run" {
+            args.extend(["--processor", "scripted"]);
+        }
+        // Not through `env.settle`, which passes a --db of its own.
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_settle"));
+        c.arg("--db")
+            .arg(&db)
+            .args(&args)
+            .current_dir(env.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for var in [
+            "RUST_LOG",
+            "SETTLE_DB",
+            "SETTLE_BACKEND",
+            "SETTLE_WORKERS",
+            "SETTLE_PROCESSOR",
+        ] {
+            c.env_remove(var);
+        }
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd} {items}: {stderr}");
+        assert!(stderr.contains(want), "{cmd} {items}: {stderr}");
+        assert!(!top.exists(), "{cmd} {items} left {} behind", top.display());
+    }
+
+    // A database that was there stays, refused load or not; and a good
+    // load into a new one keeps it.
+    let db = env.path("kept/x.db");
+    let good = env.scripts("good.jsonl", &[("g1", "ok")]);
+    for (items, code) in [(good.as_str(), 0), (dup.as_str(), 2)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+            .arg("--db")
+            .arg(&db)
+            .args(["load", "--items", items])
+            .env_remove("SETTLE_DB")
+            .env_remove("SETTLE_BACKEND")
+            .env_remove("SETTLE_WORKERS")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(db.exists(), "load {items} removed the database");
+    }
+}

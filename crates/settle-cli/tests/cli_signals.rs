@@ -606,3 +606,38 @@ fn the_attempts_processes_end_within_5_s_of_a_sigkill_of_settle() {
     assert_eq!(out.code, 128 + 9, "{out:?}");
     assert_none_marked(&marker, Duration::from_secs(5), "after SIGKILL");
 }
+
+/// SIGTERM during `results -o FILE` removes the partial file and leaves
+/// FILE as it was.
+#[test]
+fn a_stopped_results_export_leaves_no_partial_file() {
+    let env = Env::new();
+    // Enough items that the export takes a while (some 100 ms per 5,000).
+    let n = 60_000;
+    let lines: String = (0..n).map(|i| format!("{{\"id\":\"i{i}\"}}\n")).collect();
+    let items = env.write("i.jsonl", lines);
+    let run = run_id(&env.run(&items, &[]));
+    let out = env.path("out.jsonl");
+    std::fs::write(&out, "old\n").unwrap();
+    let args = ["results", run.as_str(), "-o", "out.jsonl"];
+    let child = env.spawn(&args);
+    let partial = env.path(&format!(".out.jsonl.{}.partial", child.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !partial.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let done = wait(child, &args);
+    done.expect_code(143)
+        .stderr_has("interrupted by SIGTERM: out.jsonl was not written");
+    assert!(!partial.exists(), "{} is left", partial.display());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "old\n");
+}

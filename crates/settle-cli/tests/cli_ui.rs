@@ -56,7 +56,11 @@ struct Server {
 
 impl Server {
     fn start(env: &Env, extra: &[&str]) -> Self {
-        let mut args = vec!["ui", "--listen", "127.0.0.1:0"];
+        Self::start_on(env, "127.0.0.1:0", extra)
+    }
+
+    fn start_on(env: &Env, listen: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["ui", "--listen", listen];
         args.extend(QUICK);
         args.extend(extra);
         let mut child = env.spawn(&args);
@@ -662,6 +666,28 @@ fn read_only_hides_and_refuses_every_action() {
         ui.post(&format!("/runs/{run}/retry"), body).expect(403);
     }
     unchanged(&env, &ui, &run);
+}
+
+/// `--listen` takes a name that resolves to loopback addresses only, and
+/// the server answers to that name as a Host; a name that does not resolve
+/// is refused with the resolver's reason.
+#[test]
+fn a_loopback_name_is_listened_on() {
+    let env = Env::new();
+    let run = failed_run(&env);
+    let ui = Server::start_on(&env, "localhost:0", &[]);
+    let host = format!("localhost:{}", ui.port());
+    ui.request("GET", "/", &[("Host", &host)], "")
+        .expect(200)
+        .has(&run);
+    ui.request("GET", "/", &[("Host", "evil.example")], "")
+        .expect(421);
+    // .invalid never resolves (RFC 6761).
+    let out = env.settle(&["ui", "--listen", "nowhere.invalid:8080"]);
+    out.expect_code(2)
+        .stderr_has("--listen nowhere.invalid:8080: cannot resolve nowhere.invalid: ");
+    let out = env.settle(&["ui", "--listen", "localhost"]);
+    out.expect_code(2).stderr_has("is not HOST:PORT");
 }
 
 #[test]

@@ -127,6 +127,32 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    /// Runs `remove` if the database holds nothing (no run, no item), while
+    /// holding its write lock, and says whether it ran: for a command that
+    /// created the file and failed, to take it away again. Under the lock,
+    /// another process's load into the same file is either committed and
+    /// seen here (and nothing is removed) or not begun.
+    pub async fn remove_if_empty(
+        &self,
+        remove: impl FnOnce() + Send + 'static,
+    ) -> Result<bool, DbError> {
+        self.db
+            .write(move |c| {
+                let used: bool = c.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM runs) OR EXISTS (SELECT 1 FROM items)",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if !used {
+                    remove();
+                }
+                Ok(!used)
+            })
+            .await
+    }
+}
+
 /// Maps a database error to a port error naming the operation: a port's
 /// own answer passes through as it is, anything else is the backend's
 /// failure, kept as the source.
@@ -134,5 +160,37 @@ pub(crate) fn port_err(op: &'static str) -> impl Fn(DbError) -> PortError {
     move |e| match e {
         DbError::Refused(Refusal::Port(p)) => p,
         e => PortError::backend(op, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use settle_core::jsonl::JsonlItems;
+    use settle_core::ports::Source;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn remove_if_empty_runs_only_on_a_database_with_nothing_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Embedded::open(&dir.path().join("x.db")).await.unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        assert!(e
+            .remove_if_empty(move || r.store(true, Ordering::SeqCst))
+            .await
+            .unwrap());
+        assert!(ran.load(Ordering::SeqCst));
+
+        let items = JsonlItems::new(std::io::Cursor::new(b"{\"id\":\"a\"}\n".to_vec()));
+        assert_eq!(e.store.load(Box::new(items)).await.unwrap(), 1);
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        assert!(!e
+            .remove_if_empty(move || r.store(true, Ordering::SeqCst))
+            .await
+            .unwrap());
+        assert!(!ran.load(Ordering::SeqCst), "a pending item keeps it");
     }
 }

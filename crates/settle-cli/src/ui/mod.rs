@@ -6,6 +6,7 @@
 
 mod guard;
 mod html;
+mod listen;
 mod metrics;
 mod pages;
 
@@ -18,6 +19,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+pub use listen::Listen;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -81,25 +83,21 @@ pub async fn serve(d: Arc<Deployment>, args: UiArgs, stop: Stop) -> Result<ExitC
         }
         t => t,
     };
-    if !args.listen.ip().is_loopback() && token.is_none() {
-        return Err(input(format!(
-            "--listen {} is not a loopback address: anyone who can reach it could retry runs; \
-             give --token (or SETTLE_UI_TOKEN), or listen on 127.0.0.1",
-            args.listen
-        )));
-    }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let addrs = args.listen.addrs(token.is_some()).map_err(|e| {
+        // Bad input (exit 2) that keeps its cause, such as the resolver's.
+        let msg = e.to_string();
+        anyhow::Error::new(e).context(InputError(msg))
+    })?;
+    let listener = tokio::net::TcpListener::bind(&addrs[..])
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener
         .local_addr()
         .context("cannot read the listening address")?;
-    let guard = Arc::new(guard::Guard::new(
-        addr,
-        token,
-        &args.allow_hosts,
-        args.read_only,
-    ));
+    // The name it listens by is a Host it is reached by.
+    let mut hosts = args.allow_hosts;
+    hosts.extend(args.listen.host().map(str::to_owned));
+    let guard = Arc::new(guard::Guard::new(addr, token, &hosts, args.read_only));
     let ui = Arc::new(Ui {
         d: d.clone(),
         process: args.process,

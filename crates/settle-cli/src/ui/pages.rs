@@ -822,7 +822,8 @@ pub async fn retry(
                 "settle ui: stopped while processing retried items of run {run_id}; `settle resume {run_id}` finishes them"
             ),
             Err(e) => eprintln!(
-                "error: processing the retried items of run {run_id}: {e:#}; `settle resume {run_id}` finishes them"
+                "error: processing the retried items of run {run_id}: {}; `settle resume {run_id}` finishes them",
+                report::clean(&format!("{e:#}"))
             ),
         }
     });
