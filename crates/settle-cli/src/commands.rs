@@ -373,6 +373,9 @@ async fn run(d: &Deployment, args: RunArgs, items: Items, stop: &Stop) -> Result
         stop,
     )
     .await?;
+    if let Finish::Done(settled, ..) = &finished {
+        drop_extra_dead_letters(d, settled).await?;
+    }
     finish(d, finished, args.json, None).await
 }
 
@@ -602,10 +605,9 @@ async fn all_failures(
     }
 }
 
-/// Prints how processing ended; `extra` fields join the run's JSON.
-/// After an interruption, an item may have been dead-lettered twice (its
-/// work message outlived the killed process that had sent its dead letter):
-/// keeps one copy per failed item. Scans the DLQ only where scans are cheap
+/// An item may have been dead-lettered twice (a dead letter's send failed
+/// after it had taken effect, or a killed process had sent it): keeps one
+/// copy per failed item. Scans the DLQ only where scans are cheap
 /// ([`settle_core::Capabilities::cheap_dlq_scan`]), and only when it holds more
 /// messages than the run has failed items.
 async fn drop_extra_dead_letters(d: &Deployment, run: &RunRecord) -> Result<()> {
@@ -616,7 +618,7 @@ async fn drop_extra_dead_letters(d: &Deployment, run: &RunRecord) -> Result<()> 
     let n = reconcile::drop_extra_dead_letters(d.backend.dlq.as_ref(), &run.id).await?;
     if n > 0 {
         eprintln!(
-            "note: deleted {n} extra dead letters of run {} (items attempted again after the interruption); \
+            "note: deleted {n} extra dead letters of run {} (dead letters sent twice); \
              the DLQ holds one per failed item",
             run.id
         );

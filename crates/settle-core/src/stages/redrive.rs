@@ -241,6 +241,7 @@ impl Scan<'_> {
                     };
                     WorkBody {
                         prior_attempts: prior,
+                        round: prior,
                         dead: None,
                         redrive: Some(pass.clone()),
                         ..b.clone()

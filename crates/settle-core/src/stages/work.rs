@@ -579,7 +579,10 @@ impl Worker {
                 // recorded ones (a duplicate chain may have gone further
                 // than the dead letter it was sent from).
                 ItemStatus::Failed if body.redrive.is_some() => {
-                    body.prior_attempts = body.prior_attempts.max(known.attempts);
+                    if body.prior_attempts == body.round {
+                        body.prior_attempts = body.prior_attempts.max(known.attempts);
+                        body.round = body.prior_attempts;
+                    }
                 }
                 ItemStatus::Failed => {
                     tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
@@ -791,7 +794,7 @@ impl Worker {
             other => Ok(other),
         });
         let duration_ms = elapsed.as_millis() as u64;
-        let last = attempt >= body.max_receives || ready.exhausted;
+        let last = body.last_of_round() || ready.exhausted;
         let mut output = None;
         let (outcome, dead_letter, retry) = match outcome {
             Ok(out) => {

@@ -107,8 +107,11 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
     let mut o = Out::with_capacity(128 + payload.len() + b.item.as_str().len());
     o.open_item(&b.run, &b.item, b.seq)
         .raw(r#","prior_attempts":"#)
-        .num(b.prior_attempts.into())
-        .raw(r#","max_receives":"#)
+        .num(b.prior_attempts.into());
+    if b.round > 0 {
+        o.raw(r#","round":"#).num(b.round.into());
+    }
+    o.raw(r#","max_receives":"#)
         .num(b.max_receives.into())
         .raw(r#","payload":"#)
         .raw(payload);
@@ -274,6 +277,7 @@ mod tests {
             redrive in proptest::option::of("[a-f0-9]{16}"),
             not_before in proptest::option::of(any::<u64>()),
             resent in any::<bool>(),
+            round in any::<u32>(),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
         ) {
             let payload = RawValue::from_string(payload.to_owned()).unwrap();
@@ -283,6 +287,7 @@ mod tests {
             b.redrive = redrive;
             b.not_before = not_before;
             b.resent = resent;
+            b.round = round;
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());
         }
     }

@@ -8,6 +8,10 @@ use serde_json::value::RawValue;
 /// SQS's limit on one message body, which the embedded queue enforces too.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Why a queue body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -42,6 +46,10 @@ pub struct WorkBody {
     /// back, a redelivery while the item is in hand) are not attempts.
     #[serde(default)]
     pub prior_attempts: u32,
+    /// Attempts made before this round began: a redrive starts a new round
+    /// of `max_receives` attempts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u32,
     /// The run's receive limit, carried so one queue can serve runs with different limits.
     pub max_receives: u32,
     pub payload: Box<RawValue>,
@@ -72,6 +80,7 @@ impl WorkBody {
             item: item.id,
             seq,
             prior_attempts: 0,
+            round: 0,
             max_receives,
             payload: item.payload,
             dead: None,
@@ -83,6 +92,10 @@ impl WorkBody {
     /// This message's attempt number.
     pub fn attempt(&self) -> u32 {
         self.prior_attempts.saturating_add(1)
+    }
+    /// Whether this message's attempt is the last of its round.
+    pub fn last_of_round(&self) -> bool {
+        self.attempt().saturating_sub(self.round) >= self.max_receives
     }
     pub fn encode(&self) -> String {
         crate::wire::json::work_body(self)
