@@ -739,8 +739,10 @@ async fn resume(
     );
     let chosen = local_processor(d, &run, p)?;
     // What the run has in flight first, a cut-off redrive's moved messages
-    // included: they count as failed until processed, and the redrive's
-    // next pass takes them for moved only once they are.
+    // included: they are in no DLQ, so the redrive's next pass would find
+    // no message for their items (still counted failed) and take them for
+    // missing. Processed, each is done with or back in the DLQ carrying the
+    // redrive's mark, which the next pass leaves where it is.
     let finished = process(d, &run.id, p, chosen.as_ref(), Until::Settled, stop).await?;
     let Finish::Done(settled, ..) = &finished else {
         return finish(d, finished, json, None).await;

@@ -17,9 +17,10 @@ use std::collections::BTreeSet;
 #[serde(deny_unknown_fields)]
 pub struct RedriveScope {
     /// Names the redrive in the messages it sends back
-    /// ([`WorkBody::redrive`](crate::wire::message::WorkBody::redrive)): a
-    /// dead letter that carries it was moved by this redrive already and
-    /// failed again, so finishing the redrive leaves it where it is.
+    /// ([`WorkBody::redrive`](crate::wire::message::WorkBody::redrive) is
+    /// `ID/PASS`): a dead letter that carries it was moved by this redrive
+    /// already and failed again, so finishing the redrive leaves it where
+    /// it is.
     pub id: String,
     pub select: Vec<Selection>,
 }

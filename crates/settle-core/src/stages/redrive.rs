@@ -280,7 +280,9 @@ impl Scan<'_> {
             dry_run,
             stop,
         } = *self;
-        let pass = scope.id.as_str();
+        // Marks what this pass sends back: the redrive's id, then the pass's.
+        let earlier_mark = format!("{}/", scope.id);
+        let pass = format!("{earlier_mark}{:016x}", fastrand::u64(..));
         while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
             if stop() {
                 // Not taken: given back with the rest of what this pass hid.
@@ -292,15 +294,34 @@ impl Scan<'_> {
             let mut stale: Vec<String> = Vec::new();
             for d in &batch {
                 match WorkBody::decode(&d.body) {
-                    // Sent back by this redrive and dead-lettered again (by
-                    // workers running while it scans, or after an earlier
-                    // pass of it that was cut off): a failure of its own,
+                    // Sent back by this pass and dead-lettered again already
+                    // (workers run while it scans): a failure of its own,
                     // to keep, not an older copy.
-                    Ok(b) if b.redrive.as_deref() == Some(pass) => {
-                        if &b.run == run && !report.items.contains(&b.item) {
-                            report.earlier.insert(b.item);
-                        }
+                    Ok(b) if b.redrive.as_deref() == Some(pass.as_str()) => {
                         hidden.push(d.receipt.clone())
+                    }
+                    // Sent back by an earlier pass of this redrive (one that
+                    // was cut off) and failed again: done with, unless this
+                    // pass moved another copy of the item (one the cut-off
+                    // pass had not reached), whose outcome replaces it.
+                    Ok(b)
+                        if &b.run == run
+                            && b.redrive
+                                .as_deref()
+                                .is_some_and(|m| m.starts_with(&earlier_mark)) =>
+                    {
+                        if report.items.contains(&b.item)
+                            || moves.iter().any(|(_, m)| m.item == b.item)
+                        {
+                            if dry_run {
+                                hidden.push(d.receipt.clone());
+                            } else {
+                                stale.push(d.receipt.clone());
+                            }
+                        } else {
+                            report.earlier.insert(b.item);
+                            hidden.push(d.receipt.clone());
+                        }
                     }
                     // A second copy of an item this redrive moved (a
                     // duplicate delivery that was dead-lettered too, or the
@@ -374,7 +395,7 @@ impl Scan<'_> {
                     WorkBody {
                         prior_attempts: prior,
                         dead: None,
-                        redrive: Some(pass.to_owned()),
+                        redrive: Some(pass.clone()),
                         ..b.clone()
                     }
                     .encode()
