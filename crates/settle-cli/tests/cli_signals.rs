@@ -394,6 +394,57 @@ fn a_redrive_killed_while_it_moves_is_finished_by_resume() {
     resume_finishes_the_redrive(&env, &id);
 }
 
+/// The same on the AWS backend (SQS and DynamoDB on the emulator): a
+/// redrive stopped by `signal` while it moves is finished by `settle resume`.
+fn aws_redrive_cut_while_it_moves(signal: &str) {
+    // The emulator takes about 30 s for the run; the move of its 120
+    // failed items, about a second.
+    const N: usize = 240;
+    let failed = N as u64 / 2;
+    let env = Env::aws(6);
+    let items = half_retryable(&env, N);
+    let run = env.run(&items, &["--max-receives", "3"]);
+    assert_run(&run, "partial", N as u64, failed, failed, 0);
+    let id = run_id(&run);
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let mut redrive = Watched::start(&env, &args);
+    redrive.wait_for("Moving the failed items of run");
+    std::thread::sleep(Duration::from_millis(250));
+    redrive.signal(signal);
+    let out = redrive.finish();
+    if signal == "KILL" {
+        assert_eq!(out.code, 128 + 9, "{out:?}");
+    } else {
+        out.expect_code(130)
+            .stderr_has(&format!("continue with: settle resume {id}"));
+        let v = out.json();
+        let moved = v["redriven"].as_u64().unwrap();
+        assert!(moved > 0 && moved < failed, "cut off part-way: {v}");
+    }
+    let status = env.status(&id);
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["redrive"]["complete"], false, "{status}");
+
+    let mut args = vec!["resume", id.as_str(), "--json"];
+    args.extend(FAST);
+    let out = Watched::start(&env, &args).finish();
+    out.expect_code(0);
+    let done = out.json();
+    assert_run(&done, "succeeded", N as u64, N as u64, 0, 0);
+    assert_eq!(done["redrive"]["complete"], true, "{done}");
+    assert_eq!(env.status(&id)["redrive"], Value::Null);
+    assert_eq!(env.show(&id, "i00001")["attempts"], 4);
+}
+
+/// One after the other: two runs at once would slow the emulator past the
+/// commands' time limit.
+#[test]
+fn aws_a_redrive_stopped_or_killed_while_it_moves_is_finished_by_resume() {
+    aws_redrive_cut_while_it_moves("INT");
+    aws_redrive_cut_while_it_moves("KILL");
+}
+
 /// A redrive of named items cut off keeps exactly those items as its
 /// scope: the resume moves the rest of them and no other failed item.
 #[test]
