@@ -12,7 +12,9 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use aws_smithy_types::Blob;
-use settle_core::domain::{ItemId, ItemRecord, ItemStatus, RunId, RunRecord, TallyDelta};
+use settle_core::domain::{
+    ItemId, ItemRecord, ItemStatus, RedriveScope, RunId, RunRecord, TallyDelta,
+};
 use settle_core::ports::{ItemPut, Ledger, LedgerBatch, PortError, Versioned, MAX_COMMIT_ACTIONS};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -337,6 +339,14 @@ fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
             .max(0) as u64,
         settled_at: get_n(row, "settled_at"),
         redriving: get_bool(row, "redriving").unwrap_or(false),
+        // A scope this build cannot read (a selector of a newer build) is
+        // refused rather than half read: the redrive would move other items.
+        redrive: match get_s(row, "redrive") {
+            Some(scope) => {
+                Some(RedriveScope::decode(scope).map_err(|_| corrupt(op, &what, "redrive"))?)
+            }
+            None => None,
+        },
     })
 }
 
@@ -596,6 +606,50 @@ impl Ledger for DynamoLedger {
         } else {
             Err(PortError::NotFound(format!("run {id}")))
         }
+    }
+
+    async fn set_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<(), PortError> {
+        let t = &self.t;
+        // One attribute of the run row, written once per redrive.
+        let set = t
+            .update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("SET redrive = :s")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":s", s(scope.encode())),
+            )
+            .await?;
+        if set {
+            Ok(())
+        } else {
+            Err(PortError::NotFound(format!("run {id}")))
+        }
+    }
+
+    async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError> {
+        let t = &self.t;
+        // The stored scope is compared whole: encode() gives equal scopes
+        // equal strings.
+        let cleared = t
+            .update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("REMOVE redrive")
+                    .condition_expression("attribute_exists(pk) AND redrive = :s")
+                    .expression_attribute_values(":s", s(scope.encode())),
+            )
+            .await?;
+        if !cleared && self.get_run("DynamoDB.GetItem", id).await?.is_none() {
+            return Err(PortError::NotFound(format!("run {id}")));
+        }
+        Ok(cleared)
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {

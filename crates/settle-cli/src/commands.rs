@@ -9,6 +9,7 @@ use crate::report;
 use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
+use settle_core::domain::now_millis;
 use settle_core::jsonl::JsonlItems;
 use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
@@ -18,6 +19,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, Read};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 /// Bad input from the user: exits 2.
 #[derive(Debug, thiserror::Error)]
@@ -188,30 +190,7 @@ async fn command(
             run_id,
             process: p,
             json,
-        } => {
-            let run = resolve(d, run_id.as_deref()).await?;
-            stop.set_run(&run.id);
-            eprintln!(
-                "Resuming run {}: {} of {} items settled{}",
-                run.id,
-                run.succeeded + run.failed,
-                run.total,
-                if run.redriving {
-                    ", a redrive in flight"
-                } else if !run.dispatched {
-                    ", dispatch unfinished"
-                } else {
-                    ""
-                }
-            );
-            let chosen = local_processor(d, &run, &p)?;
-            let finished =
-                process(d, &run.id, &p, chosen.as_ref(), Until::Settled, true, stop).await?;
-            if let Finish::Done(settled, ..) = &finished {
-                drop_extra_dead_letters(d, settled).await?;
-            }
-            finish(d, finished, json, None).await
-        }
+        } => resume(d, run_id.as_deref(), &p, json, stop).await,
         Command::Status { run_id, json } => {
             let run = resolve(d, run_id.as_deref()).await?;
             let parked = d.backend.results_dlq.depth().await?.total();
@@ -650,13 +629,25 @@ async fn finish(
             } else {
                 " (claimed so far; dispatch unfinished)"
             };
-            eprintln!(
-                "interrupted by {}: {} of {} items{dispatching} settled; continue with: settle resume {}",
-                signal.name(),
-                run.succeeded + run.failed,
-                run.total,
-                run.id
-            );
+            if run.redrive.is_some() {
+                eprintln!(
+                    "interrupted by {}: the redrive of run {} is unfinished ({} items succeeded, \
+                     {} failed so far); continue with: settle resume {}",
+                    signal.name(),
+                    run.id,
+                    run.succeeded,
+                    run.failed,
+                    run.id
+                );
+            } else {
+                eprintln!(
+                    "interrupted by {}: {} of {} items{dispatching} settled; continue with: settle resume {}",
+                    signal.name(),
+                    run.succeeded + run.failed,
+                    run.total,
+                    run.id
+                );
+            }
             if json {
                 let mut value = report::run_json(&run);
                 for (k, v) in extra.into_iter().flatten() {
@@ -727,8 +718,7 @@ async fn redrive_cmd(
         eprintln!(
             "note: {} failed {} no message in the dead-letter queue to move: {}{}. \
              Another pass over the queue (a redrive or reconciliation running now, or one \
-             that was cut off) hides its messages for up to 2 minutes; run the redrive \
-             again after that to move {}.",
+             that was cut off) hides its messages for up to 2 minutes; {}",
             moved.missing.len(),
             if moved.missing.len() == 1 {
                 "item has"
@@ -741,46 +731,43 @@ async fn redrive_cmd(
             } else {
                 String::new()
             },
-            if moved.missing.len() == 1 {
-                "it"
+            if dry_run {
+                "a redrive after that moves them.".to_owned()
             } else {
-                "them"
+                format!(
+                    "the redrive stays unfinished: settle resume {} waits for them and moves them.",
+                    run.id
+                )
             },
         );
     }
-    let extra = |value: &mut Value| {
-        value["redriven"] = json!(if dry_run { 0 } else { n });
-        value["not_moved"] = json!(moved.missing.len());
-        value["complete"] = json!(moved.is_complete());
-    };
     if dry_run {
         let ids: Vec<&str> = moved.items.iter().map(ItemId::as_str).collect();
         let mut value = report::run_json(&run);
-        extra(&mut value);
+        value["redriven"] = json!(0);
+        value["not_moved"] = json!(moved.missing.len());
+        value["complete"] = json!(moved.is_complete());
         value["would_redrive"] = json!(n);
         value["items"] = json!(ids);
         emit(json, value, || report::dry_run_human(&run.id, &ids));
         return Ok(redrive_exit(&moved));
     }
-    if moved.stopped {
-        eprintln!(
-            "Redrive of run {} stopped after moving {n} items; the rest of its failed items \
-             stay in the dead-letter queue (run the redrive again to move them)",
-            run.id
-        );
+    let finished = if moved.stopped {
+        // Says what happened; `finish` says how to go on.
+        eprintln!("Redrive of run {} stopped after moving {n} items", run.id);
+        let signal = stop.signal().expect("a redrive stops only when signalled");
+        Finish::Interrupted(get_run(d, &run.id).await?, signal)
     } else {
         eprintln!("Redriving {n} items of run {}", run.id);
-    }
-    let finished = redrive_process(d, &run.id, p, chosen.as_ref(), n, stop).await?;
-    let mut value = Value::Null;
-    extra(&mut value);
-    let code = finish(
-        d,
-        finished,
-        json,
-        Some(value.as_object().cloned().unwrap_or_default()),
-    )
-    .await?;
+        redrive_process(d, &run.id, p, chosen.as_ref(), &moved, stop).await?
+    };
+    let done = matches!(finished, Finish::Done(..));
+    let mut extra = serde_json::Map::new();
+    extra.insert("redriven".into(), json!(n));
+    extra.insert("not_moved".into(), json!(moved.missing.len()));
+    extra.insert("complete".into(), json!(done && moved.is_complete()));
+    extra.insert("redrive".into(), redrive_json(&moved, done));
+    let code = finish(d, finished, json, Some(extra)).await?;
     Ok(if code == ExitCode::SUCCESS {
         redrive_exit(&moved)
     } else {
@@ -788,8 +775,195 @@ async fn redrive_cmd(
     })
 }
 
-/// 0 when every failed item asked for was moved, 3 when some were not
-/// (documented: a script must not take a partial redrive for a complete one).
+/// `"redrive"` in the JSON of `redrive` and `resume`: whether the redrive
+/// is complete (every item of its scope moved back and processed), and its
+/// scope.
+fn redrive_json(moved: &redrive::RedriveReport, processed: bool) -> Value {
+    json!({
+        "complete": processed && moved.is_complete(),
+        "scope": report::scope_json(&moved.scope),
+    })
+}
+
+/// `settle resume`: dispatches and processes what is left of the run, then
+/// finishes its unfinished redrive, if any: moves the rest of that
+/// redrive's scope back from the DLQ and processes it.
+async fn resume(
+    d: &Deployment,
+    run_id: Option<&str>,
+    p: &ProcessArgs,
+    json: bool,
+    stop: &Stop,
+) -> Result<ExitCode> {
+    let run = resolve(d, run_id).await?;
+    stop.set_run(&run.id);
+    eprintln!(
+        "Resuming run {}: {} of {} items settled{}",
+        run.id,
+        run.succeeded + run.failed,
+        run.total,
+        if run.redrive.is_some() || run.redriving {
+            ", a redrive unfinished"
+        } else if !run.dispatched {
+            ", dispatch unfinished"
+        } else {
+            ""
+        }
+    );
+    let chosen = local_processor(d, &run, p)?;
+    // What the run has in flight first, a cut-off redrive's moved messages
+    // included: they are in no DLQ, so the redrive's next pass would find
+    // no message for their items (still counted failed) and take them for
+    // missing. Processed, each is done with or back in the DLQ carrying the
+    // redrive's mark, which the next pass leaves where it is.
+    let finished = process(d, &run.id, p, chosen.as_ref(), Until::Settled, true, stop).await?;
+    let Finish::Done(settled, ..) = &finished else {
+        return finish(d, finished, json, None).await;
+    };
+    if settled.redrive.is_none() {
+        drop_extra_dead_letters(d, settled).await?;
+        return finish(d, finished, json, None).await;
+    }
+    eprintln!(
+        "Finishing the unfinished redrive of run {}: moving the rest of its items back to \
+         the work queue",
+        run.id
+    );
+    let moved = match resume_redrive(d, &run.id, stop).await? {
+        Some(moved) => moved,
+        // Finished by another command in the meantime.
+        None => return finish(d, finished, json, None).await,
+    };
+    let n = moved.items.len() as u64;
+    let finished = if moved.stopped {
+        eprintln!(
+            "Redrive of run {} stopped after moving {n} more items",
+            run.id
+        );
+        let signal = stop.signal().expect("a redrive stops only when signalled");
+        Finish::Interrupted(get_run(d, &run.id).await?, signal)
+    } else {
+        eprintln!(
+            "Redriving {n} more items of run {} (the rest of its unfinished redrive)",
+            run.id
+        );
+        redrive_process(d, &run.id, p, chosen.as_ref(), &moved, stop).await?
+    };
+    if let Finish::Done(settled, ..) = &finished {
+        drop_extra_dead_letters(d, settled).await?;
+    }
+    if !moved.missing.is_empty() && !moved.stopped {
+        eprintln!(
+            "note: {} failed items of the redrive's scope still have no message in the \
+             dead-letter queue to move (hidden by another pass over the queue); the redrive \
+             stays unfinished: continue with: settle resume {}",
+            moved.missing.len(),
+            run.id
+        );
+    }
+    let done = matches!(finished, Finish::Done(..));
+    let mut extra = serde_json::Map::new();
+    extra.insert("redrive".into(), redrive_json(&moved, done));
+    let code = finish(d, finished, json, Some(extra)).await?;
+    Ok(if code == ExitCode::SUCCESS {
+        redrive_exit(&moved)
+    } else {
+        code
+    })
+}
+
+/// How long `resume` waits, at most, for dead letters of its redrive that
+/// another pass over the DLQ holds hidden: a pass cut off outright holds
+/// what it had received for its visibility timeout.
+const HIDDEN_WAIT: Duration = Duration::from_secs(redrive::SCAN_VISIBILITY.as_secs() + 10);
+
+/// Moves the rest of the run's unfinished redrive back to the work queue
+/// (`None` when it has none). Dead letters hidden by a pass that was cut
+/// off are waited for, up to [`HIDDEN_WAIT`], and then moved (or, stale
+/// copies of items that succeeded since, deleted): so one resume finishes
+/// a redrive that was killed outright.
+async fn resume_redrive(
+    d: &Deployment,
+    run: &RunId,
+    stop: &Stop,
+) -> Result<Option<redrive::RedriveReport>> {
+    let b = &d.backend;
+    let should_stop = || stop.signal().is_some();
+    // Set when the wait begins.
+    let mut deadline: Option<Instant> = None;
+    let mut total: Option<redrive::RedriveReport> = None;
+    loop {
+        let Some(pass) = redrive::resume(
+            b.ledger.as_ref(),
+            b.dlq.as_ref(),
+            b.work.as_ref(),
+            run,
+            &should_stop,
+        )
+        .await
+        .map_err(|err| match err {
+            RedriveError::Port(p) => anyhow::Error::new(p).context("redrive failed"),
+            other => input(other.to_string()),
+        })?
+        else {
+            return Ok(total);
+        };
+        let first = total.is_none();
+        let t = total.get_or_insert_with(|| pass.clone());
+        if !first {
+            t.items.extend(pass.items);
+            t.messages += pass.messages;
+            t.stale += pass.stale;
+            t.earlier.extend(pass.earlier);
+            t.stopped = pass.stopped;
+        }
+        // Moved by an earlier pass of this resume and not processed yet:
+        // still failed in the ledger, but not missing.
+        t.missing = pass
+            .missing
+            .into_iter()
+            .filter(|i| !t.items.contains(i))
+            .collect();
+        if t.stopped || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(total);
+        }
+        // A pass cut off outright holds the dead letters it had received
+        // hidden: items of the scope not moved yet, or stale copies of items
+        // it had moved. Both reappear within the scan's visibility timeout.
+        let hidden = b.dlq.depth().await?.in_flight;
+        if t.missing.is_empty() && hidden == 0 {
+            return Ok(total);
+        }
+        let deadline = *deadline.get_or_insert_with(|| {
+            eprintln!(
+                "Waiting up to {} s for {hidden} dead letters hidden by another pass over the \
+                 dead-letter queue (one that was cut off holds them for up to 2 minutes){}",
+                HIDDEN_WAIT.as_secs(),
+                if t.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {} items of the redrive are among them", t.missing.len())
+                }
+            );
+            Instant::now() + HIDDEN_WAIT
+        });
+        // Until nothing in the DLQ is hidden any more: counting is cheap,
+        // another pass over the queue is not.
+        while b.dlq.depth().await?.in_flight > 0 && Instant::now() < deadline {
+            tokio::select! {
+                _ = stop.stopped() => {
+                    t.stopped = true;
+                    return Ok(total);
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// 0 when every failed item of the redrive's scope was moved, 3 when some
+/// were not (documented: a script must not take a partial redrive for a
+/// complete one).
 fn redrive_exit(moved: &redrive::RedriveReport) -> ExitCode {
     if moved.is_complete() {
         ExitCode::SUCCESS
@@ -839,6 +1013,17 @@ pub(crate) async fn redrive_move(
             return Ok(Moved::Interrupted(Finish::Interrupted(run, signal)));
         }
     }
+    if !dry_run {
+        eprintln!(
+            "Moving the {} of run {} back to the work queue",
+            if only.is_some() {
+                "named failed items"
+            } else {
+                "failed items"
+            },
+            run.id
+        );
+    }
     let moved = redrive::redrive(
         d.backend.ledger.as_ref(),
         d.backend.dlq.as_ref(),
@@ -859,13 +1044,14 @@ pub(crate) async fn redrive_move(
 /// The processing half of a redrive: processes until the queues drain,
 /// which closes the run's redrive, even with nothing moved (the redrive
 /// was opened all the same). `moved` is what the redrive moved, reported
-/// as what was processed.
+/// as what was processed; when it moved every item of its scope, the
+/// redrive is complete once they are processed and its scope is cleared.
 pub(crate) async fn redrive_process(
     d: &Deployment,
     run: &RunId,
     p: &ProcessArgs,
     chosen: Option<&processors::Chosen>,
-    moved: u64,
+    moved: &redrive::RedriveReport,
     stop: &Stop,
 ) -> Result<Finish> {
     let finished = match process(d, run, p, chosen, Until::Drained, true, stop)
@@ -873,11 +1059,28 @@ pub(crate) async fn redrive_process(
         .context("processing the redriven items")?
     {
         // A redrive moves items between buckets; what it processed is what it moved.
-        Finish::Done(run, took, _) => Finish::Done(run, took, moved),
+        Finish::Done(run, took, _) => Finish::Done(run, took, moved.items.len() as u64),
         other => other,
     };
-    Ok(match (finished, stop.signal()) {
+    let finished = match (finished, stop.signal()) {
         (Finish::Done(run, ..), Some(signal)) => Finish::Interrupted(run, signal),
         (other, _) => other,
-    })
+    };
+    let Finish::Done(_, took, count) = finished else {
+        return Ok(finished);
+    };
+    if moved.is_complete() {
+        // Cleared only if no newer redrive replaced this one meanwhile: that
+        // one is not done.
+        d.backend
+            .ledger
+            .clear_redrive(run, &moved.scope)
+            .await
+            .context("recording the redrive as complete")?;
+    }
+    let now = get_run(d, run).await?;
+    if now.is_settled() && now.settled_at.is_none() {
+        d.backend.ledger.mark_settled(run, now_millis()).await?;
+    }
+    Ok(Finish::Done(get_run(d, run).await?, took, count))
 }

@@ -2,6 +2,7 @@
 //! last line of stdout with `--json`.
 
 use serde_json::{json, Value};
+use settle_core::domain::RedriveScope;
 use settle_core::domain::{AttemptOutcome, ItemStatus, Millis};
 use settle_core::{ItemId, ItemRecord, RunRecord};
 use std::borrow::Cow;
@@ -19,7 +20,40 @@ pub fn run_json(run: &RunRecord) -> Value {
         "failed": run.failed,
         "pending": run.pending(),
         "redriving": run.redriving,
+        // The unfinished redrive, if any: `resume` finishes it.
+        "redrive": run.redrive.as_ref().map(|scope| json!({
+            "complete": false,
+            "scope": scope_json(scope),
+        })),
     })
+}
+
+/// A redrive's scope in JSON: its selections, any of which takes an item
+/// (`{}` takes every failed item, `{"items": [...]}` the named ones).
+pub fn scope_json(scope: &RedriveScope) -> Value {
+    json!(scope.select)
+}
+
+/// A redrive's scope in words.
+fn scope_human(scope: &RedriveScope) -> String {
+    match scope.named_items() {
+        None => "every failed item".to_owned(),
+        Some(items) => {
+            let shown: Vec<Cow<'_, str>> =
+                items.iter().take(5).map(|i| clean(i.as_str())).collect();
+            let more = items.len().saturating_sub(shown.len());
+            format!(
+                "{} {}{}",
+                if items.len() == 1 { "item" } else { "items" },
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
 }
 
 /// Text from outside (a processor's error, an id) as it may reach a
@@ -215,7 +249,15 @@ pub fn run_human(
             ));
         }
     }
-    if run.redriving {
+    if let Some(scope) = &run.redrive {
+        out.push_str(&format!(
+            "A redrive of this run ({}) is unfinished: its items count as failed until \
+             they are moved back and processed. If no settle command is processing it now \
+             (it was stopped), finish it with: settle resume {}\n",
+            scope_human(scope),
+            run.id
+        ));
+    } else if run.redriving {
         out.push_str(&format!(
             "A redrive of this run is still in flight: its items count as failed until \
              they are processed. If no settle command is processing it now (it was \

@@ -220,7 +220,10 @@ fn resume_finishes(env: &Env, id: &str) {
     assert_run(&done, "succeeded", 600, 600, 0, 0);
     assert_eq!(done["redriving"], false);
     assert_eq!(queues(env), (0, 0, 0), "queues after the resume");
-    let again = env.ok_json(&args);
+    assert_eq!(done["redrive"]["complete"], true, "{done}");
+    let mut again = env.ok_json(&args);
+    assert_eq!(again["redrive"], Value::Null, "no redrive left: {again}");
+    again["redrive"] = done["redrive"].clone();
     assert_eq!(again, done, "a second resume moves nothing");
 }
 
@@ -278,6 +281,208 @@ fn a_redrive_after_a_killed_one_finishes_it_and_misses_nothing() {
     assert_eq!(queues(&env), (0, 0, 0));
 }
 
+/// Items of the big redrive: every second one fails its first three
+/// attempts, so the run leaves half of them failed and a redrive makes each
+/// of those succeed.
+const BIG: usize = 10_000;
+
+/// Runs [`BIG`] half-failing items, starts `settle redrive` of all the
+/// failed ones and stops it with `signal` while it moves their dead letters
+/// back (the move of 5,000 takes about a second). Returns the env, the run
+/// id and the stopped redrive's output.
+fn redrive_cut_while_it_moves(signal: &str) -> (Env, String, Out) {
+    let env = Env::new();
+    let items = half_retryable(&env, BIG);
+    let run = env.run(&items, &[]);
+    let failed = BIG as u64 / 2;
+    assert_run(&run, "partial", BIG as u64, failed, failed, 0);
+    let id = run_id(&run);
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let mut redrive = Watched::start(&env, &args);
+    redrive.wait_for("Moving the failed items of run");
+    std::thread::sleep(Duration::from_millis(250));
+    redrive.signal(signal);
+    let out = redrive.finish();
+    let (work, results, dlq) = queues(&env);
+    assert!(
+        work > 0 && dlq > 0 && results == 0,
+        "cut off part-way through the move: work {work}, dlq {dlq} ({out:?})"
+    );
+    // The scope stays with the run, and status gives the one way on.
+    let status = env.status(&id);
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(
+        status["redrive"],
+        json!({"complete": false, "scope": [{}]}),
+        "{status}"
+    );
+    let human = env.settle(&["status", &id]);
+    human.expect_code(0);
+    assert_eq!(
+        human.stdout.matches("settle resume").count(),
+        1,
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human
+            .stdout
+            .contains(&format!("finish it with: settle resume {id}")),
+        "{}",
+        human.stdout
+    );
+    assert!(!human.stdout.contains("settle redrive"), "{}", human.stdout);
+    (env, id, out)
+}
+
+/// `settle resume` after a cut-off redrive: every item of the redrive's
+/// scope moved back and processed (each succeeds now), the scope cleared,
+/// exit 0, empty queues.
+fn resume_finishes_the_redrive(env: &Env, id: &str) {
+    let mut args = vec!["resume", id, "--json"];
+    args.extend(FAST);
+    // Not `env.settle`: after an outright kill the resume waits for the
+    // dead letters the killed pass held hidden (up to 2 minutes).
+    let out = Watched::start(env, &args).finish();
+    out.expect_code(0)
+        .stderr_has("Finishing the unfinished redrive");
+    let done = out.json();
+    assert_run(&done, "succeeded", BIG as u64, BIG as u64, 0, 0);
+    assert_eq!(
+        done["redrive"],
+        json!({"complete": true, "scope": [{}]}),
+        "{done}"
+    );
+    assert_eq!(queues(env), (0, 0, 0), "queues after the resume");
+    // Each redriven item was attempted once more, and only once.
+    let item = env.show(id, "i00001");
+    assert_eq!(item["attempts"], 4, "{item}");
+    let status = env.status(id);
+    assert_eq!(status["redrive"], Value::Null, "{status}");
+    assert_eq!(status["status"], "succeeded", "{status}");
+}
+
+#[test]
+fn a_redrive_stopped_by_sigint_while_it_moves_is_finished_by_resume() {
+    let (env, id, out) = redrive_cut_while_it_moves("INT");
+    out.expect_code(130)
+        .stderr_has(&format!("continue with: settle resume {id}"));
+    // One instruction, the one that works.
+    assert_eq!(
+        out.stderr.matches("settle resume").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("redrive again"), "{}", out.stderr);
+    let v = out.json();
+    let moved = v["redriven"].as_u64().unwrap();
+    assert!(moved > 0 && moved < BIG as u64 / 2, "{v}");
+    assert_eq!(v["complete"], false, "{v}");
+    assert_eq!(
+        v["redrive"],
+        json!({"complete": false, "scope": [{}]}),
+        "{v}"
+    );
+    resume_finishes_the_redrive(&env, &id);
+}
+
+#[test]
+fn a_redrive_killed_while_it_moves_is_finished_by_resume() {
+    let (env, id, out) = redrive_cut_while_it_moves("KILL");
+    assert_eq!(out.code, 128 + 9, "{out:?}");
+    resume_finishes_the_redrive(&env, &id);
+}
+
+/// The same on the AWS backend (SQS and DynamoDB on the emulator): a
+/// redrive stopped by `signal` while it moves is finished by `settle resume`.
+fn aws_redrive_cut_while_it_moves(signal: &str) {
+    // The emulator takes about 30 s for the run; the move of its 120
+    // failed items, about a second.
+    const N: usize = 240;
+    let failed = N as u64 / 2;
+    let env = Env::aws(6);
+    let items = half_retryable(&env, N);
+    let run = env.run(&items, &["--max-receives", "3"]);
+    assert_run(&run, "partial", N as u64, failed, failed, 0);
+    let id = run_id(&run);
+    let mut args = vec!["redrive", id.as_str(), "--json"];
+    args.extend(FAST);
+    let mut redrive = Watched::start(&env, &args);
+    redrive.wait_for("Moving the failed items of run");
+    std::thread::sleep(Duration::from_millis(250));
+    redrive.signal(signal);
+    let out = redrive.finish();
+    if signal == "KILL" {
+        assert_eq!(out.code, 128 + 9, "{out:?}");
+    } else {
+        out.expect_code(130)
+            .stderr_has(&format!("continue with: settle resume {id}"));
+        let v = out.json();
+        let moved = v["redriven"].as_u64().unwrap();
+        assert!(moved > 0 && moved < failed, "cut off part-way: {v}");
+    }
+    let status = env.status(&id);
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["redrive"]["complete"], false, "{status}");
+
+    let mut args = vec!["resume", id.as_str(), "--json"];
+    args.extend(FAST);
+    let out = Watched::start(&env, &args).finish();
+    out.expect_code(0);
+    let done = out.json();
+    assert_run(&done, "succeeded", N as u64, N as u64, 0, 0);
+    assert_eq!(done["redrive"]["complete"], true, "{done}");
+    assert_eq!(env.status(&id)["redrive"], Value::Null);
+    assert_eq!(env.show(&id, "i00001")["attempts"], 4);
+}
+
+/// One after the other: two runs at once would slow the emulator past the
+/// commands' time limit.
+#[test]
+fn aws_a_redrive_stopped_or_killed_while_it_moves_is_finished_by_resume() {
+    aws_redrive_cut_while_it_moves("INT");
+    aws_redrive_cut_while_it_moves("KILL");
+}
+
+/// A redrive of named items cut off keeps exactly those items as its
+/// scope: the resume moves the rest of them and no other failed item.
+#[test]
+fn a_resumed_redrive_of_named_items_moves_only_those() {
+    let env = Env::new();
+    let items = half_retryable(&env, 40);
+    let id = run_id(&env.run(&items, &[]));
+    let mut args = vec![
+        "redrive",
+        id.as_str(),
+        "--json",
+        "--item",
+        "i00001",
+        "--item",
+        "i00003",
+    ];
+    args.extend(FAST);
+    args.extend(SLOW);
+    let mut redrive = Watched::start(&env, &args);
+    redrive.wait_for("Redriving 2 items");
+    redrive.signal("KILL");
+    redrive.finish();
+    let status = env.status(&id);
+    assert_eq!(
+        status["redrive"]["scope"],
+        json!([{"items": ["i00001", "i00003"]}]),
+        "{status}"
+    );
+    let mut args = vec!["resume", id.as_str(), "--json"];
+    args.extend(FAST);
+    let done = env.ok_json(&args);
+    assert_run(&done, "partial", 40, 22, 18, 0);
+    assert_eq!(done["redrive"]["complete"], true, "{done}");
+    assert_eq!(env.show(&id, "i00001")["status"], "succeeded");
+    assert_eq!(env.show(&id, "i00005")["attempts"], 3, "not in the scope");
+}
+
 #[test]
 fn a_redrive_that_cannot_move_an_item_says_so_and_exits_3() {
     let env = Env::new();
@@ -302,9 +507,17 @@ fn a_redrive_that_cannot_move_an_item_says_so_and_exits_3() {
     args.extend(FAST);
     let out = env.settle(&args);
     out.expect_code(3)
-        .stderr_has("1 failed item has no message in the dead-letter queue");
+        .stderr_has("1 failed item has no message in the dead-letter queue")
+        .stderr_has(&format!("settle resume {id} waits for them"));
     let v = out.json();
-    assert_run_extra(&v, &REDRIVE_KEYS, "partial", 2, 1, 1, 0);
+    // The redrive stays unfinished, and so does the run, until a resume
+    // has moved the hidden one too.
+    assert_run_extra(&v, &REDRIVE_KEYS, "running", 2, 1, 1, 0);
+    assert_eq!(
+        v["redrive"],
+        json!({"complete": false, "scope": [{}]}),
+        "{v}"
+    );
     assert_eq!(
         (
             v["redriven"].clone(),

@@ -8,7 +8,7 @@
 //! counted by kind and by the port call it hit.
 
 use async_trait::async_trait;
-use settle_core::domain::{now_millis, ItemId, ItemRecord, Millis, RunId, RunRecord};
+use settle_core::domain::{now_millis, ItemId, ItemRecord, Millis, RedriveScope, RunId, RunRecord};
 use settle_core::idempotency::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyStore};
 use settle_core::ports::{Delivery, Ledger, LedgerBatch, PortError, Queue, QueueDepth, Versioned};
 use std::collections::{BTreeMap, HashMap};
@@ -409,6 +409,12 @@ impl Ledger for FaultyLedger {
     }
     async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
         self.inner.set_redriving(id, open).await
+    }
+    async fn set_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<(), PortError> {
+        self.inner.set_redrive(id, scope).await
+    }
+    async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError> {
+        self.inner.clear_redrive(id, scope).await
     }
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
         self.inner.mark_settled(id, at).await

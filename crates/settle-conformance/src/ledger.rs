@@ -3,9 +3,12 @@
 //! open while a redrive is.
 
 use crate::{failed, fresh_run, result, Subject};
-use settle_core::domain::{AttemptOutcome, ItemId, ItemRecord, ItemStatus, RunConfig, TallyDelta};
+use settle_core::domain::{
+    AttemptOutcome, ItemId, ItemRecord, ItemStatus, RedriveScope, RunConfig, Selection, TallyDelta,
+};
 use settle_core::ports::{Delivery, ItemPut, LedgerBatch, PortError};
 use settle_core::{dispatch, reduce};
+use std::collections::BTreeSet;
 
 /// An open redrive keeps a settled run from passing for settled until it
 /// is closed; an unknown run is `NotFound`.
@@ -24,6 +27,59 @@ pub async fn ledger_redriving_keeps_a_run_open(s: &Subject) {
     assert!(r.is_settled() && !r.redriving, "{r:?}");
     let ghost = dispatch::new_run(RunConfig::default()).id;
     match s.ledger.set_redriving(&ghost, true).await {
+        Err(PortError::NotFound(_)) => {}
+        other => panic!("an unknown run must be NotFound, got {other:?}"),
+    }
+    assert!(s.ledger.run(&ghost).await.unwrap().is_none());
+}
+
+/// A redrive's scope is recorded with its run and read back as written (by
+/// `run` and `runs`); it keeps the run from passing for settled; a newer
+/// scope replaces it; it is cleared only while it is still the recorded
+/// one; an unknown run is `NotFound`.
+pub async fn ledger_redrive_scope_round_trips(s: &Subject) {
+    let run = fresh_run(s, 0).await;
+    assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().redrive, None);
+    let ids = |names: &[&str]| -> BTreeSet<ItemId> {
+        names.iter().map(|n| ItemId::new(*n).unwrap()).collect()
+    };
+    // Ids that JSON and the stores must keep as they are.
+    let named = RedriveScope::new(Selection::items(ids(&["a", "é \"q\"", "z\\ \u{263a}"])));
+    s.ledger.set_redrive(&run, &named).await.unwrap();
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!(r.redrive.as_ref(), Some(&named), "{r:?}");
+    assert!(!r.is_settled() && !r.redriving, "{r:?}");
+    assert_eq!(r.status(), settle_core::domain::RunStatus::Running);
+    let listed = s.ledger.runs(10).await.unwrap();
+    let l = listed.iter().find(|l| l.id == run).unwrap();
+    assert_eq!(l.redrive.as_ref(), Some(&named));
+
+    let all = named.union(&RedriveScope::new(Selection::all_failed()));
+    s.ledger.set_redrive(&run, &all).await.unwrap();
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!(r.redrive.as_ref(), Some(&all), "replaced");
+    assert!(
+        !s.ledger.clear_redrive(&run, &named).await.unwrap(),
+        "the replaced scope does not clear the newer one"
+    );
+    assert_eq!(
+        s.ledger.run(&run).await.unwrap().unwrap().redrive,
+        Some(all.clone())
+    );
+    assert!(s.ledger.clear_redrive(&run, &all).await.unwrap());
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert!(r.redrive.is_none() && r.is_settled(), "{r:?}");
+    assert!(
+        !s.ledger.clear_redrive(&run, &all).await.unwrap(),
+        "already clear"
+    );
+
+    let ghost = dispatch::new_run(RunConfig::default()).id;
+    match s.ledger.set_redrive(&ghost, &all).await {
+        Err(PortError::NotFound(_)) => {}
+        other => panic!("an unknown run must be NotFound, got {other:?}"),
+    }
+    match s.ledger.clear_redrive(&ghost, &all).await {
         Err(PortError::NotFound(_)) => {}
         other => panic!("an unknown run must be NotFound, got {other:?}"),
     }

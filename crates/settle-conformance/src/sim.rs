@@ -15,7 +15,7 @@
 //! duplicates, redeliveries, crashes and faults.
 
 use crate::faults::{FaultTally, Faults, FaultyIdempotency, FaultyLedger, FaultyQueue, Trace};
-use crate::{redrive_all, Subject};
+use crate::Subject;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use settle_core::dispatch::{self, Dispatched};
@@ -1167,7 +1167,7 @@ async fn simulate_in(
     );
     // The resume: a fresh runner processes until the queues are empty, the
     // redrive is closed, and a redrive cut off (or one that missed messages
-    // another scan hid) is run again, as the CLI tells an operator to.
+    // another scan hid) is continued, as `settle resume` does.
     let resumed = Running::start(clean_runner());
     let drained_while_open = {
         let run = &run;
@@ -1207,10 +1207,30 @@ async fn simulate_in(
             .set_redriving(&run, false)
             .await
             .expect("close the redrive");
-        assert_settled_and_empty(s, &run, seed, "the redrive just closed").await;
-        if last.as_ref().is_some_and(RedriveReport::is_complete) {
+        if let Some(done) = last.as_ref().filter(|r| r.is_complete()) {
+            // Every item of its scope moved and now processed: the redrive
+            // is complete, as the CLI then records it.
+            assert!(
+                s.ledger
+                    .clear_redrive(&run, &done.scope)
+                    .await
+                    .expect("clear the redrive"),
+                "seed {seed}: the redrive's scope was replaced"
+            );
+            assert_settled_and_empty(s, &run, seed, "the redrive just completed").await;
             break;
         }
+        // Unfinished, it keeps its scope, and the run stays unsettled.
+        let rec = s.ledger.run(&run).await.expect("run").expect("run row");
+        assert!(
+            rec.redrive.is_some() && !rec.is_settled(),
+            "seed {seed}: an unfinished redrive was lost: {rec:?}"
+        );
+        assert_eq!(
+            in_queues(s).await,
+            Some(0),
+            "seed {seed}: the redrive's messages were processed"
+        );
         // The cut pass, then one after what it hid came back: a failed
         // item a later pass still finds no message for has lost it.
         assert!(
@@ -1223,7 +1243,19 @@ async fn simulate_in(
         // What a killed scan hid stays hidden until its timeout, and a
         // redrive does not see it before.
         wait_until_nothing_hidden(s.dlq.as_ref()).await;
-        last = Some(redrive_all(s, &run).await.expect("redrive"));
+        // `settle resume`: the rest of the same redrive.
+        last = Some(
+            redrive::resume(
+                s.ledger.as_ref(),
+                s.dlq.as_ref(),
+                s.work.as_ref(),
+                &run,
+                &|| false,
+            )
+            .await
+            .expect("redrive")
+            .expect("the unfinished redrive is recorded"),
+        );
         crashes.redrive_passes += 1;
     }
     resumed

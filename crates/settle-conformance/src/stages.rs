@@ -1,10 +1,13 @@
 //! Clauses of the stages that work across ports: reconciling what the
 //! queue dead-lettered by itself, and the redrive.
 
-use crate::{delete_all, fresh_run, item, receive_n, redrive_all, result, Subject, AFTER_VIS, VIS};
+use crate::{
+    delete_all, failed, fresh_run, item, receive_n, redrive_all, result, Subject, AFTER_VIS, VIS,
+};
 use settle_core::domain::AttemptOutcome;
 use settle_core::message::WorkBody;
-use settle_core::{reconcile, reduce};
+use settle_core::ports::Delivery;
+use settle_core::{reconcile, redrive, reduce};
 
 /// A work message the queue dead-lettered by its own policy (no worker
 /// reported its last attempt) is reconciled: counted failed with a reason,
@@ -108,6 +111,137 @@ pub async fn redrive_moves_one_message_per_item(s: &Subject) {
         0,
         "no stale copy left"
     );
+}
+
+/// A redrive cut off part-way keeps its scope with the run; `resume`
+/// moves the rest of that scope and nothing else: not the items the cut-off
+/// pass moved (processed since, or failed again and carrying the redrive's
+/// mark), not other runs' messages. Then nothing is missing.
+pub async fn redrive_cut_off_is_finished_by_resume(s: &Subject) {
+    const N: u64 = 25;
+    let run = fresh_run(s, N).await;
+    let other = fresh_run(s, 0).await;
+    let dead = |run: &settle_core::RunId, id: &str| {
+        let mut b = WorkBody::new(run.clone(), item(id, "null"), 0, 3);
+        b.dead = Some(settle_core::message::DeadLetter {
+            error: "permanent failure".into(),
+            attempts: 1,
+        });
+        b.encode()
+    };
+    let mut letters: Vec<String> = (0..N).map(|i| dead(&run, &format!("t{i}"))).collect();
+    letters.push(dead(&other, "t0"));
+    for chunk in letters.chunks(10) {
+        s.dlq.send(chunk.to_vec()).await.unwrap();
+    }
+    let failures: Vec<Delivery> = (0..N)
+        .map(|i| result(&run, &format!("t{i}"), 1, &format!("m{i}"), failed(true)))
+        .collect();
+    reduce::reduce(s.ledger.as_ref(), &failures).await;
+    assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().failed, N);
+
+    // Stopped before its second batch: the first one moved.
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    let stop = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+    let first = redrive::redrive(
+        s.ledger.as_ref(),
+        s.dlq.as_ref(),
+        s.work.as_ref(),
+        &run,
+        None,
+        false,
+        &stop,
+    )
+    .await
+    .unwrap();
+    assert!(first.stopped && !first.is_complete(), "{first:?}");
+    let k = first.items.len();
+    assert!((1..N as usize).contains(&k), "{first:?}");
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!(r.redrive.as_ref(), Some(&first.scope), "{r:?}");
+    assert!(r.redriving && !r.is_settled(), "{r:?}");
+
+    // What it moved is processed: the first item fails again (its dead
+    // letter carries the redrive's mark), the rest succeed.
+    let moved = receive_n(s.work.as_ref(), k, VIS).await;
+    assert_eq!(moved.len(), k);
+    let mut again = None;
+    let mut outcomes = Vec::new();
+    for (n, d) in moved.iter().enumerate() {
+        let b = WorkBody::decode(&d.body).unwrap();
+        let mark = b.redrive.clone().unwrap_or_default();
+        assert!(mark.starts_with(&format!("{}/", first.scope.id)), "{mark}");
+        let msg = format!("again-{n}");
+        if n == 0 {
+            let mut dead = b.clone();
+            dead.dead = Some(settle_core::message::DeadLetter {
+                error: "permanent failure".into(),
+                attempts: 2,
+            });
+            s.dlq.send(vec![dead.encode()]).await.unwrap();
+            outcomes.push(result(&run, b.item.as_str(), 2, &msg, failed(true)));
+            again = Some(b.item.clone());
+        } else {
+            outcomes.push(result(
+                &run,
+                b.item.as_str(),
+                2,
+                &msg,
+                AttemptOutcome::Succeeded,
+            ));
+        }
+    }
+    delete_all(s.work.as_ref(), &moved).await;
+    reduce::reduce(s.ledger.as_ref(), &outcomes).await;
+    let again = again.unwrap();
+
+    let rest = redrive::resume(
+        s.ledger.as_ref(),
+        s.dlq.as_ref(),
+        s.work.as_ref(),
+        &run,
+        &|| false,
+    )
+    .await
+    .unwrap()
+    .expect("the cut-off redrive is recorded");
+    assert!(rest.is_complete(), "{rest:?}");
+    assert_eq!(rest.scope, first.scope, "the same redrive goes on");
+    assert_eq!(rest.items.len(), N as usize - k, "{rest:?}");
+    assert!(rest.items.is_disjoint(&first.items), "{rest:?}");
+    assert_eq!(rest.earlier, [again.clone()].into(), "{rest:?}");
+    let back = receive_n(s.work.as_ref(), N as usize, VIS).await;
+    assert_eq!(
+        back.len(),
+        N as usize - k,
+        "one message per item of the rest"
+    );
+    delete_all(s.work.as_ref(), &back).await;
+    // Left in the DLQ: the item that failed again, and the other run's.
+    let left = receive_n(s.dlq.as_ref(), 3, VIS).await;
+    let mut kept: Vec<(bool, String)> = left
+        .iter()
+        .map(|d| {
+            let b = WorkBody::decode(&d.body).unwrap();
+            (b.run == run, b.item.as_str().to_owned())
+        })
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [(false, "t0".to_owned()), (true, again.as_str().to_owned())]
+    );
+    assert!(s.ledger.clear_redrive(&run, &rest.scope).await.unwrap());
+    assert!(redrive::resume(
+        s.ledger.as_ref(),
+        s.dlq.as_ref(),
+        s.work.as_ref(),
+        &run,
+        &|| false
+    )
+    .await
+    .unwrap()
+    .is_none());
 }
 
 /// After an interruption, the extra dead letters of a run's items go and

@@ -574,6 +574,14 @@ CREATE TABLE IF NOT EXISTS redrives (
     run_id TEXT PRIMARY KEY,
     opened_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- The unfinished redrive of a run (RunRecord::redrive): its scope as
+-- settle_core::domain::RedriveScope::encode writes it, until every item of
+-- it has been moved back and processed. Added without a schema version
+-- change: older builds ignore the table.
+CREATE TABLE IF NOT EXISTS redrive_scopes (
+    run_id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL,
     item_id TEXT NOT NULL,

@@ -811,12 +811,13 @@ pub async fn retry(
     let bg = ui.clone();
     let run_id = run.id.clone();
     *ui.retrying() = Some(run.id.clone());
+    let moved = report.clone();
     tokio::spawn(async move {
         // Dropped in this order, also if processing panics: the run's page
         // stops saying "processing a retry", then the next retry may start.
         let _busy = busy;
         let _retrying = super::Retrying(bg.clone());
-        match commands::redrive_process(&bg.d, &run_id, &bg.process, chosen.as_ref(), n, &bg.stop).await {
+        match commands::redrive_process(&bg.d, &run_id, &bg.process, chosen.as_ref(), &moved, &bg.stop).await {
             Ok(Finish::Done(..)) => {}
             Ok(Finish::Interrupted(..)) => eprintln!(
                 "settle ui: stopped while processing retried items of run {run_id}; `settle resume {run_id}` finishes them"

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 pub const FAST: [&str; 4] = ["--retry-delay-ms", "20", "--visibility-timeout", "5"];
 
 /// The keys of a run's JSON (run, status, resume, dispatch).
-pub const RUN_KEYS: [&str; 7] = [
+pub const RUN_KEYS: [&str; 8] = [
     "failed",
     "pending",
+    "redrive",
     "redriving",
     "run_id",
     "status",
@@ -24,7 +25,7 @@ pub const RUN_KEYS: [&str; 7] = [
     "total",
 ];
 
-/// The keys `redrive` adds to a run's JSON.
+/// The keys `redrive` adds to a run's JSON (it also sets `redrive`).
 pub const REDRIVE_KEYS: [&str; 3] = ["complete", "not_moved", "redriven"];
 
 /// No single command of these tests may take longer than this.

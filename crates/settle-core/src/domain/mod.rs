@@ -7,5 +7,7 @@ pub mod idempotency;
 mod model;
 pub mod ports;
 pub mod processor;
+mod redrive_scope;
 
 pub use model::*;
+pub use redrive_scope::{RedriveScope, Selection};

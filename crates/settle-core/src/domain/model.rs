@@ -558,7 +558,7 @@ impl Default for RunConfig {
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
     /// Items still pending, the dispatcher has not finished claiming, or a
-    /// redrive's messages are still being processed.
+    /// redrive is unfinished (items to move, or moved ones to process).
     Running,
     /// Every item succeeded.
     Succeeded,
@@ -608,6 +608,11 @@ pub struct RunRecord {
     /// failed, so the tally alone would call the run settled.
     #[serde(default)]
     pub redriving: bool,
+    /// The redrive asked for and not yet finished: every item of its scope
+    /// moved back from the DLQ and processed. Kept across interruptions, so
+    /// that `resume` finishes what was asked for; cleared when it is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<crate::domain::RedriveScope>,
 }
 
 impl RunRecord {
@@ -624,6 +629,7 @@ impl RunRecord {
             failed: 0,
             settled_at: None,
             redriving: false,
+            redrive: None,
         }
     }
 
@@ -632,9 +638,9 @@ impl RunRecord {
     }
 
     /// Every item of a fully dispatched run has an outcome, and no redrive
-    /// of it has messages left to process.
+    /// of it has messages left to process or items left to move.
     pub fn is_settled(&self) -> bool {
-        self.dispatched && self.pending() == 0 && !self.redriving
+        self.dispatched && self.pending() == 0 && !self.redriving && self.redrive.is_none()
     }
 
     pub fn status(&self) -> RunStatus {

@@ -2,7 +2,7 @@
 //! docs are the contract. Every backend passes the same conformance suite
 //! (crate `settle-conformance`) against these words.
 
-use crate::domain::{Item, ItemId, ItemRecord, RunId, RunRecord, TallyDelta};
+use crate::domain::{Item, ItemId, ItemRecord, RedriveScope, RunId, RunRecord, TallyDelta};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -280,6 +280,18 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// settled until a resume has processed what was moved.
     /// `PortError::NotFound` if the run does not exist.
     async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError>;
+    /// Records `scope` as the run's redrive ([`RunRecord::redrive`]),
+    /// replacing any recorded one: a redrive records its scope before it
+    /// opens the run's redrive and moves anything, so a redrive cut off at
+    /// any point is finished with what was asked for. One field of the run's
+    /// row, written once per redrive. `PortError::NotFound` if the run does
+    /// not exist.
+    async fn set_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<(), PortError>;
+    /// Clears the run's recorded redrive if it is still `scope` (the same
+    /// id and selections); true if this call cleared it, false if none is
+    /// recorded or another redrive has replaced it since (that one is not
+    /// finished). `PortError::NotFound` if the run does not exist.
+    async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError>;
     /// Sets `settled_at` if unset; true if this call set it.
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError>;
     /// The run's failed items in id order, after `after`.

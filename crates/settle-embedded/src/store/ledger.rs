@@ -7,12 +7,15 @@ use crate::db::{DbError, Refusal};
 use crate::port_err;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use settle_core::domain::{ItemId, ItemRecord, RunConfig, RunId, RunRecord};
+use settle_core::domain::{ItemId, ItemRecord, RedriveScope, RunConfig, RunId, RunRecord};
 use settle_core::ports::{Ledger, LedgerBatch, PortError, Versioned, MAX_COMMIT_ACTIONS};
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-fn run_from_row(r: &Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
+/// A run's row: the record, its config and its redrive scope as stored.
+type RunRow = (RunRecord, String, Option<String>);
+
+fn run_from_row(r: &Row<'_>) -> rusqlite::Result<RunRow> {
     let id: String = r.get(0)?;
     let config: String = r.get(2)?;
     let run = RunRecord {
@@ -29,13 +32,15 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
         failed: r.get::<_, i64>(8)? as u64,
         settled_at: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
         redriving: r.get(10)?,
+        redrive: None,
     };
-    Ok((run, config))
+    Ok((run, config, r.get(11)?))
 }
 
 const RUN_COLUMNS: &str =
     "run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at, \
-     EXISTS (SELECT 1 FROM redrives WHERE redrives.run_id = runs.run_id)";
+     EXISTS (SELECT 1 FROM redrives WHERE redrives.run_id = runs.run_id), \
+     (SELECT scope FROM redrive_scopes WHERE redrive_scopes.run_id = runs.run_id)";
 
 fn get_run(c: &Connection, id: &str) -> Result<Option<RunRecord>, DbError> {
     let row = c
@@ -45,8 +50,12 @@ fn get_run(c: &Connection, id: &str) -> Result<Option<RunRecord>, DbError> {
     row.map(finish_run).transpose()
 }
 
-fn finish_run((mut run, config): (RunRecord, String)) -> Result<RunRecord, DbError> {
+fn finish_run((mut run, config, scope): RunRow) -> Result<RunRecord, DbError> {
     run.config = serde_json::from_str(&config).map_err(|e| corrupt("run config", e))?;
+    run.redrive = scope
+        .map(|s| RedriveScope::decode(&s))
+        .transpose()
+        .map_err(|e| corrupt("redrive scope of a run", e))?;
     Ok(run)
 }
 
@@ -272,6 +281,39 @@ impl Ledger for EmbeddedStore {
             })
             .await
             .map_err(port_err("set_redriving"))
+    }
+
+    async fn set_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<(), PortError> {
+        let (id, scope) = (id.clone(), scope.encode());
+        self.db
+            .write(move |c| {
+                if get_run(c, id.as_str())?.is_none() {
+                    return Err(PortError::NotFound(format!("run {id}")).into());
+                }
+                c.execute(
+                    "INSERT OR REPLACE INTO redrive_scopes (run_id, scope) VALUES (?1, ?2)",
+                    params![id.as_str(), scope],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(port_err("set_redrive"))
+    }
+
+    async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError> {
+        let (id, scope) = (id.clone(), scope.encode());
+        self.db
+            .write(move |c| {
+                if get_run(c, id.as_str())?.is_none() {
+                    return Err(PortError::NotFound(format!("run {id}")).into());
+                }
+                Ok(c.execute(
+                    "DELETE FROM redrive_scopes WHERE run_id = ?1 AND scope = ?2",
+                    params![id.as_str(), scope],
+                )? == 1)
+            })
+            .await
+            .map_err(port_err("clear_redrive"))
     }
 
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
