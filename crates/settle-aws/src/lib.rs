@@ -213,7 +213,11 @@ pub async fn connect_with(sdk: &SdkConfig, cfg: &AwsConfig) -> Result<AwsBackend
             .build(),
     );
     let work_max_receive_count = Some(sqs::max_receive_count(&sqs, &cfg.work_queue_url).await?);
-    let queue = |url: &str| SqsQueue::new(sqs.clone(), url).with_metrics(metrics.clone());
+    let queue = |url: &str| {
+        SqsQueue::new(sqs.clone(), url)
+            .with_metrics(metrics.clone())
+            .emulated(cfg.emulator_write_lock)
+    };
     let tables = ddb::Tables {
         client: dynamo,
         items: cfg.items_table.clone(),

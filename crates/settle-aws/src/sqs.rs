@@ -4,8 +4,8 @@ use crate::error::AwsError;
 use crate::ConfigError;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
-    SendMessageBatchRequestEntry,
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
 use settle_core::message::MAX_BODY_BYTES;
@@ -27,6 +27,20 @@ pub struct SqsQueue {
     name: String,
     receive_wait_secs: i32,
     metrics: Option<crate::Metrics>,
+    /// Receives one at a time, on the emulator only (see
+    /// [`SqsQueue::emulated`]).
+    emulated: bool,
+}
+
+/// moto's ReceiveMessage is not safe to call concurrently on one queue:
+/// two receives at once can fail with a 500 after one of them has marked
+/// messages received, and the SDK's retry then receives others. Those
+/// receives, which no caller ever saw, count towards the messages' receive
+/// limit, which the queue enforces. One lock for every queue: the
+/// emulator's receives are short.
+fn emulator_receives() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
 }
 
 impl SqsQueue {
@@ -40,7 +54,14 @@ impl SqsQueue {
             name,
             receive_wait_secs: 0,
             metrics: None,
+            emulated: false,
         }
+    }
+
+    /// Serialises this process's receives, for the emulator (`SETTLE_EMULATOR_WRITE_LOCK=1`).
+    pub fn emulated(mut self, emulated: bool) -> Self {
+        self.emulated = emulated;
+        self
     }
 
     /// Counts empty receives in `metrics` (the backend's call counters).
@@ -216,6 +237,10 @@ impl Queue for SqsQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
+        let _one_at_a_time = match self.emulated {
+            true => Some(emulator_receives().lock().await),
+            false => None,
+        };
         let out = self
             .client
             .receive_message()
@@ -347,6 +372,45 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(|e| err("SQS.ChangeMessageVisibility", &self.name, e))?;
+        Ok(())
+    }
+
+    async fn change_visibility_batch(
+        &self,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), PortError> {
+        if receipts.len() > MAX_QUEUE_BATCH {
+            return Err(PortError::Invalid(format!(
+                "change visibility in {}: {} messages; a batch holds at most {MAX_QUEUE_BATCH}",
+                self.name,
+                receipts.len()
+            )));
+        }
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(whole_secs(timeout))
+                    .build()
+                    .map_err(|e| PortError::backend("SQS.ChangeMessageVisibilityBatch", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Entries that failed (a receipt a newer receive replaced, a
+        // message deleted meanwhile) are skipped, as the port says.
+        self.client
+            .change_message_visibility_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| err("SQS.ChangeMessageVisibilityBatch", &self.name, e))?;
         Ok(())
     }
 

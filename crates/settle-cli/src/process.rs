@@ -67,7 +67,13 @@ pub fn runner(d: &Deployment, args: &ProcessArgs, chosen: &Chosen) -> Runner {
             // Every item of the batches in flight is handed over at once;
             // `--concurrency` bounds how many of them run.
             concurrency: Some(chosen.items),
-            result_lag: Some(d.results_visibility(visibility) + d.reducer_window()),
+            // A redelivered message's holder is done or dead once its
+            // attempt and report could have run; the reducers then commit
+            // within their window. (A reducer that died holding a result
+            // returns it only after the results visibility: that rare case
+            // may run an attempt again, counted once.)
+            result_lag: Some(visibility / 2 + visibility + d.reducer_window()),
+            receive_limit: b.capabilities.fixed_max_receive_count,
             ..WorkerConfig::default()
         },
     )

@@ -182,8 +182,6 @@ fn dead_letters(env: &Env) -> std::collections::BTreeMap<String, u64> {
 /// reports, or before their delete lands: such a copy must not run the
 /// processor again. A permanent failure is attempted once, and the DLQ
 /// holds exactly one message per failed item, before and after a redrive.
-/// (A retryable item's copies still use up receives, which SQS counts, so
-/// its attempt count is not checked here.)
 #[test]
 fn aws_short_visibility_attempts_permanent_failures_once_and_dead_letters_each_once() {
     let env = Env::aws(6);
@@ -231,8 +229,7 @@ fn aws_short_visibility_attempts_permanent_failures_once_and_dead_letters_each_o
         .map(|f| f["item_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(listed, failed);
-    // Attempts are numbered by receives, which a lost or handed-back
-    // receive also counts: what must hold is one attempt in the history.
+    // One attempt in the history: a copy never runs it again.
     let tried = |item: &str| env.show(&id, item)["history"].as_array().unwrap().len();
     for item in &permanent {
         assert_eq!(tried(item), 1, "{item}");
@@ -254,4 +251,148 @@ fn aws_short_visibility_attempts_permanent_failures_once_and_dead_letters_each_o
     let copies = dead_letters(&env);
     assert_eq!(copies.keys().cloned().collect::<Vec<_>>(), failed);
     assert!(copies.values().all(|n| *n == 1), "{copies:?}");
+}
+
+/// Messages left in the stack's work and results queues (visible or not).
+fn queued(env: &Env) -> (u64, u64) {
+    use settle_core::ports::Queue;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cfg = settle_aws::AwsConfig::from_lookup(|k| {
+            env.vars
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        let aws = settle_aws::connect(&cfg).await.unwrap();
+        let work = aws.work().depth().await.unwrap().total();
+        let results = aws.results().depth().await.unwrap().total();
+        (work, results)
+    })
+}
+
+/// Busy loops on every core for as long as it lives: a loaded machine, on
+/// which the emulator answers late and the visibility timeout runs out
+/// while attempts still report.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn start() -> Self {
+        // Half the cores: the emulator and the runner get the rest.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Load(
+            (0..(cores / 2).max(1))
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "end=$(($(date +%s) + 300)); while [ $(date +%s) -lt $end ]; do :; done"])
+                        .spawn()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A redelivery is not an attempt: on a loaded machine, with a visibility
+/// timeout of 1 s and of 5 s, messages come back while their attempts
+/// still run or report. Every item that can succeed succeeds, with exactly
+/// the attempts its script takes; the failed items are exactly the
+/// permanent, always-failing and panicking ones; the DLQ holds one message
+/// for each of them and none for any other, and no queue holds anything.
+#[test]
+fn aws_redeliveries_use_no_attempts_on_a_loaded_machine() {
+    let _load = Load::start();
+    for (visibility, slow) in [("1", "sleep:300"), ("5", "sleep:2000")] {
+        let env = Env::aws(6);
+        let mut items: Vec<(String, &str)> = Vec::new();
+        let mut add = |prefix: &str, n: usize, script: &'static str| {
+            for i in 0..n {
+                items.push((format!("{prefix}{i:03}"), script));
+            }
+        };
+        add("ok", 150, "ok");
+        add("r1-", 10, "retryable:1");
+        add("r2-", 10, "retryable:2");
+        add("slow", 20, slow);
+        add("perm", 20, "permanent");
+        add("r9-", 5, "retryable:9");
+        add("panic", 5, "panic");
+        let refs: Vec<(&str, &str)> = items.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+        let file = env.scripts("i.jsonl", &refs);
+        let args = [
+            "run",
+            "--items",
+            &file,
+            "--max-receives",
+            "3",
+            "--visibility-timeout",
+            visibility,
+            "--retry-delay-ms",
+            "20",
+            "--json",
+        ];
+        let started = std::time::Instant::now();
+        let out = wait_within(env.spawn(&args), &args, Duration::from_secs(300));
+        eprintln!(
+            "visibility {visibility}: the run took {:?}",
+            started.elapsed()
+        );
+        let run = out.json();
+        let id = run_id(&run);
+        assert_run(&run, "partial", 220, 190, 30, 0);
+        let mut failed: Vec<String> = items
+            .iter()
+            .filter(|(_, s)| matches!(*s, "permanent" | "retryable:9" | "panic"))
+            .map(|(i, _)| i.clone())
+            .collect();
+        failed.sort();
+        let listed: Vec<String> = env.failures(&id)["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["item_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(listed, failed, "visibility {visibility}");
+        // Attempts are runs of the processor, numbered without gaps.
+        for (item, script) in &items {
+            let want = match *script {
+                "retryable:1" => 2,
+                "retryable:2" | "retryable:9" | "panic" => 3,
+                _ => 1,
+            };
+            let shown = env.show(&id, item);
+            let numbers: Vec<u64> = shown["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["attempt"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                numbers,
+                (1..=want).collect::<Vec<u64>>(),
+                "visibility {visibility}, {item} ({script}): {shown}"
+            );
+        }
+        let copies = dead_letters(&env);
+        assert_eq!(
+            copies.keys().cloned().collect::<Vec<_>>(),
+            failed,
+            "visibility {visibility}"
+        );
+        assert!(copies.values().all(|n| *n == 1), "{copies:?}");
+        assert_eq!(queued(&env), (0, 0), "visibility {visibility}");
+    }
 }

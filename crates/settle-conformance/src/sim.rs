@@ -1057,6 +1057,9 @@ async fn simulate_in(
     // where a scan of the DLQ is cheap, the CLI keeps one per failed item
     // once the run settles, and so does this.
     let swept = if s.cheap_dlq_scan {
+        // A scan cut off by a fault leaves what it hid hidden for a while:
+        // the sweep sees what a later `resume` would.
+        wait_until_nothing_hidden(s.dlq.as_ref()).await;
         reconcile::drop_extra_dead_letters(s.dlq.as_ref(), &run)
             .await
             .expect("drop the extra dead letters")

@@ -137,7 +137,7 @@ impl Runner {
                 .work_retried
                 .fetch_add(response.failures.len() as u64, Ordering::Relaxed);
             let delete: Tail = Box::pin(async move {
-                delete_done(me.work.as_ref(), &batch, &response).await?;
+                me.worker.acknowledge(&batch, &response).await?;
                 Ok(())
             });
             Ok(Some(delete))

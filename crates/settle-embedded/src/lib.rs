@@ -28,7 +28,7 @@ pub const RESULTS_MAX_RECEIVES: u32 = 50;
 
 /// Receives the work queue allows past a run's own limit before it
 /// dead-letters a message by itself (see [`Embedded::set_max_receives`]).
-pub const SAFETY_RECEIVES: u32 = 3;
+pub const SAFETY_RECEIVES: u32 = settle_core::work::EXTRA_RECEIVES;
 
 /// The embedded engine's tuning, as [`settle_core::Backend::capabilities`].
 pub const CAPABILITIES: Capabilities = Capabilities {

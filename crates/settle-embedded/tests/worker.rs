@@ -209,19 +209,36 @@ async fn the_last_receive_and_a_receive_past_it_are_terminal() {
     // here), its attempt unused.
     assert_eq!(worker.handle(&again, None).await.failures.len(), 1);
     assert!(drain(&e.results).await.is_empty());
+    // The third, one before the queue's limit (the run's 1 plus 3 extra
+    // receives), would be parked by the queue on the next: the attempt goes
+    // on in a fresh message that carries its lost receives.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let third = e.work.receive(10, VIS).await.unwrap();
     assert_eq!(third[0].receive_count, 3);
-    assert!(worker.handle(&third, None).await.failures.is_empty());
+    let resp = worker.handle(&third, None).await;
+    assert!(resp.failures.is_empty());
+    delete_done(&e.work, &third, &resp).await.unwrap();
+    let fresh = e.work.receive(10, VIS).await.unwrap();
+    assert_eq!(fresh[0].receive_count, 1);
+    let mut body = WorkBody::decode(&fresh[0].body).unwrap();
+    assert_eq!((body.attempt(), body.lost_receives), (1, 2));
+    assert!(drain(&e.results).await.is_empty());
+
+    // Twice the queue's limit of lost receives: a worker that dies on the
+    // attempt every time. Recorded as failed for good, not run again.
+    body.lost_receives = 8;
+    e.work.send(vec![body.encode()]).await.unwrap();
+    let poison = e.work.receive(10, VIS).await.unwrap();
+    assert!(worker.handle(&poison, None).await.failures.is_empty());
     let res = results(&drain(&e.results).await);
     match &res[0].attempt.outcome {
         AttemptOutcome::Failed {
             error, terminal, ..
         } => {
             assert!(*terminal);
-            assert!(error.starts_with("no outcome after 2 receives"), "{error}");
+            assert!(error.starts_with("no outcome after 8 receives"), "{error}");
         }
-        o => panic!("an item past its limit must not run again: {o:?}"),
+        o => panic!("a poison message must not run again: {o:?}"),
     }
 }
 

@@ -79,10 +79,13 @@ impl WorkerSettings {
                     .filter(|v| !v.is_zero()),
                 // One batch per invocation: its size bounds it.
                 concurrency: None,
-                // The results queue's visibility plus the reducer's batching
-                // window: how long a result may take to reach the ledger.
-                result_lag: Some(env.millis("SETTLE_RESULT_LAG_MS", 182_000)?)
-                    .filter(|v| !v.is_zero()),
+                // How long a redelivered message with no outcome known
+                // waits once: the item timeout plus the retry delay unless
+                // set (the reducer's batching window is 2 s).
+                result_lag: Some(env.millis("SETTLE_RESULT_LAG_MS", 0)?).filter(|v| !v.is_zero()),
+                // The template's MaxReceiveCount is MaxAttempts plus the
+                // extra receives the worker assumes by default.
+                receive_limit: None,
             },
         })
     }

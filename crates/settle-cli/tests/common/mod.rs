@@ -283,7 +283,12 @@ impl Env {
 }
 
 /// Waits for `child` (killing it after [`COMMAND_TIMEOUT`]) and collects its output.
-pub fn wait(mut child: Child, args: &[&str]) -> Out {
+pub fn wait(child: Child, args: &[&str]) -> Out {
+    wait_within(child, args, COMMAND_TIMEOUT)
+}
+
+/// [`wait`], killing the child after `limit`.
+pub fn wait_within(mut child: Child, args: &[&str], limit: Duration) -> Out {
     let mut so = child.stdout.take().unwrap();
     let mut se = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -301,13 +306,10 @@ pub fn wait(mut child: Child, args: &[&str]) -> Out {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if started.elapsed() > COMMAND_TIMEOUT {
+        if started.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`settle {}` did not finish in {COMMAND_TIMEOUT:?}",
-                args.join(" ")
-            );
+            panic!("`settle {}` did not finish in {limit:?}", args.join(" "));
         }
         std::thread::sleep(Duration::from_millis(5));
     };

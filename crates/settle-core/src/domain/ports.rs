@@ -144,6 +144,22 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     async fn delete(&self, receipts: Vec<String>) -> Result<(), PortError>;
     /// Makes a received message visible again after `timeout` from now.
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError>;
+    /// [`Queue::change_visibility`] for up to [`MAX_QUEUE_BATCH`] received
+    /// messages, best effort: a receipt that no longer acts is skipped.
+    /// Fails only if the call as a whole failed.
+    async fn change_visibility_batch(
+        &self,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), PortError> {
+        let calls = receipts.iter().map(|r| self.change_visibility(r, timeout));
+        let failed = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .next();
+        failed.map_or(Ok(()), Err)
+    }
     async fn depth(&self) -> Result<QueueDepth, PortError>;
 }
 

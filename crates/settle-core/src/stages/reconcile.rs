@@ -179,16 +179,21 @@ async fn send_all(q: &dyn Queue, bodies: Vec<String>) -> Result<(), PortError> {
     Ok(())
 }
 
-/// Deletes the run's extra dead letters, keeping one per item: the copy
+/// Deletes the run's extra dead letters, keeping one per item: a copy the
+/// worker marked before one the queue parked by itself (a message whose
+/// deletes were lost until it ran out of receives), and of those the one
 /// that counts the most attempts. A process killed after an item's dead
 /// letter was sent but before its work message was deleted leaves that
 /// message to be delivered, attempted and dead-lettered again; `resume`
 /// calls this once the run has settled, so the DLQ ends as it would have
-/// without the crash. Unmarked (parked) messages, other runs' and
-/// undecodable ones stay. Returns how many copies were deleted.
+/// without the crash. Other runs' and undecodable messages stay, and so
+/// does an item's only copy, parked or not (the reconciler counts a parked
+/// one). Returns how many copies were deleted.
 pub async fn drop_extra_dead_letters(dlq: &dyn Queue, run: &RunId) -> Result<u64, PortError> {
     let mut hidden: Vec<String> = Vec::new();
-    let mut best: std::collections::HashMap<ItemId, (u32, String)> = Default::default();
+    // Per item, the copy to keep: a marked one before one the queue parked
+    // by itself, then the one that counts the most attempts.
+    let mut best: std::collections::HashMap<ItemId, ((bool, u32), String)> = Default::default();
     let mut extra: Vec<String> = Vec::new();
     let scanned = async {
         while let Some(batch) = next_scan_batch(dlq, SCAN_VISIBILITY).await? {
@@ -197,16 +202,20 @@ pub async fn drop_extra_dead_letters(dlq: &dyn Queue, run: &RunId) -> Result<u64
                     hidden.push(d.receipt);
                     continue;
                 };
-                let Some(dead) = b.dead.filter(|_| &b.run == run) else {
+                if &b.run != run {
                     hidden.push(d.receipt);
                     continue;
+                }
+                let rank = match &b.dead {
+                    Some(dead) => (true, dead.attempts),
+                    None => (false, b.attempt()),
                 };
                 match best.entry(b.item) {
                     Entry::Vacant(v) => {
-                        v.insert((dead.attempts, d.receipt));
+                        v.insert((rank, d.receipt));
                     }
-                    Entry::Occupied(mut o) if o.get().0 < dead.attempts => {
-                        let (_, older) = o.insert((dead.attempts, d.receipt));
+                    Entry::Occupied(mut o) if o.get().0 < rank => {
+                        let (_, older) = o.insert((rank, d.receipt));
                         extra.push(older);
                     }
                     Entry::Occupied(_) => extra.push(d.receipt),

@@ -398,6 +398,7 @@ impl Scan<'_> {
                         prior_attempts: prior,
                         round: prior,
                         dead: None,
+                        lost_receives: 0,
                         resent: false,
                         not_before: None,
                         redrive: Some(pass.clone()),

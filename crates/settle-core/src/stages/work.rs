@@ -33,6 +33,11 @@ use places::Places;
 /// a processor's longer retry-after is capped at it, and the attempt says so.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
+/// Receives a work queue should allow past a run's attempt limit before it
+/// dead-letters a message by itself; the worker records a message received
+/// that often with no outcome known as failed for good just before.
+pub const EXTRA_RECEIVES: u32 = 3;
+
 /// The default cap on a retry's delay ([`WorkerConfig::max_retry_delay`]).
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
@@ -66,6 +71,12 @@ pub struct WorkerConfig {
     /// no outcome known waits this long once before it runs. Without it,
     /// the item timeout plus the visibility timeout.
     pub result_lag: Option<Duration>,
+    /// The work queue's own receive limit (its redrive policy's
+    /// maxReceiveCount), if known; else a run's `max_receives` plus
+    /// [`EXTRA_RECEIVES`]. A message received that often with no outcome
+    /// known anywhere is recorded as failed for good ("no outcome") on that
+    /// last receive, before the queue parks it unrecorded.
+    pub receive_limit: Option<u32>,
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +89,7 @@ impl Default for WorkerConfig {
             visibility: None,
             concurrency: None,
             result_lag: None,
+            receive_limit: None,
         }
     }
 }
@@ -274,6 +286,34 @@ impl Worker {
         }
     }
 
+    /// Deletes the messages of `batch` that `response` says are done, as
+    /// the event source mapping does after the handler returns (see
+    /// [`delete_done`]), keeping them hidden meanwhile: on a slow queue a
+    /// delete that lands after the visibility ran out finds a newer receive
+    /// of the message and leaves it in place, and the message comes back
+    /// until the queue parks it.
+    pub async fn acknowledge(
+        &self,
+        batch: &[Delivery],
+        response: &BatchResponse,
+    ) -> Result<usize, PortError> {
+        let done: Vec<Delivery> = batch
+            .iter()
+            .filter(|d| !response.failures.contains(&d.message_id))
+            .map(|d| Delivery {
+                receipt: response
+                    .receipts
+                    .get(&d.message_id)
+                    .unwrap_or(&d.receipt)
+                    .clone(),
+                ..d.clone()
+            })
+            .collect();
+        let all_done = BatchResponse::default();
+        self.with_heartbeat(&done, delete_done(self.work.as_ref(), &done, &all_done))
+            .await
+    }
+
     /// Runs `work` while keeping the batch's messages hidden: every third
     /// of [`WorkerConfig::visibility`] their visibility is extended by a
     /// whole one, with each message's latest receipt, so that a message is
@@ -288,11 +328,23 @@ impl Worker {
         let beat = async {
             loop {
                 tokio::time::sleep(visibility / 3).await;
-                for d in batch {
-                    let receipt = self.memory.receipt(&d.message_id);
-                    let receipt = receipt.as_deref().unwrap_or(&d.receipt);
-                    if let Err(e) = self.work.change_visibility(receipt, visibility).await {
-                        tracing::debug!(error = %e, message_id = %d.message_id, "could not extend visibility");
+                // One call per 10 messages: one call each, a slow queue's
+                // calls add up to more than the visibility timeout.
+                let receipts: Vec<String> = batch
+                    .iter()
+                    .map(|d| {
+                        self.memory
+                            .receipt(&d.message_id)
+                            .unwrap_or_else(|| d.receipt.clone())
+                    })
+                    .collect();
+                for chunk in receipts.chunks(MAX_QUEUE_BATCH) {
+                    if let Err(e) = self
+                        .work
+                        .change_visibility_batch(chunk.to_vec(), visibility)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "could not extend visibility");
                     }
                 }
             }
@@ -334,7 +386,7 @@ impl Worker {
             .zip(seen)
             .zip(bodies)
             .map(|((d, seen), body)| match (seen, body) {
-                (Seen::Copy(plan) | Seen::Unsent(plan), _) => Some(Gate::Settled(plan)),
+                (Seen::Copy(plan), _) => Some(Gate::Settled(plan)),
                 (Seen::New, Some(body)) => {
                     Some(self.gate(d, body, deadline, outcomes.as_ref(), &mut hold, later))
                 }
@@ -461,11 +513,13 @@ impl Worker {
             }
             match &plans[i] {
                 Plan::Report { result, .. } => {
-                    // Known here also when its report failed: its message
-                    // comes back with it, so another message of the item
-                    // must not run the attempt again meanwhile.
+                    // Known here also when its report failed: a message of
+                    // its attempt comes back and reports it, so no message
+                    // of the item may run the attempt again meanwhile.
                     if failed[i] {
-                        self.memory.unsent(&d.message_id, plans[i].clone());
+                        let key = (result.run.clone(), result.item.clone());
+                        self.memory
+                            .unsent(key, result.attempt.attempt, plans[i].clone());
                     } else {
                         self.memory.settled(&d.message_id);
                     }
@@ -555,6 +609,11 @@ impl Worker {
             }
         };
         let key = (body.run.clone(), body.item.clone());
+        if let Some(plan) = self.memory.take_unsent(&key, body.attempt()) {
+            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                "its attempt's report failed; reporting it again");
+            return Gate::Settled(plan);
+        }
         let known = match (
             outcomes.map(|o| o.get(&key).copied()),
             self.memory.known(&key),
@@ -638,18 +697,37 @@ impl Worker {
                 return Gate::Settled(Self::requeue(&body, Duration::from_millis(at - now)));
             }
         }
-        // Received past the run's limit without an outcome: the attempt
-        // never reported, again and again (a processor that kills its
-        // worker); record that as terminal rather than run it again. The
-        // other receives that run nothing (a copy handed back, an item not
-        // started) send a fresh message instead, so they do not add up.
-        let exhausted = d.receive_count > body.max_receives;
+        // Receives of this attempt that ended with no outcome known: a
+        // worker that died on it, a copy that ran into a stall, a receive
+        // whose answer was lost on the way (an SDK retry of a receive that
+        // had taken effect). Twice the queue's limit of them means the
+        // attempt kills its worker (a poison message): it is recorded as
+        // failed for good rather than run again.
+        let limit = self.receive_limit(&body);
+        let lost = body.lost_receives.saturating_add(d.receive_count - 1);
+        let exhausted = lost >= 2 * limit;
+        // Before the queue would park the message by itself, unrecorded,
+        // the attempt goes on in a fresh message that carries the count.
+        if !exhausted && d.receive_count + 1 >= limit {
+            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                lost, "near the queue's receive limit with no outcome known; sent on afresh");
+            body.lost_receives = lost;
+            return Gate::Settled(Self::requeue(&body, Duration::ZERO));
+        }
         Gate::Ready(Ready {
             body,
             attempt,
             span,
             exhausted,
         })
+    }
+
+    /// The work queue's receive limit for `body`'s run.
+    fn receive_limit(&self, body: &WorkBody) -> u32 {
+        self.config
+            .receive_limit
+            .unwrap_or(body.max_receives.saturating_add(EXTRA_RECEIVES))
+            .max(3)
     }
 
     /// How long a message with no outcome known waits once.
@@ -671,10 +749,10 @@ impl Worker {
         }
     }
 
-    fn no_outcome(d: &Delivery) -> ProcessError {
+    fn no_outcome(body: &WorkBody, d: &Delivery) -> ProcessError {
         ProcessError::retryable(format!(
             "no outcome after {} receives (the worker crashed or timed out)",
-            d.receive_count.saturating_sub(1)
+            body.lost_receives + d.receive_count.saturating_sub(1)
         ))
     }
 
@@ -703,7 +781,7 @@ impl Worker {
             let started_at = now_millis();
             let clock = Instant::now();
             let (outcome, log) = if ready.exhausted {
-                (Err(Self::no_outcome(d)), None)
+                (Err(Self::no_outcome(&ready.body, d)), None)
             } else {
                 self.run_processor(processor, &ready.body, ready.attempt, deadline)
                     .await
@@ -757,7 +835,7 @@ impl Worker {
                 Gate::Settled(plan) => plan,
                 Gate::Ready(ready) => {
                     let (outcome, log) = if ready.exhausted {
-                        (Err(Self::no_outcome(d)), None)
+                        (Err(Self::no_outcome(&ready.body, d)), None)
                     } else {
                         outcomes.next().unwrap_or_else(|| {
                             (
@@ -840,6 +918,7 @@ impl Worker {
                 let retry = (!terminal).then(|| {
                     let next = WorkBody {
                         prior_attempts: attempt,
+                        lost_receives: 0,
                         not_before: None,
                         ..body.clone()
                     };

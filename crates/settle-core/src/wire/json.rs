@@ -122,6 +122,9 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
             .num(dead.attempts.into())
             .raw("}");
     }
+    if b.lost_receives > 0 {
+        o.raw(r#","lost_receives":"#).num(b.lost_receives.into());
+    }
     if b.resent {
         o.raw(r#","resent":true"#);
     }
@@ -278,6 +281,7 @@ mod tests {
             not_before in proptest::option::of(any::<u64>()),
             resent in any::<bool>(),
             round in any::<u32>(),
+            lost_receives in any::<u32>(),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
         ) {
             let payload = RawValue::from_string(payload.to_owned()).unwrap();
@@ -288,6 +292,7 @@ mod tests {
             b.not_before = not_before;
             b.resent = resent;
             b.round = round;
+            b.lost_receives = lost_receives;
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());
         }
     }

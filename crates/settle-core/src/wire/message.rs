@@ -56,6 +56,10 @@ pub struct WorkBody {
     /// Set on the copy the worker puts in the DLQ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead: Option<DeadLetter>,
+    /// Receives of this attempt, by earlier copies of this message, that
+    /// ended with no outcome known (see the worker's gate).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_receives: u32,
     /// Sent again by a dispatch that resumed after an interruption: a copy
     /// of this item's first message may already be queued or in hand, so
     /// a worker that knows of no attempt waits once before running it.
@@ -84,6 +88,7 @@ impl WorkBody {
             max_receives,
             payload: item.payload,
             dead: None,
+            lost_receives: 0,
             resent: false,
             not_before: None,
             redrive: None,

@@ -17,9 +17,9 @@
 //! - the items' outcomes it reported: merged with what the ledger says
 //!   (which lags behind by the reducer's delay), they let the gate
 //!   acknowledge a message whose attempt is already done;
-//! - the outcomes it could not report (a send failed): when the message
-//!   comes back, the outcome is reported again rather than the processor
-//!   run again.
+//! - the outcomes it could not report (a send failed): when a message of
+//!   that attempt comes back, the outcome is reported again rather than the
+//!   processor run again.
 //!
 //! This covers one process; a copy that reaches another process is gated
 //! by the ledger alone, and what gets past it (a copy that arrives before
@@ -105,8 +105,8 @@ struct State {
     items: HashMap<ItemKey, String>,
     settled: Recent<String, ()>,
     outcomes: Recent<ItemKey, Known>,
-    /// Outcomes whose report could not be sent, by message id.
-    unsent: HashMap<String, Plan>,
+    /// Outcomes whose report could not be sent, by item, with their attempt.
+    unsent: HashMap<ItemKey, (u32, Plan)>,
 }
 
 /// A worker's memory (see the module's docs).
@@ -119,9 +119,6 @@ pub(super) enum Seen {
     New,
     /// A copy of a message held or settled here, planned.
     Copy(Plan),
-    /// A message whose outcome could not be reported: now held again,
-    /// with that outcome to report.
-    Unsent(Plan),
 }
 
 impl Memory {
@@ -158,13 +155,7 @@ impl Memory {
                 }
                 state.held.insert(d.message_id.clone(), d.receipt.clone());
                 hold.messages.push(d.message_id.clone());
-                match state.unsent.remove(&d.message_id) {
-                    Some(plan) => {
-                        tracing::info!(message_id = %d.message_id, "delivered again after its report failed; reporting it again");
-                        Seen::Unsent(plan)
-                    }
-                    None => Seen::New,
-                }
+                Seen::New
             })
             .collect();
         (seen, hold)
@@ -209,11 +200,21 @@ impl Memory {
             .insert_with(item, known, |old, new| *old = old.merge(new));
     }
 
-    /// Keeps an outcome that could not be reported, for the message's return.
-    pub fn unsent(&self, message_id: &str, plan: Plan) {
+    /// Keeps an outcome that could not be reported, for the return of a
+    /// message of its attempt.
+    pub fn unsent(&self, item: ItemKey, attempt: u32, plan: Plan) {
         let mut state = self.state();
         if state.unsent.len() < MEMORY {
-            state.unsent.insert(message_id.to_owned(), plan);
+            state.unsent.insert(item, (attempt, plan));
+        }
+    }
+
+    /// Takes the unreported outcome of the item's `attempt`, if any.
+    pub fn take_unsent(&self, item: &ItemKey, attempt: u32) -> Option<Plan> {
+        let mut state = self.state();
+        match state.unsent.get(item) {
+            Some((a, _)) if *a == attempt => state.unsent.remove(item).map(|(_, p)| p),
+            _ => None,
         }
     }
 }
