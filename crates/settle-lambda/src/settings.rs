@@ -54,8 +54,9 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     /// Reads `SETTLE_ITEM_TIMEOUT_MS` (default 10000; 0 turns it off),
     /// `SETTLE_RETRY_DELAY_MS` (1000), `SETTLE_MAX_RETRY_DELAY_MS` (60000)
-    /// `SETTLE_DEADLINE_MARGIN_MS` (2000) and `SETTLE_WORK_VISIBILITY_MS`
-    /// (0: the worker does not extend visibility).
+    /// `SETTLE_DEADLINE_MARGIN_MS` (2000), `SETTLE_WORK_VISIBILITY_MS`
+    /// (0: the worker does not extend visibility), `SETTLE_RESULT_LAG_MS`
+    /// and `SETTLE_RECEIVE_LIMIT` (0: the defaults in docs/lambda.md).
     pub fn from_env() -> Result<Self, SettingsError> {
         Self::from_lookup(&process_env)
     }
@@ -84,8 +85,13 @@ impl WorkerSettings {
                 // set (the reducer's batching window is 2 s).
                 result_lag: Some(env.millis("SETTLE_RESULT_LAG_MS", 0)?).filter(|v| !v.is_zero()),
                 // The template's MaxReceiveCount is MaxAttempts plus the
-                // extra receives the worker assumes by default.
-                receive_limit: None,
+                // extra receives the worker assumes by default (0: assume).
+                receive_limit: Some(env.num(
+                    "SETTLE_RECEIVE_LIMIT",
+                    0u32,
+                    "a whole number: the work queue's maxReceiveCount",
+                )?)
+                .filter(|n| *n > 0),
             },
         })
     }

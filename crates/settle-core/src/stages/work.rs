@@ -516,10 +516,14 @@ impl Worker {
                     // Known here also when its report failed: a message of
                     // its attempt comes back and reports it, so no message
                     // of the item may run the attempt again meanwhile.
+                    let key = (result.run.clone(), result.item.clone());
                     if failed[i] {
-                        let key = (result.run.clone(), result.item.clone());
-                        self.memory
-                            .unsent(key, result.attempt.attempt, plans[i].clone());
+                        let kept =
+                            self.memory
+                                .unsent(key, result.attempt.attempt, plans[i].clone());
+                        if !kept {
+                            continue;
+                        }
                     } else {
                         self.memory.settled(&d.message_id);
                     }

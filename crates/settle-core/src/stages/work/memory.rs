@@ -105,8 +105,8 @@ struct State {
     items: HashMap<ItemKey, String>,
     settled: Recent<String, ()>,
     outcomes: Recent<ItemKey, Known>,
-    /// Outcomes whose report could not be sent, by item, with their attempt.
-    unsent: HashMap<ItemKey, (u32, Plan)>,
+    /// Outcomes whose report could not be sent, by item and attempt.
+    unsent: HashMap<(ItemKey, u32), Plan>,
 }
 
 /// A worker's memory (see the module's docs).
@@ -201,21 +201,20 @@ impl Memory {
     }
 
     /// Keeps an outcome that could not be reported, for the return of a
-    /// message of its attempt.
-    pub fn unsent(&self, item: ItemKey, attempt: u32, plan: Plan) {
+    /// message of its attempt; false if the memory is full (then the
+    /// attempt must run again when its message returns).
+    pub fn unsent(&self, item: ItemKey, attempt: u32, plan: Plan) -> bool {
         let mut state = self.state();
-        if state.unsent.len() < MEMORY {
-            state.unsent.insert(item, (attempt, plan));
+        let room = state.unsent.len() < MEMORY;
+        if room {
+            state.unsent.insert((item, attempt), plan);
         }
+        room
     }
 
     /// Takes the unreported outcome of the item's `attempt`, if any.
     pub fn take_unsent(&self, item: &ItemKey, attempt: u32) -> Option<Plan> {
-        let mut state = self.state();
-        match state.unsent.get(item) {
-            Some((a, _)) if *a == attempt => state.unsent.remove(item).map(|(_, p)| p),
-            _ => None,
-        }
+        self.state().unsent.remove(&(item.clone(), attempt))
     }
 }
 
