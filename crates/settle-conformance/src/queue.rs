@@ -189,3 +189,41 @@ pub async fn queue_messages_of_one_send_are_independent(s: &Subject) {
     q.delete(vec![kept.receipt.clone()]).await.unwrap();
     assert_eq!(q.depth().await.unwrap().total(), 0);
 }
+
+/// A message sent with a delay is not received before it; the others of
+/// its send are received at once. A delay past the limit is refused. A
+/// batch visibility change acts on each message it names.
+pub async fn queue_delayed_send_and_batch_visibility(s: &Subject) {
+    let q = s.work.as_ref();
+    q.send_delayed(vec![
+        ("now".into(), Duration::ZERO),
+        ("later".into(), Duration::from_secs(2)),
+    ])
+    .await
+    .unwrap();
+    let first = receive_n(q, 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        first.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(),
+        ["now"],
+        "the delayed message waits"
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let later = receive_n(q, 1, Duration::from_secs(30)).await;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].body, "later");
+    let too_long = settle_core::ports::MAX_SEND_DELAY + Duration::from_secs(1);
+    assert!(matches!(
+        q.send_delayed(vec![("x".into(), too_long)]).await,
+        Err(settle_core::ports::PortError::Invalid(_))
+    ));
+
+    // Both back at once by one call.
+    q.change_visibility_batch(
+        vec![first[0].receipt.clone(), later[0].receipt.clone()],
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let again = receive_n(q, 2, VIS).await;
+    assert_eq!(again.len(), 2, "both visible again");
+}

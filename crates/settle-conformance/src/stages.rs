@@ -355,3 +355,86 @@ pub async fn reconcile_drops_a_parked_copy_of_a_recorded_failure(s: &Subject) {
     let r = s.ledger.run(&run).await.unwrap().unwrap();
     assert_eq!((r.succeeded, r.failed, r.pending()), (0, 1, 0));
 }
+
+/// An attempt is a run of the processor, not a receive. The item's first
+/// message is received and lost (nobody answers), then received again: with
+/// no outcome known it is sent on afresh or waits, running nothing. Its
+/// first attempt fails (retryable:1) and its retry is a new message,
+/// attempt 2, which succeeds: two attempts in the ledger although the first
+/// message was received three times, with `max_receives` 2. A leftover
+/// copy of the first message is then acknowledged without running, and no
+/// queue holds anything.
+pub async fn a_redelivery_is_not_an_attempt(s: &Subject) {
+    use settle_core::work::{delete_done, Worker, WorkerConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let run = fresh_run(s, 1).await;
+    let first = WorkBody::new(run.clone(), item("t0", r#"{"script":"retryable:1"}"#), 0, 2);
+    s.work.send(vec![first.encode()]).await.unwrap();
+    let worker = Worker::new(
+        Arc::new(settle_core::Scripted),
+        s.work.clone(),
+        s.dlq.clone(),
+        s.results.clone(),
+        WorkerConfig {
+            retry_delay: Duration::from_millis(10),
+            receive_limit: Some(s.work_max_receives),
+            ..WorkerConfig::default()
+        },
+    )
+    .reading(s.ledger.clone());
+    let reduce_all = || async {
+        let results = receive_n(s.results.as_ref(), 1, VIS).await;
+        reduce::reduce(s.ledger.as_ref(), &results).await;
+        delete_all(s.results.as_ref(), &results).await;
+        results.len()
+    };
+    // Handles what the work queue gives within a few receives, deleting
+    // what is done, until a message actually ran.
+    let mut ran = 0;
+    let mut receives = 0;
+    while ran < 2 {
+        receives += 1;
+        assert!(receives < 20, "the item never ran twice");
+        let got = receive_n(s.work.as_ref(), 1, VIS).await;
+        let Some(d) = got.first() else {
+            tokio::time::sleep(AFTER_VIS).await;
+            continue;
+        };
+        if receives == 1 {
+            // Received, and the answer lost: nobody handles it.
+            tokio::time::sleep(AFTER_VIS).await;
+            continue;
+        }
+        let resp = worker.handle(std::slice::from_ref(d), None).await;
+        delete_done(s.work.as_ref(), std::slice::from_ref(d), &resp)
+            .await
+            .unwrap();
+        ran += reduce_all().await;
+        tokio::time::sleep(AFTER_VIS).await;
+    }
+    let rows = s
+        .ledger
+        .items(&[(run.clone(), settle_core::ItemId::new("t0").unwrap())])
+        .await
+        .unwrap();
+    let rec = &rows.values().next().expect("t0's row").value;
+    let attempts: Vec<u32> = rec.history.iter().map(|a| a.attempt).collect();
+    assert_eq!(attempts, [1, 2], "{rec:?}");
+    assert_eq!(rec.status, settle_core::domain::ItemStatus::Succeeded);
+
+    // A leftover copy of the first message: acknowledged, nothing run.
+    s.work.send(vec![first.encode()]).await.unwrap();
+    let copy = receive_n(s.work.as_ref(), 1, VIS).await;
+    let resp = worker.handle(&copy, None).await;
+    assert!(resp.failures.is_empty());
+    delete_done(s.work.as_ref(), &copy, &resp).await.unwrap();
+    assert_eq!(
+        reduce_all().await,
+        0,
+        "a copy of a settled item reports nothing"
+    );
+    for q in [&s.work, &s.results, &s.dlq] {
+        assert_eq!(q.depth().await.unwrap().total(), 0, "{} is empty", q.name());
+    }
+}

@@ -218,6 +218,8 @@ async fn the_last_receive_and_a_receive_past_it_are_terminal() {
     let resp = worker.handle(&third, None).await;
     assert!(resp.failures.is_empty());
     delete_done(&e.work, &third, &resp).await.unwrap();
+    // After the same wait as a redelivery's.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let fresh = e.work.receive(10, VIS).await.unwrap();
     assert_eq!(fresh[0].receive_count, 1);
     let mut body = WorkBody::decode(&fresh[0].body).unwrap();

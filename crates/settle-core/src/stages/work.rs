@@ -668,18 +668,37 @@ impl Worker {
             body.resent = false;
             return Gate::Settled(Self::requeue(&body, self.result_lag(later)));
         }
-        // Delivered again, and neither this worker nor the ledger knows of
-        // its attempt: its holder may still be on it (in another process),
-        // or have reported just before it died, the result not yet reduced.
-        // Waiting once lets the ledger catch up, so that the copy is then
-        // acknowledged instead of run again. A worker that dies on every
-        // receive still reaches the limit below.
-        if d.receive_count == 2 {
-            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
-                "delivered again with no outcome known; waiting for it");
-            return Gate::Settled(Plan::Retry {
-                delay: self.result_lag(later),
-            });
+        // Receives of this attempt that ended with no outcome known: a
+        // worker that died on it, a copy that ran into a stall, a receive
+        // whose answer was lost on the way (an SDK retry of a receive that
+        // had taken effect). Twice the queue's limit of them means the
+        // attempt kills its worker (a poison message): it is recorded as
+        // failed for good rather than run again.
+        let limit = self.receive_limit(&body);
+        let lost = body.lost_receives.saturating_add(d.receive_count - 1);
+        let exhausted = lost >= 2 * limit;
+        if !exhausted && d.receive_count > 1 {
+            // Before the queue would park the message by itself,
+            // unrecorded, the attempt goes on in a fresh message that
+            // carries the count.
+            if d.receive_count + 1 >= limit {
+                tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                    lost, "near the queue's receive limit with no outcome known; sent on afresh");
+                body.lost_receives = lost;
+                return Gate::Settled(Self::requeue(&body, self.result_lag(later)));
+            }
+            // Delivered again, and neither this worker nor the ledger knows
+            // of its attempt: its holder may still be on it (in another
+            // process), or have reported just before it died, the result
+            // not yet reduced. Waiting once lets the ledger catch up, so
+            // that the copy is then acknowledged instead of run again.
+            if d.receive_count == 2 {
+                tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
+                    "delivered again with no outcome known; waiting for it");
+                return Gate::Settled(Plan::Retry {
+                    delay: self.result_lag(later),
+                });
+            }
         }
         if !self.memory.take_item(hold, &key, &d.message_id) {
             tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
@@ -701,23 +720,6 @@ impl Worker {
                 return Gate::Settled(Self::requeue(&body, Duration::from_millis(at - now)));
             }
         }
-        // Receives of this attempt that ended with no outcome known: a
-        // worker that died on it, a copy that ran into a stall, a receive
-        // whose answer was lost on the way (an SDK retry of a receive that
-        // had taken effect). Twice the queue's limit of them means the
-        // attempt kills its worker (a poison message): it is recorded as
-        // failed for good rather than run again.
-        let limit = self.receive_limit(&body);
-        let lost = body.lost_receives.saturating_add(d.receive_count - 1);
-        let exhausted = lost >= 2 * limit;
-        // Before the queue would park the message by itself, unrecorded,
-        // the attempt goes on in a fresh message that carries the count.
-        if !exhausted && d.receive_count + 1 >= limit {
-            tracing::info!(run = %body.run, item = %body.item, message_id = %d.message_id,
-                lost, "near the queue's receive limit with no outcome known; sent on afresh");
-            body.lost_receives = lost;
-            return Gate::Settled(Self::requeue(&body, Duration::ZERO));
-        }
         Gate::Ready(Ready {
             body,
             attempt,
@@ -731,7 +733,7 @@ impl Worker {
         self.config
             .receive_limit
             .unwrap_or(body.max_receives.saturating_add(EXTRA_RECEIVES))
-            .max(3)
+            .max(1)
     }
 
     /// How long a message with no outcome known waits once.
