@@ -662,3 +662,70 @@ done
         assert!(took < 2000, "{id}: {took} ms");
     }
 }
+
+/// A retry-after longer than 12 h is capped at 12 h: the attempt's error
+/// says so, and so does stderr, once.
+#[test]
+fn a_retry_after_past_twelve_hours_is_capped_and_said() {
+    let env = Env::new();
+    let script = env.write(
+        "tomorrow.py",
+        format!(
+            "import sys\nsys.path.insert(0, {:?})\nimport settle\n\
+             def h(item, ctx):\n    raise settle.RetryError('come back tomorrow', retry_after_ms=86400000)\n\
+             settle.serve(h)\n",
+            repo().join("sdk/python").display().to_string()
+        ),
+    );
+    let file = env.write("items.jsonl", "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+    let cmd = format!("python3 {script}");
+    let args = [
+        "run",
+        "--items",
+        file.as_str(),
+        "--exec",
+        cmd.as_str(),
+        "--protocol",
+        "jsonl",
+        "--retry-delay-ms",
+        "20",
+    ];
+    let mut child = env.spawn(&args);
+    let started = std::time::Instant::now();
+    let errors = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no attempt was recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let status = env.settle(&["status", "--json"]);
+        if status.code != 0 {
+            continue;
+        }
+        let id = run_id(&status.json());
+        let errors: Vec<String> = ["a", "b"]
+            .iter()
+            .filter_map(|item| {
+                let out = env.settle(&["show", &id, item, "--json"]);
+                (out.code == 0).then(|| out.json())
+            })
+            .filter_map(|v| v["history"][0]["error"].as_str().map(str::to_owned))
+            .collect();
+        if errors.len() == 2 {
+            break errors;
+        }
+    };
+    for error in &errors {
+        assert_eq!(
+            error,
+            "come back tomorrow (retry-after 86400 s capped at 43200 s)"
+        );
+    }
+    child.kill().unwrap();
+    let out = wait(child, &args);
+    let said = out
+        .stderr
+        .matches("retries are put off by at most 43200 s")
+        .count();
+    assert_eq!(said, 1, "{}", out.stderr);
+}
