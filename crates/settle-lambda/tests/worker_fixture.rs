@@ -1,6 +1,7 @@
 //! `infra/events/worker-sqs.json` through the worker handler, on the
 //! embedded backend: the "ok", "permanent", "panic" and undecodable records
-//! each settle on their own, and only the panic comes back for retry.
+//! each settle on their own, and only the panic is retried: as a new
+//! message that carries its next attempt.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test.
 
 mod common;
@@ -16,7 +17,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const OK: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f601";
-const PANIC: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f603";
 const UNDECODABLE: &str = "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f604";
 
 const ITEMS: &[(&str, &str)] = &[
@@ -63,7 +63,18 @@ async fn each_record_settles_alone_and_only_the_panic_is_retried() {
         .handle(sqs_fixture("worker-sqs.json"), Some(deadline))
         .await
         .unwrap();
-    assert_eq!(failure_ids(&response), vec![PANIC]);
+    // Every record is done: the panic's retry is a new message.
+    assert!(failure_ids(&response).is_empty());
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    let retried: Vec<(String, u32)> = drain(&e.work)
+        .await
+        .iter()
+        .map(|d| {
+            let b = WorkBody::decode(&d.body).unwrap();
+            (b.item.to_string(), b.attempt())
+        })
+        .collect();
+    assert_eq!(retried, vec![("sub-000003".to_string(), 2)]);
 
     // The DLQ holds the permanent failure's dead-letter copy and the
     // undecodable body verbatim.
@@ -136,9 +147,25 @@ async fn near_the_deadline_nothing_starts_and_everything_decodable_is_retried() 
         .handle(sqs_fixture("worker-sqs.json"), Some(deadline))
         .await
         .unwrap();
-    let mut ids = failure_ids(&response);
-    ids.sort();
-    assert_eq!(ids, vec![OK, "7b2c1d3e-4f50-4a61-8b72-9c83d4e5f602", PANIC]);
+    // Each decodable record goes on as a new message, its attempt unused.
+    assert!(failure_ids(&response).is_empty());
+    let mut sent: Vec<(String, u32)> = drain(&e.work)
+        .await
+        .iter()
+        .map(|d| {
+            let b = WorkBody::decode(&d.body).unwrap();
+            (b.item.to_string(), b.attempt())
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![
+            ("sub-000001".to_string(), 1),
+            ("sub-000002".to_string(), 1),
+            ("sub-000003".to_string(), 1)
+        ]
+    );
     assert!(drain(&e.results).await.is_empty());
     // The undecodable record never had an item to start: it is parked at once.
     assert_eq!(drain(&e.dlq).await.len(), 1);
