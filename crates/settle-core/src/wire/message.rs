@@ -46,7 +46,7 @@ pub struct WorkBody {
     /// back, a redelivery while the item is in hand) are not attempts.
     #[serde(default)]
     pub prior_attempts: u32,
-    /// Attempts made before this round began: a redrive starts a new round
+    /// Attempts made before the current round began: a redrive starts a new round
     /// of `max_receives` attempts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub round: u32,
