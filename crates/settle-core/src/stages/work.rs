@@ -380,7 +380,7 @@ impl Worker {
             .zip(&seen)
             .map(|(d, s)| matches!(s, Seen::New).then(|| WorkBody::decode(&d.body)))
             .collect();
-        let outcomes = self.outcomes(&bodies).await;
+        let outcomes = self.outcomes(batch, &bodies).await;
         let mut gates: Vec<Option<Gate>> = batch
             .iter()
             .zip(seen)
@@ -469,15 +469,27 @@ impl Worker {
 
     /// Reads the outcomes of the decoded messages' items, if this worker
     /// reads the ledger; `None` if the read failed.
-    async fn outcomes(&self, bodies: &[Option<Result<WorkBody, DecodeError>>]) -> Option<Outcomes> {
+    async fn outcomes(
+        &self,
+        batch: &[Delivery],
+        bodies: &[Option<Result<WorkBody, DecodeError>>],
+    ) -> Option<Outcomes> {
         let Some(ledger) = &self.ledger else {
             return Some(Outcomes::new());
         };
-        let mut keys: Vec<(RunId, ItemId)> = bodies
+        // Only for messages that may have a copy: a dispatch's first message
+        // of an item, received once, has nothing to be gated against but
+        // this worker's memory, and reading for it would cost a ledger read
+        // per item on the happy path.
+        let mut keys: Vec<(RunId, ItemId)> = batch
             .iter()
-            .flatten()
-            .flatten()
-            .map(|b| (b.run.clone(), b.item.clone()))
+            .zip(bodies)
+            .filter_map(|(d, b)| match b {
+                Some(Ok(b)) if b.may_have_a_copy(d.receive_count) => {
+                    Some((b.run.clone(), b.item.clone()))
+                }
+                _ => None,
+            })
             .collect();
         keys.sort();
         keys.dedup();
@@ -746,6 +758,7 @@ impl Worker {
     /// steps ([`WorkBody::not_before`]).
     fn requeue(body: &WorkBody, delay: Duration) -> Plan {
         let mut next = body.clone();
+        next.requeued = true;
         if delay > MAX_SEND_DELAY {
             next.not_before = Some(now_millis() + delay.as_millis() as u64);
         }

@@ -128,6 +128,9 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
     if b.resent {
         o.raw(r#","resent":true"#);
     }
+    if b.requeued {
+        o.raw(r#","requeued":true"#);
+    }
     if let Some(at) = b.not_before {
         o.raw(r#","not_before":"#).num(at);
     }
@@ -280,6 +283,7 @@ mod tests {
             redrive in proptest::option::of("[a-f0-9]{16}"),
             not_before in proptest::option::of(any::<u64>()),
             resent in any::<bool>(),
+            requeued in any::<bool>(),
             round in any::<u32>(),
             lost_receives in any::<u32>(),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
@@ -291,6 +295,7 @@ mod tests {
             b.redrive = redrive;
             b.not_before = not_before;
             b.resent = resent;
+            b.requeued = requeued;
             b.round = round;
             b.lost_receives = lost_receives;
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());

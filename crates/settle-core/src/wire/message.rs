@@ -65,6 +65,10 @@ pub struct WorkBody {
     /// a worker that knows of no attempt waits once before running it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resent: bool,
+    /// Sent on by a worker with its attempt unused (an item not started, a
+    /// wait): a copy of it may exist, so the gate reads its outcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeued: bool,
     /// Not to be attempted before this time (milliseconds since the epoch):
     /// a retry put off longer than a queue can delay a message is sent
     /// again, delayed, until then.
@@ -90,6 +94,7 @@ impl WorkBody {
             dead: None,
             lost_receives: 0,
             resent: false,
+            requeued: false,
             not_before: None,
             redrive: None,
         }
@@ -97,6 +102,18 @@ impl WorkBody {
     /// This message's attempt number.
     pub fn attempt(&self) -> u32 {
         self.prior_attempts.saturating_add(1)
+    }
+    /// Whether a copy of this message, or a settled message of its item,
+    /// may exist when it is received for the `receive_count`-th time: only
+    /// a dispatch's first message of an item, on its first receive, has
+    /// none, and the gate need not read its outcome.
+    pub fn may_have_a_copy(&self, receive_count: u32) -> bool {
+        receive_count > 1
+            || self.prior_attempts > 0
+            || self.resent
+            || self.requeued
+            || self.redrive.is_some()
+            || self.lost_receives > 0
     }
     /// Whether this message's attempt is the last of its round.
     pub fn last_of_round(&self) -> bool {
