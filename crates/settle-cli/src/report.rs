@@ -321,13 +321,12 @@ fn outcome_parts(o: &AttemptOutcome) -> (&'static str, Option<&'static str>, Opt
             kind,
             error,
             terminal,
-        } => {
-            let kind = match kind {
-                settle_core::domain::ErrorKind::Retryable => "retryable",
-                settle_core::domain::ErrorKind::Permanent => "permanent",
-            };
-            ("failed", Some(kind), Some(error.as_str()), *terminal)
-        }
+        } => (
+            "failed",
+            Some(kind.as_str()),
+            Some(error.as_str()),
+            *terminal,
+        ),
     }
 }
 

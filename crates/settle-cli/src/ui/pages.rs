@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use settle_core::domain::{now_millis, AttemptOutcome, ErrorKind, ItemStatus};
+use settle_core::domain::{now_millis, AttemptOutcome, ItemStatus};
 use settle_core::{ItemId, ItemRecord, RunId, RunRecord};
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -402,10 +402,7 @@ fn outcome(o: &AttemptOutcome) -> (String, String) {
         } => (
             format!(
                 "failed ({}{})",
-                match kind {
-                    ErrorKind::Retryable => "retryable",
-                    ErrorKind::Permanent => "permanent",
-                },
+                kind.as_str(),
                 if *terminal { ", terminal" } else { "" }
             ),
             error.clone(),

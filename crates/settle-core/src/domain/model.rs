@@ -193,6 +193,20 @@ pub enum ErrorKind {
     Retryable,
     /// Will fail the same way every time (card declined, bad payload): never retried.
     Permanent,
+    /// The called service asked to slow down (HTTP 429, a rate limit): not
+    /// a failure. The item goes round again without using an attempt, and
+    /// the run (or its key) is slowed down; see docs/flow-control.md.
+    Throttled,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::Permanent => "permanent",
+            Self::Throttled => "throttled",
+        }
+    }
 }
 
 /// A processor's failure: its kind decides retry, its message is kept in the
@@ -235,6 +249,18 @@ impl ProcessError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             kind: ErrorKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// The called service is throttling (an HTTP 429, "slow down"): the
+    /// attempt is not used, the item is tried again once the run's limiter
+    /// lets it, and the limiter lowers its rate. With
+    /// [`ProcessError::with_retry_after`], everyone of the run (or of its
+    /// key) pauses that long first.
+    pub fn throttled(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Throttled,
             message: message.into(),
             retry_after: None,
         }

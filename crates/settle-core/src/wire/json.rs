@@ -68,7 +68,7 @@ impl Out {
                 terminal,
             } => self
                 .raw(r#","outcome":"failed","kind":""#)
-                .raw(kind_str(*kind))
+                .raw(ErrorKind::as_str(*kind))
                 .raw(r#"","error":"#)
                 .str(error)
                 .raw(r#","terminal":"#)
@@ -92,13 +92,6 @@ impl Out {
             self.raw(r#","log":"#).str(log);
         }
         self
-    }
-}
-
-fn kind_str(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Retryable => "retryable",
-        ErrorKind::Permanent => "permanent",
     }
 }
 

@@ -42,6 +42,7 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Error> {
                 let status = match e.kind {
                     ErrorKind::Retryable => "retry",
                     ErrorKind::Permanent => "fail",
+                    ErrorKind::Throttled => "throttled",
                 };
                 let mut r = json!({"id": it.id, "status": status, "error": e.message});
                 if let Some(after) = e.retry_after {
