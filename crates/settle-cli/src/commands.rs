@@ -1,5 +1,6 @@
 //! One function per subcommand.
 
+use settle_core::flow::FlowLimits;
 use crate::cli::{BackendKind, Cli, Command, ProcessArgs, RunArgs, RunSettings, Workers};
 use crate::deployment::Deployment;
 use crate::fresh::Fresh;
@@ -363,6 +364,13 @@ fn run_config(s: &RunSettings, processor: Option<ProcessorSpec>) -> RunConfig {
         max_receives: s.max_receives,
         tolerated_failure_percent: s.tolerated_failure_percent,
         processor,
+        flow: FlowLimits {
+            rate: s.rate,
+            key_rate: s.key_rate,
+            key_concurrency: s.key_concurrency,
+        },
+        key: s.key.clone(),
+        max_throttle_wait_s: Some(s.max_throttle_wait.as_secs()),
     }
 }
 
@@ -657,8 +665,31 @@ async fn finish(
             }
             Ok(signal.exit_code())
         }
+        Finish::Throttled(run, waited) => {
+            eprintln!(
+                "stopped waiting: run {} was throttled for {} with no call answered                  (--max-throttle-wait); {} of {} items settled, the other {} are pending,                  none failed for it; continue with: settle resume {}",
+                run.id,
+                humantime::format_duration(Duration::from_secs(waited.as_secs())),
+                run.succeeded + run.failed,
+                run.total,
+                run.pending(),
+                run.id
+            );
+            if json {
+                let mut value = report::run_json(&run);
+                value["throttled_stop"] = serde_json::json!({
+                    "waited_s": waited.as_secs(),
+                    "resume": format!("settle resume {}", run.id),
+                });
+                println!("{value}");
+            }
+            Ok(ExitCode::from(EXIT_THROTTLED))
+        }
     }
 }
+
+/// `run` or `resume` stopped waiting on a throttled run (EX_TEMPFAIL).
+const EXIT_THROTTLED: u8 = 75;
 
 async fn redrive_cmd(
     d: &Deployment,

@@ -327,6 +327,8 @@ fn outcome_parts(o: &AttemptOutcome) -> (&'static str, Option<&'static str>, Opt
             Some(error.as_str()),
             *terminal,
         ),
+        // Throttled answers are counted on the item, not kept as attempts.
+        AttemptOutcome::Throttled { .. } => ("throttled", None, None, false),
     }
 }
 
@@ -336,6 +338,8 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
         "item_id": id,
         "status": rec.status,
         "attempts": rec.attempts,
+        "throttled": rec.throttled,
+        "waiting_until": rec.waiting_until,
         "last_error": rec.last_error,
         "output": rec.output(),
         "history": rec.history.iter().map(|a| {
@@ -500,6 +504,7 @@ mod tests {
             },
             output: None,
             log: None,
+            retry_at: None,
         }
     }
 
@@ -543,6 +548,8 @@ mod tests {
             last_error: Some(error.into()),
             history,
             updated_at: 0,
+            throttled: 0,
+            waiting_until: None,
         }
     }
 

@@ -128,6 +128,7 @@ pub(crate) fn result(
             outcome,
             output: None,
             log: None,
+            retry_at: None,
         },
     };
     Delivery {

@@ -71,6 +71,7 @@ mod tests {
                 dead_lettered: 1,
                 redriven: 1,
                 durations_ms: vec![12, 40, 7, 1, 2, 3],
+                ..RunCounts::default()
             },
         );
         runs.insert(b.clone(), RunCounts::default());

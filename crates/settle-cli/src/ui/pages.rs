@@ -407,6 +407,7 @@ fn outcome(o: &AttemptOutcome) -> (String, String) {
             ),
             error.clone(),
         ),
+        AttemptOutcome::Throttled { .. } => ("throttled".into(), String::new()),
     }
 }
 
@@ -818,6 +819,9 @@ pub async fn retry(
             Ok(Finish::Done(..)) => {}
             Ok(Finish::Interrupted(..)) => eprintln!(
                 "settle ui: stopped while processing retried items of run {run_id}; `settle resume {run_id}` finishes them"
+            ),
+            Ok(Finish::Throttled(..)) => eprintln!(
+                "settle ui: the retried items of run {run_id} were throttled past the run's --max-throttle-wait; `settle resume {run_id}` finishes them"
             ),
             Err(e) => eprintln!(
                 "error: processing the retried items of run {run_id}: {}; `settle resume {run_id}` finishes them",
