@@ -149,11 +149,12 @@ async fn a_throttled_result_asks_to_slow_down() {
         r#"{"results":[
             {"id":"waits","status":"throttled","error":"HTTP 429 from the gateway","retry_after_ms":2000},
             {"id":"bare","status":"throttled"},
-            {"id":"ok","status":"ok"}
+            {"id":"ok","status":"ok"},
+            {"id":"no-status","retry_after_ms":2000}
         ]}"#,
         None,
     ));
-    let (out, _) = run(f, &["waits", "bare", "ok"]).await;
+    let (out, _) = run(f, &["waits", "bare", "ok", "no-status"]).await;
     let waits = err(&out[0]);
     assert_eq!(
         (waits.kind, waits.message.as_str()),
@@ -167,6 +168,15 @@ async fn a_throttled_result_asks_to_slow_down() {
     );
     assert_eq!(bare.retry_after, None);
     assert!(out[2].is_ok(), "a throttle is its own item's");
+    // Unlike a jsonl answer, a result always names its status.
+    let none = err(&out[3]);
+    assert_eq!(none.kind, ErrorKind::Retryable);
+    assert!(
+        none.message
+            .contains("a bad result for this item (missing field `status`"),
+        "{}",
+        none.message
+    );
 }
 
 #[tokio::test]
