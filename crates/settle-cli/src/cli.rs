@@ -325,7 +325,9 @@ fn rate(s: &str) -> Result<f64, String> {
     };
     match n.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v / per),
-        _ => Err(format!("want a number above 0 before the unit, as in 200/s; got {n:?}")),
+        _ => Err(format!(
+            "want a number above 0 before the unit, as in 200/s; got {n:?}"
+        )),
     }
 }
 

@@ -1,6 +1,5 @@
 //! One function per subcommand.
 
-use settle_core::flow::FlowLimits;
 use crate::cli::{BackendKind, Cli, Command, ProcessArgs, RunArgs, RunSettings, Workers};
 use crate::deployment::Deployment;
 use crate::fresh::Fresh;
@@ -11,6 +10,7 @@ use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use settle_core::domain::now_millis;
+use settle_core::flow::FlowLimits;
 use settle_core::jsonl::JsonlItems;
 use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};

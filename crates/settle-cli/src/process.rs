@@ -1,7 +1,6 @@
 //! Processing until done: dispatch (if unfinished) beside the local runner,
 //! a progress bar on stderr, and a clean stop on SIGINT or SIGTERM.
 
-use settle_core::flow::ScopeState;
 use crate::cli::ProcessArgs;
 use crate::cli::Workers;
 use crate::deployment::Deployment;
@@ -11,6 +10,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
+use settle_core::flow::ScopeState;
 use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
@@ -128,10 +128,7 @@ pub async fn process(
     let (stop_tx, stop_rx) = watch::channel(false);
     // With deployed workers the Lambda functions process; this process
     // only dispatches and follows the tally.
-    let max_throttle_wait = record
-        .config
-        .max_throttle_wait_s
-        .map(Duration::from_secs);
+    let max_throttle_wait = record.config.max_throttle_wait_s.map(Duration::from_secs);
     let mut worker = None;
     let poll = chosen
         .filter(|_| d.workers == Workers::Local)
@@ -310,8 +307,7 @@ fn show(bar: &ProgressBar, run: &RunRecord, flow: Option<&ScopeState>) {
     let flow = match flow {
         Some(f) if f.paused_for_ms.is_some() || f.throttled_for_ms.is_some() => format!(
             ", throttled ({})",
-            f.rate
-                .map_or("pausing".into(), |r| format!("{r:.1}/s now"))
+            f.rate.map_or("pausing".into(), |r| format!("{r:.1}/s now"))
         ),
         Some(ScopeState { rate: Some(r), .. }) => format!(", {r:.1}/s allowed"),
         _ => String::new(),

@@ -721,6 +721,26 @@ fn a_retry_after_past_twelve_hours_is_capped_and_said() {
             "come back tomorrow (retry-after 86400 s capped at 43200 s)"
         );
     }
+    // `status` says what the run waits for, rather than look stuck.
+    let status = env.settle(&["status", "--json"]);
+    let waiting = &status.json()["waiting"];
+    assert_eq!(waiting["items"], 2, "{}", status.stdout);
+    let until = humantime::parse_rfc3339(waiting["until"].as_str().expect("a time"))
+        .expect("an RFC 3339 time");
+    let ahead = until
+        .duration_since(std::time::SystemTime::now())
+        .expect("the wait ends in the future");
+    assert!(
+        ahead > std::time::Duration::from_secs(43_000)
+            && ahead <= std::time::Duration::from_secs(43_200),
+        "waits {ahead:?}"
+    );
+    let human = env.settle(&["status"]);
+    assert!(
+        human.stdout.contains("Waiting until ") && human.stdout.contains(" for 2 items"),
+        "{}",
+        human.stdout
+    );
     child.kill().unwrap();
     let out = wait(child, &args);
     let said = out

@@ -343,10 +343,12 @@ impl Scope {
             self.peak = Some(base);
             self.best = self.best.max(base);
             self.rate = Some((base * DECREASE).max(MIN_RATE));
-        } else if self.rate.is_none() {
-            // Throttled from the first call: start low and climb.
-            self.peak = Some(1.0);
-            self.rate = Some(1.0);
+        }
+        if std::env::var_os("SETTLE_FLOW_DEBUG").is_some() {
+            eprintln!(
+                "throttle: rate {:?} peak {:?} answered {answered:.1} pause {pause:?} in_flight {}",
+                self.rate, self.peak, self.in_flight
+            );
         }
         // The answers of the calls already out arrive within about one call.
         self.calm_until = Some(until + self.mean_call);

@@ -757,9 +757,27 @@ pub struct RunRecord {
     /// that `resume` finishes what was asked for; cleared when it is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<crate::domain::RedriveScope>,
+    /// Throttled answers the run's items got (not attempts, not failures).
+    #[serde(default)]
+    pub throttled: u64,
+    /// Pending items whose next try waits at least [`LONG_WAIT_MS`].
+    #[serde(default)]
+    pub waiting: u64,
+    /// The latest such a wait ends, if any item waited so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_until: Option<Millis>,
 }
 
 impl RunRecord {
+    /// Items waiting for a later try, and until when at the latest, when
+    /// that is still ahead of `now`: what `settle status` says of a run
+    /// that would otherwise look stuck.
+    pub fn waiting_at(&self, now: Millis) -> Option<(u64, Millis)> {
+        let until = self.waiting_until.filter(|u| *u > now)?;
+        (self.waiting > 0 && self.pending() > 0)
+            .then_some((self.waiting.min(self.pending()), until))
+    }
+
     pub fn new(id: RunId, config: RunConfig, now: Millis) -> Self {
         Self {
             id,
@@ -774,6 +792,9 @@ impl RunRecord {
             settled_at: None,
             redriving: false,
             redrive: None,
+            throttled: 0,
+            waiting: 0,
+            waiting_until: None,
         }
     }
 
