@@ -389,8 +389,9 @@ pub struct ProcessorArgs {
     /// Exit codes of --exec that fail an item for good, comma-separated.
     #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "exec")]
     pub permanent_exit_codes: Option<Vec<i32>>,
-    /// POST each item to URL: 2xx succeeds, 408, 425, 429 and 5xx are
-    /// retried (after Retry-After), any other status fails for good.
+    /// POST each item to URL: 2xx succeeds; 429 and 503 are throttled (the
+    /// run slows down; no attempt used); 408, 425 and other 5xx are retried
+    /// (after Retry-After); any other status fails for good.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
     /// A header for --http, as 'Name: value' (repeatable; values are never shown).

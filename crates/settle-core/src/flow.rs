@@ -505,3 +505,153 @@ impl Limiter {
             .max()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> RunId {
+        RunId::generate(0)
+    }
+
+    fn go(a: Admission) -> (Ticket, Duration) {
+        match a {
+            Admission::Go { ticket, wait } => (ticket, wait),
+            Admission::Later(d) => panic!("held back for {d:?}"),
+        }
+    }
+
+    fn later(a: Admission) -> Duration {
+        match a {
+            Admission::Later(d) => d,
+            Admission::Go { wait, .. } => panic!("admitted after {wait:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_limits_or_throttles_everything_starts_at_once() {
+        let (l, r) = (Limiter::default(), run());
+        for _ in 0..1000 {
+            let (t, wait) = go(l.admit(&r, None, &FlowLimits::default()));
+            assert_eq!(wait, Duration::ZERO);
+            l.done(t, Signal::Answered, Duration::ZERO);
+        }
+        assert_eq!(l.state(&r, 0)[0].rate, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_paces_starts_and_long_waits_are_not_held() {
+        let (l, r) = (Limiter::default(), run());
+        let limits = FlowLimits {
+            rate: Some(10.0),
+            ..FlowLimits::default()
+        };
+        // A burst of one, then one every 100 ms; past HOLD, sent round.
+        let mut waits = Vec::new();
+        loop {
+            match l.admit(&r, None, &limits) {
+                Admission::Go { wait, .. } => waits.push(wait),
+                Admission::Later(d) => {
+                    assert!(d > HOLD, "{d:?}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(waits.len(), 6, "{waits:?}");
+        assert_eq!(waits[0], Duration::ZERO);
+        assert_eq!(waits[5], Duration::from_millis(500));
+        // Items sent round together come back spread, not all at once.
+        let (a, b) = (later(l.admit(&r, None, &limits)), later(l.admit(&r, None, &limits)));
+        assert!(b >= a + Duration::from_millis(99), "{a:?} then {b:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_pauses_then_probes_then_slows_and_climbs_back() {
+        let (l, r) = (Limiter::default(), run());
+        let none = FlowLimits::default();
+        // Calls answered at 100/s for two seconds.
+        for _ in 0..200 {
+            let (t, _) = go(l.admit(&r, None, &none));
+            tokio::time::advance(Duration::from_millis(10)).await;
+            l.done(t, Signal::Answered, Duration::from_millis(10));
+        }
+        let (t, _) = go(l.admit(&r, None, &none));
+        l.done(t, Signal::Throttled(Some(Duration::from_secs(2))), Duration::ZERO);
+        let state = &l.state(&r, 0)[0];
+        let rate = state.rate.expect("a rate after a throttle");
+        assert!((85.0..=95.0).contains(&rate), "{rate}");
+        assert_eq!(state.paused_for_ms, Some(2000));
+        // Paused for everyone until the retry-after.
+        let d = later(l.admit(&r, None, &none));
+        assert!(d >= Duration::from_secs(2), "{d:?}");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Then one probe, and no one else until it is answered.
+        let (probe, _) = go(l.admit(&r, None, &none));
+        later(l.admit(&r, None, &none));
+        l.done(probe, Signal::Answered, Duration::from_millis(10));
+        let (t, _) = go(l.admit(&r, None, &none));
+        l.done(t, Signal::Answered, Duration::from_millis(10));
+        // While calls succeed the rate climbs back past where it was.
+        for _ in 0..3000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            if let Admission::Go { ticket, .. } = l.admit(&r, None, &none) {
+                l.done(ticket, Signal::Answered, Duration::from_millis(10));
+            }
+        }
+        let climbed = l.state(&r, 0)[0].rate.expect("a rate");
+        assert!(climbed > 100.0, "{climbed}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_pauses_without_slowing_and_backs_off_without_a_retry_after() {
+        let (l, r) = (Limiter::default(), run());
+        let none = FlowLimits::default();
+        let mut pauses = Vec::new();
+        for _ in 0..4 {
+            let (t, _) = go(l.admit(&r, None, &none));
+            l.done(t, Signal::Throttled(None), Duration::ZERO);
+            let p = l.state(&r, 0)[0].paused_for_ms.expect("paused");
+            pauses.push(p);
+            tokio::time::advance(Duration::from_millis(p)).await;
+        }
+        assert_eq!(pauses, [1000, 2000, 4000, 8000]);
+        // Nothing was answered: no rate was learnt, none is imposed.
+        assert_eq!(l.state(&r, 0)[0].rate, None);
+        assert!(l.throttled_for(&r).unwrap() >= Duration::from_secs(15));
+        let (t, _) = go(l.admit(&r, None, &none));
+        l.done(t, Signal::Answered, Duration::ZERO);
+        assert_eq!(l.throttled_for(&r), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_is_held_and_slowed_alone() {
+        let (l, r) = (Limiter::default(), run());
+        let limits = FlowLimits {
+            key_concurrency: Some(2),
+            ..FlowLimits::default()
+        };
+        let hot: Vec<Ticket> = (0..2)
+            .map(|_| go(l.admit(&r, Some("hot"), &limits)).0)
+            .collect();
+        // The hot key is full: its next item is sent round, a cold key's starts.
+        later(l.admit(&r, Some("hot"), &limits));
+        let (cold, wait) = go(l.admit(&r, Some("cold"), &limits));
+        assert_eq!(wait, Duration::ZERO);
+        // A throttle of the hot key pauses it, not the cold key nor the run.
+        let mut hot = hot.into_iter();
+        l.done(
+            hot.next().unwrap(),
+            Signal::Throttled(Some(Duration::from_secs(5))),
+            Duration::ZERO,
+        );
+        later(l.admit(&r, Some("hot"), &limits));
+        l.done(cold, Signal::Answered, Duration::ZERO);
+        go(l.admit(&r, Some("cold"), &limits));
+        let states = l.state(&r, 5);
+        assert_eq!(states[0].key, None);
+        assert_eq!(states[0].paused_for_ms, None);
+        let hot_state = states.iter().find(|s| s.key.as_deref() == Some("hot")).unwrap();
+        assert_eq!(hot_state.paused_for_ms, Some(5000));
+        assert_eq!(hot_state.throttled, 1);
+    }
+}

@@ -993,6 +993,67 @@ mod tests {
     }
 
     #[test]
+    fn a_throttle_is_counted_apart_once_and_is_no_attempt() {
+        let mut r = ItemRecord::default();
+        let throttle = |nth, msg: &str| attempt(1, msg, AttemptOutcome::Throttled { nth });
+        let d = r.apply(&throttle(2, "m2"), 1).unwrap();
+        assert_eq!((d.throttled, d.succeeded, d.failed), (2, 0, 0));
+        // An earlier or repeated throttle changes nothing.
+        assert_eq!(r.apply(&throttle(1, "m1"), 2), None);
+        assert_eq!(r.apply(&throttle(2, "m2"), 2), None);
+        assert_eq!((r.attempts, r.history.len(), r.throttled), (0, 0, 2));
+        assert_eq!(r.status, ItemStatus::Pending);
+        r.apply(&attempt(1, "m3", AttemptOutcome::Succeeded), 3).unwrap();
+        assert_eq!((r.attempts, r.history.len(), r.throttled), (1, 1, 2));
+    }
+
+    #[test]
+    fn an_item_waits_long_until_its_next_result() {
+        let mut r = ItemRecord::default();
+        let mut a = attempt(1, "m1", fail(false));
+        // A short wait is not waiting.
+        a.retry_at = Some(1 + LONG_WAIT_MS - 1);
+        assert_eq!(r.apply(&a, 1).unwrap().waiting, 0);
+        assert!(!r.waiting());
+        let mut b = attempt(2, "m2", fail(false));
+        b.retry_at = Some(10 * LONG_WAIT_MS);
+        let d = r.apply(&b, 2).unwrap();
+        assert_eq!((d.waiting, d.waiting_until), (1, Some(10 * LONG_WAIT_MS)));
+        // An older attempt's result, arriving late, leaves the wait.
+        let mut late = attempt(1, "m0", fail(false));
+        late.retry_at = None;
+        assert_eq!(r.apply(&late, 3).unwrap().waiting, 0);
+        assert!(r.waiting());
+        let d = r.apply(&attempt(3, "m3", AttemptOutcome::Succeeded), 4).unwrap();
+        assert_eq!((d.waiting, r.waiting_until), (-1, None));
+    }
+
+    #[test]
+    fn a_run_says_it_waits_only_while_the_wait_is_ahead() {
+        let mut run = RunRecord::new(RunId::generate(0), RunConfig::default(), 0);
+        (run.total, run.dispatched, run.waiting) = (5, true, 2);
+        run.waiting_until = Some(1_000);
+        assert_eq!(run.waiting_at(999), Some((2, 1_000)));
+        assert_eq!(run.waiting_at(1_000), None);
+        run.succeeded = 5;
+        assert_eq!(run.waiting_at(0), None, "nothing pending");
+    }
+
+    #[test]
+    fn a_key_is_read_by_its_pointer() {
+        let config = RunConfig {
+            key: Some("/customer/id".into()),
+            ..RunConfig::default()
+        };
+        let key = |json: &str| config.key_of(&RawValue::from_string(json.into()).unwrap());
+        assert_eq!(key(r#"{"customer":{"id":"c-1"}}"#).as_deref(), Some("c-1"));
+        assert_eq!(key(r#"{"customer":{"id":42}}"#).as_deref(), Some("42"));
+        assert_eq!(key(r#"{"other":1}"#).as_deref(), Some(""));
+        assert_eq!(key("[1,2]").as_deref(), Some(""));
+        assert_eq!(RunConfig::default().key_of(&null_payload()), None);
+    }
+
+    #[test]
     fn redrive_success_moves_failed_to_succeeded() {
         let mut r = ItemRecord::default();
         let d = r.apply(&attempt(3, "m", fail(true)), 1).unwrap();

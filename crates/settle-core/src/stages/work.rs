@@ -804,7 +804,12 @@ impl Worker {
         async {
             // The run's (and the key's) flow control first, holding
             // nothing: an item that would wait long goes round again.
-            let limits = ready.body.flow.clone().unwrap_or_default();
+            let mut limits = ready.body.flow.clone().unwrap_or_default();
+            if ready.body.key.is_some() && limits.key_concurrency.is_none() {
+                // No key takes more than half of the places: the other
+                // half stays open to every other key.
+                limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
+            }
             let ticket = if ready.exhausted {
                 None
             } else {
