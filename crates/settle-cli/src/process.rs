@@ -133,7 +133,13 @@ pub async fn process(
     let poll = chosen
         .filter(|_| d.workers == Workers::Local)
         .map(|chosen| {
-            let runner = runner(d, args, chosen);
+            let mut runner = runner(d, args, chosen);
+            if record.config.key.is_some() {
+                // A full key's items are sent round at once; more batches
+                // in flight keep reading the queue past them while the
+                // admitted items run, so another key's items are reached.
+                runner.config.concurrency = runner.config.concurrency * 2 + 1;
+            }
             worker = Some(runner.worker.clone());
             tokio::spawn(async move { runner.run(stop_rx).await })
         });

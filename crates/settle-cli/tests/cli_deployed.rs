@@ -698,7 +698,10 @@ fn deployed_http_kind_posts_each_item_and_respects_retry_after() {
     );
     // A 429 is a throttle, not an attempt: one attempt, one throttle.
     let later = env.show(&id, "later");
-    assert_eq!((later["attempts"].clone(), later["throttled"].clone()), (json!(1), json!(1)));
+    assert_eq!(
+        (later["attempts"].clone(), later["throttled"].clone()),
+        (json!(1), json!(1))
+    );
     let asked: Vec<Instant> = seen
         .lock()
         .unwrap()

@@ -561,7 +561,10 @@ mod tests {
         assert_eq!(waits[0], Duration::ZERO);
         assert_eq!(waits[5], Duration::from_millis(500));
         // Items sent round together come back spread, not all at once.
-        let (a, b) = (later(l.admit(&r, None, &limits)), later(l.admit(&r, None, &limits)));
+        let (a, b) = (
+            later(l.admit(&r, None, &limits)),
+            later(l.admit(&r, None, &limits)),
+        );
         assert!(b >= a + Duration::from_millis(99), "{a:?} then {b:?}");
     }
 
@@ -576,7 +579,11 @@ mod tests {
             l.done(t, Signal::Answered, Duration::from_millis(10));
         }
         let (t, _) = go(l.admit(&r, None, &none));
-        l.done(t, Signal::Throttled(Some(Duration::from_secs(2))), Duration::ZERO);
+        l.done(
+            t,
+            Signal::Throttled(Some(Duration::from_secs(2))),
+            Duration::ZERO,
+        );
         let state = &l.state(&r, 0)[0];
         let rate = state.rate.expect("a rate after a throttle");
         assert!((85.0..=95.0).contains(&rate), "{rate}");
@@ -650,7 +657,10 @@ mod tests {
         let states = l.state(&r, 5);
         assert_eq!(states[0].key, None);
         assert_eq!(states[0].paused_for_ms, None);
-        let hot_state = states.iter().find(|s| s.key.as_deref() == Some("hot")).unwrap();
+        let hot_state = states
+            .iter()
+            .find(|s| s.key.as_deref() == Some("hot"))
+            .unwrap();
         assert_eq!(hot_state.paused_for_ms, Some(5000));
         assert_eq!(hot_state.throttled, 1);
     }

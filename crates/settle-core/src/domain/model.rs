@@ -1003,7 +1003,8 @@ mod tests {
         assert_eq!(r.apply(&throttle(2, "m2"), 2), None);
         assert_eq!((r.attempts, r.history.len(), r.throttled), (0, 0, 2));
         assert_eq!(r.status, ItemStatus::Pending);
-        r.apply(&attempt(1, "m3", AttemptOutcome::Succeeded), 3).unwrap();
+        r.apply(&attempt(1, "m3", AttemptOutcome::Succeeded), 3)
+            .unwrap();
         assert_eq!((r.attempts, r.history.len(), r.throttled), (1, 1, 2));
     }
 
@@ -1024,7 +1025,9 @@ mod tests {
         late.retry_at = None;
         assert_eq!(r.apply(&late, 3).unwrap().waiting, 0);
         assert!(r.waiting());
-        let d = r.apply(&attempt(3, "m3", AttemptOutcome::Succeeded), 4).unwrap();
+        let d = r
+            .apply(&attempt(3, "m3", AttemptOutcome::Succeeded), 4)
+            .unwrap();
         assert_eq!((d.waiting, r.waiting_until), (-1, None));
     }
 
