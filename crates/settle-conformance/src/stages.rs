@@ -465,7 +465,10 @@ pub async fn throttled_never_dead_letters(s: &Subject) {
     let mut tries = 0;
     while handled < 4 {
         tries += 1;
-        assert!(tries < 100, "the item did not settle in {handled} handlings");
+        assert!(
+            tries < 100,
+            "the item did not settle in {handled} handlings"
+        );
         let got = receive_n(s.work.as_ref(), 1, VIS).await;
         let Some(d) = got.first() else {
             // Sent round after its throttle's pause (100 ms).
@@ -487,8 +490,16 @@ pub async fn throttled_never_dead_letters(s: &Subject) {
         .await
         .unwrap();
     let rec = &rows.values().next().expect("t0's row").value;
-    assert_eq!(rec.status, settle_core::domain::ItemStatus::Succeeded, "{rec:?}");
-    assert_eq!((rec.attempts, rec.throttled, rec.history.len()), (1, 3, 1), "{rec:?}");
+    assert_eq!(
+        rec.status,
+        settle_core::domain::ItemStatus::Succeeded,
+        "{rec:?}"
+    );
+    assert_eq!(
+        (rec.attempts, rec.throttled, rec.history.len()),
+        (1, 3, 1),
+        "{rec:?}"
+    );
     let tally = s.ledger.run(&run).await.unwrap().expect("the run");
     assert_eq!((tally.succeeded, tally.failed, tally.throttled), (1, 0, 3));
     for q in [&s.work, &s.results, &s.dlq] {
