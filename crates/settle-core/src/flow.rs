@@ -56,10 +56,10 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// Share of the rate calls were succeeding at that a throttled scope slows to.
 const DECREASE: f64 = 0.9;
 /// Below this share of the rate it was throttled at, a scope climbs fast.
-const RECOVERED: f64 = 0.95;
+const RECOVERED: f64 = 0.9;
 /// Climb per second, as shares of the rate it was throttled at: fast, then probing.
 const FAST_CLIMB: f64 = 0.05;
-const SLOW_CLIMB: f64 = 0.005;
+const SLOW_CLIMB: f64 = 0.003;
 /// The window over which the rate of successes is measured.
 const WINDOW: Duration = Duration::from_secs(2);
 const SLOTS: usize = 20;
@@ -69,7 +69,12 @@ const SLOTS: usize = 20;
 pub enum Admission {
     /// Start after `wait` (zero: now), holding `ticket` until it is done.
     Go { ticket: Ticket, wait: Duration },
-    /// Do not hold it: send it round again after this long.
+    /// The whole run must wait (a pause, its rate): wait in place about
+    /// this long and ask again. Every item of the run waits alike, so
+    /// sending this one round would gain nothing and cost a queue trip.
+    Wait(Duration),
+    /// The item's key must wait: do not hold it, send it round again after
+    /// this long, so that other keys' items behind it are reached.
     Later(Duration),
 }
 
@@ -146,6 +151,25 @@ impl Window {
         self.advance(now);
         self.slots[(self.head % SLOTS as u64) as usize] += 1;
     }
+    /// Events per second over the busiest half second of the window: what
+    /// the service took while calls were going out (a pause in the window
+    /// would halve the plain average).
+    fn busiest_per_second(&mut self, now: Instant) -> f64 {
+        self.advance(now);
+        const GROUP: usize = SLOTS / 4;
+        let head = (self.head % SLOTS as u64) as usize;
+        // Whole half seconds back from the newest slot, which is still filling.
+        (0..4)
+            .map(|g| {
+                (0..GROUP)
+                    .map(|i| self.slots[(head + SLOTS - 1 - g * GROUP - i) % SLOTS])
+                    .sum::<u32>()
+            })
+            .max()
+            .unwrap_or(0) as f64
+            / (WINDOW.as_secs_f64() / 4.0)
+    }
+
     /// Events per second over the window.
     fn per_second(&mut self, now: Instant) -> f64 {
         self.advance(now);
@@ -174,6 +198,9 @@ struct Scope {
     best: f64,
     /// When it was last throttled: the longer ago, the faster it climbs.
     last_throttle: Option<Instant>,
+    /// The rate was set from a measure, not from a throttle at it: it
+    /// doubles each second until the next throttle says where the limit is.
+    doubling: bool,
     /// No further decrease before this: the answers of calls already out.
     calm_until: Option<Instant>,
     /// The first throttled answer since the last answered call.
@@ -202,6 +229,7 @@ impl Scope {
             peak: None,
             best: 0.0,
             last_throttle: None,
+            doubling: false,
             calm_until: None,
             throttled_since: None,
             streak: 0,
@@ -229,15 +257,19 @@ impl Scope {
             if self.answered.per_second(now) > 0.0 {
                 // Back to just under the last top fast; past it slowly at
                 // first, then faster the longer no throttle comes.
-                let climb = if rate < RECOVERED * peak {
-                    FAST_CLIMB
+                if self.doubling {
+                    rate *= 2f64.powf(dt);
                 } else {
-                    let calm = self
-                        .last_throttle
-                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-                    SLOW_CLIMB * (1.0 + calm / 10.0)
-                };
-                rate += (climb * self.best.max(peak)).max(0.1) * dt;
+                    let climb = if rate < RECOVERED * peak {
+                        FAST_CLIMB
+                    } else {
+                        let calm = self
+                            .last_throttle
+                            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+                        SLOW_CLIMB * (1.0 + calm / 30.0)
+                    };
+                    rate += (climb * self.best.max(peak)).max(0.1) * dt;
+                }
             }
         }
         if let Some(c) = self.ceiling {
@@ -337,18 +369,30 @@ impl Scope {
         }
         // With no call answered lately, the rate says nothing of the
         // service's capacity (an outage): pause only.
-        let answered = self.answered.per_second(now);
-        if answered > 0.0 {
-            let base = self.rate.map_or(answered, |r| r.min(answered));
+        // What the service took: over the window (a young scope's over its
+        // life so far), or over its busiest half second if a pause in the
+        // window halves that.
+        let answered = self
+            .answered
+            .per_second(now)
+            .max(self.answered.busiest_per_second(now));
+        // From the rate allowed, or from what was taken where no rate
+        // held the calls back yet (none set, or one far above what went
+        // out): the measure only ever starts the rate, since a pause in the
+        // window makes it read low.
+        let base = match self.rate {
+            // Nothing answered lately: an outage says nothing of the rate.
+            _ if answered == 0.0 => None,
+            Some(r) if r <= 1.5 * answered => Some((r, false)),
+            // A measure right after a pause reads low: start from it and
+            // double until the next throttle.
+            _ => Some((answered, true)),
+        };
+        if let Some((base, measured)) = base {
             self.peak = Some(base);
-            self.best = self.best.max(base);
+            self.best = if measured { base } else { self.best.max(base) };
             self.rate = Some((base * DECREASE).max(MIN_RATE));
-        }
-        if std::env::var_os("SETTLE_FLOW_DEBUG").is_some() {
-            eprintln!(
-                "throttle: rate {:?} peak {:?} answered {answered:.1} pause {pause:?} in_flight {}",
-                self.rate, self.peak, self.in_flight
-            );
+            self.doubling = measured;
         }
         // The answers of the calls already out arrive within about one call.
         self.calm_until = Some(until + self.mean_call);
@@ -435,11 +479,10 @@ impl Limiter {
             _ => None,
         };
         if let Some((wait, by_key)) = blocked {
-            let scope = match key_scope {
-                Some(s) if by_key => s,
-                _ => run_scope,
+            return match key_scope {
+                Some(s) if by_key => Admission::Later(s.later(now, wait)),
+                _ => Admission::Wait(wait),
             };
-            return Admission::Later(scope.later(now, wait));
         }
         let wait = run_wait
             .unwrap_or_default()
@@ -517,13 +560,13 @@ mod tests {
     fn go(a: Admission) -> (Ticket, Duration) {
         match a {
             Admission::Go { ticket, wait } => (ticket, wait),
-            Admission::Later(d) => panic!("held back for {d:?}"),
+            Admission::Later(d) | Admission::Wait(d) => panic!("held back for {d:?}"),
         }
     }
 
     fn later(a: Admission) -> Duration {
         match a {
-            Admission::Later(d) => d,
+            Admission::Later(d) | Admission::Wait(d) => d,
             Admission::Go { wait, .. } => panic!("admitted after {wait:?}"),
         }
     }
@@ -540,30 +583,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_rate_paces_starts_and_long_waits_are_not_held() {
+    async fn a_rate_paces_starts_and_long_waits_are_waited_or_sent_round() {
         let (l, r) = (Limiter::default(), run());
         let limits = FlowLimits {
             rate: Some(10.0),
             ..FlowLimits::default()
         };
-        // A burst of one, then one every 100 ms; past HOLD, sent round.
+        // A burst of one, then one every 100 ms; past HOLD, the whole run
+        // waits: in place.
         let mut waits = Vec::new();
         loop {
             match l.admit(&r, None, &limits) {
                 Admission::Go { wait, .. } => waits.push(wait),
-                Admission::Later(d) => {
+                Admission::Wait(d) => {
                     assert!(d > HOLD, "{d:?}");
                     break;
                 }
+                Admission::Later(d) => panic!("a run's wait sent round after {d:?}"),
             }
         }
         assert_eq!(waits.len(), 6, "{waits:?}");
         assert_eq!(waits[0], Duration::ZERO);
         assert_eq!(waits[5], Duration::from_millis(500));
-        // Items sent round together come back spread, not all at once.
+        // A key's long wait sends the item round, spread: items sent round
+        // together do not all come back at once.
+        let (r, keyed) = (
+            RunId::generate(1),
+            FlowLimits {
+                key_rate: Some(10.0),
+                ..FlowLimits::default()
+            },
+        );
+        for _ in 0..6 {
+            go(l.admit(&r, Some("k"), &keyed));
+        }
         let (a, b) = (
-            later(l.admit(&r, None, &limits)),
-            later(l.admit(&r, None, &limits)),
+            later(l.admit(&r, Some("k"), &keyed)),
+            later(l.admit(&r, Some("k"), &keyed)),
         );
         assert!(b >= a + Duration::from_millis(99), "{a:?} then {b:?}");
     }

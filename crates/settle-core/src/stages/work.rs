@@ -39,6 +39,12 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 /// that often with no outcome known as failed for good just before.
 pub const EXTRA_RECEIVES: u32 = 3;
 
+/// The longest an item waits in place for its run's flow control before
+/// it is sent round instead: it holds its batch (and so keeps the worker
+/// from taking more messages it could not start either), and a stopping
+/// runner waits for it.
+pub const HOLD_IN_PLACE: Duration = Duration::from_secs(5);
+
 /// The default cap on a retry's delay ([`WorkerConfig::max_retry_delay`]).
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
@@ -813,17 +819,9 @@ impl Worker {
             let ticket = if ready.exhausted {
                 None
             } else {
-                match self
-                    .limiter
-                    .admit(&ready.body.run, ready.body.key.as_deref(), &limits)
-                {
-                    Admission::Go { ticket, wait } => {
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        Some(ticket)
-                    }
-                    Admission::Later(after) => {
+                match self.admit(&ready.body, &limits, deadline).await {
+                    Ok(ticket) => Some(ticket),
+                    Err(after) => {
                         tracing::debug!(
                             after_ms = after.as_millis() as u64,
                             "held back by flow control"
@@ -867,6 +865,41 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// Waits for the flow control of `body`'s run (and key) to let its item
+    /// start. A wait of the whole run is waited in place, its message kept
+    /// hidden, up to [`HOLD_IN_PLACE`] and within the invocation's time;
+    /// past that, or when the item's key must wait, the item is to be sent
+    /// round after the returned delay, its attempt unused.
+    async fn admit(
+        &self,
+        body: &WorkBody,
+        limits: &crate::flow::FlowLimits,
+        deadline: Option<Instant>,
+    ) -> Result<crate::flow::Ticket, Duration> {
+        let held = Instant::now();
+        loop {
+            match self.limiter.admit(&body.run, body.key.as_deref(), limits) {
+                Admission::Go { ticket, wait } => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    return Ok(ticket);
+                }
+                Admission::Later(after) => return Err(after),
+                Admission::Wait(after) => {
+                    let until = Instant::now() + after;
+                    let in_time = deadline.is_none_or(|d| until + self.config.deadline_margin < d);
+                    if !in_time || until > held + HOLD_IN_PLACE {
+                        return Err(after);
+                    }
+                    // Asked again at least every second: a probe's answer
+                    // may open the way sooner.
+                    tokio::time::sleep(after.min(Duration::from_secs(1))).await;
+                }
+            }
+        }
     }
 
     /// Plans a batch whose items one [`BatchProcessor`] call works on.
