@@ -369,7 +369,7 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
         "status": rec.status,
         "attempts": rec.attempts,
         "throttled": rec.throttled,
-        "waiting_until": rec.waiting_until,
+        "waiting_until": rec.waiting_until.map(time),
         "last_error": rec.last_error,
         "output": rec.output(),
         "history": rec.history.iter().map(|a| {
