@@ -733,7 +733,7 @@ async fn redrive_cmd(
     .await?
     {
         Moved::Report(report) => report,
-        Moved::Interrupted(finished) => return finish(d, finished, json, None).await,
+        Moved::Interrupted(finished) => return finish(d, *finished, json, None).await,
     };
     let n = moved.items.len() as u64;
     if !moved.missing.is_empty() {
@@ -1010,7 +1010,7 @@ pub(crate) enum Moved {
     Report(redrive::RedriveReport),
     /// A signal stopped the processing of an earlier, interrupted redrive
     /// before this one moved anything.
-    Interrupted(Finish),
+    Interrupted(Box<Finish>),
 }
 
 /// The moving half of a redrive, shared by `settle redrive` and `settle ui`:
@@ -1041,7 +1041,9 @@ pub(crate) async fn redrive_move(
                 .await
                 .context("processing an earlier redrive's items")?
         {
-            return Ok(Moved::Interrupted(Finish::Interrupted(run, signal)));
+            return Ok(Moved::Interrupted(Box::new(Finish::Interrupted(
+                run, signal,
+            ))));
         }
     }
     if !dry_run {

@@ -198,17 +198,17 @@ fn retry_link(run: &RunId, query: &str) -> String {
 fn flow(run: &RunRecord) -> String {
     let mut out = String::new();
     if run.throttled > 0 {
-        let _ = write!(
+        let _ = writeln!(
             out,
             "<p class=\"muted\">throttled <span data-field=\"throttled\">{}</span> times by the service \
-             called (not failures; no attempt used)</p>\n",
+             called (not failures; no attempt used)</p>",
             run.throttled
         );
     }
     if let Some((items, until)) = run.waiting_at(now_millis()) {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<p class=\"muted\" data-field=\"waiting\">{items} items wait for a later try, until {} at the latest</p>\n",
+            "<p class=\"muted\" data-field=\"waiting\">{items} items wait for a later try, until {} at the latest</p>",
             esc(&report::time(until))
         );
     }
