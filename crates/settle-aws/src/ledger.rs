@@ -381,6 +381,8 @@ fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
         throttled: get_i(row, "throttled").unwrap_or(0).max(0) as u64,
         waiting: get_i(row, "waiting").unwrap_or(0).max(0) as u64,
         waiting_until: get_n(row, "waiting_until"),
+        // Only shown, never acted on: one that does not read is left out.
+        flow: get_s(row, "flow").and_then(|s| serde_json::from_str(s).ok()),
         redrive: match get_s(row, "redrive") {
             Some(scope) => {
                 Some(RedriveScope::decode(scope).map_err(|_| corrupt(op, &what, "redrive"))?)
@@ -646,6 +648,33 @@ impl Ledger for DynamoLedger {
                     .update_expression("SET redriving = :o")
                     .condition_expression("attribute_exists(pk)")
                     .expression_attribute_values(":o", AttributeValue::Bool(open)),
+            )
+            .await?;
+        if set {
+            Ok(())
+        } else {
+            Err(PortError::NotFound(format!("run {id}")))
+        }
+    }
+
+    async fn set_flow(
+        &self,
+        id: &RunId,
+        state: &settle_core::flow::FlowState,
+    ) -> Result<(), PortError> {
+        let t = &self.t;
+        let state = serde_json::to_string(state)
+            .map_err(|e| PortError::backend("DynamoDB.UpdateItem", e))?;
+        let set = t
+            .update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("SET flow = :s")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":s", s(state)),
             )
             .await?;
         if set {

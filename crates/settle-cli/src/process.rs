@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
-use settle_core::flow::ScopeState;
+use settle_core::flow::{FlowState, ScopeState};
 use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
@@ -50,6 +50,9 @@ enum Cut {
 }
 
 const TICK: Duration = Duration::from_millis(100);
+/// The flow state is recorded every this many ticks, with this many keys.
+const FLOW_EVERY: u32 = 10;
+const FLOW_KEYS: usize = 5;
 /// While waiting for a run to settle, the queues are counted every this many ticks.
 const STALL_CHECK_EVERY: u32 = 10;
 
@@ -164,6 +167,7 @@ pub async fn process(
     tokio::pin!(stopped);
     let mut stalled = 0;
     let mut tick: u32 = 0;
+    let mut flow_tick: u32 = 0;
     let outcome = loop {
         tokio::select! {
             signal = &mut stopped => break Err(Cut::Signal(signal)),
@@ -189,8 +193,22 @@ pub async fn process(
             )));
         }
         let now = b.ledger.run(run).await?.context("run vanished")?;
-        let flow = worker.as_ref().map(|w| w.limiter().state(run, 0));
+        let flow = worker.as_ref().map(|w| w.limiter().state(run, FLOW_KEYS));
         show(&bar, &now, flow.as_ref().and_then(|f| f.first()));
+        // Kept with the run for `status` and the dashboard, once a second
+        // while flow control does anything (a rate, a throttle, keys).
+        if let Some(scopes) = flow.filter(|f| f.iter().any(ScopeState::acts)) {
+            flow_tick += 1;
+            if flow_tick.is_multiple_of(FLOW_EVERY) {
+                let state = FlowState {
+                    at: now_millis(),
+                    scopes,
+                };
+                if let Err(e) = b.ledger.set_flow(run, &state).await {
+                    tracing::debug!(error = %e, "could not record the flow state");
+                }
+            }
+        }
         if let (Some(w), Some(max)) = (&worker, max_throttle_wait) {
             if let Some(waited) = w.limiter().throttled_for(run).filter(|t| *t >= max) {
                 break Err(Cut::Throttled(waited));

@@ -20,6 +20,11 @@ pub fn run_json(run: &RunRecord) -> Value {
         "failed": run.failed,
         "pending": run.pending(),
         "throttled": run.throttled,
+        // What its runner's flow control does now, if one is at work.
+        "flow": run.live_flow(now_millis()).map(|f| json!({
+            "at": time(f.at),
+            "scopes": f.scopes,
+        })),
         // Items whose next try waits long (a retry-after): how many, and
         // until when at the latest.
         "waiting": run.waiting_at(now_millis()).map(|(items, until)| json!({
@@ -244,6 +249,14 @@ pub fn run_human(
             "Throttled {} by the service called (not failures; no attempt used)\n",
             plural(run.throttled, "time")
         ));
+    }
+    if let Some(flow) = run.live_flow(now_millis()) {
+        for scope in &flow.scopes {
+            match &scope.key {
+                None => out.push_str(&format!("Flow: {}\n", scope.describe())),
+                Some(k) => out.push_str(&format!("  key {:?}: {}\n", clean(k), scope.describe())),
+            }
+        }
     }
     if run.failed > 0 {
         reasons_human(

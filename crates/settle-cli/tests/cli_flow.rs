@@ -56,6 +56,69 @@ fn a_rate_paces_the_run_and_is_kept_with_it() {
     assert!(took >= Duration::from_millis(1400), "took {took:?}");
 }
 
+/// While a run is processed, `status` in another process shows what its
+/// flow control does: the rate allowed, and its keys.
+#[test]
+fn status_shows_the_flow_of_a_run_being_processed() {
+    let env = Env::new();
+    let mut lines = String::new();
+    for i in 0..80 {
+        let customer = if i % 2 == 0 { "acme" } else { "globex" };
+        lines.push_str(&format!(
+            "{}\n",
+            json!({"id": format!("i{i}"), "payload": {"customer": customer}})
+        ));
+    }
+    let file = env.write("items.jsonl", lines);
+    let args = [
+        "run",
+        "--items",
+        file.as_str(),
+        "--json",
+        "--rate",
+        "10/s",
+        "--key",
+        "/customer",
+    ];
+    let child = env.spawn(&args);
+    let started = Instant::now();
+    let flow = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no flow state was recorded"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let out = env.settle(&["status", "--json"]);
+        if out.code == 0 && !out.json()["flow"].is_null() {
+            break out.json()["flow"].clone();
+        }
+    };
+    let scopes = flow["scopes"].as_array().unwrap();
+    assert_eq!(scopes[0]["key"], Value::Null, "{flow}");
+    assert!(scopes[0]["rate"].as_f64().unwrap() <= 10.0, "{flow}");
+    let keys: Vec<&str> = scopes[1..]
+        .iter()
+        .filter_map(|s| s["key"].as_str())
+        .collect();
+    assert!(
+        keys.iter().all(|k| ["acme", "globex"].contains(k)),
+        "{flow}"
+    );
+    let human = env.settle(&["status"]);
+    assert!(
+        human.stdout.contains("Flow: 10.0/s allowed"),
+        "{}",
+        human.stdout
+    );
+    let done = wait_within(child, &args, Duration::from_secs(60));
+    done.expect_code(0);
+    // Settled: no flow is shown any more.
+    assert_eq!(
+        env.settle(&["status", "--json"]).json()["flow"],
+        Value::Null
+    );
+}
+
 #[test]
 fn rates_and_keys_are_checked_before_anything_is_created() {
     let env = Env::new();

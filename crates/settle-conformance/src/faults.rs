@@ -419,6 +419,13 @@ impl Ledger for FaultyLedger {
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError> {
         self.inner.mark_settled(id, at).await
     }
+    async fn set_flow(
+        &self,
+        id: &RunId,
+        state: &settle_core::flow::FlowState,
+    ) -> Result<(), PortError> {
+        self.inner.set_flow(id, state).await
+    }
     async fn failures(
         &self,
         run: &RunId,

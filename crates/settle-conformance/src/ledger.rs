@@ -348,3 +348,45 @@ pub async fn ledger_bad_result_fails_alone(s: &Subject) {
     assert_eq!(rep.response.failures, vec!["junk".to_string()]);
     assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().succeeded, 1);
 }
+
+/// A run's flow state is kept as recorded, replaced by the next, read with
+/// the run (alone and among the runs), and beside its flow counts; a run
+/// that does not exist is refused.
+pub async fn ledger_flow_state_round_trips(s: &Subject) {
+    use settle_core::flow::{FlowState, ScopeState};
+    let run = fresh_run(s, 0).await;
+    assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().flow, None);
+    let scope = |key: Option<&str>, rate: Option<f64>, in_flight: u32| ScopeState {
+        key: key.map(str::to_owned),
+        rate,
+        answered_per_s: 12.5,
+        in_flight,
+        paused_for_ms: Some(800),
+        throttled_for_ms: None,
+        throttled: 3,
+    };
+    let first = FlowState {
+        at: 1_000,
+        scopes: vec![scope(None, Some(87.25), 9), scope(Some("é \"k\""), None, 4)],
+    };
+    s.ledger.set_flow(&run, &first).await.unwrap();
+    assert_eq!(s.ledger.run(&run).await.unwrap().unwrap().flow, Some(first));
+    let second = FlowState {
+        at: 2_000,
+        scopes: vec![scope(None, None, 0)],
+    };
+    s.ledger.set_flow(&run, &second).await.unwrap();
+    let r = s.ledger.run(&run).await.unwrap().unwrap();
+    assert_eq!(r.flow.as_ref(), Some(&second), "replaced");
+    assert_eq!((r.throttled, r.waiting), (0, 0));
+    let listed = s.ledger.runs(10).await.unwrap();
+    assert_eq!(
+        listed.iter().find(|l| l.id == run).unwrap().flow.as_ref(),
+        Some(&second)
+    );
+    let missing = settle_core::RunId::generate(1);
+    assert!(matches!(
+        s.ledger.set_flow(&missing, &second).await,
+        Err(settle_core::ports::PortError::NotFound(_))
+    ));
+}

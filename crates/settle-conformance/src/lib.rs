@@ -194,6 +194,7 @@ macro_rules! conformance_tests {
             ledger::ledger_dispatch_progress_only_moves_forward,
             ledger::ledger_redriving_keeps_a_run_open,
             ledger::ledger_redrive_scope_round_trips,
+            ledger::ledger_flow_state_round_trips,
             ledger::ledger_duplicate_results_count_once,
             ledger::ledger_redrive_success_moves_failed_to_succeeded,
             ledger::ledger_bad_result_fails_alone,

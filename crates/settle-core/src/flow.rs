@@ -86,6 +86,38 @@ pub struct Ticket {
     probe: [bool; 2],
 }
 
+impl ScopeState {
+    /// Whether flow control does anything here: a rate, a pause, a
+    /// throttle, or (for a key) items in flight.
+    pub fn acts(&self) -> bool {
+        self.rate.is_some()
+            || self.paused_for_ms.is_some()
+            || self.throttled > 0
+            || (self.key.is_some() && self.in_flight > 0)
+    }
+
+    /// In words, for `settle status`: "87.3/s allowed, 85.1/s answered,
+    /// paused for 0.8 s".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![match self.rate {
+            Some(r) => format!("{r:.1}/s allowed"),
+            None => "no limit".to_owned(),
+        }];
+        parts.push(format!("{:.1}/s answered", self.answered_per_s));
+        parts.push(format!("{} in flight", self.in_flight));
+        if let Some(ms) = self.paused_for_ms {
+            parts.push(format!("paused for {:.1} s", ms as f64 / 1000.0));
+        }
+        if let Some(ms) = self.throttled_for_ms {
+            parts.push(format!(
+                "throttled for {:.0} s with no call answered",
+                ms as f64 / 1000.0
+            ));
+        }
+        parts.join(", ")
+    }
+}
+
 /// How an admitted item's call went, for the limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -97,8 +129,18 @@ pub enum Signal {
     NotRun,
 }
 
+/// A run's flow control as its runner last saw it, kept with the run so
+/// that `settle status` and the dashboard, in other processes, show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowState {
+    /// When it was seen (ms since the epoch): an old one is not shown.
+    pub at: crate::domain::Millis,
+    /// The run's scope first, then its busiest keys'.
+    pub scopes: Vec<ScopeState>,
+}
+
 /// What a scope looks like now: what `settle status` and the dashboard show.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScopeState {
     /// `None` for the run's scope.
     pub key: Option<String>,

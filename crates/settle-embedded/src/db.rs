@@ -589,7 +589,9 @@ CREATE TABLE IF NOT EXISTS run_flow (
     run_id TEXT PRIMARY KEY,
     throttled INTEGER NOT NULL,
     waiting INTEGER NOT NULL,
-    waiting_until INTEGER
+    waiting_until INTEGER,
+    -- The runner's last view of the run's flow control (FlowState, JSON).
+    state TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL,

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 pub const FAST: [&str; 4] = ["--retry-delay-ms", "20", "--visibility-timeout", "5"];
 
 /// The keys of a run's JSON (run, status, resume, dispatch).
-pub const RUN_KEYS: [&str; 10] = [
+pub const RUN_KEYS: [&str; 11] = [
     "failed",
+    "flow",
     "pending",
     "redrive",
     "redriving",

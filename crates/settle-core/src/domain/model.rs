@@ -766,6 +766,9 @@ pub struct RunRecord {
     /// The latest such a wait ends, if any item waited so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_until: Option<Millis>,
+    /// Its flow control as the runner processing it last recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<crate::flow::FlowState>,
 }
 
 impl RunRecord {
@@ -795,6 +798,7 @@ impl RunRecord {
             throttled: 0,
             waiting: 0,
             waiting_until: None,
+            flow: None,
         }
     }
 
@@ -821,6 +825,14 @@ impl RunRecord {
         } else {
             RunStatus::Partial
         }
+    }
+
+    /// Its flow state, if its runner recorded one in the last 15 s and the
+    /// run is not settled: an older one describes a runner that is gone.
+    pub fn live_flow(&self, now: Millis) -> Option<&crate::flow::FlowState> {
+        self.flow
+            .as_ref()
+            .filter(|f| !self.is_settled() && now.saturating_sub(f.at) <= 15_000)
     }
 
     /// The summary line, in the words operators look for.

@@ -310,6 +310,9 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError>;
     /// Sets `settled_at` if unset; true if this call set it.
     async fn mark_settled(&self, id: &RunId, at: u64) -> Result<bool, PortError>;
+    /// Records the run's flow control as its runner sees it (replacing the
+    /// last one); [`RunRecord::flow`] reads it back.
+    async fn set_flow(&self, id: &RunId, state: &crate::flow::FlowState) -> Result<(), PortError>;
     /// The run's failed items in id order, after `after`.
     async fn failures(
         &self,

@@ -36,6 +36,10 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<RunRow> {
         throttled: r.get::<_, Option<i64>>(12)?.unwrap_or(0).max(0) as u64,
         waiting: r.get::<_, Option<i64>>(13)?.unwrap_or(0).max(0) as u64,
         waiting_until: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+        // Only shown, never acted on: one that does not read is left out.
+        flow: r
+            .get::<_, Option<String>>(15)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
     };
     Ok((run, config, r.get(11)?))
 }
@@ -44,7 +48,7 @@ const RUN_COLUMNS: &str =
     "runs.run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at, \
      EXISTS (SELECT 1 FROM redrives WHERE redrives.run_id = runs.run_id), \
      (SELECT scope FROM redrive_scopes WHERE redrive_scopes.run_id = runs.run_id), \
-     f.throttled, f.waiting, f.waiting_until";
+     f.throttled, f.waiting, f.waiting_until, f.state";
 
 /// The runs table with each run's flow counts, as [`RUN_COLUMNS`] reads them.
 const RUNS: &str = "runs LEFT JOIN run_flow f ON f.run_id = runs.run_id";
@@ -347,6 +351,29 @@ impl Ledger for EmbeddedStore {
             })
             .await
             .map_err(port_err("mark_settled"))
+    }
+
+    async fn set_flow(
+        &self,
+        id: &RunId,
+        state: &settle_core::flow::FlowState,
+    ) -> Result<(), PortError> {
+        let id = id.clone();
+        let state = serde_json::to_string(state).map_err(|e| PortError::backend("set_flow", e))?;
+        self.db
+            .write(move |c| {
+                if get_run(c, id.as_str())?.is_none() {
+                    return Err(PortError::NotFound(format!("run {id}")).into());
+                }
+                c.execute(
+                    "INSERT INTO run_flow (run_id, throttled, waiting, state) VALUES (?1, 0, 0, ?2) \
+                     ON CONFLICT (run_id) DO UPDATE SET state = excluded.state",
+                    params![id.as_str(), state],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(port_err("set_flow"))
     }
 
     async fn failures(
