@@ -548,6 +548,7 @@ mod tests {
             output: None,
             log: None,
             retry_at: None,
+            throttled: 0,
         }
     }
 

@@ -129,6 +129,7 @@ pub(crate) fn result(
             output: None,
             log: None,
             retry_at: None,
+            throttled: 0,
         },
     };
     Delivery {

@@ -471,6 +471,11 @@ struct RunScopes {
 #[derive(Debug, Default)]
 pub struct Limiter {
     runs: Mutex<HashMap<RunId, RunScopes>>,
+    /// Some run was throttled: from then on every item is admitted. Until
+    /// then an item of a run with no limits and no key needs no admission
+    /// (see [`Limiter::needed`]), which keeps the limiter off the path of
+    /// the runs that never meet a throttle.
+    engaged: std::sync::atomic::AtomicBool,
 }
 
 impl Limiter {
@@ -478,6 +483,32 @@ impl Limiter {
         self.runs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether an item of a run with these limits, of this key, must be
+    /// admitted: yes with limits or a key, or once any run was throttled.
+    pub fn needed(&self, key: Option<&str>, limits: &FlowLimits) -> bool {
+        key.is_some()
+            || !limits.is_empty()
+            || self.engaged.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A throttled answer of an item that was not admitted (the limiter
+    /// was not [`needed`](Limiter::needed) when it started): slows the run
+    /// (or its key) as [`Limiter::done`] would.
+    pub fn throttled(
+        &self,
+        run: &RunId,
+        key: Option<&str>,
+        limits: &FlowLimits,
+        after: Option<Duration>,
+    ) {
+        if let Admission::Go { ticket, .. } = self.admit(run, key, limits) {
+            self.done(ticket, Signal::Throttled(after), Duration::ZERO);
+        } else {
+            self.engaged
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Whether an item of `run` (of `key`, if the run has keys) may start.
@@ -544,6 +575,10 @@ impl Limiter {
     /// throttle slows the item's key if it has one, else its run.
     pub fn done(&self, ticket: Ticket, signal: Signal, took: Duration) {
         let now = Instant::now();
+        if matches!(signal, Signal::Throttled(_)) {
+            self.engaged
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut runs = self.runs();
         let Some(scopes) = runs.get_mut(&ticket.run) else {
             return;

@@ -114,6 +114,7 @@ proptest! {
                 output: None,
                 log: None,
                 retry_at: None,
+                throttled: 0,
             },
         }).collect();
         let encoded: Vec<String> = results.iter().map(ResultBody::encode).collect();

@@ -25,6 +25,7 @@ fn result(run: &RunId, item: &str, attempt: u32, outcome: AttemptOutcome) -> Del
             output: None,
             log: None,
             retry_at: None,
+            throttled: 0,
         },
     };
     Delivery {

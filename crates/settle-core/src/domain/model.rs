@@ -448,6 +448,11 @@ pub struct Attempt {
     /// be retried, or that was throttled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<Millis>,
+    /// Throttled answers the item got before this attempt: every result
+    /// carries the count on, so a lost throttle's report is made good by
+    /// the next result of the item.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttled: u32,
 }
 
 /// A wait before an item's next try at least this long makes the item
@@ -569,6 +574,14 @@ impl ItemRecord {
             .filter(|at| at.saturating_sub(ended) >= LONG_WAIT_MS)
     }
 
+    /// Counts the throttles `a` reports (its own, or those before it) that
+    /// were not counted yet.
+    fn count_throttles(&mut self, seen: u32) -> i64 {
+        let new = i64::from(seen.saturating_sub(self.throttled));
+        self.throttled = self.throttled.max(seen);
+        new
+    }
+
     fn apply_outcome(&mut self, a: &Attempt, now: Millis) -> Option<TallyDelta> {
         if let AttemptOutcome::Throttled { nth } = a.outcome {
             // Not an attempt: kept as a count, not in the history. A later
@@ -577,10 +590,9 @@ impl ItemRecord {
                 return None;
             }
             let delta = TallyDelta {
-                throttled: i64::from(nth - self.throttled),
+                throttled: self.count_throttles(nth),
                 ..TallyDelta::default()
             };
-            self.throttled = nth;
             self.updated_at = now;
             // Its wait is the item's latest unless a result of the attempt
             // it held back is in already.
@@ -596,6 +608,7 @@ impl ItemRecord {
         {
             return None;
         }
+        let carried = self.count_throttles(a.throttled);
         let pos = self.history.partition_point(|h| h.attempt <= a.attempt);
         self.history.insert(pos, a.clone());
         // Only the latest attempts keep their logs, so the row stays bounded.
@@ -610,7 +623,10 @@ impl ItemRecord {
         }
         self.attempts = self.attempts.max(a.attempt);
         self.updated_at = now;
-        let mut delta = TallyDelta::default();
+        let mut delta = TallyDelta {
+            throttled: carried,
+            ..TallyDelta::default()
+        };
         match &a.outcome {
             AttemptOutcome::Succeeded => match self.status {
                 ItemStatus::Succeeded => {}
@@ -860,6 +876,7 @@ mod tests {
             output: None,
             log: None,
             retry_at: None,
+            throttled: 0,
         }
     }
     fn fail(terminal: bool) -> AttemptOutcome {

@@ -146,6 +146,7 @@ async fn scan(
                         },
                         output: None,
                         log: None,
+                        throttled: 0,
                     },
                 }
                 .encode(),

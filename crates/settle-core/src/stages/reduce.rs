@@ -275,6 +275,7 @@ mod tests {
                         output: None,
                         log: None,
                         retry_at: None,
+                        throttled: 0,
                     },
                 };
                 (r.attempt.message_id.clone(), r)

@@ -816,7 +816,9 @@ impl Worker {
                 // half stays open to every other key.
                 limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
             }
-            let ticket = if ready.exhausted {
+            let admitted =
+                !ready.exhausted && self.limiter.needed(ready.body.key.as_deref(), &limits);
+            let ticket = if !admitted {
                 None
             } else {
                 match self.admit(&ready.body, &limits, deadline).await {
@@ -854,12 +856,17 @@ impl Worker {
                 self.run_processor(processor, &ready.body, ready.attempt, deadline)
                     .await
             };
-            if let Some(ticket) = ticket {
-                let signal = match &outcome {
-                    Err(e) if e.kind == ErrorKind::Throttled => Signal::Throttled(e.retry_after),
-                    _ => Signal::Answered,
-                };
-                self.limiter.done(ticket, signal, clock.elapsed());
+            let signal = match &outcome {
+                Err(e) if e.kind == ErrorKind::Throttled => Signal::Throttled(e.retry_after),
+                _ => Signal::Answered,
+            };
+            match (ticket, signal) {
+                (Some(ticket), signal) => self.limiter.done(ticket, signal, clock.elapsed()),
+                (None, Signal::Throttled(after)) if !ready.exhausted => {
+                    let key = ready.body.key.as_deref();
+                    self.limiter.throttled(&ready.body.run, key, &limits, after);
+                }
+                _ => {}
             }
             self.finish(d, &ready, started_at, clock.elapsed(), outcome, log)
         }
@@ -1082,6 +1089,7 @@ impl Worker {
                     output,
                     log,
                     retry_at,
+                    throttled: body.throttled,
                 },
             }),
             dead_letter,

@@ -97,6 +97,9 @@ impl Out {
         if let Some(at) = a.retry_at {
             self.raw(r#","retry_at":"#).num(at);
         }
+        if a.throttled > 0 {
+            self.raw(r#","throttled":"#).num(a.throttled.into());
+        }
         self
     }
 }
@@ -253,9 +256,20 @@ mod tests {
             output(),
             proptest::option::of(text()),
             proptest::option::of(any::<u64>()),
+            prop_oneof![Just(0u32), any::<u32>()],
         )
             .prop_map(
-                |(attempt, message_id, started_at, duration_ms, outcome, output, log, retry_at)| {
+                |(
+                    attempt,
+                    message_id,
+                    started_at,
+                    duration_ms,
+                    outcome,
+                    output,
+                    log,
+                    retry_at,
+                    throttled,
+                )| {
                     Attempt {
                         attempt,
                         message_id,
@@ -265,6 +279,7 @@ mod tests {
                         output,
                         log,
                         retry_at,
+                        throttled,
                     }
                 },
             )

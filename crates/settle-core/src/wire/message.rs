@@ -189,6 +189,8 @@ struct WireResult {
     nth: Option<u32>,
     #[serde(default)]
     retry_at: Option<Millis>,
+    #[serde(default)]
+    throttled: u32,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -229,6 +231,7 @@ impl<'de> Deserialize<'de> for ResultBody {
                 output: w.output,
                 log: w.log,
                 retry_at: w.retry_at,
+                throttled: w.throttled,
             },
         })
     }
@@ -357,6 +360,7 @@ mod tests {
                 output: None,
                 log: None,
                 retry_at: None,
+                throttled: 0,
             },
         };
         assert_eq!(ResultBody::decode(&r.encode()).unwrap(), r);
