@@ -30,7 +30,8 @@ Once it accepts connections it prints one line on stdout: the port number.
 
 Every request except `GET /stats` is an API call: any method, any path. Its
 body may be JSON; its key is the body's `payload.key`, else its `key`
-(absent: no key), and its id the body's `id`. It is answered
+(absent: no key; not a string: its JSON text), and its id the body's `id`.
+It is answered
 - 200 `{"ok":true}` if a token was free (after --service-ms),
 - else, or during the outage, the throttle status with `Retry-After`, body
   `{"error":"rate limited"}`; a throttled request takes no token.
