@@ -14,10 +14,12 @@ and clean counters. N items (default 10,000; --quick: 2,000), each
 Settle, on a fresh database per run, at its defaults (no --concurrency):
   http   settle run --items ITEMS --http URL
   jsonl  settle run --items ITEMS --exec "node bench/node/flow-processor.js URL" --protocol jsonl
-         (answers a 429 with {"status": "retry", "throttled": true, "retry_after_ms": ...})
+         (answers a 429 with {"status": "throttled", "retry_after_ms": ...})
   exec   settle run --items ITEMS --exec "sh bench/flow-exec.sh URL"   (exit 75 on a 429)
-each with no flow flag, then with --rate R/s (skipped, with a note, when the
-binary has no --rate flag). Every run's tally is checked with
+each with no flow flag, then with --rate R/s. A binary without the --rate
+flag has no flow control at all: its --rate runs are skipped, with a note,
+and the jsonl processor runs with --as-retry (a 429 is answered as a retry,
+the only answer such a binary has for it). Every run's tally is checked with
 `settle status RUN --json`: succeeded + failed = N, pending 0.
 
 Peers, same API, same R:
@@ -36,7 +38,7 @@ wall time. Targets: with no flag, 0 failed, >= 0.85 R, <= 5% 429s; with
 --rate R/s, >= 0.95 R, <= 1% 429s. One line per run on stdout; all of it as
 JSON in WORKDIR/results-R<R>-B<B>-N<N>.json (default WORKDIR: bench-data/flow).
 """
-import argparse, json, os, platform, shutil, signal, subprocess, sys, time
+import argparse, json, os, platform, shlex, shutil, signal, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -130,21 +132,23 @@ def settle_accepts(settle, flag):
     return any(part.strip().startswith(flag + " ") or part.strip() == flag for part in out.replace(",", "\n").splitlines())
 
 
-def processor_args(kind, url):
+def processor_args(kind, url, flow_control):
     if kind == "http":
         return ["--http", url]
     if kind == "jsonl":
-        return ["--exec", f"node {os.path.join(ROOT, 'bench', 'node', 'flow-processor.js')} {url}", "--protocol", "jsonl"]
+        extra = "" if flow_control else " --as-retry"
+        return ["--exec", f"node {os.path.join(ROOT, 'bench', 'node', 'flow-processor.js')} {url}{extra}", "--protocol", "jsonl"]
     return ["--exec", f"sh {os.path.join(ROOT, 'bench', 'flow-exec.sh')} {url}"]
 
 
-def run_settle(a, items, kind, flags):
+def run_settle(a, items, kind, flags, flow_control):
     db_dir = os.path.join(a.workdir, "db")
     shutil.rmtree(db_dir, ignore_errors=True)
     db = os.path.join(db_dir, "settle.db")
     api = Api(a, os.path.join(a.workdir, "server-stats.json"))
     try:
-        cmd = [a.settle, "--db", db, "run", "--items", items, "--json", *processor_args(kind, api.url), *flags]
+        proc_args = processor_args(kind, api.url, flow_control)
+        cmd = [a.settle, "--db", db, "run", "--items", items, "--json", *proc_args, *flags]
         busy0, load = machine_busy_s(), open("/proc/loadavg").read().split()[0]
         started = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -164,8 +168,8 @@ def run_settle(a, items, kind, flags):
          "succeeded": status["succeeded"], "failed": status["failed"], "status": status.get("status"),
          "wall_s": round(wall, 2), **api_figures(stats, a.rate),
          "machine_busy_s": round(busy, 1), "load_avg_before": load,
-         "command": " ".join(["settle", "--db", "DB", "run", "--items", "ITEMS", "--json"]
-                             + [x.replace(api.url, "URL").replace(ROOT + "/", "") for x in processor_args(kind, api.url)] + flags)}
+         "command": shlex.join(["settle", "--db", "DB", "run", "--items", "ITEMS", "--json"]
+                             + [x.replace(api.url, "URL").replace(ROOT + "/", "") for x in proc_args] + flags)}
     # What the API saw must agree with the ledger: every success was a 200.
     if r["ok_ids"] != r["succeeded"]:
         r["note"] = f"the API answered 200 to {r['ok_ids']} distinct items, the ledger has {r['succeeded']} succeeded"
@@ -292,7 +296,7 @@ def main():
             if flags and not has_rate:
                 skipped.append(name)
                 continue
-            r = run_settle(a, items, kind, flags)
+            r = run_settle(a, items, kind, flags, has_rate)
             runs.append(r)
             print(line(name, r, a.rate), flush=True)
     for peer in peers:

@@ -1,23 +1,25 @@
 // The jsonl processor of `make bench-flow`: POSTs each item to a rate-limited
 // API (scripts/flow_server.py) and answers Settle per docs/protocol-jsonl.md.
-// Usage: settle run ... --exec "node bench/node/flow-processor.js URL" --protocol jsonl
+// Usage: settle run ... --exec "node bench/node/flow-processor.js URL [--as-retry]" --protocol jsonl
 //
-// It speaks the protocol itself rather than through sdk/node/settle.js,
-// whose answers have no throttled form. Says hello (128 items at once, the
-// helper's default) and keeps its connections alive. Per item:
+// It speaks the protocol itself rather than through sdk/node/settle.js, so
+// that one file serves runners with and without flow control. Says hello
+// (128 items at once, the helper's default) and keeps its connections
+// alive. Per item:
 //   200           {"id", "status": "ok", "output": <the API's JSON>}
-//   429 or 503    {"id", "status": "retry", "throttled": true,
-//                  "retry_after_ms": Retry-After in ms (1,000 if absent),
-//                  "error": "HTTP 429"}: a processor that knows the answer
-//                  is a throttle, which a runner without flow control
-//                  takes as a plain retryable failure
+//   429 or 503    {"id", "status": "throttled", "retry_after_ms": Retry-After
+//                  in ms (1,000 if absent), "error": "HTTP 429"}; with
+//                  --as-retry, for a runner that has no throttled answer,
+//                  {"id", "status": "retry", "retry_after_ms", "error"}
 //   other 4xx     {"id", "status": "fail", "error": "HTTP N"}
 //   5xx, no answer {"id", "status": "retry", "error": ...}
 'use strict';
 const http = require('http');
 const readline = require('readline');
 
-const url = new URL(process.argv[2] || process.env.FLOW_URL || '');
+const args = process.argv.slice(2);
+const asRetry = args.includes('--as-retry');
+const url = new URL(args.find((a) => !a.startsWith('--')) || process.env.FLOW_URL || '');
 const MAX_IN_FLIGHT = Number(process.env.FLOW_MAX_IN_FLIGHT || 128);
 const agent = new http.Agent({ keepAlive: true, maxSockets: MAX_IN_FLIGHT });
 
@@ -60,7 +62,8 @@ async function answer(request) {
     return { id, status: 'ok', output };
   }
   if (res.status === 429 || res.status === 503) {
-    return { id, status: 'retry', throttled: true, retry_after_ms: retryAfterMs(res.headers['retry-after']), error: `HTTP ${res.status}` };
+    const ms = retryAfterMs(res.headers['retry-after']);
+    return { id, status: asRetry ? 'retry' : 'throttled', retry_after_ms: ms, error: `HTTP ${res.status}` };
   }
   if (res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 425) {
     return { id, status: 'fail', error: `HTTP ${res.status}` };
@@ -77,13 +80,17 @@ const flush = () => {
   process.stdout.write(out);
 };
 const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+let pending = 0;
+let closed = false;
+// stdin closed: Settle is done with this process; it ends once its answers are out.
+const maybeEnd = () => { if (closed && pending === 0) agent.destroy(); };
 lines.on('line', (raw) => {
   if (!raw.trim()) return;
+  pending += 1;
   answer(JSON.parse(raw)).then((line) => {
     if (ready.push(JSON.stringify(line) + '\n') === 1) setImmediate(flush);
+    pending -= 1;
+    maybeEnd();
   });
 });
-lines.on('close', () => {
-  // stdin closed: Settle is done with this process once its answers are out.
-  agent.destroy();
-});
+lines.on('close', () => { closed = true; maybeEnd(); });
