@@ -14,8 +14,10 @@ What the gateway says decides the item:
     200                       succeeded; the output is the charge
     402 card_declined         failed for good (PermanentError): retrying will not help
     402 insufficient_funds    retryable, in 2 s (RetryError)
-    429 + Retry-After         retryable, not before then; and this process
-                              waits that long before its next call
+    429 + Retry-After         throttled (ThrottledError): not a failure, no
+                              attempt used; the run slows down and waits
+                              that long, and so does this process before
+                              its next call
     5xx, no answer in time    retryable
     any other 4xx             failed for good
 
@@ -110,7 +112,7 @@ def renew(item, ctx):
         if e.code == 429:
             after_ms = _retry_after_ms(e.headers)
             _backoff_until = time.monotonic() + after_ms / 1000
-            raise settle.RetryError("rate limited by the gateway (429)", retry_after_ms=after_ms)
+            raise settle.ThrottledError("rate limited by the gateway (429)", retry_after_ms=after_ms)
         if e.code >= 500:
             raise settle.RetryError("gateway error %d %s" % (e.code, code or ""))
         raise settle.PermanentError("%s (%d)" % (code or "refused", e.code))

@@ -14,8 +14,10 @@
 // idempotencyKey, deadlineMs (Unix epoch ms, or null) and remainingMs().
 // Throw PermanentError for a failure that will not change (never retried),
 // RetryError(message, {retryAfterMs}) for one that may (retried, not before
-// retryAfterMs); anything else thrown is retryable, and its stack goes to
-// the item's log.
+// retryAfterMs), ThrottledError(message, {retryAfterMs}) when the service
+// you call asks to slow down (an HTTP 429: not a failure, it uses none of
+// the item's attempts, and the run slows down, waiting retryAfterMs first);
+// anything else thrown is retryable, and its stack goes to the item's log.
 //
 // Up to 128 items are handled at once (`serve(handler, {concurrency: N})`
 // to change it): what a handler writes through console.* or
@@ -49,6 +51,16 @@ class RetryError extends Error {
   constructor(message, { retryAfterMs } = {}) {
     super(message);
     this.name = 'RetryError';
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+// The called service asks to slow down: the item is not failed, and the
+// whole run (every process) is slowed down.
+class ThrottledError extends Error {
+  constructor(message, { retryAfterMs } = {}) {
+    super(message);
+    this.name = 'ThrottledError';
     this.retryAfterMs = retryAfterMs;
   }
 }
@@ -102,8 +114,9 @@ function answerFor(id, err, output) {
   }
   const error = (err && err.message) || String(err) || 'error';
   if (err instanceof PermanentError) return { id, status: 'fail', error };
-  const line = { id, status: 'retry', error };
-  if (err instanceof RetryError && err.retryAfterMs != null) {
+  const throttled = err instanceof ThrottledError;
+  const line = { id, status: throttled ? 'throttled' : 'retry', error };
+  if ((throttled || err instanceof RetryError) && err.retryAfterMs != null) {
     line.retry_after_ms = Math.max(0, Math.ceil(Number(err.retryAfterMs)) || 0);
   }
   return line;
@@ -143,7 +156,7 @@ async function answer(handler, request, store) {
   try {
     output = await handler(item, contextOf(request));
   } catch (err) {
-    if (!(err instanceof PermanentError) && !(err instanceof RetryError)) {
+    if (!(err instanceof PermanentError) && !(err instanceof RetryError) && !(err instanceof ThrottledError)) {
       process.stderr.write(`${(err && err.stack) || String(err)}\n`);
     }
     return encode(item.id, err, undefined, store);
@@ -212,4 +225,4 @@ function lambdaHandler(handler) {
   };
 }
 
-module.exports = { serve, lambdaHandler, PermanentError, RetryError };
+module.exports = { serve, lambdaHandler, PermanentError, RetryError, ThrottledError };

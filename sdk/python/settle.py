@@ -17,7 +17,10 @@ Run your processor with ``settle ... --exec "python3 my_processor.py" --protocol
 (Unix epoch milliseconds, or None) and ``remaining_ms()``. Raise
 ``PermanentError`` for a failure that will not change (never retried),
 ``RetryError(message, retry_after_ms=None)`` for one that may (retried, not
-before ``retry_after_ms``); any other exception is retryable, and its
+before ``retry_after_ms``), ``ThrottledError(message, retry_after_ms=None)``
+when the service you call asks to slow down (an HTTP 429: not a failure, it
+uses none of the item's attempts, and the run slows down, waiting
+``retry_after_ms`` first); any other exception is retryable, and its
 traceback goes to the item's log.
 
 Everything the process writes to standard output, ``print()`` included, and
@@ -45,7 +48,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["serve", "lambda_handler", "PermanentError", "RetryError", "Context"]
+__all__ = ["serve", "lambda_handler", "PermanentError", "RetryError", "ThrottledError", "Context"]
 
 
 class PermanentError(Exception):
@@ -55,6 +58,16 @@ class PermanentError(Exception):
 class RetryError(Exception):
     """The item failed but may succeed later: retried, not before
     ``retry_after_ms`` milliseconds if given."""
+
+    def __init__(self, message, retry_after_ms=None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class ThrottledError(Exception):
+    """The service the handler calls asks to slow down (an HTTP 429): not a
+    failure of the item, which is tried again without using an attempt once
+    the run, slowed down, lets it; not before ``retry_after_ms`` if given."""
 
     def __init__(self, message, retry_after_ms=None):
         super().__init__(message)
@@ -108,7 +121,8 @@ def _answer(item_id, exc=None, output=None):
     elif isinstance(exc, PermanentError):
         line = {"id": item_id, "status": "fail", "error": str(exc) or type(exc).__name__}
     else:
-        line = {"id": item_id, "status": "retry", "error": str(exc) or type(exc).__name__}
+        status = "throttled" if isinstance(exc, ThrottledError) else "retry"
+        line = {"id": item_id, "status": status, "error": str(exc) or type(exc).__name__}
         after = getattr(exc, "retry_after_ms", None)
         if after is not None:
             line["retry_after_ms"] = max(0, int(after))
@@ -152,7 +166,7 @@ def _answer_line(handler, request, log=None):
     try:
         line = _answer(item_id, output=handler(item, Context(request)))
     except Exception as e:  # noqa: BLE001 - every failure is the item's
-        if not isinstance(e, (PermanentError, RetryError)):
+        if not isinstance(e, (PermanentError, RetryError, ThrottledError)):
             traceback.print_exc(file=sys.stderr)
         line = _answer(item_id, e)
     if log is not None:

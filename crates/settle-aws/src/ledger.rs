@@ -113,6 +113,43 @@ impl DynamoLedger {
         Ok(out)
     }
 
+    /// Moves a run's flow counts by `d`: one UpdateItem, and one more,
+    /// conditional, when a wait ends later than the one recorded.
+    async fn move_flow(&self, run: &RunId, d: &TallyDelta) -> Result<(), PortError> {
+        let t = &self.t;
+        if d.throttled != 0 || d.waiting != 0 {
+            t.update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(run)))
+                    .update_expression("ADD throttled :t, waiting :w")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":t", n(d.throttled))
+                    .expression_attribute_values(":w", n(d.waiting)),
+            )
+            .await?;
+        }
+        if let Some(until) = d.waiting_until {
+            // A later wait wins; an earlier one leaves the row as it is.
+            t.update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(run)))
+                    .update_expression("SET waiting_until = :u")
+                    .condition_expression(
+                        "attribute_exists(pk) AND (attribute_not_exists(waiting_until) OR waiting_until < :u)",
+                    )
+                    .expression_attribute_values(":u", n(until)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Raises the puts' items to their new statuses in the run's segments
     /// and moves the run tallies by what rose, in one transaction
     /// conditional on the segments read; a lost race re-reads and tries
@@ -341,6 +378,9 @@ fn run_from_row(op: &'static str, row: &Row) -> Result<RunRecord, PortError> {
         redriving: get_bool(row, "redriving").unwrap_or(false),
         // A scope this build cannot read (a selector of a newer build) is
         // refused rather than half read: the redrive would move other items.
+        throttled: get_i(row, "throttled").unwrap_or(0).max(0) as u64,
+        waiting: get_i(row, "waiting").unwrap_or(0).max(0) as u64,
+        waiting_until: get_n(row, "waiting_until"),
         redrive: match get_s(row, "redrive") {
             Some(scope) => {
                 Some(RedriveScope::decode(scope).map_err(|_| corrupt(op, &what, "redrive"))?)
@@ -569,6 +609,13 @@ impl Ledger for DynamoLedger {
         }
         if conflict {
             return Err(PortError::Conflict);
+        }
+        // The flow counts (throttled answers, items waiting long) after the
+        // rows: a crash between the two loses this batch's counts rather
+        // than counting them twice on the retry. They inform; the tally
+        // above is what is exact.
+        for (run, d) in batch.tallies.iter().filter(|(_, d)| d.moves_flow()) {
+            self.move_flow(run, d).await?;
         }
         // The runs as they stand now (at or after this commit): a later
         // tally only helps the settle check.

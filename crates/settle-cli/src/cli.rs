@@ -288,6 +288,60 @@ pub struct RunSettings {
     /// The run ends `partial` rather than `failed` while failures stay at or under this percentage.
     #[arg(long, default_value_t = 100.0, value_parser = percent)]
     pub tolerated_failure_percent: f64,
+    /// The most calls per second the run makes, shared by all its workers:
+    /// `200/s`, `90/min` or a number per second. The run slows down below
+    /// it by itself when its calls are throttled (docs/flow-control.md).
+    #[arg(long, value_name = "N/s", value_parser = rate)]
+    pub rate: Option<f64>,
+    /// A JSON pointer into each item's payload (e.g. /customer): each key
+    /// gets its own flow control, and a busy key never holds the others back.
+    #[arg(long, value_name = "/POINTER", value_parser = pointer)]
+    pub key: Option<String>,
+    /// Items of one key in flight at once at most (with --key).
+    #[arg(long, requires = "key", value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pub key_concurrency: Option<u32>,
+    /// The most calls per second for each key (with --key): as --rate.
+    #[arg(long, value_name = "N/s", requires = "key", value_parser = rate)]
+    pub key_rate: Option<f64>,
+    /// How long a run throttled with no call answered waits before it stops,
+    /// its items left pending for `settle resume` (e.g. 30m, 2h).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = wait)]
+    pub max_throttle_wait: std::time::Duration,
+}
+
+/// A rate: `N/s`, `N/min`, `N/h` or `N` per second, above 0.
+fn rate(s: &str) -> Result<f64, String> {
+    let (n, per) = match s.split_once('/') {
+        Some((n, unit)) => {
+            let per = match unit.trim() {
+                "s" | "sec" | "second" => 1.0,
+                "m" | "min" | "minute" => 60.0,
+                "h" | "hour" => 3600.0,
+                other => return Err(format!("unknown unit {other:?}: want N/s, N/min or N/h")),
+            };
+            (n, per)
+        }
+        None => (s, 1.0),
+    };
+    match n.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v / per),
+        _ => Err(format!(
+            "want a number above 0 before the unit, as in 200/s; got {n:?}"
+        )),
+    }
+}
+
+/// A JSON pointer (RFC 6901): empty or starting with `/`.
+fn pointer(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_owned())
+    } else {
+        Err("want a JSON pointer starting with /, as in /customer".into())
+    }
+}
+
+fn wait(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("want a duration such as 30m or 2h: {e}"))
 }
 
 /// How the local runner processes.
@@ -335,8 +389,9 @@ pub struct ProcessorArgs {
     /// Exit codes of --exec that fail an item for good, comma-separated.
     #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "exec")]
     pub permanent_exit_codes: Option<Vec<i32>>,
-    /// POST each item to URL: 2xx succeeds, 408, 425, 429 and 5xx are
-    /// retried (after Retry-After), any other status fails for good.
+    /// POST each item to URL: 2xx succeeds; 429 and 503 are throttled (the
+    /// run slows down; no attempt used); 408, 425 and other 5xx are retried
+    /// (after Retry-After); any other status fails for good.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
     /// A header for --http, as 'Name: value' (repeatable; values are never shown).

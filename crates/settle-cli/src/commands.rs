@@ -10,6 +10,7 @@ use crate::signals::{Signal, Stop};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use settle_core::domain::now_millis;
+use settle_core::flow::FlowLimits;
 use settle_core::jsonl::JsonlItems;
 use settle_core::ports::LoadError;
 use settle_core::redrive::{self, RedriveError};
@@ -363,6 +364,13 @@ fn run_config(s: &RunSettings, processor: Option<ProcessorSpec>) -> RunConfig {
         max_receives: s.max_receives,
         tolerated_failure_percent: s.tolerated_failure_percent,
         processor,
+        flow: FlowLimits {
+            rate: s.rate,
+            key_rate: s.key_rate,
+            key_concurrency: s.key_concurrency,
+        },
+        key: s.key.clone(),
+        max_throttle_wait_s: Some(s.max_throttle_wait.as_secs()),
     }
 }
 
@@ -657,8 +665,31 @@ async fn finish(
             }
             Ok(signal.exit_code())
         }
+        Finish::Throttled(run, waited) => {
+            eprintln!(
+                "stopped waiting: run {} was throttled for {} with no call answered                  (--max-throttle-wait); {} of {} items settled, the other {} are pending,                  none failed for it; continue with: settle resume {}",
+                run.id,
+                humantime::format_duration(Duration::from_secs(waited.as_secs())),
+                run.succeeded + run.failed,
+                run.total,
+                run.pending(),
+                run.id
+            );
+            if json {
+                let mut value = report::run_json(&run);
+                value["throttled_stop"] = serde_json::json!({
+                    "waited_s": waited.as_secs(),
+                    "resume": format!("settle resume {}", run.id),
+                });
+                println!("{value}");
+            }
+            Ok(ExitCode::from(EXIT_THROTTLED))
+        }
     }
 }
+
+/// `run` or `resume` stopped waiting on a throttled run (EX_TEMPFAIL).
+const EXIT_THROTTLED: u8 = 75;
 
 async fn redrive_cmd(
     d: &Deployment,
@@ -702,7 +733,7 @@ async fn redrive_cmd(
     .await?
     {
         Moved::Report(report) => report,
-        Moved::Interrupted(finished) => return finish(d, finished, json, None).await,
+        Moved::Interrupted(finished) => return finish(d, *finished, json, None).await,
     };
     let n = moved.items.len() as u64;
     if !moved.missing.is_empty() {
@@ -979,7 +1010,7 @@ pub(crate) enum Moved {
     Report(redrive::RedriveReport),
     /// A signal stopped the processing of an earlier, interrupted redrive
     /// before this one moved anything.
-    Interrupted(Finish),
+    Interrupted(Box<Finish>),
 }
 
 /// The moving half of a redrive, shared by `settle redrive` and `settle ui`:
@@ -1010,7 +1041,9 @@ pub(crate) async fn redrive_move(
                 .await
                 .context("processing an earlier redrive's items")?
         {
-            return Ok(Moved::Interrupted(Finish::Interrupted(run, signal)));
+            return Ok(Moved::Interrupted(Box::new(Finish::Interrupted(
+                run, signal,
+            ))));
         }
     }
     if !dry_run {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use settle_core::dispatch::{self, Dispatched};
 use settle_core::domain::now_millis;
+use settle_core::flow::ScopeState;
 use settle_core::reconcile;
 use settle_core::runner::{Runner, RunnerConfig, RunnerStats};
 use settle_core::work::{Worker, WorkerConfig};
@@ -36,12 +37,16 @@ pub enum Finish {
     Done(RunRecord, Duration, u64),
     /// Stopped by a signal before the end; the run as it was then.
     Interrupted(RunRecord, Signal),
+    /// Stopped waiting: throttled this long with no call answered (the
+    /// run's `--max-throttle-wait`); its items are left pending.
+    Throttled(RunRecord, Duration),
 }
 
 /// Why processing stopped before the end.
 enum Cut {
     Failed(anyhow::Error),
     Signal(Signal),
+    Throttled(Duration),
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -123,10 +128,19 @@ pub async fn process(
     let (stop_tx, stop_rx) = watch::channel(false);
     // With deployed workers the Lambda functions process; this process
     // only dispatches and follows the tally.
+    let max_throttle_wait = record.config.max_throttle_wait_s.map(Duration::from_secs);
+    let mut worker = None;
     let poll = chosen
         .filter(|_| d.workers == Workers::Local)
         .map(|chosen| {
-            let runner = runner(d, args, chosen);
+            let mut runner = runner(d, args, chosen);
+            if record.config.key.is_some() {
+                // A full key's items are sent round at once; more batches
+                // in flight keep reading the queue past them while the
+                // admitted items run, so another key's items are reached.
+                runner.config.concurrency = runner.config.concurrency * 2 + 1;
+            }
+            worker = Some(runner.worker.clone());
             tokio::spawn(async move { runner.run(stop_rx).await })
         });
     let mut dispatching = (!record.dispatched).then(|| {
@@ -175,7 +189,13 @@ pub async fn process(
             )));
         }
         let now = b.ledger.run(run).await?.context("run vanished")?;
-        show(&bar, &now);
+        let flow = worker.as_ref().map(|w| w.limiter().state(run, 0));
+        show(&bar, &now, flow.as_ref().and_then(|f| f.first()));
+        if let (Some(w), Some(max)) = (&worker, max_throttle_wait) {
+            if let Some(waited) = w.limiter().throttled_for(run).filter(|t| *t >= max) {
+                break Err(Cut::Throttled(waited));
+            }
+        }
         if dispatching.is_some() {
             continue;
         }
@@ -253,6 +273,7 @@ pub async fn process(
             Ok(Finish::Done(record, started.elapsed(), count))
         }
         Err(Cut::Signal(signal)) => Ok(Finish::Interrupted(record, signal)),
+        Err(Cut::Throttled(waited)) => Ok(Finish::Throttled(record, waited)),
         Err(Cut::Failed(err)) => {
             // What was committed stays (a full disk, say, stops the run but
             // loses nothing): tell the operator how to go on once it is fixed.
@@ -281,7 +302,7 @@ fn progress_bar(run: &RunRecord) -> ProgressBar {
     bar
 }
 
-fn show(bar: &ProgressBar, run: &RunRecord) {
+fn show(bar: &ProgressBar, run: &RunRecord, flow: Option<&ScopeState>) {
     bar.set_length(run.total.max(1));
     bar.set_position(run.succeeded + run.failed);
     let stage = if run.dispatched {
@@ -289,8 +310,16 @@ fn show(bar: &ProgressBar, run: &RunRecord) {
     } else {
         "dispatching"
     };
+    let flow = match flow {
+        Some(f) if f.paused_for_ms.is_some() || f.throttled_for_ms.is_some() => format!(
+            ", throttled ({})",
+            f.rate.map_or("pausing".into(), |r| format!("{r:.1}/s now"))
+        ),
+        Some(ScopeState { rate: Some(r), .. }) => format!(", {r:.1}/s allowed"),
+        _ => String::new(),
+    };
     bar.set_message(format!(
-        "{stage}: {} ok, {} failed",
+        "{stage}: {} ok, {} failed{flow}",
         run.succeeded, run.failed
     ));
 }

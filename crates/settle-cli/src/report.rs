@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use settle_core::domain::RedriveScope;
-use settle_core::domain::{AttemptOutcome, ItemStatus, Millis};
+use settle_core::domain::{now_millis, AttemptOutcome, ItemStatus, Millis};
 use settle_core::{ItemId, ItemRecord, RunRecord};
 use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
@@ -19,6 +19,13 @@ pub fn run_json(run: &RunRecord) -> Value {
         "succeeded": run.succeeded,
         "failed": run.failed,
         "pending": run.pending(),
+        "throttled": run.throttled,
+        // Items whose next try waits long (a retry-after): how many, and
+        // until when at the latest.
+        "waiting": run.waiting_at(now_millis()).map(|(items, until)| json!({
+            "items": items,
+            "until": time(until),
+        })),
         "redriving": run.redriving,
         // The unfinished redrive, if any: `resume` finishes it.
         "redrive": run.redrive.as_ref().map(|scope| json!({
@@ -121,6 +128,16 @@ pub fn time(ms: Millis) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// `HH:MM UTC`, with the date in front when it is not today's.
+fn clock_time(ms: Millis) -> String {
+    let (at, today) = (time(ms), time(now_millis()));
+    if at[..10] == today[..10] {
+        format!("{} UTC", &at[11..16])
+    } else {
+        format!("{} {} UTC", &at[..10], &at[11..16])
+    }
+}
+
 fn plural(n: u64, one: &str) -> String {
     if n == 1 {
         format!("{n} {one}")
@@ -215,6 +232,19 @@ pub fn run_human(
         out.push_str(&format!("; {} pending of {}{of}", run.pending(), run.total));
     }
     out.push('\n');
+    if let Some((items, until)) = run.waiting_at(now_millis()) {
+        out.push_str(&format!(
+            "Waiting until {} for {} (a retry-after asked for a later try)\n",
+            clock_time(until),
+            plural(items, "item")
+        ));
+    }
+    if run.throttled > 0 {
+        out.push_str(&format!(
+            "Throttled {} by the service called (not failures; no attempt used)\n",
+            plural(run.throttled, "time")
+        ));
+    }
     if run.failed > 0 {
         reasons_human(
             &mut out,
@@ -327,6 +357,8 @@ fn outcome_parts(o: &AttemptOutcome) -> (&'static str, Option<&'static str>, Opt
             Some(error.as_str()),
             *terminal,
         ),
+        // Throttled answers are counted on the item, not kept as attempts.
+        AttemptOutcome::Throttled { .. } => ("throttled", None, None, false),
     }
 }
 
@@ -336,6 +368,8 @@ pub fn item_json(run: &RunId, id: &ItemId, rec: &ItemRecord) -> Value {
         "item_id": id,
         "status": rec.status,
         "attempts": rec.attempts,
+        "throttled": rec.throttled,
+        "waiting_until": rec.waiting_until.map(time),
         "last_error": rec.last_error,
         "output": rec.output(),
         "history": rec.history.iter().map(|a| {
@@ -500,6 +534,7 @@ mod tests {
             },
             output: None,
             log: None,
+            retry_at: None,
         }
     }
 
@@ -543,6 +578,8 @@ mod tests {
             last_error: Some(error.into()),
             history,
             updated_at: 0,
+            throttled: 0,
+            waiting_until: None,
         }
     }
 

@@ -51,7 +51,7 @@ fn every_failures(run: &str) -> Value {
     })
 }
 
-const ITEM_KEYS: [&str; 7] = [
+const ITEM_KEYS: [&str; 9] = [
     "attempts",
     "history",
     "item_id",
@@ -59,6 +59,8 @@ const ITEM_KEYS: [&str; 7] = [
     "output",
     "run_id",
     "status",
+    "throttled",
+    "waiting_until",
 ];
 const HISTORY_KEYS: [&str; 10] = [
     "attempt",

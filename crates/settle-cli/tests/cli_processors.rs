@@ -382,7 +382,7 @@ fn the_node_example_runs_as_a_jsonl_processor() {
 }
 
 /// A small endpoint in Python: 200 with JSON for most ids, 402 for ids
-/// starting "decline", 503 for ids starting "busy"; prints its port.
+/// starting "decline", 502 for ids starting "busy"; prints its port.
 const SERVER: &str = r#"
 import http.server, json, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -392,7 +392,7 @@ class H(http.server.BaseHTTPRequestHandler):
         if i.startswith("decline"):
             code, reply = 402, {"error": "card_declined"}
         elif i.startswith("busy"):
-            code, reply = 503, {"error": "busy"}
+            code, reply = 502, {"error": "busy"}
         else:
             code, reply = 200, {"id": i, "key": self.headers["Idempotency-Key"], "token": self.headers["X-Token"]}
         data = json.dumps(reply).encode()
@@ -461,7 +461,7 @@ fn an_http_endpoint_processes_items() {
     );
     assert_eq!(got[2]["attempts"], 3, "{:?}", got[2]);
     assert!(
-        got[2]["error"].as_str().unwrap().starts_with("HTTP 503"),
+        got[2]["error"].as_str().unwrap().starts_with("HTTP 502"),
         "{:?}",
         got[2]
     );
@@ -721,6 +721,26 @@ fn a_retry_after_past_twelve_hours_is_capped_and_said() {
             "come back tomorrow (retry-after 86400 s capped at 43200 s)"
         );
     }
+    // `status` says what the run waits for, rather than look stuck.
+    let status = env.settle(&["status", "--json"]);
+    let waiting = &status.json()["waiting"];
+    assert_eq!(waiting["items"], 2, "{}", status.stdout);
+    let until = humantime::parse_rfc3339(waiting["until"].as_str().expect("a time"))
+        .expect("an RFC 3339 time");
+    let ahead = until
+        .duration_since(std::time::SystemTime::now())
+        .expect("the wait ends in the future");
+    assert!(
+        ahead > std::time::Duration::from_secs(43_000)
+            && ahead <= std::time::Duration::from_secs(43_200),
+        "waits {ahead:?}"
+    );
+    let human = env.settle(&["status"]);
+    assert!(
+        human.stdout.contains("Waiting until ") && human.stdout.contains(" for 2 items"),
+        "{}",
+        human.stdout
+    );
     child.kill().unwrap();
     let out = wait(child, &args);
     let said = out

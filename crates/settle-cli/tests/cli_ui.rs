@@ -332,6 +332,12 @@ fn pages_show_the_exact_tally_and_failures_by_reason() {
     page.expect(200)
         .has("<span data-field=\"succeeded\">2</span> succeeded / <span data-field=\"failed\">3</span> failed / <span data-field=\"pending\">0</span> pending of <span data-field=\"total\">5</span>")
         .has("Retry all failed");
+    // Nothing was throttled: no line says it.
+    assert!(
+        !page.body.contains("data-field=\"throttled\""),
+        "{}",
+        page.body
+    );
     assert_eq!(
         reason_rows(&page.body),
         [(2, RETRYABLE.to_owned()), (1, PERMANENT.to_owned())]
@@ -407,6 +413,20 @@ fn pages_show_the_exact_tally_and_failures_by_reason() {
 
 /// Retries r1 alone as the pages do: the confirm step says 1, the POST
 /// moves 1.
+#[test]
+fn a_run_page_counts_throttled_answers_apart() {
+    let env = Env::new();
+    let items = env.scripts("t.jsonl", &[("ok", "ok"), ("t", "throttled:2")]);
+    let mut args = vec!["run", "--items", &items, "--json"];
+    args.extend(QUICK);
+    let run = env.ok_json(&args);
+    assert_run(&run, "succeeded", 2, 2, 0, 0);
+    let ui = Server::start(&env, &[]);
+    ui.get(&format!("/runs/{}", run_id(&run)))
+        .expect(200)
+        .has("throttled <span data-field=\"throttled\">2</span> times by the service called (not failures; no attempt used)");
+}
+
 fn retry_r1(ui: &Server, run: &str) {
     ui.get(&format!("/runs/{run}/retry?scope=item&item=r1"))
         .expect(200)

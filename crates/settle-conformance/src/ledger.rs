@@ -131,6 +131,7 @@ pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
             TallyDelta {
                 succeeded: 1,
                 failed: 0,
+                ..TallyDelta::default()
             },
         )],
     };
@@ -151,6 +152,7 @@ pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
             TallyDelta {
                 succeeded: -1,
                 failed: 2,
+                ..TallyDelta::default()
             },
         )],
     };
@@ -215,6 +217,7 @@ pub async fn ledger_commit_is_conditional_and_atomic(s: &Subject) {
             TallyDelta {
                 succeeded,
                 failed: 0,
+                ..TallyDelta::default()
             },
         )]
     };

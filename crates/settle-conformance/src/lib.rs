@@ -128,6 +128,7 @@ pub(crate) fn result(
             outcome,
             output: None,
             log: None,
+            retry_at: None,
         },
     };
     Delivery {
@@ -200,6 +201,7 @@ macro_rules! conformance_tests {
             stages::redrive_moves_one_message_per_item,
             stages::redrive_cut_off_is_finished_by_resume,
             stages::a_redelivery_is_not_an_attempt,
+            stages::throttled_never_dead_letters,
             stages::reconcile_drops_a_parked_copy_of_a_recorded_failure,
             stages::extra_dead_letters_are_dropped_one_per_item_kept,
             idempotency::idempotency_first_execution_stores_result,

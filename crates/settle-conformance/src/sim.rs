@@ -59,6 +59,8 @@ pub struct SimReport {
     pub effects_in_progress: u64,
     /// Items whose side effect ran more than once (checked to be 0).
     pub double_executions: u64,
+    /// Items whose processor answered "throttled" (once each): none failed for it.
+    pub throttled_items: u64,
     /// Items the faults alone failed ("no outcome"), all put right by the redrive.
     pub failed_by_faults: u64,
     /// Items whose message the queue's redrive policy parked without a
@@ -264,9 +266,12 @@ impl Queue for CrashingSends {
 /// paused time, at no cost in real time).
 const HANG: &str = "sleep:600000";
 
-const SCRIPTS: [(&str, u32); 5] = [
-    ("ok", 67),
+const SCRIPTS: [(&str, u32); 6] = [
+    ("ok", 66),
     ("retryable:1", 15),
+    // Throttled once, then succeeds: never an attempt, never a failure.
+    // Rare, as a service's throttles are: each one slows the whole run.
+    ("throttled:1", 1),
     ("permanent", 10),
     ("panic", 5),
     (HANG, 3),
@@ -1286,6 +1291,18 @@ async fn simulate_in(
         (n - nf, nf),
         "seed {seed}: final tally"
     );
+    // Each throttled item was throttled once, never for an attempt: its
+    // row counts it, whatever redeliveries the faults made.
+    let throttled_items = scripts
+        .values()
+        .filter(|s| s.starts_with("throttled:"))
+        .count() as u64;
+    for (id, script) in scripts.iter().filter(|(_, s)| s.starts_with("throttled:")) {
+        assert_eq!(
+            rows[id].throttled, 1,
+            "seed {seed}: {id} ({script}) throttles"
+        );
+    }
     assert_settled_and_empty(s, &run, seed, "at the end").await;
 
     // Invariant 4 for malformed messages: each was dead-lettered as it was,
@@ -1362,6 +1379,7 @@ async fn simulate_in(
         extra_dead_letters: swept + extra_after_sweep,
         items_dead_lettered_twice,
         dead_letters_of_succeeded,
+        throttled_items,
         trace,
     }
 }
@@ -1422,7 +1440,8 @@ impl fmt::Display for SimReport {
              ({} reconciled), {} redriven; {} messages in flight at settle, {} outcomes \
              changed after; permanent failures attempted again: {} by the ledger, {} by the \
              processor; dead letters beyond one per failed item before the redrive: {} (on {} \
-             items); {} dead letters of succeeded items; trace {}",
+             items); {} dead letters of succeeded items; {} items throttled, none failed for it; \
+             trace {}",
             self.seed,
             self.items,
             self.faults,
@@ -1442,6 +1461,7 @@ impl fmt::Display for SimReport {
             self.extra_dead_letters,
             self.items_dead_lettered_twice,
             self.dead_letters_of_succeeded,
+            self.throttled_items,
             self.trace
         )
     }

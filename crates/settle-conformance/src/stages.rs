@@ -438,3 +438,71 @@ pub async fn a_redelivery_is_not_an_attempt(s: &Subject) {
         assert_eq!(q.depth().await.unwrap().total(), 0, "{} is empty", q.name());
     }
 }
+
+/// A throttled answer is not an attempt: an item throttled more often than
+/// its run's `max_receives` (here 1) still succeeds on its first attempt,
+/// nothing reaches the DLQ, the throttles are counted apart on the item and
+/// the run, and no queue holds anything once it is reduced.
+pub async fn throttled_never_dead_letters(s: &Subject) {
+    use settle_core::work::{delete_done, Worker, WorkerConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let run = fresh_run(s, 1).await;
+    let body = WorkBody::new(run.clone(), item("t0", r#"{"script":"throttled:3"}"#), 0, 1);
+    s.work.send(vec![body.encode()]).await.unwrap();
+    let worker = Worker::new(
+        Arc::new(settle_core::Scripted),
+        s.work.clone(),
+        s.dlq.clone(),
+        s.results.clone(),
+        WorkerConfig {
+            receive_limit: Some(s.work_max_receives),
+            ..WorkerConfig::default()
+        },
+    )
+    .reading(s.ledger.clone());
+    let mut handled = 0;
+    let mut tries = 0;
+    while handled < 4 {
+        tries += 1;
+        assert!(
+            tries < 100,
+            "the item did not settle in {handled} handlings"
+        );
+        let got = receive_n(s.work.as_ref(), 1, VIS).await;
+        let Some(d) = got.first() else {
+            // Sent round after its throttle's pause (100 ms).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let resp = worker.handle(std::slice::from_ref(d), None).await;
+        delete_done(s.work.as_ref(), std::slice::from_ref(d), &resp)
+            .await
+            .unwrap();
+        let results = receive_n(s.results.as_ref(), 1, VIS).await;
+        reduce::reduce(s.ledger.as_ref(), &results).await;
+        delete_all(s.results.as_ref(), &results).await;
+        handled += usize::from(!results.is_empty());
+    }
+    let rows = s
+        .ledger
+        .items(&[(run.clone(), settle_core::ItemId::new("t0").unwrap())])
+        .await
+        .unwrap();
+    let rec = &rows.values().next().expect("t0's row").value;
+    assert_eq!(
+        rec.status,
+        settle_core::domain::ItemStatus::Succeeded,
+        "{rec:?}"
+    );
+    assert_eq!(
+        (rec.attempts, rec.throttled, rec.history.len()),
+        (1, 3, 1),
+        "{rec:?}"
+    );
+    let tally = s.ledger.run(&run).await.unwrap().expect("the run");
+    assert_eq!((tally.succeeded, tally.failed, tally.throttled), (1, 0, 3));
+    for q in [&s.work, &s.results, &s.dlq] {
+        assert_eq!(q.depth().await.unwrap().total(), 0, "{} is empty", q.name());
+    }
+}

@@ -6,6 +6,7 @@
 //! and no Lambda types live here.
 
 pub mod domain;
+pub mod flow;
 pub mod runner;
 pub mod stages;
 pub mod testing;

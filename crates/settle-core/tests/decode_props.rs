@@ -113,6 +113,7 @@ proptest! {
                 },
                 output: None,
                 log: None,
+                retry_at: None,
             },
         }).collect();
         let encoded: Vec<String> = results.iter().map(ResultBody::encode).collect();

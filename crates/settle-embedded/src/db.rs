@@ -582,6 +582,15 @@ CREATE TABLE IF NOT EXISTS redrive_scopes (
     run_id TEXT PRIMARY KEY,
     scope TEXT NOT NULL
 ) WITHOUT ROWID;
+-- A run's flow counts (RunRecord::throttled, waiting, waiting_until),
+-- moved with its tally in the same transaction. Added without a schema
+-- version change: older builds ignore the table.
+CREATE TABLE IF NOT EXISTS run_flow (
+    run_id TEXT PRIMARY KEY,
+    throttled INTEGER NOT NULL,
+    waiting INTEGER NOT NULL,
+    waiting_until INTEGER
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL,
     item_id TEXT NOT NULL,

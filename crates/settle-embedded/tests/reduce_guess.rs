@@ -24,6 +24,7 @@ fn result(run: &RunId, item: &str, attempt: u32, outcome: AttemptOutcome) -> Del
             outcome,
             output: None,
             log: None,
+            retry_at: None,
         },
     };
     Delivery {

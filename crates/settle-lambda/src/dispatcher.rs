@@ -314,6 +314,7 @@ impl DispatcherFunction {
                         .unwrap_or(self.defaults.tolerated_failure_percent),
                     // The deployed worker function's processor does the work.
                     processor: None,
+                    ..RunConfig::default()
                 };
                 let id = derived_run_id(now_millis(), request_id);
                 match self.open_or_create(id, config).await? {

@@ -4,14 +4,16 @@
 //! | what | contract |
 //! |---|---|
 //! | request | `{"items": [{"id", "payload", "run_id", "attempt", "idempotency_key", "deadline_ms"}, ...]}` (`deadline_ms`: Unix epoch ms, absent if none) |
-//! | response | `{"results": [{"id", "status": "ok" \| "retry" \| "fail", "output", "error", "retry_after_ms", "log"}, ...]}` |
+//! | response | `{"results": [{"id", "status": "ok" \| "retry" \| "fail" \| "throttled", "output", "error", "retry_after_ms", "log"}, ...]}` |
 //! | `ok` | succeeded; `output` (any JSON, optional) is the item's output |
 //! | `retry` | failed, retryable, not before `retry_after_ms` if given; `error` says why |
 //! | `fail` | failed permanently; `error` says why |
+//! | `throttled` | the service the function calls asks to slow down: not a failure, no attempt used; the run slows down, waiting `retry_after_ms` first if given; `error` (optional) says why |
 //! | a result for an id not in the request | ignored, and named in a log line |
 //! | no result for an item | that item fails, retryable: "no result for this item" |
 //! | a result that is not one of the above | that item fails, retryable, with what was wrong |
-//! | a function error, a failed invoke, a response that is not JSON of this shape | every item of the batch fails, retryable, with the reason (bounded) |
+//! | Lambda throttles the invoke (`TooManyRequestsException`: the function's concurrency or the account's is used up) | every item of the batch is throttled, waiting the exception's `retryAfterSeconds` first if it has one |
+//! | a function error, another failed invoke, a response that is not JSON of this shape | every item of the batch fails, retryable, with the reason (bounded) |
 //! | no answer within the worker's item timeout | every item of the batch fails, retryable ("timed out") |
 //! | the attempt's log | `Invoke NAME (N items) -> 200 in 12 ms`, then the result's own `log` if it has one, else the invocation's log tail (`LogType: Tail`, the last 4 KB) |
 //!
@@ -22,6 +24,8 @@
 //! one call, and keeps each item's outcome, output and log its own.
 
 use async_trait::async_trait;
+use aws_sdk_lambda::error::SdkError;
+use aws_sdk_lambda::operation::invoke::InvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{InvocationType, LogType};
 use serde::{Deserialize, Serialize};
@@ -197,7 +201,17 @@ impl<I: Invoker> BatchProcessor for FunctionProcessor<I> {
                         "Invoke {name} ({n} items) -> failed after {ms} ms: {causes}\n"
                     ));
                 }
-                let e = ProcessError::retryable(format!("Invoke {name}: {causes}"));
+                let message = format!("Invoke {name}: {causes}");
+                let e = match invoke_throttled(e.as_ref()) {
+                    Some(after) => {
+                        let e = ProcessError::throttled(message);
+                        match after {
+                            Some(after) => e.with_retry_after(after),
+                            None => e,
+                        }
+                    }
+                    None => ProcessError::retryable(message),
+                };
                 return vec![Err(e); n];
             }
         };
@@ -257,6 +271,22 @@ impl<I: Invoker> BatchProcessor for FunctionProcessor<I> {
                 }
             })
             .collect()
+    }
+}
+
+/// Whether Lambda refused the invoke as too many (the function's reserved
+/// concurrency, or the account's, is used up; or the invoke rate): a
+/// request to slow down, with the wait it names if any. The SDK has
+/// already retried it a few times by then.
+fn invoke_throttled(e: &(dyn std::error::Error + 'static)) -> Option<Option<Duration>> {
+    let e = e.downcast_ref::<SdkError<InvokeError>>()?;
+    match e.as_service_error()? {
+        InvokeError::TooManyRequestsException(e) => Some(
+            e.retry_after_seconds()
+                .and_then(|s| s.trim().parse().ok())
+                .map(Duration::from_secs),
+        ),
+        _ => None,
     }
 }
 
@@ -340,8 +370,18 @@ fn outcome(name: &str, r: WireResult) -> Outcome {
             r.error
                 .unwrap_or_else(|| "the function failed the item".into()),
         )),
+        "throttled" => {
+            let e = ProcessError::throttled(
+                r.error
+                    .unwrap_or_else(|| "the function asked to slow down".into()),
+            );
+            Err(match r.retry_after_ms {
+                Some(ms) => e.with_retry_after(Duration::from_millis(ms)),
+                None => e,
+            })
+        }
         other => Err(ProcessError::retryable(format!(
-            "Invoke {name}: a bad result for this item: status {:?}, want ok, retry or fail",
+            "Invoke {name}: a bad result for this item: status {:?}, want ok, retry, fail or throttled",
             quote(other.as_bytes())
         ))),
     }

@@ -130,7 +130,7 @@ async fn each_result_settles_its_own_item() {
     assert_eq!(odd.kind, ErrorKind::Retryable);
     assert!(
         odd.message
-            .contains(r#"status "maybe", want ok, retry or fail"#),
+            .contains(r#"status "maybe", want ok, retry, fail or throttled"#),
         "{}",
         odd.message
     );
@@ -141,6 +141,42 @@ async fn each_result_settles_its_own_item() {
         "{log}"
     );
     assert!(log.ends_with("START\nrenewing everyone\nEND\n"), "{log}");
+}
+
+#[tokio::test]
+async fn a_throttled_result_asks_to_slow_down() {
+    let f = fake(ok(
+        r#"{"results":[
+            {"id":"waits","status":"throttled","error":"HTTP 429 from the gateway","retry_after_ms":2000},
+            {"id":"bare","status":"throttled"},
+            {"id":"ok","status":"ok"},
+            {"id":"no-status","retry_after_ms":2000}
+        ]}"#,
+        None,
+    ));
+    let (out, _) = run(f, &["waits", "bare", "ok", "no-status"]).await;
+    let waits = err(&out[0]);
+    assert_eq!(
+        (waits.kind, waits.message.as_str()),
+        (ErrorKind::Throttled, "HTTP 429 from the gateway")
+    );
+    assert_eq!(waits.retry_after, Some(Duration::from_secs(2)));
+    let bare = err(&out[1]);
+    assert_eq!(
+        (bare.kind, bare.message.as_str()),
+        (ErrorKind::Throttled, "the function asked to slow down")
+    );
+    assert_eq!(bare.retry_after, None);
+    assert!(out[2].is_ok(), "a throttle is its own item's");
+    // Unlike a jsonl answer, a result always names its status.
+    let none = err(&out[3]);
+    assert_eq!(none.kind, ErrorKind::Retryable);
+    assert!(
+        none.message
+            .contains("a bad result for this item (missing field `status`"),
+        "{}",
+        none.message
+    );
 }
 
 #[tokio::test]
@@ -199,16 +235,69 @@ async fn a_function_error_retries_the_whole_batch_with_its_reason() {
 
 #[tokio::test]
 async fn a_failed_invoke_retries_the_whole_batch() {
-    let f = fake(Err("TooManyRequestsException: Rate exceeded".into()));
+    let f = fake(Err(
+        "AccessDeniedException: not authorized to perform lambda:InvokeFunction".into(),
+    ));
     let (out, logs) = run(f, &["a", "b"]).await;
     for o in &out {
         assert_eq!(err(o).kind, ErrorKind::Retryable);
         assert_eq!(
             err(o).message,
-            "Invoke renew-fn: TooManyRequestsException: Rate exceeded"
+            "Invoke renew-fn: AccessDeniedException: not authorized to perform lambda:InvokeFunction"
         );
     }
     assert!(logs[1].as_deref().unwrap().contains("-> failed after"));
+}
+
+/// Lambda refuses every invoke as too many, as the SDK reports it.
+struct Throttling {
+    retry_after_seconds: Option<&'static str>,
+}
+
+#[async_trait]
+impl Invoker for Throttling {
+    fn name(&self) -> &str {
+        "renew-fn"
+    }
+    async fn invoke(&self, _payload: Vec<u8>) -> Result<Invoked, BoxError> {
+        let mut e = aws_sdk_lambda::types::error::TooManyRequestsException::builder()
+            .message("Rate Exceeded.")
+            .reason(aws_sdk_lambda::types::ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded);
+        if let Some(s) = self.retry_after_seconds {
+            e = e.retry_after_seconds(s);
+        }
+        let raw = aws_smithy_runtime_api::http::Response::new(
+            429.try_into().unwrap(),
+            aws_smithy_types::body::SdkBody::empty(),
+        );
+        Err(Box::new(SdkError::service_error(
+            InvokeError::TooManyRequestsException(e.build()),
+            raw,
+        )))
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_invoke_throttles_the_whole_batch() {
+    for (retry_after_seconds, after) in [(Some("3"), Some(Duration::from_secs(3))), (None, None)] {
+        let b = batch(&["a", "b"]);
+        let out = FunctionProcessor::new(Throttling {
+            retry_after_seconds,
+        })
+        .process_batch(&b)
+        .await;
+        for o in &out {
+            let e = err(o);
+            assert_eq!(e.kind, ErrorKind::Throttled, "{}", e.message);
+            assert_eq!(
+                e.message,
+                "Invoke renew-fn: service error: TooManyRequestsException: Rate Exceeded."
+            );
+            assert_eq!(e.retry_after, after);
+        }
+        let log = b[0].ctx.take_log().unwrap();
+        assert!(log.contains("-> failed after"), "{log}");
+    }
 }
 
 #[tokio::test]

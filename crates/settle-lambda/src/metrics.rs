@@ -25,6 +25,7 @@ pub fn emf_lines(function: &str, runs: &BTreeMap<RunId, RunCounts>, at: u64) -> 
                 ("ItemsRetried", "Count", json!(c.retried)),
                 ("ItemsDeadLettered", "Count", json!(c.dead_lettered)),
                 ("ItemsRedriven", "Count", json!(c.redriven)),
+                ("ItemsThrottled", "Count", json!(c.throttled)),
             ];
             // EMF takes an array of values; an empty one is not a value.
             if !c.durations_ms.is_empty() {
@@ -70,6 +71,7 @@ mod tests {
                 retried: 3,
                 dead_lettered: 1,
                 redriven: 1,
+                throttled: 4,
                 durations_ms: vec![12, 40, 7, 1, 2, 3],
             },
         );
@@ -105,6 +107,7 @@ mod tests {
             (la["ItemsDeadLettered"].clone(), la["ItemsRedriven"].clone()),
             (json!(1), json!(1))
         );
+        assert_eq!(la["ItemsThrottled"], json!(4));
         assert_eq!(la["ItemDuration"], json!([12, 40, 7, 1, 2, 3]));
         assert_eq!(la["FunctionName"], "stack-worker");
         // No attempts: no duration metric declared or given.

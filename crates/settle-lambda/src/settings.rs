@@ -275,6 +275,7 @@ impl DispatcherSettings {
                 max_receives,
                 tolerated_failure_percent: percent,
                 processor: None,
+                ..RunConfig::default()
             },
             // Enough for the page in flight (1,000 items, 100 SendMessageBatch
             // calls) and the cursor save, with room for a slow SQS moment.

@@ -27,6 +27,7 @@ fn request() -> Value {
         {"id": "u-4", "payload": {"user": "u-4", "plan": "gold", "card": "4242"},
          "run_id": "r20261124T020000Z-5e771e", "attempt": 1,
          "idempotency_key": "r20261124T020000Z-5e771e:u-4"},
+        item("u-5", "4000000000000429", 1),
     ]})
 }
 
@@ -34,7 +35,7 @@ fn request() -> Value {
 fn check(response: &Value) {
     let results = response["results"].as_array().unwrap();
     let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["u-1", "u-2", "u-3", "u-4"], "{response}");
+    assert_eq!(ids, ["u-1", "u-2", "u-3", "u-4", "u-5"], "{response}");
     assert_eq!(results[0]["status"], "ok");
     assert_eq!(
         results[0]["output"],
@@ -46,6 +47,9 @@ fn check(response: &Value) {
     assert_eq!(results[2]["error"], "gateway timeout");
     assert_eq!(results[2]["retry_after_ms"], 5000);
     assert_eq!(results[3]["status"], "fail");
+    assert_eq!(results[4]["status"], "throttled");
+    assert_eq!(results[4]["error"], "gateway rate limit (429)");
+    assert_eq!(results[4]["retry_after_ms"], 1000);
     // Each item's log is its own line, and no other item's.
     let log = results[2]["log"].as_str().unwrap();
     assert_eq!(

@@ -168,8 +168,8 @@ async fn the_function_kind_invokes_once_per_batch_and_settles_each_record() {
 }
 
 /// A minimal HTTP/1.1 endpoint: answers each POST by its item's script
-/// (`ok` 200 with a JSON body, `permanent` 422, anything else 503 with
-/// Retry-After) and keeps each request's headers and body.
+/// (`ok` 200 with a JSON body, `permanent` 422, anything else 502 with
+/// Retry-After: a retryable failure, where a 503 would be a throttle) and keeps each request's headers and body.
 async fn endpoint() -> (String, Arc<Mutex<Vec<(Vec<String>, Value)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/renew", listener.local_addr().unwrap());
@@ -204,7 +204,11 @@ async fn endpoint() -> (String, Arc<Mutex<Vec<(Vec<String>, Value)>>>) {
                     let (status, extra, text) = match body["payload"]["script"].as_str() {
                         Some("ok") => ("200 OK", "", format!(r#"{{"renewed":{}}}"#, body["id"])),
                         Some("permanent") => ("422 Unprocessable", "", "card declined".into()),
-                        _ => ("503 Busy", "Retry-After: 120\r\n", "try later".into()),
+                        _ => (
+                            "502 Bad Gateway",
+                            "Retry-After: 120\r\n",
+                            "try later".into(),
+                        ),
                     };
                     s.lock().unwrap().push((headers, body));
                     let reply = format!(
@@ -283,10 +287,10 @@ async fn the_http_kind_posts_each_record_and_settles_it_alone() {
     );
     assert_eq!(
         error_of(&bodies[2]),
-        (ErrorKind::Retryable, false, "HTTP 503: try later")
+        (ErrorKind::Retryable, false, "HTTP 502: try later")
     );
     let log = bodies[2].attempt.log.as_deref().unwrap();
-    assert!(log.starts_with(&format!("POST {url} -> 503 in ")), "{log}");
+    assert!(log.starts_with(&format!("POST {url} -> 502 in ")), "{log}");
     assert_eq!(drain(&e.dlq).await.len(), 2);
 }
 

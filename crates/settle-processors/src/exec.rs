@@ -9,11 +9,14 @@
 //! | stderr | the attempt's log |
 //! | exit 0 | succeeded |
 //! | exit 65 (EX_DATAERR), or a code of `--permanent-exit-codes` | failed permanently |
+//! | exit 75 ([`EXIT_THROTTLED`], EX_TEMPFAIL), unless `--permanent-exit-codes` names it | throttled: not a failure, no attempt used; the run slows down. stdout may be `{"retry_after_ms": N}`: the run waits that long first |
 //! | any other exit, death by a signal (or the shell's exit 128 + N for a command killed by signal N) | failed, retryable |
 //! | the item timeout | the whole process group is sent SIGTERM, then SIGKILL after [`KILL_GRACE`]; retryable |
 //! | Settle exits or is killed | the same, see [`crate::groups`] |
 //!
 //! The error is the last non-empty line of stderr, else the exit status.
+//! Only an exit 0's stdout is an output; an exit 75's is read for its
+//! retry-after alone, and any other exit's is dropped.
 
 use crate::groups::{GuardError, GROUPS};
 use crate::{deadline_epoch_ms, item_json, last_line, SpecError};
@@ -24,6 +27,7 @@ use settle_core::domain::{Item, Output, ProcessError, MAX_OUTPUT_BYTES};
 use settle_core::{AttemptContext, Processor};
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
@@ -37,6 +41,13 @@ const AFTER_GO: &str = r#"IFS= read -r go || exit 125; exec sh -c "$1""#;
 
 /// Bytes of stderr kept aside for the error message (its last line).
 const ERROR_TAIL: usize = 4096;
+
+/// The exit code that says "slow down": the called service is rate
+/// limiting (an HTTP 429 to a `curl` in the script, say). It is
+/// `EX_TEMPFAIL` of sysexits.h, "a temporary failure; the user is invited
+/// to retry later", which mail agents already use for the same purpose.
+/// The attempt is no failure and uses none of the item's attempts.
+pub const EXIT_THROTTLED: i32 = 75;
 
 /// Runs the user's command once per attempt.
 #[derive(Debug)]
@@ -205,6 +216,19 @@ impl Processor for Exec {
             Some(code) if self.permanent.contains(&code) => {
                 Err(ProcessError::permanent(why(format!("exit {code}"))))
             }
+            Some(EXIT_THROTTLED) => {
+                let e = ProcessError::throttled(why(format!("exit {EXIT_THROTTLED}")));
+                Err(match throttle_retry_after(&stdout) {
+                    Ok(Some(after)) => e.with_retry_after(after),
+                    Ok(None) => e,
+                    Err(why) => {
+                        ctx.log(format!(
+                            "[settle: exit {EXIT_THROTTLED} with {why}; no retry-after taken]\n"
+                        ));
+                        e
+                    }
+                })
+            }
             // The shell reports a command killed by signal N as 128 + N.
             Some(code) if (129..=128 + 64).contains(&code) => Err(ProcessError::retryable(why(
                 format!("killed by signal {}", code - 128),
@@ -218,6 +242,25 @@ impl Processor for Exec {
                 ))))
             }
         }
+    }
+}
+
+/// The retry-after a throttled command wrote to stdout: nothing, or
+/// `{"retry_after_ms": N}`. Anything else is said (as an `Err`) but does not
+/// change that the command asked to slow down.
+fn throttle_retry_after(stdout: &[u8]) -> Result<Option<Duration>, String> {
+    if stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let not_it = |why: String| format!("a stdout that is not {{\"retry_after_ms\": N}} ({why})");
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(stdout).map_err(|e| not_it(e.to_string()))?;
+    match object.get("retry_after_ms") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(ms) => ms
+            .as_u64()
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .ok_or_else(|| not_it(format!("retry_after_ms is {ms}, not a whole number of ms"))),
     }
 }
 

@@ -6,7 +6,8 @@
 //! | headers | `Idempotency-Key: <run id>:<item id>`, and each `--http-header 'Name: value'` |
 //! | connections | one keep-alive pool per processor, at most `parallelism` requests in flight |
 //! | 2xx | succeeded: a JSON body is the output, any other body is kept as a JSON string, an empty one is no output |
-//! | 408, 425, 429, 5xx | failed, retryable, not before `Retry-After` (seconds or an HTTP date; at most [`MAX_VISIBILITY`]) |
+//! | 429, 503 | throttled: not a failure, no attempt used; the run slows down, and waits `Retry-After` first when the answer has one (seconds or an HTTP date; at most [`MAX_VISIBILITY`]) |
+//! | 408, 425, any other 5xx | failed, retryable, not before `Retry-After` (the same) |
 //! | a connection error, no answer by the attempt's deadline | failed, retryable |
 //! | 3xx (never followed), any other 4xx | failed permanently |
 //! | the attempt's log | one line per request: `POST URL -> 402 in 12 ms`, or the connection error with its causes |
@@ -298,15 +299,17 @@ impl Processor for Http {
             message.push_str(&snippet);
         }
         let message = bounded_error(message);
-        if retryable(status) {
-            let error = ProcessError::retryable(message);
-            Err(match retry_after {
-                Some(after) => error.with_retry_after(after),
-                None => error,
-            })
+        let error = if throttling(status) {
+            ProcessError::throttled(message)
+        } else if retryable(status) {
+            ProcessError::retryable(message)
         } else {
-            Err(ProcessError::permanent(message))
-        }
+            return Err(ProcessError::permanent(message));
+        };
+        Err(match retry_after {
+            Some(after) => error.with_retry_after(after),
+            None => error,
+        })
     }
 }
 
@@ -371,10 +374,18 @@ fn success(body: Received) -> Result<Option<Output>, ProcessError> {
     Ok((!text.trim().is_empty()).then(|| Output::from_text(&text)))
 }
 
+/// Whether the endpoint asks to slow down: 429 Too Many Requests, or 503
+/// Service Unavailable, which servers and load balancers answer when
+/// overloaded (RFC 9110 pairs both with `Retry-After`). The item was not
+/// worked on, so the answer is no failure of it.
+fn throttling(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 503)
+}
+
 /// Whether trying again later can help: the endpoint said so (408 Request
-/// Timeout, 425 Too Early, 429 Too Many Requests), or it failed itself (5xx).
+/// Timeout, 425 Too Early), or it failed itself (5xx).
 fn retryable(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+    matches!(status.as_u16(), 408 | 425) || status.is_server_error()
 }
 
 /// How long `Retry-After` asks to wait: delay seconds or an HTTP date,

@@ -839,13 +839,30 @@ struct Said {
     #[serde(default)]
     retry_after_ms: Option<u64>,
     #[serde(default)]
+    throttled: Option<bool>,
+    #[serde(default)]
     log: Option<String>,
 }
 
 impl Said {
     fn into_answer(self) -> Result<Answer, &'static str> {
         let id = self.id.ok_or("missing field `id`")?;
-        let status = self.status.ok_or("missing field `status`")?;
+        let status = match (self.status, self.throttled) {
+            (None | Some(Status::Throttled), Some(true)) => Status::Throttled,
+            // Two answers in one: no guess is safe.
+            (Some(_), Some(true)) => return Err("`\"throttled\": true` with another status"),
+            (Some(status), _) => status,
+            // A retry-after with nothing else to say is a request to wait:
+            // the processor did no work on the item, and said no error.
+            (None, None)
+                if self.retry_after_ms.is_some()
+                    && self.error.is_none()
+                    && self.output.is_none() =>
+            {
+                Status::Throttled
+            }
+            (None, _) => return Err("missing field `status`"),
+        };
         Ok(Answer {
             id,
             status,
@@ -866,12 +883,14 @@ struct Answer {
     log: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Status {
     Ok,
     Retry,
     Fail,
+    /// The processor asks to slow down: no failure of the item.
+    Throttled,
 }
 
 #[async_trait]
@@ -1021,6 +1040,18 @@ impl Processor for Jsonl {
                 })
             }
             Status::Fail => Err(ProcessError::permanent(error())),
+            Status::Throttled => {
+                let message = answer
+                    .error
+                    .clone()
+                    .filter(|e| !e.trim().is_empty())
+                    .unwrap_or_else(|| "the processor asked to slow down".to_owned());
+                let e = ProcessError::throttled(message);
+                Err(match answer.retry_after_ms {
+                    Some(ms) => e.with_retry_after(Duration::from_millis(ms)),
+                    None => e,
+                })
+            }
         }
     }
 }
@@ -1036,6 +1067,117 @@ mod tests {
         let q = quote(&long);
         assert!(q.ends_with("... (500 bytes)"), "{q}");
         assert!(q.len() < 230, "{q}");
+    }
+
+    /// A line as the reader takes it: a hello, or an answer.
+    fn heard(line: &str) -> Result<Result<Answer, &'static str>, String> {
+        let said: Said = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        assert!(said.hello.is_none(), "{line} is a hello");
+        Ok(said.into_answer())
+    }
+
+    fn status(line: &str) -> Status {
+        match heard(line) {
+            Ok(Ok(answer)) => answer.status,
+            other => panic!("{line}: {:?}", other.map(|a| a.map(|a| a.status))),
+        }
+    }
+
+    fn refused(line: &str) -> String {
+        match heard(line) {
+            Ok(Ok(answer)) => panic!("{line}: taken as {:?}", answer.status),
+            Ok(Err(why)) => why.to_owned(),
+            Err(why) => why,
+        }
+    }
+
+    #[test]
+    fn a_hello_is_read_apart_from_answers() {
+        let said: Said =
+            serde_json::from_str(r#"{"hello":"settle-jsonl","max_in_flight":64}"#).unwrap();
+        assert_eq!(said.hello.as_deref(), Some(HELLO));
+        assert_eq!(said.max_in_flight, Some(64));
+        let said: Said = serde_json::from_str(r#"{"id":"a","status":"ok"}"#).unwrap();
+        assert!(said.hello.is_none());
+    }
+
+    #[test]
+    fn answers_are_read_by_their_status() {
+        assert_eq!(
+            status(r#"{"id":"a","status":"ok","output":{"n":1}}"#),
+            Status::Ok
+        );
+        assert_eq!(
+            status(r#"{"id":"a","status":"retry","error":"busy"}"#),
+            Status::Retry
+        );
+        // An error with a retry-after is a retryable failure that waits.
+        let a = heard(r#"{"id":"a","status":"retry","error":"busy","retry_after_ms":20}"#);
+        let a = a.unwrap().unwrap();
+        assert_eq!((a.status, a.retry_after_ms), (Status::Retry, Some(20)));
+        assert_eq!(
+            status(r#"{"id":"a","status":"fail","error":"no"}"#),
+            Status::Fail
+        );
+        assert_eq!(
+            status(r#"{"id":"a","status":"throttled"}"#),
+            Status::Throttled
+        );
+        let why = refused(r#"{"id":"a","status":"maybe"}"#);
+        assert!(why.contains("unknown variant"), "{why}");
+        assert_eq!(refused(r#"{"status":"ok"}"#), "missing field `id`");
+        assert_eq!(refused(r#"{"id":"a"}"#), "missing field `status`");
+    }
+
+    #[test]
+    fn throttled_true_or_a_bare_retry_after_asks_to_slow_down() {
+        for line in [
+            r#"{"id":"a","throttled":true}"#,
+            r#"{"id":"a","throttled":true,"status":"throttled"}"#,
+            r#"{"id":"a","throttled":true,"retry_after_ms":1500,"error":"slow down"}"#,
+            r#"{"id":"a","retry_after_ms":1500}"#,
+            r#"{"id":"a","retry_after_ms":0,"output":null,"log":"waiting"}"#,
+        ] {
+            assert_eq!(status(line), Status::Throttled, "{line}");
+        }
+        let a = heard(r#"{"id":"a","throttled":true,"retry_after_ms":1500,"error":"slow down"}"#);
+        let a = a.unwrap().unwrap();
+        assert_eq!(a.retry_after_ms, Some(1500));
+        assert_eq!(a.error.as_deref(), Some("slow down"));
+        // `throttled: false` says nothing: a status is still needed.
+        assert_eq!(
+            status(r#"{"id":"a","throttled":false,"status":"ok"}"#),
+            Status::Ok
+        );
+        for (line, why) in [
+            (
+                r#"{"id":"a","throttled":true,"status":"ok"}"#,
+                "with another status",
+            ),
+            (
+                r#"{"id":"a","throttled":true,"status":"retry"}"#,
+                "with another status",
+            ),
+            (
+                r#"{"id":"a","throttled":false,"retry_after_ms":5}"#,
+                "missing field `status`",
+            ),
+            // With an error or an output, a retry-after alone does not say
+            // whether the item failed, succeeded or waits.
+            (
+                r#"{"id":"a","retry_after_ms":5,"error":"busy"}"#,
+                "missing field `status`",
+            ),
+            (
+                r#"{"id":"a","retry_after_ms":5,"output":1}"#,
+                "missing field `status`",
+            ),
+            (r#"{"id":"a","retry_after_ms":-5}"#, "invalid value"),
+            (r#"{"id":"a","throttled":"yes"}"#, "invalid type"),
+        ] {
+            let refused = refused(line);
+            assert!(refused.contains(why), "{line}: {refused}");
+        }
     }
 
     #[test]

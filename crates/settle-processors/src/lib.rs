@@ -1,14 +1,16 @@
 //! The user's processors, in any language: a command run once per attempt
 //! ([`exec`]), long-lived processes speaking JSON lines ([`jsonl`]), and an
-//! HTTP endpoint ([`http`]). Each turns one attempt into the item's output
-//! or a retryable or permanent failure, and keeps what the user's code
-//! wrote about that item, and nothing else, as the attempt's log.
+//! HTTP endpoint ([`http`]). Each turns one attempt into the item's output,
+//! a retryable or permanent failure, or a request to slow down (a throttle,
+//! which is no failure), and keeps what the user's code wrote about that
+//! item, and nothing else, as the attempt's log.
 
 pub mod exec;
 pub mod groups;
 pub mod http;
 pub mod jsonl;
 
+pub use exec::EXIT_THROTTLED;
 pub use http::parse_header;
 
 use settle_core::{ProcessorSpec, Scripted};

@@ -8,6 +8,7 @@ use serde_json::Value;
 use settle_core::domain::{now_millis, ErrorKind, Item, ItemId, RunId};
 use settle_core::{AttemptContext, Processor};
 use settle_processors::exec::Exec;
+use settle_processors::EXIT_THROTTLED;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +60,67 @@ async fn exit_65_is_permanent_with_the_last_stderr_line() {
     assert_eq!(
         (e.kind, e.message.as_str()),
         (ErrorKind::Permanent, "exit 3")
+    );
+}
+
+#[tokio::test]
+async fn exit_75_is_throttled_with_the_last_stderr_line() {
+    assert_eq!(EXIT_THROTTLED, 75);
+    let e = run(
+        &exec("echo 'calling the gateway' >&2; echo 'HTTP 429: slow down' >&2; exit 75"),
+        "{}",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Throttled);
+    assert_eq!(e.message, "exit 75: HTTP 429: slow down");
+    assert_eq!(e.retry_after, None);
+}
+
+#[tokio::test]
+async fn exit_75_takes_its_retry_after_from_stdout() {
+    let e = run(
+        &exec(r#"echo '{"retry_after_ms": 2500}'; echo 'rate limited' >&2; exit 75"#),
+        "{}",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Throttled);
+    assert_eq!(e.message, "exit 75: rate limited");
+    assert_eq!(e.retry_after, Some(Duration::from_millis(2500)));
+
+    // Anything else on stdout is no retry-after, and the log says why; the
+    // attempt is throttled all the same.
+    for stdout in ["soon", r#"{"retry_after_ms": -1}"#, "[1]"] {
+        let p = exec(&format!("echo '{stdout}'; exit 75"));
+        let it = item("i", "{}");
+        let c = ctx(&it);
+        let e = p.process(&it, &c).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.retry_after),
+            (ErrorKind::Throttled, None),
+            "{stdout}"
+        );
+        let log = c.take_log().unwrap_or_default();
+        assert!(
+            log.contains(r#"[settle: exit 75 with a stdout that is not {"retry_after_ms": N}"#),
+            "{stdout}: {log}"
+        );
+    }
+    // A JSON object without the field is no retry-after either, silently.
+    let e = run(&exec(r#"echo '{"wait": "a bit"}'; exit 75"#), "{}")
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.retry_after), (ErrorKind::Throttled, None));
+}
+
+#[tokio::test]
+async fn exit_75_named_a_permanent_exit_code_is_permanent() {
+    let p = Exec::new("exit 75", vec![65, 75], 1).unwrap();
+    let e = run(&p, "{}").await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::Permanent, "exit 75")
     );
 }
 

@@ -352,8 +352,21 @@ async fn a_redirect_is_permanent_and_not_followed() {
 }
 
 #[tokio::test]
-async fn throttling_and_server_errors_are_retryable() {
-    for status in [408, 425, 429, 500, 502, 503] {
+async fn a_429_or_503_is_throttled() {
+    for status in [429, 503] {
+        let (_server, processor) = answering(reply(status, "slow down")).await;
+        let (result, log) = attempt(&*processor, None).await;
+        let e = result.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Throttled, "{status}");
+        assert_eq!(e.message, format!("HTTP {status}: slow down"));
+        assert_eq!(e.retry_after, None, "{status}");
+        assert!(log.contains(&format!("-> {status} in ")), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_408_425_or_other_5xx_is_retryable() {
+    for status in [408, 425, 500, 502, 504] {
         let (_server, processor) = answering(reply(status, "busy")).await;
         let e = attempt(&*processor, None).await.0.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Retryable, "{status}");
@@ -370,13 +383,13 @@ async fn retry_after_is_honoured_in_seconds_and_as_a_date() {
     };
     let (_server, processor) = answering(with(429, "120".into())).await;
     let e = attempt(&*processor, None).await.0.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert_eq!(e.kind, ErrorKind::Throttled);
     assert_eq!(e.retry_after, Some(Duration::from_secs(120)));
 
     let in_an_hour = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
     let (_server, processor) = answering(with(503, in_an_hour)).await;
     let e = attempt(&*processor, None).await.0.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert_eq!(e.kind, ErrorKind::Throttled);
     let after = e.retry_after.unwrap();
     assert!(
         (3590..=3600).contains(&after.as_secs()),
@@ -386,6 +399,19 @@ async fn retry_after_is_honoured_in_seconds_and_as_a_date() {
     let (_server, processor) = answering(with(429, "604800".into())).await;
     let e = attempt(&*processor, None).await.0.unwrap_err();
     assert_eq!(e.retry_after, Some(MAX_VISIBILITY), "capped at 12 hours");
+
+    // A retryable failure's Retry-After is kept too.
+    for status in [408, 500] {
+        let (_server, processor) = answering(with(status, "30".into())).await;
+        let e = attempt(&*processor, None).await.0.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Retryable, "{status}");
+        assert_eq!(e.retry_after, Some(Duration::from_secs(30)), "{status}");
+    }
+
+    // A permanent failure's is not: it is never tried again.
+    let (_server, processor) = answering(with(400, "30".into())).await;
+    let e = attempt(&*processor, None).await.0.unwrap_err();
+    assert_eq!((e.kind, e.retry_after), (ErrorKind::Permanent, None));
 }
 
 #[tokio::test]

@@ -84,6 +84,10 @@ while IFS= read -r line; do
     *'"hang"'*) sleep 30;;
     *'"twice"'*) printf '{"id":"%s","status":"ok"}\n{"id":"%s","status":"ok"}\n' "$id" "$id";;
     *'"crash"'*) echo "out of memory, giving up" >&2; exit 3;;
+    *'"throttled-true"'*) printf '{"id":"%s","throttled":true,"retry_after_ms":1500,"error":"HTTP 429 from the gateway"}\n' "$id";;
+    *'"status-throttled"'*) printf '{"id":"%s","status":"throttled"}\n' "$id";;
+    *'"only-wait"'*) printf '{"id":"%s","retry_after_ms":700}\n' "$id";;
+    *'"throttled-ok"'*) printf '{"id":"%s","status":"ok","throttled":true}\n' "$id";;
     *'"stray"'*)
       printf '{"id":"%s","status":"ok"}\n' "$id"
       # After the answer, between items: no item's log.
@@ -172,6 +176,40 @@ async fn retry_with_retry_after() {
     assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
 }
 
+/// The helpers' `ThrottledError`, one at a time and several at once.
+#[tokio::test]
+async fn the_helpers_say_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = python(
+        dir.path(),
+        "print('HTTP 429 from the gateway')\n\
+         if item['payload'].get('wait'):\n    raise settle.ThrottledError('rate limited', retry_after_ms=1500)\n\
+         raise settle.ThrottledError('rate limited')",
+    );
+    let node = node(
+        dir.path(),
+        "console.log('HTTP 429 from the gateway');\n\
+         throw new settle.ThrottledError('rate limited', item.payload.wait ? { retryAfterMs: 1500 } : {});",
+    );
+    for cmd in [python, node] {
+        let p = Jsonl::new(&cmd, 1).unwrap();
+        for (payload, after) in [(r#"{"wait":true}"#, Some(1500)), ("{}", None)] {
+            let it = item("t", payload);
+            let c = ctx(&it);
+            let e = p.process(&it, &c).await.unwrap_err();
+            assert_eq!(
+                (e.kind, e.message.as_str()),
+                (ErrorKind::Throttled, "rate limited"),
+                "{cmd}"
+            );
+            assert_eq!(e.retry_after, after.map(Duration::from_millis), "{cmd}");
+            let log = c.take_log().unwrap();
+            // Not an unexpected error: no stack trace in the log.
+            assert_eq!(log, "HTTP 429 from the gateway\n", "{cmd}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn fail_is_permanent_and_other_errors_retry() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,6 +247,42 @@ async fn fail_is_permanent_and_other_errors_retry() {
     let it = item("ok", r#"{"card":"fine"}"#);
     let out = p.process(&it, &ctx(&it)).await.unwrap();
     assert_eq!(out.unwrap().get(), r#""charged""#);
+}
+
+/// Each way an answer asks to slow down, and the one that contradicts itself.
+#[tokio::test]
+async fn throttled_answers_ask_to_slow_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Jsonl::new(&sh(dir.path()), 1).unwrap();
+    let first = pid_of(&p, "before").await;
+    for (script, message, after) in [
+        ("throttled-true", "HTTP 429 from the gateway", Some(1500)),
+        ("status-throttled", "the processor asked to slow down", None),
+        ("only-wait", "the processor asked to slow down", Some(700)),
+    ] {
+        let it = item(script, &format!(r#"{{"script":"{script}"}}"#));
+        let c = ctx(&it);
+        let e = p.process(&it, &c).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Throttled, "{script}");
+        assert_eq!(e.message, message, "{script}");
+        assert_eq!(e.retry_after, after.map(Duration::from_millis), "{script}");
+        assert_eq!(
+            c.take_log().as_deref(),
+            Some(&*format!("working on {script}\n"))
+        );
+    }
+    // A throttle is a well-formed answer: the process goes on.
+    assert_eq!(pid_of(&p, "after").await, first);
+
+    let it = item("contradiction", r#"{"script":"throttled-ok"}"#);
+    let e = p.process(&it, &ctx(&it)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message
+            .contains(r#"is not an answer (`"throttled": true` with another status)"#),
+        "{e}"
+    );
+    wait_dead(first).await;
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ exports.handler = settle.lambdaHandler(async (item, ctx) => {
   console.log(`renewing ${user} on ${plan}: ${cents} cents to card ...${last4} (attempt ${ctx.attempt})`);
   if (last4 === '0002') throw new settle.PermanentError(`card ...${last4} declined`);
   if (last4 === '0119') throw new settle.RetryError('gateway timeout', { retryAfterMs: 5000 });
+  // The gateway's rate limit: no failure, the run slows down.
+  if (last4 === '0429') throw new settle.ThrottledError('gateway rate limit (429)', { retryAfterMs: 1000 });
   // A real gateway takes the key, so a duplicate cannot charge twice.
   return { user, amount_cents: cents, charge: `ch_${ctx.idempotencyKey.replace(':', '_')}` };
 });

@@ -23,6 +23,9 @@ def renew(item, ctx):
         raise settle.PermanentError("card ...%s declined" % last4)
     if last4 == "0119":
         raise settle.RetryError("gateway timeout", retry_after_ms=5000)
+    if last4 == "0429":
+        # The gateway's rate limit: no failure, the run slows down.
+        raise settle.ThrottledError("gateway rate limit (429)", retry_after_ms=1000)
     # A real gateway takes the key, so a duplicate cannot charge twice.
     return {"user": payload.get("user"), "amount_cents": cents,
             "charge": "ch_" + ctx.idempotency_key.replace(":", "_")}

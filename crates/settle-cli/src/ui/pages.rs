@@ -193,6 +193,28 @@ fn retry_link(run: &RunId, query: &str) -> String {
     format!("/runs/{}/retry?{query}", url(run.as_str()))
 }
 
+/// The run's throttled answers and long waits, if any: why a run that
+/// makes no progress is not stuck.
+fn flow(run: &RunRecord) -> String {
+    let mut out = String::new();
+    if run.throttled > 0 {
+        let _ = writeln!(
+            out,
+            "<p class=\"muted\">throttled <span data-field=\"throttled\">{}</span> times by the service \
+             called (not failures; no attempt used)</p>",
+            run.throttled
+        );
+    }
+    if let Some((items, until)) = run.waiting_at(now_millis()) {
+        let _ = writeln!(
+            out,
+            "<p class=\"muted\" data-field=\"waiting\">{items} items wait for a later try, until {} at the latest</p>",
+            esc(&report::time(until))
+        );
+    }
+    out
+}
+
 pub async fn run(
     State(ui): S,
     Path(run): Path<String>,
@@ -207,7 +229,7 @@ pub async fn run(
          <span data-field=\"succeeded\">{}</span> succeeded / <span data-field=\"failed\">{}</span> failed / \
          <span data-field=\"pending\">{}</span> pending of <span data-field=\"total\">{}</span>\
          <span class=\"muted\" data-field=\"busy\"></span></p>\n{}\n\
-         <p class=\"muted\">started {}, {}, {} items/s; max receives {}</p>\n{}</section>\n",
+         <p class=\"muted\">started {}, {}, {} items/s; max receives {}</p>\n{}{}</section>\n",
         esc(run.id.as_str()),
         url(run.id.as_str()),
         run.succeeded,
@@ -219,6 +241,7 @@ pub async fn run(
         seconds(took(&run)),
         rate(&run),
         run.config.max_receives,
+        flow(&run),
         chart(true, run.is_settled()),
     );
     let _ = write!(
@@ -407,6 +430,7 @@ fn outcome(o: &AttemptOutcome) -> (String, String) {
             ),
             error.clone(),
         ),
+        AttemptOutcome::Throttled { .. } => ("throttled".into(), String::new()),
     }
 }
 
@@ -818,6 +842,9 @@ pub async fn retry(
             Ok(Finish::Done(..)) => {}
             Ok(Finish::Interrupted(..)) => eprintln!(
                 "settle ui: stopped while processing retried items of run {run_id}; `settle resume {run_id}` finishes them"
+            ),
+            Ok(Finish::Throttled(..)) => eprintln!(
+                "settle ui: the retried items of run {run_id} were throttled past the run's --max-throttle-wait; `settle resume {run_id}` finishes them"
             ),
             Err(e) => eprintln!(
                 "error: processing the retried items of run {run_id}: {}; `settle resume {run_id}` finishes them",

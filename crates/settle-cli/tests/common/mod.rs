@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub const FAST: [&str; 4] = ["--retry-delay-ms", "20", "--visibility-timeout", "5"];
 
 /// The keys of a run's JSON (run, status, resume, dispatch).
-pub const RUN_KEYS: [&str; 8] = [
+pub const RUN_KEYS: [&str; 10] = [
     "failed",
     "pending",
     "redrive",
@@ -22,7 +22,9 @@ pub const RUN_KEYS: [&str; 8] = [
     "run_id",
     "status",
     "succeeded",
+    "throttled",
     "total",
+    "waiting",
 ];
 
 /// The keys `redrive` adds to a run's JSON (it also sets `redrive`).

@@ -311,6 +311,12 @@ pub enum AttemptOutcome {
         /// dead-lettered and the item counts as failed.
         terminal: bool,
     },
+    /// The called service asked to slow down: not the end of an attempt.
+    /// The item goes round again with the same attempt number; this was
+    /// its `nth` throttled answer in the run.
+    Throttled {
+        nth: u32,
+    },
 }
 
 /// The largest output a processor may return for one item, as JSON text:
@@ -438,22 +444,44 @@ pub struct Attempt {
     /// else, its last [`MAX_LOG_BYTES`]; `None` if it wrote nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    /// When the item's next try is due, for an attempt that failed and will
+    /// be retried, or that was throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Millis>,
 }
+
+/// A wait before an item's next try at least this long makes the item
+/// count as waiting ([`ItemRecord::waiting_until`]): what `settle status`
+/// reports, where a run would otherwise look stuck.
+pub const LONG_WAIT_MS: Millis = 60_000;
 
 /// How a result changed a run's tally.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TallyDelta {
     pub succeeded: i64,
     pub failed: i64,
+    /// Throttled answers newly counted.
+    pub throttled: i64,
+    /// Items that began (+) or stopped (-) waiting long for their next try.
+    pub waiting: i64,
+    /// The latest a newly waiting item waits until.
+    pub waiting_until: Option<Millis>,
 }
 
 impl TallyDelta {
     pub fn add(&mut self, other: TallyDelta) {
         self.succeeded += other.succeeded;
         self.failed += other.failed;
+        self.throttled += other.throttled;
+        self.waiting += other.waiting;
+        self.waiting_until = self.waiting_until.max(other.waiting_until);
     }
     pub fn is_zero(&self) -> bool {
-        self.succeeded == 0 && self.failed == 0
+        self.succeeded == 0 && self.failed == 0 && !self.moves_flow()
+    }
+    /// Whether it moves the run's throttled or waiting counts.
+    pub fn moves_flow(&self) -> bool {
+        self.throttled != 0 || self.waiting != 0 || self.waiting_until.is_some()
     }
 }
 
@@ -467,6 +495,17 @@ pub struct ItemRecord {
     /// Every attempt reported, in attempt order.
     pub history: Vec<Attempt>,
     pub updated_at: Millis,
+    /// Throttled answers the item got (not attempts: see
+    /// [`AttemptOutcome::Throttled`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttled: u32,
+    /// A pending item whose next try waits at least [`LONG_WAIT_MS`]: until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_until: Option<Millis>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ItemRecord {
@@ -492,6 +531,8 @@ impl Default for ItemRecord {
             last_error: None,
             history: Vec::new(),
             updated_at: 0,
+            throttled: 0,
+            waiting_until: None,
         }
     }
 }
@@ -504,6 +545,50 @@ impl ItemRecord {
     /// success wins (the side effect happened), else a terminal failure
     /// fails the item, else it stays pending.
     pub fn apply(&mut self, a: &Attempt, now: Millis) -> Option<TallyDelta> {
+        let (waited, until) = (self.waiting(), self.waiting_until);
+        let mut delta = self.apply_outcome(a, now)?;
+        if self.status != ItemStatus::Pending {
+            self.waiting_until = None;
+        }
+        delta.waiting = i64::from(self.waiting()) - i64::from(waited);
+        if self.waiting() && self.waiting_until != until {
+            delta.waiting_until = self.waiting_until;
+        }
+        Some(delta)
+    }
+
+    /// Whether the item waits long for its next try.
+    pub fn waiting(&self) -> bool {
+        self.status == ItemStatus::Pending && self.waiting_until.is_some()
+    }
+
+    /// The wait a result announces, if long ([`LONG_WAIT_MS`]).
+    fn long_wait(a: &Attempt) -> Option<Millis> {
+        let ended = a.started_at + a.duration_ms;
+        a.retry_at
+            .filter(|at| at.saturating_sub(ended) >= LONG_WAIT_MS)
+    }
+
+    fn apply_outcome(&mut self, a: &Attempt, now: Millis) -> Option<TallyDelta> {
+        if let AttemptOutcome::Throttled { nth } = a.outcome {
+            // Not an attempt: kept as a count, not in the history. A later
+            // answer counts; an earlier or repeated one changes nothing.
+            if nth <= self.throttled {
+                return None;
+            }
+            let delta = TallyDelta {
+                throttled: i64::from(nth - self.throttled),
+                ..TallyDelta::default()
+            };
+            self.throttled = nth;
+            self.updated_at = now;
+            // Its wait is the item's latest unless a result of the attempt
+            // it held back is in already.
+            if a.attempt > self.attempts {
+                self.waiting_until = Self::long_wait(a);
+            }
+            return Some(delta);
+        }
         if self
             .history
             .iter()
@@ -544,13 +629,17 @@ impl ItemRecord {
                 // results arrive (a queue need not keep theirs).
                 self.last_error = self.history.iter().rev().find_map(|h| match &h.outcome {
                     AttemptOutcome::Failed { error, .. } => Some(error.clone()),
-                    AttemptOutcome::Succeeded => None,
+                    AttemptOutcome::Succeeded | AttemptOutcome::Throttled { .. } => None,
                 });
                 if *terminal && self.status == ItemStatus::Pending {
                     delta.failed = 1;
                     self.status = ItemStatus::Failed;
                 }
+                if a.attempt == self.attempts {
+                    self.waiting_until = Self::long_wait(a);
+                }
             }
+            AttemptOutcome::Throttled { .. } => unreachable!("handled above"),
         }
         Some(delta)
     }
@@ -567,6 +656,17 @@ pub struct RunConfig {
     /// with one (a run dispatched for deployed workers uses theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processor: Option<crate::domain::processor::ProcessorSpec>,
+    /// The run's rate limits (see [`crate::flow`]).
+    #[serde(default, skip_serializing_if = "crate::flow::FlowLimits::is_empty")]
+    pub flow: crate::flow::FlowLimits,
+    /// The JSON pointer into an item's payload that names its key (`--key`):
+    /// each key has its own flow scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How long the local runner waits while the run is throttled with no
+    /// call answered before it stops, the items left pending (`--max-throttle-wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_throttle_wait_s: Option<u64>,
 }
 
 impl Default for RunConfig {
@@ -575,7 +675,25 @@ impl Default for RunConfig {
             max_receives: 3,
             tolerated_failure_percent: 100.0,
             processor: None,
+            flow: crate::flow::FlowLimits::default(),
+            key: None,
+            max_throttle_wait_s: None,
         }
+    }
+}
+
+impl RunConfig {
+    /// The key an item has under this run's `key` pointer: the pointed
+    /// value's text if a string, else its JSON; `None` without a pointer,
+    /// and "" where the payload has nothing there.
+    pub fn key_of(&self, payload: &RawValue) -> Option<String> {
+        let pointer = self.key.as_deref()?;
+        let value: serde_json::Value = serde_json::from_str(payload.get()).unwrap_or_default();
+        Some(match value.pointer(pointer) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        })
     }
 }
 
@@ -639,9 +757,27 @@ pub struct RunRecord {
     /// that `resume` finishes what was asked for; cleared when it is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<crate::domain::RedriveScope>,
+    /// Throttled answers the run's items got (not attempts, not failures).
+    #[serde(default)]
+    pub throttled: u64,
+    /// Pending items whose next try waits at least [`LONG_WAIT_MS`].
+    #[serde(default)]
+    pub waiting: u64,
+    /// The latest such a wait ends, if any item waited so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_until: Option<Millis>,
 }
 
 impl RunRecord {
+    /// Items waiting for a later try, and until when at the latest, when
+    /// that is still ahead of `now`: what `settle status` says of a run
+    /// that would otherwise look stuck.
+    pub fn waiting_at(&self, now: Millis) -> Option<(u64, Millis)> {
+        let until = self.waiting_until.filter(|u| *u > now)?;
+        (self.waiting > 0 && self.pending() > 0)
+            .then_some((self.waiting.min(self.pending()), until))
+    }
+
     pub fn new(id: RunId, config: RunConfig, now: Millis) -> Self {
         Self {
             id,
@@ -656,6 +792,9 @@ impl RunRecord {
             settled_at: None,
             redriving: false,
             redrive: None,
+            throttled: 0,
+            waiting: 0,
+            waiting_until: None,
         }
     }
 
@@ -708,6 +847,7 @@ mod tests {
             outcome,
             output: None,
             log: None,
+            retry_at: None,
         }
     }
     fn fail(terminal: bool) -> AttemptOutcome {
@@ -780,7 +920,8 @@ mod tests {
             r.apply(&a, 5),
             Some(TallyDelta {
                 succeeded: 1,
-                failed: 0
+                failed: 0,
+                ..TallyDelta::default()
             })
         );
         let before = r.clone();
@@ -804,7 +945,8 @@ mod tests {
             total,
             TallyDelta {
                 succeeded: 1,
-                failed: 0
+                failed: 0,
+                ..TallyDelta::default()
             }
         );
         assert_eq!(r.history.len(), 2, "both deliveries are in the history");
@@ -842,11 +984,76 @@ mod tests {
                 total,
                 TallyDelta {
                     succeeded: 0,
-                    failed: 1
+                    failed: 1,
+                    ..TallyDelta::default()
                 },
                 "{order:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_throttle_is_counted_apart_once_and_is_no_attempt() {
+        let mut r = ItemRecord::default();
+        let throttle = |nth, msg: &str| attempt(1, msg, AttemptOutcome::Throttled { nth });
+        let d = r.apply(&throttle(2, "m2"), 1).unwrap();
+        assert_eq!((d.throttled, d.succeeded, d.failed), (2, 0, 0));
+        // An earlier or repeated throttle changes nothing.
+        assert_eq!(r.apply(&throttle(1, "m1"), 2), None);
+        assert_eq!(r.apply(&throttle(2, "m2"), 2), None);
+        assert_eq!((r.attempts, r.history.len(), r.throttled), (0, 0, 2));
+        assert_eq!(r.status, ItemStatus::Pending);
+        r.apply(&attempt(1, "m3", AttemptOutcome::Succeeded), 3)
+            .unwrap();
+        assert_eq!((r.attempts, r.history.len(), r.throttled), (1, 1, 2));
+    }
+
+    #[test]
+    fn an_item_waits_long_until_its_next_result() {
+        let mut r = ItemRecord::default();
+        let mut a = attempt(1, "m1", fail(false));
+        // A short wait is not waiting.
+        a.retry_at = Some(1 + LONG_WAIT_MS - 1);
+        assert_eq!(r.apply(&a, 1).unwrap().waiting, 0);
+        assert!(!r.waiting());
+        let mut b = attempt(2, "m2", fail(false));
+        b.retry_at = Some(10 * LONG_WAIT_MS);
+        let d = r.apply(&b, 2).unwrap();
+        assert_eq!((d.waiting, d.waiting_until), (1, Some(10 * LONG_WAIT_MS)));
+        // An older attempt's result, arriving late, leaves the wait.
+        let mut late = attempt(1, "m0", fail(false));
+        late.retry_at = None;
+        assert_eq!(r.apply(&late, 3).unwrap().waiting, 0);
+        assert!(r.waiting());
+        let d = r
+            .apply(&attempt(3, "m3", AttemptOutcome::Succeeded), 4)
+            .unwrap();
+        assert_eq!((d.waiting, r.waiting_until), (-1, None));
+    }
+
+    #[test]
+    fn a_run_says_it_waits_only_while_the_wait_is_ahead() {
+        let mut run = RunRecord::new(RunId::generate(0), RunConfig::default(), 0);
+        (run.total, run.dispatched, run.waiting) = (5, true, 2);
+        run.waiting_until = Some(1_000);
+        assert_eq!(run.waiting_at(999), Some((2, 1_000)));
+        assert_eq!(run.waiting_at(1_000), None);
+        run.succeeded = 5;
+        assert_eq!(run.waiting_at(0), None, "nothing pending");
+    }
+
+    #[test]
+    fn a_key_is_read_by_its_pointer() {
+        let config = RunConfig {
+            key: Some("/customer/id".into()),
+            ..RunConfig::default()
+        };
+        let key = |json: &str| config.key_of(&RawValue::from_string(json.into()).unwrap());
+        assert_eq!(key(r#"{"customer":{"id":"c-1"}}"#).as_deref(), Some("c-1"));
+        assert_eq!(key(r#"{"customer":{"id":42}}"#).as_deref(), Some("42"));
+        assert_eq!(key(r#"{"other":1}"#).as_deref(), Some(""));
+        assert_eq!(key("[1,2]").as_deref(), Some(""));
+        assert_eq!(RunConfig::default().key_of(&null_payload()), None);
     }
 
     #[test]
@@ -857,7 +1064,8 @@ mod tests {
             d,
             TallyDelta {
                 succeeded: 0,
-                failed: 1
+                failed: 1,
+                ..TallyDelta::default()
             }
         );
         assert_eq!(r.status, ItemStatus::Failed);
@@ -868,7 +1076,8 @@ mod tests {
             d,
             TallyDelta {
                 succeeded: 1,
-                failed: -1
+                failed: -1,
+                ..TallyDelta::default()
             }
         );
         assert_eq!(r.status, ItemStatus::Succeeded);
@@ -891,7 +1100,8 @@ mod tests {
                 total,
                 TallyDelta {
                     succeeded: 1,
-                    failed: 0
+                    failed: 0,
+                    ..TallyDelta::default()
                 }
             );
             assert_eq!(

@@ -13,6 +13,9 @@ pub struct AttemptContext {
     pub run: RunId,
     /// 1 for the first attempt; counts across redeliveries and redrives.
     pub attempt: u32,
+    /// Throttled answers the item got before this attempt (they are not
+    /// attempts: see [`crate::domain::ErrorKind::Throttled`]).
+    pub throttled: u32,
     /// `(run id, item id)`: the key under which a side effect must be made
     /// idempotent. A duplicate delivery in the same run carries the same
     /// key; the same item in a later run carries a new one.
@@ -32,6 +35,7 @@ impl AttemptContext {
         Self {
             run,
             attempt,
+            throttled: 0,
             idempotency_key,
             deadline: None,
             log: std::sync::Mutex::default(),

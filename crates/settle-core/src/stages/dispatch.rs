@@ -118,6 +118,10 @@ pub async fn dispatch(
                     run.config.max_receives,
                 );
                 body.resent = resent;
+                body.key = run.config.key_of(&body.payload);
+                if !run.config.flow.is_empty() {
+                    body.flow = Some(run.config.flow.clone());
+                }
                 body.encode()
             })
             .collect();

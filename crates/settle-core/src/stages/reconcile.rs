@@ -138,6 +138,7 @@ async fn scan(
                         message_id: d.message_id.clone(),
                         started_at: now,
                         duration_ms: 0,
+                        retry_at: None,
                         outcome: AttemptOutcome::Failed {
                             kind: ErrorKind::Retryable,
                             error: error.clone(),

@@ -274,6 +274,7 @@ mod tests {
                         outcome: AttemptOutcome::Succeeded,
                         output: None,
                         log: None,
+                        retry_at: None,
                     },
                 };
                 (r.attempt.message_id.clone(), r)

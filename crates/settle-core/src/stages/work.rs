@@ -10,6 +10,7 @@ use crate::domain::{
     bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ItemId, ItemStatus, Output,
     ProcessError, RunId, MAX_OUTPUT_BYTES,
 };
+use crate::flow::{Admission, Limiter, Signal, DEFAULT_PAUSE};
 use crate::wire::message::{pack_results, DeadLetter, DecodeError, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
@@ -37,6 +38,12 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 /// dead-letters a message by itself; the worker records a message received
 /// that often with no outcome known as failed for good just before.
 pub const EXTRA_RECEIVES: u32 = 3;
+
+/// The longest an item waits in place for its run's flow control before
+/// it is sent round instead: it holds its batch (and so keeps the worker
+/// from taking more messages it could not start either), and a stopping
+/// runner waits for it.
+pub const HOLD_IN_PLACE: Duration = Duration::from_secs(5);
 
 /// The default cap on a retry's delay ([`WorkerConfig::max_retry_delay`]).
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
@@ -121,6 +128,8 @@ pub struct RunCounts {
     pub dead_lettered: u64,
     /// Attempts of items that a redrive sent back.
     pub redriven: u64,
+    /// Throttled answers: the items go round again, their attempts unused.
+    pub throttled: u64,
     /// Each attempt's duration, in milliseconds.
     pub durations_ms: Vec<u64>,
 }
@@ -138,6 +147,8 @@ pub struct Worker {
     /// Where the items' outcomes are read, if the worker may read them (see
     /// [`Worker::reading`]).
     ledger: Option<Arc<dyn Ledger>>,
+    /// Flow control of the runs this worker works on, shared by its batches.
+    limiter: Limiter,
 }
 
 impl std::fmt::Debug for Worker {
@@ -238,7 +249,13 @@ impl Worker {
             config,
             memory: Memory::default(),
             ledger: None,
+            limiter: Limiter::default(),
         }
+    }
+
+    /// The flow control of this worker's runs: their rates and throttles now.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// Lets the worker read the items' outcomes before it runs them: one
@@ -539,15 +556,22 @@ impl Worker {
                     } else {
                         self.memory.settled(&d.message_id);
                     }
-                    let status = match &result.attempt.outcome {
-                        AttemptOutcome::Succeeded => ItemStatus::Succeeded,
-                        AttemptOutcome::Failed { terminal: true, .. } => ItemStatus::Failed,
-                        AttemptOutcome::Failed { .. } => ItemStatus::Pending,
+                    let (status, attempts) = match &result.attempt.outcome {
+                        AttemptOutcome::Succeeded => {
+                            (ItemStatus::Succeeded, result.attempt.attempt)
+                        }
+                        AttemptOutcome::Failed { terminal: true, .. } => {
+                            (ItemStatus::Failed, result.attempt.attempt)
+                        }
+                        AttemptOutcome::Failed { .. } => {
+                            (ItemStatus::Pending, result.attempt.attempt)
+                        }
+                        // Its attempt was not used: the next message runs it.
+                        AttemptOutcome::Throttled { .. } => {
+                            (ItemStatus::Pending, result.attempt.attempt - 1)
+                        }
                     };
-                    let known = Known {
-                        status,
-                        attempts: result.attempt.attempt,
-                    };
+                    let known = Known { status, attempts };
                     self.memory
                         .reported((result.run.clone(), result.item.clone()), known);
                 }
@@ -784,6 +808,28 @@ impl Worker {
     ) -> Plan {
         let span = ready.span.clone();
         async {
+            // The run's (and the key's) flow control first, holding
+            // nothing: an item that would wait long goes round again.
+            let mut limits = ready.body.flow.clone().unwrap_or_default();
+            if ready.body.key.is_some() && limits.key_concurrency.is_none() {
+                // No key takes more than half of the places: the other
+                // half stays open to every other key.
+                limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
+            }
+            let ticket = if ready.exhausted {
+                None
+            } else {
+                match self.admit(&ready.body, &limits, deadline).await {
+                    Ok(ticket) => Some(ticket),
+                    Err(after) => {
+                        tracing::debug!(
+                            after_ms = after.as_millis() as u64,
+                            "held back by flow control"
+                        );
+                        return Self::requeue(&ready.body, after);
+                    }
+                }
+            };
             // A place among the items at once, for an attempt that runs.
             let _place = match (&self.places, ready.exhausted) {
                 (Some(places), false) => Some(places.take(processor.as_ref()).await),
@@ -794,6 +840,9 @@ impl Worker {
                 if deadline.saturating_duration_since(Instant::now()) < self.config.deadline_margin
                 {
                     tracing::info!("not started: the invocation is about to end");
+                    if let Some(ticket) = ticket {
+                        self.limiter.done(ticket, Signal::NotRun, Duration::ZERO);
+                    }
                     return Self::requeue(&ready.body, Duration::ZERO);
                 }
             }
@@ -805,10 +854,52 @@ impl Worker {
                 self.run_processor(processor, &ready.body, ready.attempt, deadline)
                     .await
             };
+            if let Some(ticket) = ticket {
+                let signal = match &outcome {
+                    Err(e) if e.kind == ErrorKind::Throttled => Signal::Throttled(e.retry_after),
+                    _ => Signal::Answered,
+                };
+                self.limiter.done(ticket, signal, clock.elapsed());
+            }
             self.finish(d, &ready, started_at, clock.elapsed(), outcome, log)
         }
         .instrument(span)
         .await
+    }
+
+    /// Waits for the flow control of `body`'s run (and key) to let its item
+    /// start. A wait of the whole run is waited in place, its message kept
+    /// hidden, up to [`HOLD_IN_PLACE`] and within the invocation's time;
+    /// past that, or when the item's key must wait, the item is to be sent
+    /// round after the returned delay, its attempt unused.
+    async fn admit(
+        &self,
+        body: &WorkBody,
+        limits: &crate::flow::FlowLimits,
+        deadline: Option<Instant>,
+    ) -> Result<crate::flow::Ticket, Duration> {
+        let held = Instant::now();
+        loop {
+            match self.limiter.admit(&body.run, body.key.as_deref(), limits) {
+                Admission::Go { ticket, wait } => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    return Ok(ticket);
+                }
+                Admission::Later(after) => return Err(after),
+                Admission::Wait(after) => {
+                    let until = Instant::now() + after;
+                    let in_time = deadline.is_none_or(|d| until + self.config.deadline_margin < d);
+                    if !in_time || until > held + HOLD_IN_PLACE {
+                        return Err(after);
+                    }
+                    // Asked again at least every second: a probe's answer
+                    // may open the way sooner.
+                    tokio::time::sleep(after.min(Duration::from_secs(1))).await;
+                }
+            }
+        }
     }
 
     /// Plans a batch whose items one [`BatchProcessor`] call works on.
@@ -893,7 +984,27 @@ impl Worker {
         let duration_ms = elapsed.as_millis() as u64;
         let last = body.last_of_round() || ready.exhausted;
         let mut output = None;
+        let mut retry_at = None;
         let (outcome, dead_letter, retry) = match outcome {
+            // Not a failure: the item goes round again with the same
+            // attempt, once the service is likely to take it.
+            Err(e) if e.kind == ErrorKind::Throttled => {
+                let nth = body.throttled.saturating_add(1);
+                let delay = e.retry_after.unwrap_or(DEFAULT_PAUSE).min(MAX_VISIBILITY);
+                tracing::info!(error = %e.message, nth, delay_ms = delay.as_millis() as u64, "throttled; will try again");
+                let next = WorkBody {
+                    throttled: nth,
+                    lost_receives: 0,
+                    not_before: None,
+                    ..body.clone()
+                };
+                retry_at = Some(now_millis() + delay.as_millis() as u64);
+                let retry = match Self::requeue(&next, delay) {
+                    Plan::Requeue { body, delay } => (body, delay),
+                    _ => unreachable!("requeue plans a requeue"),
+                };
+                (AttemptOutcome::Throttled { nth }, None, Some(retry))
+            }
             Ok(out) => {
                 tracing::info!(duration_ms, "succeeded");
                 output = out;
@@ -934,6 +1045,9 @@ impl Worker {
                     }
                     .encode()
                 });
+                if !terminal {
+                    retry_at = Some(now_millis() + delay.as_millis() as u64);
+                }
                 let retry = (!terminal).then(|| {
                     let next = WorkBody {
                         prior_attempts: attempt,
@@ -967,6 +1081,7 @@ impl Worker {
                     outcome,
                     output,
                     log,
+                    retry_at,
                 },
             }),
             dead_letter,
@@ -985,6 +1100,7 @@ impl Worker {
         deadline: Option<Instant>,
     ) -> AttemptContext {
         let mut ctx = AttemptContext::new(body.run.clone(), &body.item(), attempt);
+        ctx.throttled = body.throttled;
         ctx.deadline = match (timeout_at, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1127,6 +1243,7 @@ fn counts(plans: &[Plan], unsent: &[bool]) -> BTreeMap<RunId, RunCounts> {
             AttemptOutcome::Succeeded => c.succeeded += 1,
             AttemptOutcome::Failed { terminal: true, .. } => c.failed += 1,
             AttemptOutcome::Failed { .. } => c.retried += 1,
+            AttemptOutcome::Throttled { .. } => c.throttled += 1,
         }
         c.dead_lettered += u64::from(dead_letter.is_some());
         c.redriven += u64::from(*redriven);

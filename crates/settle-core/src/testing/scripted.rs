@@ -16,6 +16,7 @@ use std::time::Duration;
 /// | absent, `"ok"`  | succeed                                                      |
 /// | `"permanent"`   | fail with a permanent error                                  |
 /// | `"retryable:N"` | fail with a retryable error on attempts 1..=N, then succeed  |
+/// | `"throttled:N"` | answer throttled (retry after 100 ms) N times, then succeed  |
 /// | `"panic"`       | panic                                                        |
 /// | `"sleep:MS"`    | sleep MS milliseconds, then succeed                          |
 /// | anything else   | permanent error "unknown script"                             |
@@ -54,6 +55,7 @@ pub enum Script {
     Ok,
     Permanent,
     Retryable(u32),
+    Throttled(u32),
     Panic,
     Sleep(u64),
     Unknown(String),
@@ -80,6 +82,8 @@ impl Script {
             _ => {
                 if let Some(n) = s.strip_prefix("retryable:").and_then(num) {
                     Script::Retryable(n.min(u64::from(u32::MAX)) as u32)
+                } else if let Some(n) = s.strip_prefix("throttled:").and_then(num) {
+                    Script::Throttled(n.min(u64::from(u32::MAX)) as u32)
                 } else if let Some(ms) = s.strip_prefix("sleep:").and_then(num) {
                     Script::Sleep(ms)
                 } else {
@@ -118,6 +122,12 @@ impl Processor for Scripted {
                 ctx.attempt
             ))),
             Script::Retryable(_) => done(),
+            Script::Throttled(n) if ctx.throttled < n => Err(ProcessError::throttled(format!(
+                "throttled {} of {n} (scripted)",
+                ctx.throttled + 1
+            ))
+            .with_retry_after(Duration::from_millis(100))),
+            Script::Throttled(_) => done(),
             Script::Panic => panic!("scripted panic for item {}", item.id),
             Script::Sleep(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -62,6 +62,9 @@ impl Out {
     fn outcome(&mut self, outcome: &AttemptOutcome) -> &mut Self {
         match outcome {
             AttemptOutcome::Succeeded => self.raw(r#","outcome":"succeeded""#),
+            AttemptOutcome::Throttled { nth } => self
+                .raw(r#","outcome":"throttled","nth":"#)
+                .num((*nth).into()),
             AttemptOutcome::Failed {
                 kind,
                 error,
@@ -90,6 +93,9 @@ impl Out {
         }
         if let Some(log) = &a.log {
             self.raw(r#","log":"#).str(log);
+        }
+        if let Some(at) = a.retry_at {
+            self.raw(r#","retry_at":"#).num(at);
         }
         self
     }
@@ -130,6 +136,17 @@ pub(crate) fn work_body(b: &WorkBody) -> String {
     if let Some(pass) = &b.redrive {
         o.raw(r#","redrive":"#).str(pass);
     }
+    if b.throttled > 0 {
+        o.raw(r#","throttled":"#).num(b.throttled.into());
+    }
+    if let Some(key) = &b.key {
+        o.raw(r#","key":"#).str(key);
+    }
+    if let Some(flow) = &b.flow {
+        // Rare (a run with limits), and holds floats: serde_json writes it.
+        o.raw(r#","flow":"#)
+            .raw(&serde_json::to_string(flow).expect("flow limits always serialize"));
+    }
     o.raw("}");
     o.0
 }
@@ -166,7 +183,14 @@ pub(crate) fn item_record(rec: &ItemRecord) -> String {
         .attempt_rest(a)
         .raw("}");
     }
-    o.raw(r#"],"updated_at":"#).num(rec.updated_at).raw("}");
+    o.raw(r#"],"updated_at":"#).num(rec.updated_at);
+    if rec.throttled > 0 {
+        o.raw(r#","throttled":"#).num(rec.throttled.into());
+    }
+    if let Some(at) = rec.waiting_until {
+        o.raw(r#","waiting_until":"#).num(at);
+    }
+    o.raw("}");
     o.0
 }
 
@@ -203,6 +227,7 @@ mod tests {
                     terminal,
                 }
             }),
+            any::<u32>().prop_map(|nth| AttemptOutcome::Throttled { nth }),
         ]
     }
 
@@ -227,16 +252,20 @@ mod tests {
             outcome(),
             output(),
             proptest::option::of(text()),
+            proptest::option::of(any::<u64>()),
         )
             .prop_map(
-                |(attempt, message_id, started_at, duration_ms, outcome, output, log)| Attempt {
-                    attempt,
-                    message_id,
-                    started_at,
-                    duration_ms,
-                    outcome,
-                    output,
-                    log,
+                |(attempt, message_id, started_at, duration_ms, outcome, output, log, retry_at)| {
+                    Attempt {
+                        attempt,
+                        message_id,
+                        started_at,
+                        duration_ms,
+                        outcome,
+                        output,
+                        log,
+                        retry_at,
+                    }
                 },
             )
     }
@@ -255,8 +284,10 @@ mod tests {
             last_error in proptest::option::of(text()),
             history in proptest::collection::vec(attempt(), 0..4),
             updated_at in any::<u64>(),
+            throttled in any::<u32>(),
+            waiting_until in proptest::option::of(any::<u64>()),
         ) {
-            let rec = ItemRecord { status, attempts, last_error, history, updated_at };
+            let rec = ItemRecord { status, attempts, last_error, history, updated_at, throttled, waiting_until };
             prop_assert_eq!(super::item_record(&rec), serde_json::to_string(&rec).unwrap());
         }
 
@@ -279,6 +310,9 @@ mod tests {
             requeued in any::<bool>(),
             round in any::<u32>(),
             lost_receives in any::<u32>(),
+            throttled in any::<u32>(),
+            key in proptest::option::of(text()),
+            flow in proptest::option::of((proptest::option::of(0.1f64..1e6), proptest::option::of(0.1f64..1e6), proptest::option::of(any::<u32>()))),
             payload in prop_oneof![Just(r#"{"script":"ok","n":[1, 2.5e3]}"#), Just("null"), Just(r#""x\"y""#)],
         ) {
             let payload = RawValue::from_string(payload.to_owned()).unwrap();
@@ -291,6 +325,9 @@ mod tests {
             b.requeued = requeued;
             b.round = round;
             b.lost_receives = lost_receives;
+            b.throttled = throttled;
+            b.key = key;
+            b.flow = flow.map(|(rate, key_rate, key_concurrency)| crate::flow::FlowLimits { rate, key_rate, key_concurrency });
             prop_assert_eq!(super::work_body(&b), serde_json::to_string(&b).unwrap());
         }
     }

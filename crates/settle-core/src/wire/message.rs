@@ -79,6 +79,16 @@ pub struct WorkBody {
     /// still scans, from older copies of the same item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<String>,
+    /// Throttled answers the item got before this message (see
+    /// [`crate::domain::AttemptOutcome::Throttled`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttled: u32,
+    /// The item's key in its run's flow control (the run's `--key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The run's flow limits, so that any worker honours them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<crate::flow::FlowLimits>,
 }
 
 impl WorkBody {
@@ -97,6 +107,9 @@ impl WorkBody {
             requeued: false,
             not_before: None,
             redrive: None,
+            throttled: 0,
+            key: None,
+            flow: None,
         }
     }
     /// This message's attempt number.
@@ -172,6 +185,10 @@ struct WireResult {
     output: Option<Output>,
     #[serde(default)]
     log: Option<String>,
+    #[serde(default)]
+    nth: Option<u32>,
+    #[serde(default)]
+    retry_at: Option<Millis>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -179,6 +196,7 @@ struct WireResult {
 enum WireOutcome {
     Succeeded,
     Failed,
+    Throttled,
 }
 
 impl<'de> Deserialize<'de> for ResultBody {
@@ -194,6 +212,9 @@ impl<'de> Deserialize<'de> for ResultBody {
                     .terminal
                     .ok_or_else(|| D::Error::missing_field("terminal"))?,
             },
+            WireOutcome::Throttled => AttemptOutcome::Throttled {
+                nth: w.nth.ok_or_else(|| D::Error::missing_field("nth"))?,
+            },
         };
         Ok(Self {
             run: w.run,
@@ -207,6 +228,7 @@ impl<'de> Deserialize<'de> for ResultBody {
                 outcome,
                 output: w.output,
                 log: w.log,
+                retry_at: w.retry_at,
             },
         })
     }
@@ -334,6 +356,7 @@ mod tests {
                 },
                 output: None,
                 log: None,
+                retry_at: None,
             },
         };
         assert_eq!(ResultBody::decode(&r.encode()).unwrap(), r);

@@ -33,18 +33,27 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<RunRow> {
         settled_at: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
         redriving: r.get(10)?,
         redrive: None,
+        throttled: r.get::<_, Option<i64>>(12)?.unwrap_or(0).max(0) as u64,
+        waiting: r.get::<_, Option<i64>>(13)?.unwrap_or(0).max(0) as u64,
+        waiting_until: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
     };
     Ok((run, config, r.get(11)?))
 }
 
 const RUN_COLUMNS: &str =
-    "run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at, \
+    "runs.run_id, created_at, config, total, enqueued, cursor, dispatched, succeeded, failed, settled_at, \
      EXISTS (SELECT 1 FROM redrives WHERE redrives.run_id = runs.run_id), \
-     (SELECT scope FROM redrive_scopes WHERE redrive_scopes.run_id = runs.run_id)";
+     (SELECT scope FROM redrive_scopes WHERE redrive_scopes.run_id = runs.run_id), \
+     f.throttled, f.waiting, f.waiting_until";
+
+/// The runs table with each run's flow counts, as [`RUN_COLUMNS`] reads them.
+const RUNS: &str = "runs LEFT JOIN run_flow f ON f.run_id = runs.run_id";
 
 fn get_run(c: &Connection, id: &str) -> Result<Option<RunRecord>, DbError> {
     let row = c
-        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM {RUNS} WHERE runs.run_id = ?1"
+        ))?
         .query_row(params![id], run_from_row)
         .optional()?;
     row.map(finish_run).transpose()
@@ -113,7 +122,7 @@ impl Ledger for EmbeddedStore {
             .read(move |c| {
                 let rows: Vec<_> = c
                     .prepare_cached(&format!(
-                        "SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?1"
+                        "SELECT {RUN_COLUMNS} FROM {RUNS} ORDER BY created_at DESC, runs.run_id DESC LIMIT ?1"
                     ))?
                     .query_map(params![limit as i64], run_from_row)?
                     .collect::<Result<_, _>>()?;
@@ -242,8 +251,19 @@ impl Ledger for EmbeddedStore {
                 let mut tally = c.prepare_cached(
                     "UPDATE runs SET succeeded = succeeded + ?2, failed = failed + ?3 WHERE run_id = ?1",
                 )?;
+                let mut flow = c.prepare_cached(
+                    "INSERT INTO run_flow (run_id, throttled, waiting, waiting_until) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (run_id) DO UPDATE SET \
+                     throttled = throttled + excluded.throttled, \
+                     waiting = waiting + excluded.waiting, \
+                     waiting_until = MAX(COALESCE(waiting_until, 0), COALESCE(excluded.waiting_until, 0))",
+                )?;
                 let mut runs = Vec::new();
                 for (run, d) in &tallies {
+                    if d.moves_flow() {
+                        let until = d.waiting_until.map(|u| u as i64);
+                        flow.execute(params![run.as_str(), d.throttled, d.waiting, until])?;
+                    }
                     if tally.execute(params![run.as_str(), d.succeeded, d.failed])? == 0 {
                         return Err(Refusal::NoRun {
                             run: run.clone(),
