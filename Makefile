@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 SETTLE_RELEASE := target/release/settle
 
-.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-node soak clean venv browser ui-screenshots emulator-up emulator-down venv-sam sam-build stack-up
+.PHONY: help build build-cli invoke-dispatcher invoke-worker invoke-reducer deploy lint-template cost demo run test test-steps fmt lint bench bench-memory bench-jsonl bench-http bench-exec bench-flow bench-node soak clean venv browser ui-screenshots emulator-up emulator-down venv-sam sam-build stack-up
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -127,6 +127,10 @@ bench-http: build-cli ## --http vs wrk (64 connections, 10 s) against the same N
 bench-exec: build-cli ## --exec (a process per item) vs GNU parallel, same command: 5,000 items, 3 repetitions
 	scripts/bench_tools.sh parallel
 	python3 scripts/bench_processors.py exec --settle $(SETTLE_RELEASE)
+
+bench-flow: build-cli bench-node ## Flow control against a rate-limited API (scripts/flow_server.py): each processor kind with and without --rate vs GNU parallel and BullMQ, 10,000 items at 100/s (COUNT=, RATE=, FLOW_ARGS=--quick)
+	scripts/bench_tools.sh redis-server parallel
+	python3 scripts/bench_flow.py $${COUNT:-} --rate $${RATE:-100} --settle $(SETTLE_RELEASE) $(FLOW_ARGS)
 
 soak: ## Deterministic fault simulation over many seeds (SEEDS=1000 by default, 300 items each); SEED=N replays one
 	SETTLE_SIM_SEEDS=$${SEEDS:-1000} SETTLE_SIM_SEED=$${SEED:-} $(CARGO) test --release -p settle-embedded --test simulation faults_never_lose -- --nocapture
