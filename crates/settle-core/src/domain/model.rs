@@ -1038,6 +1038,20 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_throttle_report_is_made_good_by_the_next_result() {
+        let mut r = ItemRecord::default();
+        // Two throttles whose reports were lost; the success carries them.
+        let mut ok = attempt(1, "m3", AttemptOutcome::Succeeded);
+        ok.throttled = 2;
+        let d = r.apply(&ok, 1).unwrap();
+        assert_eq!((d.succeeded, d.throttled, r.throttled), (1, 2, 2));
+        // A late report of one of them counts nothing more.
+        let late = attempt(1, "m1", AttemptOutcome::Throttled { nth: 1 });
+        assert_eq!(r.apply(&late, 2), None);
+        assert_eq!(r.throttled, 2);
+    }
+
+    #[test]
     fn an_item_waits_long_until_its_next_result() {
         let mut r = ItemRecord::default();
         let mut a = attempt(1, "m1", fail(false));
