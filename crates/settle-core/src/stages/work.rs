@@ -809,20 +809,18 @@ impl Worker {
         let span = ready.span.clone();
         async {
             // The run's (and the key's) flow control first, holding
-            // nothing: an item that would wait long goes round again.
-            let mut limits = ready.body.flow.clone().unwrap_or_default();
-            if ready.body.key.is_some() && limits.key_concurrency.is_none() {
-                // No key takes more than half of the places: the other
-                // half stays open to every other key.
-                limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
-            }
-            let admitted =
-                !ready.exhausted && self.limiter.needed(ready.body.key.as_deref(), &limits);
+            // nothing: an item that would wait long goes round again. Off
+            // the path (and out of this future, boxed) where not needed.
+            let admitted = !ready.exhausted
+                && self
+                    .limiter
+                    .needed(ready.body.key.as_deref(), &self.limits(&ready.body));
             let ticket = if !admitted {
                 None
             } else {
-                match self.admit(&ready.body, &limits, deadline).await {
-                    Ok(ticket) => Some(ticket),
+                let limits = self.limits(&ready.body);
+                match Box::pin(self.admit(&ready.body, &limits, deadline)).await {
+                    Ok(ticket) => Some(Box::new(ticket)),
                     Err(after) => {
                         tracing::debug!(
                             after_ms = after.as_millis() as u64,
@@ -843,7 +841,7 @@ impl Worker {
                 {
                     tracing::info!("not started: the invocation is about to end");
                     if let Some(ticket) = ticket {
-                        self.limiter.done(ticket, Signal::NotRun, Duration::ZERO);
+                        self.limiter.done(*ticket, Signal::NotRun, Duration::ZERO);
                     }
                     return Self::requeue(&ready.body, Duration::ZERO);
                 }
@@ -861,9 +859,9 @@ impl Worker {
                 _ => Signal::Answered,
             };
             match (ticket, signal) {
-                (Some(ticket), signal) => self.limiter.done(ticket, signal, clock.elapsed()),
+                (Some(ticket), signal) => self.limiter.done(*ticket, signal, clock.elapsed()),
                 (None, Signal::Throttled(after)) if !ready.exhausted => {
-                    let key = ready.body.key.as_deref();
+                    let (key, limits) = (ready.body.key.as_deref(), self.limits(&ready.body));
                     self.limiter.throttled(&ready.body.run, key, &limits, after);
                 }
                 _ => {}
@@ -872,6 +870,20 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// The flow limits of `body`'s run: its own, and with a key and no
+    /// `--key-concurrency`, half of this worker's places per key, so that
+    /// the other half stays open to every other key.
+    fn limits(&self, body: &WorkBody) -> crate::flow::FlowLimits {
+        let mut limits = match &body.flow {
+            Some(f) => f.clone(),
+            None => crate::flow::FlowLimits::default(),
+        };
+        if body.key.is_some() && limits.key_concurrency.is_none() {
+            limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
+        }
+        limits
     }
 
     /// Waits for the flow control of `body`'s run (and key) to let its item
