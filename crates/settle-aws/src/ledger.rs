@@ -113,6 +113,34 @@ impl DynamoLedger {
         Ok(out)
     }
 
+    /// Sets one attribute of an existing run's row; `NotFound` if there is no such run.
+    async fn set_run_attribute(
+        &self,
+        id: &RunId,
+        name: &str,
+        value: AttributeValue,
+    ) -> Result<(), PortError> {
+        let t = &self.t;
+        let set = t
+            .update(
+                &t.ledger,
+                t.client
+                    .update_item()
+                    .table_name(&t.ledger)
+                    .set_key(Some(run_key(id)))
+                    .update_expression("SET #a = :v")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_names("#a", name)
+                    .expression_attribute_values(":v", value),
+            )
+            .await?;
+        if set {
+            Ok(())
+        } else {
+            Err(PortError::NotFound(format!("run {id}")))
+        }
+    }
+
     /// Moves a run's flow counts by `d`: one UpdateItem, and one more,
     /// conditional, when a wait ends later than the one recorded.
     async fn move_flow(&self, run: &RunId, d: &TallyDelta) -> Result<(), PortError> {
@@ -637,24 +665,8 @@ impl Ledger for DynamoLedger {
     }
 
     async fn set_redriving(&self, id: &RunId, open: bool) -> Result<(), PortError> {
-        let t = &self.t;
-        let set = t
-            .update(
-                &t.ledger,
-                t.client
-                    .update_item()
-                    .table_name(&t.ledger)
-                    .set_key(Some(run_key(id)))
-                    .update_expression("SET redriving = :o")
-                    .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":o", AttributeValue::Bool(open)),
-            )
-            .await?;
-        if set {
-            Ok(())
-        } else {
-            Err(PortError::NotFound(format!("run {id}")))
-        }
+        self.set_run_attribute(id, "redriving", AttributeValue::Bool(open))
+            .await
     }
 
     async fn set_flow(
@@ -662,48 +674,15 @@ impl Ledger for DynamoLedger {
         id: &RunId,
         state: &settle_core::flow::FlowState,
     ) -> Result<(), PortError> {
-        let t = &self.t;
         let state = serde_json::to_string(state)
             .map_err(|e| PortError::backend("DynamoDB.UpdateItem", e))?;
-        let set = t
-            .update(
-                &t.ledger,
-                t.client
-                    .update_item()
-                    .table_name(&t.ledger)
-                    .set_key(Some(run_key(id)))
-                    .update_expression("SET flow = :s")
-                    .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":s", s(state)),
-            )
-            .await?;
-        if set {
-            Ok(())
-        } else {
-            Err(PortError::NotFound(format!("run {id}")))
-        }
+        self.set_run_attribute(id, "flow", s(state)).await
     }
 
     async fn set_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<(), PortError> {
-        let t = &self.t;
         // One attribute of the run row, written once per redrive.
-        let set = t
-            .update(
-                &t.ledger,
-                t.client
-                    .update_item()
-                    .table_name(&t.ledger)
-                    .set_key(Some(run_key(id)))
-                    .update_expression("SET redrive = :s")
-                    .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":s", s(scope.encode())),
-            )
-            .await?;
-        if set {
-            Ok(())
-        } else {
-            Err(PortError::NotFound(format!("run {id}")))
-        }
+        self.set_run_attribute(id, "redrive", s(scope.encode()))
+            .await
     }
 
     async fn clear_redrive(&self, id: &RunId, scope: &RedriveScope) -> Result<bool, PortError> {
