@@ -364,25 +364,35 @@ pub async fn reconcile_drops_a_parked_copy_of_a_recorded_failure(s: &Subject) {
 /// message was received three times, with `max_receives` 2. A leftover
 /// copy of the first message is then acknowledged without running, and no
 /// queue holds anything.
+/// A scripted worker over the subject's queues that reads its ledger (the
+/// gate), with the work queue's own receive limit.
+fn gated_worker(s: &Subject, config: settle_core::work::WorkerConfig) -> settle_core::work::Worker {
+    settle_core::work::Worker::new(
+        std::sync::Arc::new(settle_core::Scripted),
+        s.work.clone(),
+        s.dlq.clone(),
+        s.results.clone(),
+        settle_core::work::WorkerConfig {
+            receive_limit: Some(s.work_max_receives),
+            ..config
+        },
+    )
+    .reading(s.ledger.clone())
+}
+
 pub async fn a_redelivery_is_not_an_attempt(s: &Subject) {
-    use settle_core::work::{delete_done, Worker, WorkerConfig};
-    use std::sync::Arc;
+    use settle_core::work::{delete_done, WorkerConfig};
     use std::time::Duration;
     let run = fresh_run(s, 1).await;
     let first = WorkBody::new(run.clone(), item("t0", r#"{"script":"retryable:1"}"#), 0, 2);
     s.work.send(vec![first.encode()]).await.unwrap();
-    let worker = Worker::new(
-        Arc::new(settle_core::Scripted),
-        s.work.clone(),
-        s.dlq.clone(),
-        s.results.clone(),
+    let worker = gated_worker(
+        s,
         WorkerConfig {
             retry_delay: Duration::from_millis(10),
-            receive_limit: Some(s.work_max_receives),
             ..WorkerConfig::default()
         },
-    )
-    .reading(s.ledger.clone());
+    );
     let reduce_all = || async {
         let results = receive_n(s.results.as_ref(), 1, VIS).await;
         reduce::reduce(s.ledger.as_ref(), &results).await;
@@ -444,23 +454,12 @@ pub async fn a_redelivery_is_not_an_attempt(s: &Subject) {
 /// nothing reaches the DLQ, the throttles are counted apart on the item and
 /// the run, and no queue holds anything once it is reduced.
 pub async fn throttled_never_dead_letters(s: &Subject) {
-    use settle_core::work::{delete_done, Worker, WorkerConfig};
-    use std::sync::Arc;
+    use settle_core::work::{delete_done, WorkerConfig};
     use std::time::Duration;
     let run = fresh_run(s, 1).await;
     let body = WorkBody::new(run.clone(), item("t0", r#"{"script":"throttled:3"}"#), 0, 1);
     s.work.send(vec![body.encode()]).await.unwrap();
-    let worker = Worker::new(
-        Arc::new(settle_core::Scripted),
-        s.work.clone(),
-        s.dlq.clone(),
-        s.results.clone(),
-        WorkerConfig {
-            receive_limit: Some(s.work_max_receives),
-            ..WorkerConfig::default()
-        },
-    )
-    .reading(s.ledger.clone());
+    let worker = gated_worker(s, WorkerConfig::default());
     let mut handled = 0;
     let mut tries = 0;
     while handled < 4 {

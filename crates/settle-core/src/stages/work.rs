@@ -10,7 +10,7 @@ use crate::domain::{
     bounded_error, now_millis, Attempt, AttemptOutcome, ErrorKind, ItemId, ItemStatus, Output,
     ProcessError, RunId, MAX_OUTPUT_BYTES,
 };
-use crate::flow::{Admission, Limiter, Signal, DEFAULT_PAUSE};
+use crate::flow::{Limiter, Signal, DEFAULT_PAUSE};
 use crate::wire::message::{pack_results, DeadLetter, DecodeError, ResultBody, WorkBody};
 use futures::FutureExt;
 use std::cell::Cell;
@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+mod admission;
 mod memory;
 mod places;
 
@@ -870,55 +871,6 @@ impl Worker {
         }
         .instrument(span)
         .await
-    }
-
-    /// The flow limits of `body`'s run: its own, and with a key and no
-    /// `--key-concurrency`, half of this worker's places per key, so that
-    /// the other half stays open to every other key.
-    fn limits(&self, body: &WorkBody) -> crate::flow::FlowLimits {
-        let mut limits = match &body.flow {
-            Some(f) => f.clone(),
-            None => crate::flow::FlowLimits::default(),
-        };
-        if body.key.is_some() && limits.key_concurrency.is_none() {
-            limits.key_concurrency = self.config.concurrency.map(|c| (c as u32 / 2).max(1));
-        }
-        limits
-    }
-
-    /// Waits for the flow control of `body`'s run (and key) to let its item
-    /// start. A wait of the whole run is waited in place, its message kept
-    /// hidden, up to [`HOLD_IN_PLACE`] and within the invocation's time;
-    /// past that, or when the item's key must wait, the item is to be sent
-    /// round after the returned delay, its attempt unused.
-    async fn admit(
-        &self,
-        body: &WorkBody,
-        limits: &crate::flow::FlowLimits,
-        deadline: Option<Instant>,
-    ) -> Result<crate::flow::Ticket, Duration> {
-        let held = Instant::now();
-        loop {
-            match self.limiter.admit(&body.run, body.key.as_deref(), limits) {
-                Admission::Go { ticket, wait } => {
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    return Ok(ticket);
-                }
-                Admission::Later(after) => return Err(after),
-                Admission::Wait(after) => {
-                    let until = Instant::now() + after;
-                    let in_time = deadline.is_none_or(|d| until + self.config.deadline_margin < d);
-                    if !in_time || until > held + HOLD_IN_PLACE {
-                        return Err(after);
-                    }
-                    // Asked again at least every second: a probe's answer
-                    // may open the way sooner.
-                    tokio::time::sleep(after.min(Duration::from_secs(1))).await;
-                }
-            }
-        }
     }
 
     /// Plans a batch whose items one [`BatchProcessor`] call works on.
